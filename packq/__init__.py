@@ -1,0 +1,42 @@
+"""packq: packed integer formats of quantized LLM weights, exact and framework-neutral.
+
+Pack, unpack and reorder 2-, 3-, 4- and 8-bit values in 32-bit words; convert
+AWQ to the GPTQ/ExLlama layout and back, bit-exactly; dequantize; convert whole
+checkpoints on disk (``packq convert``). One core, written against the Python
+array API standard, runs on NumPy, on JAX under ``jax.jit``, and on torch.
+
+``import packq`` imports neither JAX nor torch: a backend's library is imported
+only when an array of that library arrives.
+"""
+
+from __future__ import annotations
+
+from packq._api import (
+    AWQ_PACK_ORDER,
+    REVERSE_AWQ_PACK_ORDER,
+    apply_order,
+    dequantize_awq,
+    dequantize_gptq,
+    fast_awq_to_gptq,
+    gptq_to_awq,
+    pack,
+    unpack,
+    zeros_v1_to_v2,
+    zeros_v2_to_v1,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AWQ_PACK_ORDER",
+    "REVERSE_AWQ_PACK_ORDER",
+    "apply_order",
+    "dequantize_awq",
+    "dequantize_gptq",
+    "fast_awq_to_gptq",
+    "gptq_to_awq",
+    "pack",
+    "unpack",
+    "zeros_v1_to_v2",
+    "zeros_v2_to_v1",
+]

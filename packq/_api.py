@@ -1,0 +1,514 @@
+"""The public functions: check the arguments, pick the backend, run the core.
+
+Every function accepts NumPy, JAX (eager, jitted or traced), torch and any
+other array API library's arrays, returns the same kind of array on the same
+device, and treats the last two axes as the matrix (leading axes are a batch,
+e.g. the experts of a mixture-of-experts layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from packq import _validate as V
+from packq import backends
+from packq.core import bits as B
+from packq.formats import awq, gptq
+from packq.formats.awq import AWQ_PACK_ORDER, REVERSE_AWQ_PACK_ORDER
+
+__all__ = [
+    "AWQ_PACK_ORDER",
+    "REVERSE_AWQ_PACK_ORDER",
+    "apply_order",
+    "dequantize_awq",
+    "dequantize_gptq",
+    "fast_awq_to_gptq",
+    "gptq_to_awq",
+    "pack",
+    "unpack",
+    "zeros_v1_to_v2",
+    "zeros_v2_to_v1",
+]
+
+Array = Any
+
+
+def _period(bits: int) -> str:
+    n_values, n_words = B.layout(bits)
+    return f"{n_values} {bits}-bit values fill {'a word' if n_words == 1 else f'{n_words} words'}"
+
+
+def _words_in(be: backends.Backend, x: Array) -> Array:
+    return be.as_int32(x) if V.dtype_name(x.dtype) == "uint32" else x
+
+
+def _check_range(be: backends.Backend, x: Array, name: str, lo: int, hi: int, why: str = "to pack without loss") -> None:
+    """Values outside [lo, hi] would lose bits; read them only where they are concrete."""
+    if not be.is_concrete(x) or any(d == 0 for d in V.shape_of(x)):
+        return
+    xp = be.xp
+    vmin, vmax = int(xp.min(x)), int(xp.max(x))
+    if vmin < lo or vmax > hi:
+        raise ValueError(f"{name} must hold values in [{lo}, {hi}] {why}, got values in [{vmin}, {vmax}]")
+
+
+def pack(imatrix: Array, direction: str = "column", *, bits: int = 4) -> Array:
+    """Pack integer values into 32-bit words.
+
+    Value i of a word sits at bits [bits*i, bits*i + bits). "column" packs
+    consecutive columns into one word, "row" consecutive rows. At 3 bits,
+    32 values fill 3 words and values 10 and 21 straddle two words (GPTQ's
+    layout).
+
+    Parameters
+    ----------
+    imatrix : array of an integer dtype, shape (..., R, C)
+        Values in [-2**(bits-1), 2**bits - 1]; only the low ``bits`` bits are
+        stored, so -1 packs as 2**bits - 1. The packed axis must be a multiple
+        of 32 // bits (32 at 3 bits).
+    direction : {"column", "row"}
+        The axis to pack along.
+    bits : {2, 3, 4, 8}
+        Width of a value.
+
+    Returns
+    -------
+    array of int32, shape (..., R, C * bits // 32) or (..., R * bits // 32, C)
+
+    Raises
+    ------
+    TypeError
+        If ``imatrix`` is not an array or not of an integer dtype.
+    ValueError
+        For fewer than 2 dimensions, an unknown direction or width, a packed
+        axis of the wrong length, or (when values can be read, i.e. outside a
+        trace) values that do not fit in ``bits`` bits.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> packq.pack(np.arange(8).reshape(1, 8))
+    array([[1985229328]], dtype=int32)
+    >>> hex(packq.pack(np.full((1, 8), -1)).view(np.uint32)[0, 0])
+    '0xffffffff'
+    """
+    V.array(imatrix, "imatrix")
+    V.integer(imatrix, "imatrix")
+    direction = V.direction(direction)
+    bits = V.bits(bits)
+    V.multiple(imatrix, "imatrix", B.AXIS[direction], B.layout(bits)[0], _period(bits))
+    be = backends.for_arrays(imatrix=imatrix)
+    _check_range(be, imatrix, "imatrix", -(1 << (bits - 1)), (1 << bits) - 1)
+    return be.run(B.pack, imatrix, direction=direction, bits=bits)
+
+
+def _unpack_dtype(be: backends.Backend, bits: int, dtype: Any) -> tuple[Any, bool]:
+    """The output dtype, and whether fields are read as two's complement."""
+    if dtype is None:
+        return (be.xp.int8 if bits < 8 else be.xp.uint8), False
+    name = V.dtype_name(dtype)
+    kind, _, width = name.partition("int")
+    if kind not in ("", "u") or not width.isdigit():
+        raise TypeError(f"dtype must be an integer dtype, got {name}")
+    if name == f"int{bits}":
+        return dtype, True
+    if int(width) < bits + (kind == ""):
+        raise ValueError(f"dtype must hold {bits}-bit values 0..{(1 << bits) - 1} (or be int{bits}), got {name}")
+    return dtype, False
+
+
+def unpack(qmatrix: Array, direction: str = "column", *, bits: int = 4, dtype: Any = None) -> Array:
+    """Unpack 32-bit words into their values.
+
+    Parameters
+    ----------
+    qmatrix : array of int32 or uint32, shape (..., R, C)
+        Packed words; int32 words with the top field set are negative, which
+        is handled (every shift is masked).
+    direction : {"column", "row"}
+        The axis the words were packed along; it grows by 32 // bits.
+    bits : {2, 3, 4, 8}
+        Width of a value. At 3 bits, the packed axis must be a multiple of 3.
+    dtype : integer dtype, optional
+        Output dtype. Default: int8 (uint8 at 8 bits), values in [0, 2**bits).
+        A signed dtype exactly ``bits`` wide (``jnp.int4`` at 4 bits, int8 at
+        8) reads each field as two's complement, so that ``pack`` gives the
+        words back; ``jnp.uint4`` keeps 0..15. Both are stored natively by XLA.
+
+    Returns
+    -------
+    array, shape (..., R, C * 32 // bits) or (..., R * 32 // bits, C)
+
+    Raises
+    ------
+    TypeError
+        If ``qmatrix`` is not an array of int32 or uint32, or ``dtype`` is not an integer dtype.
+    ValueError
+        For fewer than 2 dimensions, an unknown direction or width, a 3-bit
+        axis not a multiple of 3, or a ``dtype`` too narrow for the values.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> packq.unpack(np.array([[0x76543210]], dtype=np.int32))
+    array([[0, 1, 2, 3, 4, 5, 6, 7]], dtype=int8)
+    >>> packq.unpack(np.array([[-1]], dtype=np.int32), "row", bits=8).ravel()
+    array([255, 255, 255, 255], dtype=uint8)
+    """
+    V.words(qmatrix, "qmatrix")
+    direction = V.direction(direction)
+    bits = V.bits(bits)
+    V.multiple(qmatrix, "qmatrix", B.AXIS[direction], B.layout(bits)[1], _period(bits))
+    be = backends.for_arrays(qmatrix=qmatrix)
+    out_dtype, wrap = _unpack_dtype(be, bits, dtype)
+    return be.run(B.unpack_as, _words_in(be, qmatrix), direction=direction, bits=bits, dtype=out_dtype, wrap=wrap)
+
+
+def apply_order(imatrix: Array, direction: str = "column", order: Sequence[int] = AWQ_PACK_ORDER) -> Array:
+    """Reorder within every group of 8 consecutive columns (or rows).
+
+    Member ``order[s]`` of each group moves to position ``s``. With
+    ``AWQ_PACK_ORDER`` this turns logical order into AWQ's interleaved slot
+    order; ``REVERSE_AWQ_PACK_ORDER`` undoes it.
+
+    Unlike the LoRAX/TGI source, which reshapes to (8, -1) for "row" and so
+    permutes 8 blocks of R/8 rows (right only when R == 8), "row" here
+    reorders within every group of 8 consecutive rows, like "column" does for
+    columns.
+
+    Parameters
+    ----------
+    imatrix : array, shape (..., R, C)
+        Any dtype; the reordered axis must be a multiple of 8.
+    direction : {"column", "row"}
+    order : sequence of int
+        A permutation of range(8).
+
+    Returns
+    -------
+    array of the same shape and dtype
+
+    Raises
+    ------
+    TypeError
+        If ``imatrix`` is not an array.
+    ValueError
+        For fewer than 2 dimensions, an unknown direction, an ``order`` that
+        is not a permutation of range(8), or an axis not a multiple of 8.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> packq.apply_order(np.arange(8).reshape(1, 8))
+    array([[0, 2, 4, 6, 1, 3, 5, 7]])
+    >>> packq.apply_order(packq.apply_order(np.arange(16).reshape(2, 8)), order=packq.REVERSE_AWQ_PACK_ORDER)
+    array([[ 0,  1,  2,  3,  4,  5,  6,  7],
+           [ 8,  9, 10, 11, 12, 13, 14, 15]])
+    """
+    V.array(imatrix, "imatrix")
+    direction = V.direction(direction)
+    perm = V.order(order)
+    V.multiple(imatrix, "imatrix", B.AXIS[direction], 8, "the order applies to groups of 8")
+    be = backends.for_arrays(imatrix=imatrix)
+    return be.run(B.apply_order, imatrix, direction=direction, order=perm)
+
+
+def _check_awq_pair(qweight: Array, qzeros: Array) -> None:
+    V.words(qweight, "qweight")
+    V.words(qzeros, "qzeros")
+    V.same_batch(qweight, "qweight", qzeros, "qzeros")
+    w, z = V.shape_of(qweight), V.shape_of(qzeros)
+    if w[-1] != z[-1]:
+        raise ValueError(
+            f"qweight and qzeros must have the same number of columns (N/8 packed words), "
+            f"got shapes {w!r} and {z!r}"
+        )
+    V.multiple(qweight, "qweight", -2, 8, "GPTQ packs 8 rows into a word")
+    if z[-2] == 0 or w[-2] % z[-2]:
+        raise ValueError(
+            f"qzeros must have one row per quantization group, a divisor of qweight's {w[-2]} rows, got shape {z!r}"
+        )
+
+
+def fast_awq_to_gptq(qweight: Array, qzeros: Array) -> tuple[Array, Array]:
+    """Convert AWQ (gemm) qweight and qzeros to the GPTQ/ExLlama layout, bit-exactly.
+
+    The values are unpacked along columns, taken out of AWQ's interleaved
+    order, and repacked: weights along rows, zeros along columns in GPTQ v1
+    form (z - 1 per nibble modulo 16, so a zero-point of 0 is stored as 15
+    without borrowing from its neighbour). Scales pass through unchanged; a
+    GPTQ checkpoint also needs ``g_idx = arange(K) // group_size``.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K, N/8)
+        AWQ packed weights; K must be a multiple of 8.
+    qzeros : array of int32 or uint32, shape (..., K/G, N/8)
+        AWQ packed zero-points, one row per group.
+
+    Returns
+    -------
+    qweight : array of int32, shape (..., K/8, N)
+    qzeros : array of int32, shape (..., K/G, N/8)
+
+    Raises
+    ------
+    TypeError
+        If either is not an array of packed 32-bit words, or they come from different libraries.
+    ValueError
+        For fewer than 2 dimensions, different column counts or batch
+        dimensions, K not a multiple of 8, or a qzeros row count that does not divide K.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight = np.full((8, 1), 0x75316420, dtype=np.int32)  # AWQ order of columns 0..7
+    >>> qzeros = np.zeros((1, 1), dtype=np.int32)
+    >>> gw, gz = packq.fast_awq_to_gptq(qweight, qzeros)
+    >>> gw.shape, [hex(w) for w in gw.view(np.uint32)[0]]
+    ((1, 8), ['0x0', '0x11111111', '0x22222222', '0x33333333', '0x44444444', '0x55555555', '0x66666666', '0x77777777'])
+    >>> hex(gz.view(np.uint32)[0, 0])
+    '0xffffffff'
+    """
+    _check_awq_pair(qweight, qzeros)
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros)
+    return be.run(awq.awq_to_gptq, _words_in(be, qweight), _words_in(be, qzeros))  # type: ignore[no-any-return]
+
+
+def _check_gptq_pair(qweight: Array, qzeros: Array, bits: int) -> int:
+    """Check GPTQ qweight/qzeros shapes; return K."""
+    V.words(qweight, "qweight")
+    V.words(qzeros, "qzeros")
+    V.same_batch(qweight, "qweight", qzeros, "qzeros")
+    n_values, n_words = B.layout(bits)
+    V.multiple(qweight, "qweight", -2, n_words, _period(bits))
+    V.multiple(qweight, "qweight", -1, n_values, f"qzeros packs {_period(bits)} along columns")
+    w, z = V.shape_of(qweight), V.shape_of(qzeros)
+    if z[-1] * n_values != w[-1] * n_words:
+        raise ValueError(
+            f"qzeros must have {w[-1] * n_words // n_values} columns ({bits}-bit zeros of qweight's {w[-1]} columns), "
+            f"got shape {z!r}"
+        )
+    k = w[-2] * n_values // n_words
+    if z[-2] == 0 or k % z[-2]:
+        raise ValueError(f"qzeros must have one row per quantization group, a divisor of K = {k}, got shape {z!r}")
+    return k
+
+
+def _check_g_idx(g_idx: Array, k: int) -> None:
+    V.array(g_idx, "g_idx", min_ndim=1)
+    V.integer(g_idx, "g_idx")
+    if V.shape_of(g_idx) != (k,):
+        raise ValueError(f"g_idx must have shape ({k},), one group index per input feature, got shape {V.shape_of(g_idx)!r}")
+
+
+def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None) -> tuple[Array, Array]:
+    """Convert 4-bit GPTQ v1 qweight and qzeros to AWQ (gemm), the exact inverse of :func:`fast_awq_to_gptq`.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K/8, N)
+    qzeros : array of int32 or uint32, shape (..., K/G, N/8)
+        GPTQ v1 zeros (stored z - 1); convert v2 zeros with :func:`zeros_v2_to_v1` first.
+    g_idx : array of int, shape (K,), optional
+        If given, it must be the trivial ``arange(K) // G``: an act-order
+        (desc_act) checkpoint cannot become AWQ without permuting the input
+        features. It is checked, so it cannot be a tracer.
+
+    Returns
+    -------
+    qweight : array of int32, shape (..., K, N/8)
+    qzeros : array of int32, shape (..., K/G, N/8)
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of the right dtype, or ``g_idx`` is traced.
+    ValueError
+        For mismatched shapes, or a ``g_idx`` that is not ``arange(K) // G`` (act-order).
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> rng = np.random.default_rng(0)
+    >>> qweight = rng.integers(-2**31, 2**31, (128, 4)).astype(np.int32)
+    >>> qzeros = rng.integers(-2**31, 2**31, (2, 4)).astype(np.int32)
+    >>> back = packq.gptq_to_awq(*packq.fast_awq_to_gptq(qweight, qzeros))
+    >>> all((a == b).all() for a, b in zip(back, (qweight, qzeros)))
+    True
+    """
+    k = _check_gptq_pair(qweight, qzeros, 4)
+    if g_idx is not None:
+        _check_g_idx(g_idx, k)
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, g_idx=g_idx)
+    if g_idx is not None:
+        groups = V.shape_of(qzeros)[-2]
+        if not be.is_concrete(g_idx):
+            raise TypeError("g_idx must be a concrete array to be checked for act-order, got a tracer; pass g_idx=None inside jit")
+        xp = be.xp
+        trivial = xp.arange(k, dtype=g_idx.dtype) // (k // groups)
+        if not bool(xp.all(g_idx == trivial)):
+            raise ValueError(
+                "g_idx must be arange(K) // group_size to convert to AWQ; this one is act-order (desc_act), "
+                "whose input features would have to be permuted, which AWQ cannot express"
+            )
+    return be.run(awq.gptq_to_awq, _words_in(be, qweight), _words_in(be, qzeros))  # type: ignore[no-any-return]
+
+
+def _zeros(qzeros: Array, bits: int, delta: int) -> Array:
+    V.words(qzeros, "qzeros")
+    bits = V.bits(bits)
+    V.multiple(qzeros, "qzeros", -1, B.layout(bits)[1], _period(bits))
+    be = backends.for_arrays(qzeros=qzeros)
+    return be.run(gptq.zeros_shift, _words_in(be, qzeros), delta=delta, bits=bits)
+
+
+def zeros_v1_to_v2(qzeros: Array, *, bits: int = 4) -> Array:
+    """GPTQ qzeros from v1 storage (z - 1, checkpoint_format "gptq") to v2 (z, "gptq_v2").
+
+    Every field gains 1 modulo 2**bits on its own, fields straddling words
+    at 3 bits included; never a whole-word add.
+
+    Parameters
+    ----------
+    qzeros : array of int32 or uint32, shape (..., groups, N * bits / 32)
+    bits : {2, 3, 4, 8}
+
+    Returns
+    -------
+    array of int32, same shape
+
+    Raises
+    ------
+    TypeError
+        If ``qzeros`` is not an array of packed 32-bit words.
+    ValueError
+        For fewer than 2 dimensions, an unknown width, or (3 bits) columns not a multiple of 3.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> hex(packq.zeros_v1_to_v2(np.array([[-1]], dtype=np.int32))[0, 0])
+    '0x0'
+    """
+    return _zeros(qzeros, bits, +1)
+
+
+def zeros_v2_to_v1(qzeros: Array, *, bits: int = 4) -> Array:
+    """GPTQ qzeros from v2 storage (z) to v1 (z - 1 per field modulo 2**bits).
+
+    See :func:`zeros_v1_to_v2`, of which this is the inverse.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> hex(packq.zeros_v2_to_v1(np.array([[0x88888880]], dtype=np.uint32)).view(np.uint32)[0, 0])
+    '0x7777777f'
+    """
+    return _zeros(qzeros, bits, -1)
+
+
+def _check_scales(scales: Array, groups: int, n: int, like: Array, like_name: str) -> None:
+    V.array(scales, "scales")
+    V.floating(scales, "scales")
+    if V.shape_of(scales) != V.shape_of(like)[:-2] + (groups, n):
+        raise ValueError(
+            f"scales must have shape {V.shape_of(like)[:-2] + (groups, n)!r} (one row per group of {like_name}, "
+            f"one column per output feature), got shape {V.shape_of(scales)!r}"
+        )
+
+
+def dequantize_awq(qweight: Array, qzeros: Array, scales: Array) -> Array:
+    """Dequantize AWQ (gemm) tensors: W[k, n] = (q[k, n] - z[g, n]) * s[g, n], g = k // G.
+
+    The group size G is inferred as K // scales.shape[-2] and checked
+    against qzeros. The result has the scales' dtype (float16, bfloat16 or
+    float32); (q - z) is exact, so the only rounding is that of the product.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K, N/8)
+    qzeros : array of int32 or uint32, shape (..., K/G, N/8)
+    scales : array of float, shape (..., K/G, N)
+
+    Returns
+    -------
+    array of the scales' dtype, shape (..., K, N)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong type, dtype or shape.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight = np.full((8, 1), 0x75316420, dtype=np.int32)
+    >>> qzeros = np.full((1, 1), 0x22222222, dtype=np.int32)
+    >>> packq.dequantize_awq(qweight, qzeros, np.full((1, 8), 0.5, dtype=np.float16))[0]
+    array([-1. , -0.5,  0. ,  0.5,  1. ,  1.5,  2. ,  2.5], dtype=float16)
+    """
+    _check_awq_pair(qweight, qzeros)
+    w, z = V.shape_of(qweight), V.shape_of(qzeros)
+    _check_scales(scales, z[-2], w[-1] * 8, qweight, "qweight")
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)
+    return be.run(gptq.dequantize_awq, _words_in(be, qweight), _words_in(be, qzeros), scales)
+
+
+def dequantize_gptq(
+    qweight: Array,
+    qzeros: Array,
+    scales: Array,
+    g_idx: Array | None = None,
+    *,
+    bits: int = 4,
+    zeros: str = "v1",
+) -> Array:
+    """Dequantize GPTQ tensors: W[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n].
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K * bits / 32, N)
+    qzeros : array of int32 or uint32, shape (..., groups, N * bits / 32)
+    scales : array of float, shape (..., groups, N)
+    g_idx : array of int, shape (K,), optional
+        Group of each input feature; default ``arange(K) // (K // groups)``.
+        An act-order g_idx is honoured. Values are range-checked when concrete.
+    bits : {2, 3, 4, 8}
+    zeros : {"v1", "v2"}
+        "v1" (checkpoint_format "gptq"): stored z - 1, read as (stored + 1)
+        modulo 2**bits. "v2" ("gptq_v2"): stored z.
+
+    Returns
+    -------
+    array of the scales' dtype, shape (..., K, N)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong type, dtype, shape or range, or an unknown ``zeros``.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight = np.full((8, 1), 0x75316420, dtype=np.int32)
+    >>> qzeros = np.full((1, 1), 0x22222222, dtype=np.int32)
+    >>> scales = np.full((1, 8), 0.5, dtype=np.float16)
+    >>> gw, gz = packq.fast_awq_to_gptq(qweight, qzeros)
+    >>> bool((packq.dequantize_gptq(gw, gz, scales) == packq.dequantize_awq(qweight, qzeros, scales)).all())
+    True
+    """
+    bits = V.bits(bits)
+    if zeros not in ("v1", "v2"):
+        raise ValueError(f"zeros must be 'v1' (checkpoint_format gptq) or 'v2' (gptq_v2), got {zeros!r}")
+    k = _check_gptq_pair(qweight, qzeros, bits)
+    groups = V.shape_of(qzeros)[-2]
+    _check_scales(scales, groups, V.shape_of(qweight)[-1], qweight, "qweight")
+    if g_idx is not None:
+        _check_g_idx(g_idx, k)
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
+    if g_idx is not None:
+        _check_range(be, g_idx, "g_idx", 0, groups - 1, f"(indices of the {groups} groups of qzeros)")
+    return be.run(
+        gptq.dequantize_gptq, _words_in(be, qweight), _words_in(be, qzeros), scales, g_idx, bits=bits, zeros=zeros
+    )

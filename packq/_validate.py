@@ -1,0 +1,100 @@
+"""Argument checks shared by the public functions, run before any work.
+
+Messages are one sentence naming the argument, what was expected and what
+came, and they are the same for every backend (shapes as tuples of ints,
+dtypes by their bare names).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import array_api_compat
+
+DIRECTIONS = ("column", "row")
+BITS = (2, 3, 4, 8)
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape)
+
+
+def dtype_name(dtype: Any) -> str:
+    # numpy: "int32"; torch: "torch.int32"; array_api_strict: "array_api_strict.int32"
+    return str(dtype).rsplit(".", 1)[-1].strip("'<>")
+
+
+def array(x: Any, name: str, min_ndim: int = 2) -> None:
+    if not array_api_compat.is_array_api_obj(x) or not hasattr(x, "ndim"):
+        raise TypeError(f"{name} must be an array (NumPy, JAX, torch or another array API library), got {type(x).__name__}")
+    if x.ndim < min_ndim:
+        what = "(..., rows, columns)" if min_ndim == 2 else f"{min_ndim}"
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions {what}, got shape {shape_of(x)!r}")
+
+
+def integer(x: Any, name: str) -> None:
+    xp = array_api_compat.array_namespace(x)
+    if not _is_integral(xp, x.dtype):
+        raise TypeError(f"{name} must have an integer dtype, got dtype {dtype_name(x.dtype)}")
+
+
+def _is_integral(xp: Any, dtype: Any) -> bool:
+    try:
+        return bool(xp.isdtype(dtype, "integral"))
+    except (TypeError, ValueError):  # dtypes outside the standard, e.g. ml_dtypes' int4
+        import numpy as np
+
+        return np.issubdtype(np.dtype(dtype), np.integer) or dtype_name(dtype) in ("int4", "uint4", "int2", "uint2")
+
+
+def words(x: Any, name: str) -> None:
+    """Packed 32-bit words: int32 (what checkpoints store) or uint32."""
+    array(x, name)
+    if dtype_name(x.dtype) not in ("int32", "uint32"):
+        raise TypeError(f"{name} must hold packed 32-bit words (dtype int32 or uint32), got dtype {dtype_name(x.dtype)}")
+
+
+def floating(x: Any, name: str) -> None:
+    xp = array_api_compat.array_namespace(x)
+    if dtype_name(x.dtype) != "bfloat16" and not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16 or float32), got dtype {dtype_name(x.dtype)}")
+
+
+def direction(value: Any) -> str:
+    if value not in DIRECTIONS:
+        raise ValueError(f"direction must be 'column' or 'row', got {value!r}")
+    return str(value)
+
+
+def bits(value: Any, allowed: Sequence[int] = BITS, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        choices = ", ".join(map(str, allowed))
+        raise ValueError(f"bits must be one of {choices}{why}, got {value!r}")
+    return value
+
+
+def order(value: Any) -> tuple[int, ...]:
+    try:
+        perm = tuple(int(i) for i in value)
+    except (TypeError, ValueError):
+        perm = ()
+    if sorted(perm) != list(range(8)) or any(isinstance(i, bool) for i in value):
+        raise ValueError(f"order must be a permutation of range(8), got {value!r}")
+    return perm
+
+
+def multiple(x: Any, name: str, axis: int, n: int, why: str) -> None:
+    length = shape_of(x)[axis]
+    if length % n:
+        which = "columns" if axis == -1 else "rows"
+        raise ValueError(
+            f"{name} must have a number of {which} that is a multiple of {n} ({why}), got shape {shape_of(x)!r}"
+        )
+
+
+def same_batch(a: Any, a_name: str, b: Any, b_name: str) -> None:
+    if shape_of(a)[:-2] != shape_of(b)[:-2]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same leading (batch) dimensions, "
+            f"got shapes {shape_of(a)!r} and {shape_of(b)!r}"
+        )

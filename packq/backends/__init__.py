@@ -1,0 +1,82 @@
+"""Backends: which library runs the core for a given input, found without importing any.
+
+A backend binds the array-API core to one library. ``for_arrays`` looks at the
+inputs' types (through ``sys.modules``, so a library the caller never imported
+is never imported here) and returns:
+
+- the NumPy backend for ``numpy.ndarray``: the core through array-api-compat,
+  with fast paths where measurement showed them worth it;
+- the JAX backend for ``jax.Array`` (and tracers): the core under ``jax.jit``,
+  with the non-array arguments static;
+- a generic backend for anything else array-api-compat knows (torch,
+  array_api_strict, CuPy, ...): the core run eagerly in that namespace.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import array_api_compat
+
+
+class Backend:
+    """Runs core functions ``fn(xp, *arrays, **static)`` in one namespace."""
+
+    name = "generic"
+    #: core function -> faster implementation that must agree with it bit for bit
+    fast_paths: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
+        """``fn(xp, *arrays, **static)``, or its fast path unless ``plain``."""
+        impl = fn if plain else self.fast_paths.get(fn, fn)
+        return self.call(impl, *arrays, **static)
+
+    def call(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
+        return fn(self.xp, *arrays, **static)
+
+    def is_concrete(self, x: Any) -> bool:
+        """Whether values of ``x`` can be read now (False for a tracer inside jit)."""
+        return True
+
+    def as_int32(self, x: Any) -> Any:
+        """Reinterpret uint32 words as int32, bit for bit (no copy where the library allows)."""
+        if array_api_compat.is_torch_array(x):
+            import torch
+
+            return x.view(torch.int32)
+        # the standard has no bit-cast; out-of-range casts wrap in the libraries we test
+        return self.xp.astype(x, self.xp.int32)
+
+
+def _is_jax(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.Array)
+
+
+def _library(x: Any) -> str:
+    if _is_jax(x):
+        return "jax"
+    return type(x).__module__.split(".")[0]
+
+
+def for_arrays(**arrays: Any) -> Backend:
+    """The backend for these named inputs (None entries ignored); all must share one library."""
+    present = {name: a for name, a in arrays.items() if a is not None}
+    libraries = {name: _library(a) for name, a in present.items()}
+    if len(set(libraries.values())) > 1:
+        got = ", ".join(f"{name}: {type(present[name]).__name__} ({lib})" for name, lib in libraries.items())
+        raise TypeError(f"{' and '.join(present)} must come from the same array library, got {got}")
+    library = next(iter(libraries.values()))
+    if library == "jax":
+        from packq.backends import jax as jax_backend
+
+        return jax_backend.BACKEND
+    if library == "numpy":
+        from packq.backends import numpy as numpy_backend
+
+        return numpy_backend.BACKEND
+    return Backend(array_api_compat.array_namespace(*present.values()))

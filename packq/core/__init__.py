@@ -1,0 +1,1 @@
+"""The array-API core: pure functions of ``xp`` and arrays, run by every backend."""

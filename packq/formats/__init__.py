@@ -1,0 +1,1 @@
+"""Quantized-weight formats (AWQ, GPTQ), written against the array-API core."""

@@ -1,0 +1,188 @@
+"""The seed's API on every backend: golden fixtures, seed differences, properties."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from _words import raw_words
+from conftest import BACKENDS, FIXTURES, Lib, assert_same, golden_keys
+from hypothesis import given
+from hypothesis import strategies as st
+
+import packq
+from packq.backends import for_arrays
+from packq.formats import awq
+
+DIRECTIONS = ["column", "row"]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("case", golden_keys("pack4", "column/in"))
+def test_pack_golden(lib: Lib, golden, case, direction):
+    v = golden[f"pack4/{case}/{direction}/in"]
+    assert_same(lib, lib.call(packq.pack, lib.asarray(v), direction), golden[f"pack4/{case}/{direction}/out"])
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("case", golden_keys("unpack4", "column/in"))
+def test_unpack_golden(lib: Lib, golden, case, direction):
+    w = golden[f"unpack4/{case}/{direction}/in"]
+    assert_same(lib, lib.call(packq.unpack, lib.asarray(w), direction), golden[f"unpack4/{case}/{direction}/out"])
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("case", golden_keys("order", "column/in"))
+def test_apply_order_golden(lib: Lib, golden, case, direction):
+    v = lib.asarray(golden[f"order/{case}/{direction}/in"])
+    assert_same(lib, lib.call(packq.apply_order, v, direction), golden[f"order/{case}/{direction}/out"])
+    out = lib.call(packq.apply_order, v, direction, packq.REVERSE_AWQ_PACK_ORDER)
+    assert_same(lib, out, golden[f"order_rev/{case}/{direction}/out"])
+
+
+@pytest.mark.parametrize("case", golden_keys("awq", "qweight"))
+def test_fast_awq_to_gptq_golden(lib: Lib, golden, case):
+    qw, qz = lib.asarray(golden[f"awq/{case}/qweight"]), lib.asarray(golden[f"awq/{case}/qzeros"])
+    gw, gz = lib.call(packq.fast_awq_to_gptq, qw, qz)
+    assert_same(lib, gw, golden[f"gptq/{case}/qweight"])
+    assert_same(lib, gz, golden[f"gptq/{case}/qzeros"])
+
+
+def test_fast_awq_to_gptq_accepts_uint32(lib: Lib, golden):
+    qw = golden["awq/top_nibble/qweight"].view(np.uint32)
+    qz = golden["awq/top_nibble/qzeros"].view(np.uint32)
+    gw, gz = lib.call(packq.fast_awq_to_gptq, lib.asarray(qw), lib.asarray(qz))
+    assert_same(lib, gw, golden["gptq/top_nibble/qweight"])
+    assert_same(lib, gz, golden["gptq/top_nibble/qzeros"])
+
+
+def test_zero_point_zero_is_stored_as_15_per_nibble(lib: Lib):
+    """AWQ zero 0 -> GPTQ v1 15 in that nibble only; neighbours keep z - 1, no borrow."""
+    zeros = np.array([[0x10F01F00]], dtype=np.int64).astype(np.uint32).view(np.int32)  # AWQ slots
+    qw = np.zeros((8, 1), dtype=np.int32)
+    _, gz = lib.call(packq.fast_awq_to_gptq, lib.asarray(qw), lib.asarray(zeros))
+    logical = [((0x10F01F00 >> (4 * packq.REVERSE_AWQ_PACK_ORDER[j])) & 15) for j in range(8)]
+    expect = sum((((z - 1) % 16) << (4 * j)) for j, z in enumerate(logical))
+    assert_same(lib, gz, np.array([[expect]], dtype=np.uint32).view(np.int32))
+
+
+def test_row_order_groups_of_8_rows_not_the_seeds_blocks(lib: Lib):
+    """The seed's (8, -1) reshape would permute blocks of R/8 rows; packq reorders inside each group of 8."""
+    rows = np.arange(24).reshape(24, 1) * np.ones((1, 3), dtype=np.int64)
+    out = lib.numpy(lib.call(packq.apply_order, lib.asarray(rows), "row"))
+    expected = np.concatenate([8 * g + np.array(packq.AWQ_PACK_ORDER) for g in range(3)])
+    np.testing.assert_array_equal(out[:, 0], expected)
+    seed_like = rows.reshape(8, -1)[packq.AWQ_PACK_ORDER, :].reshape(rows.shape)
+    assert not np.array_equal(out, seed_like)
+
+
+def test_large_layer(golden):
+    """A 4096 x 1376 layer on every backend, checked against hashes of the torch reference."""
+    spec = json.loads((FIXTURES / "golden_large.json").read_text())["layer_4096x1376"]
+    qw = raw_words(spec["seed"], spec["qweight_shape"])
+    qz = raw_words(spec["zeros_seed"], spec["qzeros_shape"])
+    for name in BACKENDS:
+        lib = Lib(name)
+        gw, gz = lib.call(packq.fast_awq_to_gptq, lib.asarray(qw), lib.asarray(qz))
+        assert lib.is_native(gw) and lib.is_native(gz)
+        assert hashlib.sha256(lib.numpy(gw).tobytes()).hexdigest() == spec["sha256_qweight"], name
+        assert hashlib.sha256(lib.numpy(gz).tobytes()).hexdigest() == spec["sha256_qzeros"], name
+
+
+def test_jax_result_on_input_device():
+    import jax
+    import jax.numpy as jnp
+
+    dev = jax.devices()[0]
+    qw = jax.device_put(jnp.zeros((8, 2), jnp.int32), dev)
+    gw, gz = packq.fast_awq_to_gptq(qw, jax.device_put(jnp.zeros((1, 2), jnp.int32), dev))
+    assert gw.devices() == {dev} and gz.devices() == {dev}
+
+
+def test_pack_minus_one_packs_as_15(lib: Lib):
+    out = lib.call(packq.pack, lib.asarray(np.full((1, 8), -1, dtype=np.int8)))
+    assert_same(lib, out, np.array([[-1]], dtype=np.int32))
+
+
+# ---------------------------------------------------------------- properties
+# JAX compiles once per shape: shapes come from a small set, values are free.
+SHAPES = [(8, 8), (16, 24), (2, 8, 16)]
+words = st.integers(-(2**31), 2**31 - 1)
+
+
+@st.composite
+def word_arrays(draw, shapes=SHAPES):
+    shape = draw(st.sampled_from(shapes))
+    seed = draw(st.integers(0, 2**32 - 1))
+    special = draw(st.sampled_from(["random", "zeros", "ones", "top"]))
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32)
+    if special == "zeros":
+        a[..., ::2] = 0
+    elif special == "ones":
+        a[..., 1::2] = -1
+    elif special == "top":
+        a |= np.int32(-(2**31))
+    return a
+
+
+@given(w=word_arrays(), direction=st.sampled_from(DIRECTIONS))
+def test_pack_unpack_round_trip(lib: Lib, w, direction):
+    x = lib.asarray(w)
+    v = lib.call(packq.unpack, x, direction)
+    assert_same(lib, lib.call(packq.pack, v, direction), w)
+
+
+@given(w=word_arrays(), direction=st.sampled_from(DIRECTIONS), perm=st.permutations(range(8)))
+def test_apply_order_inverse_is_identity(lib: Lib, w, direction, perm):
+    inverse = [perm.index(i) for i in range(8)]
+    x = lib.asarray(w)
+    out = lib.call(packq.apply_order, lib.call(packq.apply_order, x, "column", perm), "column", inverse)
+    assert_same(lib, out, w)
+
+
+@given(qw=word_arrays([(8, 8), (16, 24), (2, 16, 8)]), seed=st.integers(0, 2**32 - 1))
+def test_fast_awq_to_gptq_is_the_composition(lib: Lib, qw, seed):
+    """fast_awq_to_gptq == pack(order(unpack(.)) ) through the public primitives, on every backend."""
+    rng = np.random.default_rng(seed)
+    qz = rng.integers(-(2**31), 2**31, qw.shape[:-2] + (qw.shape[-2] // 8, qw.shape[-1]), dtype=np.int64).astype(
+        np.int32
+    )
+    gw, gz = lib.call(packq.fast_awq_to_gptq, lib.asarray(qw), lib.asarray(qz))
+    rev = packq.REVERSE_AWQ_PACK_ORDER
+    iw = packq.apply_order(packq.unpack(lib.asarray(qw)), order=rev)
+    iz = packq.apply_order(packq.unpack(lib.asarray(qz)), order=rev)
+    assert_same(lib, gw, lib.numpy(packq.pack(iw, "row")))
+    assert_same(lib, gz, lib.numpy(packq.pack(iz - 1)))
+
+
+@given(qw=word_arrays([(8, 8), (16, 24), (2, 16, 8)]))
+def test_jitted_jax_equals_eager_jax(qw):
+    """The public (jitted) call equals the core run op by op on jax.numpy, without jit."""
+    import jax.numpy as jnp
+
+    qz = qw[..., :1, :]
+    x, z = jnp.asarray(qw), jnp.asarray(qz)
+    jitted = packq.fast_awq_to_gptq(x, z)
+    eager = awq.awq_to_gptq(jnp, x, z)
+    for a, b in zip(jitted, eager):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@given(qw=word_arrays([(8, 8), (16, 24), (2, 16, 8), (3, 24, 16)]))
+def test_fast_paths_equal_plain_core(qw):
+    """Every backend's fast path agrees with the plain array-API composition."""
+    qz = qw[..., :1, :]
+    for lib in (Lib("numpy"), Lib("jax")):
+        x, z = lib.asarray(qw), lib.asarray(qz)
+        be = for_arrays(qweight=x)
+        fast = be.run(awq.awq_to_gptq, x, z)
+        plain = be.run(awq.awq_to_gptq, x, z, plain=True)
+        for a, b in zip(fast, plain):
+            np.testing.assert_array_equal(lib.numpy(a), lib.numpy(b))
+        back_fast = be.run(awq.gptq_to_awq, *fast)
+        back_plain = be.run(awq.gptq_to_awq, *fast, plain=True)
+        for a, b in zip(back_fast, back_plain):
+            np.testing.assert_array_equal(lib.numpy(a), lib.numpy(b))
