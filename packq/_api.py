@@ -164,7 +164,9 @@ def unpack(qmatrix: Array, direction: str = "column", *, bits: int = 4, dtype: A
     return be.run(B.unpack_as, _words_in(be, qmatrix), direction=direction, bits=bits, dtype=out_dtype, wrap=wrap)
 
 
-def apply_order(imatrix: Array, direction: str = "column", order: Sequence[int] = AWQ_PACK_ORDER) -> Array:
+def apply_order(
+    imatrix: Array, direction: str = "column", order: Sequence[int] = AWQ_PACK_ORDER, *, bits: int = 4
+) -> Array:
     """Reorder within every group of 8 consecutive columns (or rows).
 
     Member ``order[s]`` of each group moves to position ``s``. With
@@ -183,6 +185,8 @@ def apply_order(imatrix: Array, direction: str = "column", order: Sequence[int] 
     direction : {"column", "row"}
     order : sequence of int
         A permutation of range(8).
+    bits : {4}
+        The AWQ interleave is defined for 4-bit values only; other widths raise.
 
     Returns
     -------
@@ -207,13 +211,18 @@ def apply_order(imatrix: Array, direction: str = "column", order: Sequence[int] 
     """
     V.array(imatrix, "imatrix")
     direction = V.direction(direction)
+    V.bits(bits, (4,), _AWQ_ONLY)
     perm = V.order(order)
     V.multiple(imatrix, "imatrix", B.AXIS[direction], 8, "the order applies to groups of 8")
     be = backends.for_arrays(imatrix=imatrix)
     return be.run(B.apply_order, imatrix, direction=direction, order=perm)
 
 
-def _check_awq_pair(qweight: Array, qzeros: Array) -> None:
+_AWQ_ONLY = " (AWQ and its interleave are 4-bit only)"
+
+
+def _check_awq_pair(qweight: Array, qzeros: Array, bits: int) -> None:
+    V.bits(bits, (4,), _AWQ_ONLY)
     V.words(qweight, "qweight")
     V.words(qzeros, "qzeros")
     V.same_batch(qweight, "qweight", qzeros, "qzeros")
@@ -230,7 +239,7 @@ def _check_awq_pair(qweight: Array, qzeros: Array) -> None:
         )
 
 
-def fast_awq_to_gptq(qweight: Array, qzeros: Array) -> tuple[Array, Array]:
+def fast_awq_to_gptq(qweight: Array, qzeros: Array, *, bits: int = 4) -> tuple[Array, Array]:
     """Convert AWQ (gemm) qweight and qzeros to the GPTQ/ExLlama layout, bit-exactly.
 
     The values are unpacked along columns, taken out of AWQ's interleaved
@@ -245,6 +254,8 @@ def fast_awq_to_gptq(qweight: Array, qzeros: Array) -> tuple[Array, Array]:
         AWQ packed weights; K must be a multiple of 8.
     qzeros : array of int32 or uint32, shape (..., K/G, N/8)
         AWQ packed zero-points, one row per group.
+    bits : {4}
+        AWQ is 4-bit only; other widths raise.
 
     Returns
     -------
@@ -270,7 +281,7 @@ def fast_awq_to_gptq(qweight: Array, qzeros: Array) -> tuple[Array, Array]:
     >>> hex(gz.view(np.uint32)[0, 0])
     '0xffffffff'
     """
-    _check_awq_pair(qweight, qzeros)
+    _check_awq_pair(qweight, qzeros, bits)
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros)
     return be.run(awq.awq_to_gptq, _words_in(be, qweight), _words_in(be, qzeros))  # type: ignore[no-any-return]
 
@@ -302,7 +313,7 @@ def _check_g_idx(g_idx: Array, k: int) -> None:
         raise ValueError(f"g_idx must have shape ({k},), one group index per input feature, got shape {V.shape_of(g_idx)!r}")
 
 
-def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None) -> tuple[Array, Array]:
+def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None, *, bits: int = 4) -> tuple[Array, Array]:
     """Convert 4-bit GPTQ v1 qweight and qzeros to AWQ (gemm), the exact inverse of :func:`fast_awq_to_gptq`.
 
     Parameters
@@ -314,6 +325,8 @@ def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None) -> tu
         If given, it must be the trivial ``arange(K) // G``: an act-order
         (desc_act) checkpoint cannot become AWQ without permuting the input
         features. It is checked, so it cannot be a tracer.
+    bits : {4}
+        AWQ is 4-bit only; other widths raise.
 
     Returns
     -------
@@ -337,6 +350,7 @@ def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None) -> tu
     >>> all((a == b).all() for a, b in zip(back, (qweight, qzeros)))
     True
     """
+    V.bits(bits, (4,), _AWQ_ONLY)
     k = _check_gptq_pair(qweight, qzeros, 4)
     if g_idx is not None:
         _check_g_idx(g_idx, k)
@@ -418,7 +432,7 @@ def _check_scales(scales: Array, groups: int, n: int, like: Array, like_name: st
         )
 
 
-def dequantize_awq(qweight: Array, qzeros: Array, scales: Array) -> Array:
+def dequantize_awq(qweight: Array, qzeros: Array, scales: Array, *, bits: int = 4) -> Array:
     """Dequantize AWQ (gemm) tensors: W[k, n] = (q[k, n] - z[g, n]) * s[g, n], g = k // G.
 
     The group size G is inferred as K // scales.shape[-2] and checked
@@ -430,6 +444,8 @@ def dequantize_awq(qweight: Array, qzeros: Array, scales: Array) -> Array:
     qweight : array of int32 or uint32, shape (..., K, N/8)
     qzeros : array of int32 or uint32, shape (..., K/G, N/8)
     scales : array of float, shape (..., K/G, N)
+    bits : {4}
+        AWQ is 4-bit only; other widths raise.
 
     Returns
     -------
@@ -448,7 +464,7 @@ def dequantize_awq(qweight: Array, qzeros: Array, scales: Array) -> Array:
     >>> packq.dequantize_awq(qweight, qzeros, np.full((1, 8), 0.5, dtype=np.float16))[0]
     array([-1. , -0.5,  0. ,  0.5,  1. ,  1.5,  2. ,  2.5], dtype=float16)
     """
-    _check_awq_pair(qweight, qzeros)
+    _check_awq_pair(qweight, qzeros, bits)
     w, z = V.shape_of(qweight), V.shape_of(qzeros)
     _check_scales(scales, z[-2], w[-1] * 8, qweight, "qweight")
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)

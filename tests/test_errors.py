@@ -104,6 +104,15 @@ CASES = {
     "gptq-awq-bits": (packq.gptq_to_awq, lambda L: (L.asarray(np.zeros((8, 12), i32)), L.asarray(GZ)), {},
                       ValueError, "qweight must have a number of columns that is a multiple of 8 (qzeros packs 8 "
                       "4-bit values fill a word along columns), got shape (8, 12)"),
+    "awq-bits": (packq.fast_awq_to_gptq, lambda L: (L.asarray(W8), L.asarray(Z1)), {"bits": 3}, ValueError,
+                 "bits must be one of 4 (AWQ and its interleave are 4-bit only), got 3"),
+    "gptq-to-awq-bits": (packq.gptq_to_awq, lambda L: (L.asarray(W8), L.asarray(GZ)), {"bits": 8}, ValueError,
+                         "bits must be one of 4 (AWQ and its interleave are 4-bit only), got 8"),
+    "order-bits": (packq.apply_order, lambda L: (L.asarray(W8),), {"bits": 2}, ValueError,
+                   "bits must be one of 4 (AWQ and its interleave are 4-bit only), got 2"),
+    "dequant-awq-bits": (packq.dequantize_awq, lambda L: (L.asarray(np.zeros((64, 8), i32)), L.asarray(Z1),
+                                                          L.asarray(S)), {"bits": 2}, ValueError,
+                         "bits must be one of 4 (AWQ and its interleave are 4-bit only), got 2"),
     "zeros-bits": (packq.zeros_v1_to_v2, lambda L: (L.asarray(Z1),), {"bits": 1}, ValueError,
                    "bits must be one of 2, 3, 4, 8, got 1"),
 }
