@@ -283,7 +283,7 @@ def fast_awq_to_gptq(qweight: Array, qzeros: Array, *, bits: int = 4) -> tuple[A
     """
     _check_awq_pair(qweight, qzeros, bits)
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros)
-    return be.run(awq.awq_to_gptq, _words_in(be, qweight), _words_in(be, qzeros))  # type: ignore[no-any-return]
+    return be.run(awq.weight_to_gptq, _words_in(be, qweight)), be.run(awq.zeros_to_gptq, _words_in(be, qzeros))
 
 
 def _check_gptq_pair(qweight: Array, qzeros: Array, bits: int) -> int:
@@ -366,7 +366,7 @@ def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None, *, bi
                 "g_idx must be arange(K) // group_size to convert to AWQ; this one is act-order (desc_act), "
                 "whose input features would have to be permuted, which AWQ cannot express"
             )
-    return be.run(awq.gptq_to_awq, _words_in(be, qweight), _words_in(be, qzeros))  # type: ignore[no-any-return]
+    return be.run(awq.weight_to_awq, _words_in(be, qweight)), be.run(awq.zeros_to_awq, _words_in(be, qzeros))
 
 
 def _zeros(qzeros: Array, bits: int, delta: int) -> Array:

@@ -27,8 +27,8 @@ class JaxBackend(Backend):
     # XLA fuses the nibble transpose into one pass; the plain composition
     # materialises the unpacked values.
     fast_paths = {
-        awq.awq_to_gptq: awq.awq_to_gptq_fast,
-        awq.gptq_to_awq: awq.gptq_to_awq_fast,
+        awq.weight_to_gptq: awq.weight_to_gptq_transposed,
+        awq.weight_to_awq: awq.weight_to_awq_transposed,
     }
 
     def call(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:

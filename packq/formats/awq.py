@@ -27,56 +27,49 @@ def pack_awq(xp: Namespace, values: Array) -> Array:
     return B.pack(xp, B.apply_order(xp, values, "column", _ORDER), "column", 4)
 
 
-def awq_zeros_to_gptq(xp: Namespace, qzeros: Array) -> Array:
-    """AWQ qzeros to GPTQ v1 qzeros: natural order, z - 1 per nibble modulo 16."""
-    return B.pack(xp, unpack_awq(xp, qzeros) - 1, "column", 4)
+def zeros_to_gptq(xp: Namespace, qzeros: Array, offset: int = -1) -> Array:
+    """AWQ qzeros to GPTQ qzeros in natural order; ``offset`` -1 stores v1 (z - 1), 0 stores v2 (z).
+
+    The offset is added per nibble modulo 16: a zero-point of 0 becomes 15 in
+    v1 without borrowing from its neighbour.
+    """
+    return B.pack(xp, unpack_awq(xp, qzeros) + offset, "column", 4)
 
 
-def gptq_zeros_to_awq(xp: Namespace, qzeros: Array) -> Array:
-    """GPTQ v1 qzeros to AWQ qzeros: z + 1 per nibble modulo 16, AWQ order."""
-    return pack_awq(xp, B.unpack(xp, qzeros, "column", 4) + 1)
+def zeros_to_awq(xp: Namespace, qzeros: Array, offset: int = 1) -> Array:
+    """GPTQ qzeros to AWQ; ``offset`` +1 reads v1 storage, 0 reads v2."""
+    return pack_awq(xp, B.unpack(xp, qzeros, "column", 4) + offset)
 
 
-def awq_to_gptq(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array]:
-    """The seed's composition: unpack, undo the interleave, repack by rows."""
-    qw = B.pack(xp, unpack_awq(xp, qweight), "row", 4)
-    return qw, awq_zeros_to_gptq(xp, qzeros)
+def weight_to_gptq(xp: Namespace, qweight: Array) -> Array:
+    """AWQ qweight (..., K, N/8) to GPTQ (..., K/8, N): the seed's unpack, reorder, repack by rows."""
+    return B.pack(xp, unpack_awq(xp, qweight), "row", 4)
 
 
-def gptq_to_awq(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array]:
-    """Inverse of :func:`awq_to_gptq`, by the same primitives."""
-    qw = pack_awq(xp, B.unpack(xp, qweight, "row", 4))
-    return qw, gptq_zeros_to_awq(xp, qzeros)
+def weight_to_awq(xp: Namespace, qweight: Array) -> Array:
+    """GPTQ qweight (..., K/8, N) to AWQ (..., K, N/8), by the same primitives."""
+    return pack_awq(xp, B.unpack(xp, qweight, "row", 4))
 
 
 # The weight conversion moves no values, only nibbles: for every 8 rows x 1
 # word block, an 8x8 nibble transpose and a permutation of the 8 output words.
 
 
-def awq_to_gptq_weight_transposed(xp: Namespace, qweight: Array) -> Array:
-    """AWQ qweight (..., K, N/8) to GPTQ qweight (..., K/8, N) by nibble transpose.
+def weight_to_gptq_transposed(xp: Namespace, qweight: Array) -> Array:
+    """:func:`weight_to_gptq` by nibble transpose, one pass that XLA fuses.
 
-    Word i of a block (row 8kb + i) holds slot s = nibble s; after the transpose,
-    word s holds slot s of all 8 rows, which is logical column AWQ_PACK_ORDER[s],
-    so output column j takes transposed word REVERSE_AWQ_PACK_ORDER[j].
+    Word i of a block (row 8kb + i) holds slot s in nibble s; after the
+    transpose, word s holds slot s of all 8 rows, which is logical column
+    AWQ_PACK_ORDER[s], so output column j takes transposed word
+    REVERSE_AWQ_PACK_ORDER[j].
     """
     g = B.split(xp, qweight, -2, 8)  # (..., K/8, 8, N/8)
     t = B.transpose_nibbles(xp, [B.member(g, -2, i) for i in range(8)])
     return B.merge(xp, B.stack(xp, [t[s] for s in _REVERSE], -1), -1)
 
 
-def gptq_to_awq_weight_transposed(xp: Namespace, qweight: Array) -> Array:
-    """GPTQ qweight (..., K/8, N) to AWQ qweight (..., K, N/8): the inverse transpose."""
+def weight_to_awq_transposed(xp: Namespace, qweight: Array) -> Array:
+    """:func:`weight_to_awq` by the inverse nibble transpose."""
     g = B.split(xp, qweight, -1, 8)  # (..., K/8, N/8, 8)
     t = B.transpose_nibbles(xp, [B.member(g, -1, s) for s in _ORDER])
     return B.merge(xp, B.stack(xp, t, -2), -2)
-
-
-def awq_to_gptq_fast(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array]:
-    """:func:`awq_to_gptq` with the weight done by nibble transpose (one fused pass under jit)."""
-    return awq_to_gptq_weight_transposed(xp, qweight), awq_zeros_to_gptq(xp, qzeros)
-
-
-def gptq_to_awq_fast(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array]:
-    """:func:`gptq_to_awq` with the weight done by nibble transpose."""
-    return gptq_to_awq_weight_transposed(xp, qweight), gptq_zeros_to_awq(xp, qzeros)
