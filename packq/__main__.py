@@ -1,0 +1,7 @@
+"""``python -m packq``: the command line."""
+
+import sys
+
+from packq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,353 @@
+"""Convert a whole checkpoint on disk: AWQ (gemm) <-> GPTQ, streamed, verified, atomic.
+
+The source is opened and checked completely (config, index, every shard
+header, every quantized module's shapes) before anything is written. The
+result is built in a hidden folder beside DST and renamed into place only
+when complete, so DST either does not exist or is a finished checkpoint.
+Tensors are converted one at a time from memory maps of the source: memory
+stays bounded by the largest tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from packq import backends
+from packq.checkpoint.model import INDEX, Checkpoint, Module, open_checkpoint
+from packq.checkpoint.progress import Progress
+from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, dtype_of
+from packq.errors import CheckpointError
+from packq.formats import awq
+
+PARTIAL = ".packq-partial-"
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise CheckpointError(f"DST {dst} is SRC itself; choose a new folder")
+    if s in d.parents:
+        raise CheckpointError(f"DST {dst} is inside SRC {src}; choose a folder outside the source")
+    if d in s.parents:
+        raise CheckpointError(f"SRC {src} is inside DST {dst}; replacing DST would destroy the source")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise CheckpointError(f"DST {dst} already exists; pass --force (force=True) to replace it")
+    if not d.parent.is_dir():
+        raise CheckpointError(f"DST's parent folder {d.parent} does not exist")
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove partial outputs of earlier runs that were killed (their process is gone)."""
+    for p in dst.parent.glob(f".{dst.name}{PARTIAL}*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[-1])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # another conversion to the same DST is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _target_config(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, Any]:
+    config = json.loads(json.dumps(ckpt.config))
+    old = ckpt.format.raw
+    if to == "gptq":
+        q: dict[str, Any] = {
+            "quant_method": "gptq", "bits": 4, "group_size": ckpt.format.group_size, "desc_act": False,
+            "sym": False, "checkpoint_format": checkpoint_format, "true_sequential": True,
+        }
+    else:
+        q = {"quant_method": "awq", "bits": 4, "group_size": ckpt.format.group_size, "zero_point": True,
+             "version": "gemm"}
+    if old.get("modules_to_not_convert"):
+        q["modules_to_not_convert"] = old["modules_to_not_convert"]
+    config["quantization_config"] = q
+    return config
+
+
+class _Converter:
+    """Per-tensor conversions on one backend; NumPy arrays in, NumPy arrays out."""
+
+    def __init__(self, backend: str) -> None:
+        if backend == "numpy":
+            self.be = backends.for_arrays(x=np.zeros(1))
+            self.to_backend: Callable[[np.ndarray], Any] = lambda a: a
+        elif backend == "jax":
+            try:
+                import jax.numpy as jnp
+            except ImportError:
+                raise CheckpointError("backend 'jax' needs JAX: pip install 'packq[jax]'") from None
+            self.be = backends.for_arrays(x=jnp.zeros(1))
+            self.to_backend = jnp.asarray
+        else:
+            raise CheckpointError(f"backend must be 'numpy' or 'jax', got {backend!r}")
+
+    def __call__(self, fn: Callable[..., Any], words: np.ndarray, **static: Any) -> np.ndarray:
+        if words.dtype == np.uint32:
+            words = words.view(np.int32)
+        return np.asarray(self.be.run(fn, self.to_backend(words), **static))
+
+
+def _plan(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, list[tuple[str, str, Any]]]:
+    """For every shard, the output tensors in order: (name, action, module or None)."""
+    by_tensor = {f"{m.prefix}.{p}": (m, p) for m in ckpt.modules.values() for p in m.infos}
+    plan: dict[str, list[tuple[str, str, Any]]] = {}
+    for fname, shard in ckpt.shards.items():
+        out = []
+        for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
+            module, part = by_tensor.get(t.name, (None, None))
+            if part == "qweight":
+                out.append((t.name, "weight", module))
+                if to == "gptq":
+                    out.append((f"{module.prefix}.g_idx", "g_idx", module))
+            elif part == "qzeros":
+                out.append((t.name, "zeros", module))
+            elif part == "g_idx":
+                continue  # to AWQ: checked trivial, then dropped
+            else:
+                out.append((t.name, "copy", None))
+        plan[fname] = out
+    return plan
+
+
+def _out_entry(ckpt: Checkpoint, shard: SafetensorsFile, name: str, action: str, m: Module | None):
+    """(name, dtype, shape, nbytes) of an output tensor, known before any conversion."""
+    if action == "copy":
+        t = shard.tensors[name]
+        return name, t.dtype, t.shape, t.nbytes
+    assert m is not None
+    lead = m.infos["qweight"].shape[:-2]
+    if action == "g_idx":
+        return name, "I32", (m.k,), 4 * m.k
+    if action == "weight":
+        shape = (*lead, m.k // 8, m.n) if ckpt.format.method == "awq" else (*lead, m.k, m.n // 8)
+    else:
+        shape = m.infos["qzeros"].shape
+    return name, "I32", shape, 4 * int(np.prod(shape))
+
+
+def _check_gptq_source(ckpt: Checkpoint) -> None:
+    """To AWQ, GPTQ must not be act-order: refuse by config, then by the g_idx values themselves."""
+    if ckpt.format.desc_act:
+        raise CheckpointError(
+            f"{ckpt.root}: GPTQ with desc_act (act-order) cannot become AWQ without permuting input features"
+        )
+    for m in ckpt.modules.values():
+        if "g_idx" in m.files:
+            with SafetensorsFile(ckpt.root / m.files["g_idx"]) as f:
+                g = f.array(f"{m.prefix}.g_idx")
+            if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
+                raise CheckpointError(
+                    f"{ckpt.root}: {m.prefix}.g_idx is not arange(K) // group_size (act-order); "
+                    "it cannot become AWQ without permuting input features"
+                )
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: str = "gptq",
+    checkpoint_format: str = "gptq",
+    backend: str = "numpy",
+    verify: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Convert an AWQ (gemm) checkpoint folder to GPTQ, or GPTQ to AWQ, bit-exactly.
+
+    Parameters
+    ----------
+    src, dst : path
+        The source model folder (never written) and the folder to create.
+    to : {"gptq", "awq"}
+        Target format. "gptq" needs an AWQ source, "awq" a 4-bit GPTQ source without act-order.
+    checkpoint_format : {"gptq", "gptq_v2"}
+        GPTQ zero storage to write ("gptq": z - 1, the usual) when ``to="gptq"``.
+    backend : {"numpy", "jax"}
+        Which backend converts the tensors.
+    verify : bool
+        Dequantize every module of source and result and compare bit for bit
+        before DST is put in place.
+    force : bool
+        Replace an existing DST (only once the new one is complete).
+    progress : bool, optional
+        Show a progress bar; default: when standard error is a terminal.
+
+    Returns
+    -------
+    dict
+        A summary: formats, counts of modules and tensors, bytes, seconds, verification.
+
+    Raises
+    ------
+    CheckpointError
+        For anything wrong with SRC, DST or the request; raised before anything is written.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if to not in ("gptq", "awq"):
+        raise CheckpointError(f"to must be 'gptq' or 'awq', got {to!r}")
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    ckpt = open_checkpoint(src)
+    want = "awq" if to == "gptq" else "gptq"
+    if ckpt.format.method != want:
+        raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {'an AWQ' if want == 'awq' else 'a GPTQ'} source")
+    _check_paths(src, dst, force)
+    convert = _Converter(backend)
+    if to == "awq":
+        _check_gptq_source(ckpt)
+    plan = _plan(ckpt, to, checkpoint_format)
+    entries = {f: [_out_entry(ckpt, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
+
+    _remove_stale_partials(dst)
+    tmp = dst.parent / f".{dst.name}{PARTIAL}{os.getpid()}"
+    bar = Progress(sum(e[3] for es in entries.values() for e in es), "converting", progress)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        tmp.mkdir()
+        for fname, items in plan.items():
+            _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar)
+        _copy_other_files(ckpt, tmp)
+        (tmp / "config.json").write_text(json.dumps(_target_config(ckpt, to, checkpoint_format), indent=2) + "\n")
+        if ckpt.index is not None:
+            _write_index(ckpt, tmp, entries)
+        bar.close()
+        verified = _verify(ckpt, tmp, to, checkpoint_format, progress) if verify else None
+        _put_in_place(tmp, dst)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return {
+        "src": str(src), "dst": str(dst), "from": ckpt.format.name, "to": to,
+        "checkpoint_format": checkpoint_format if to == "gptq" else None, "backend": backend,
+        "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
+        "tensors_in": ckpt.tensor_count(), "tensors_out": sum(len(e) for e in entries.values()),
+        "bytes_in": ckpt.total_bytes(), "bytes_out": sum(e[3] for es in entries.values() for e in es),
+        "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar) -> None:
+    with SafetensorsFile(ckpt.root / fname) as f:
+        writer = SafetensorsWriter(path, entries, f.metadata)
+        try:
+            for (name, action, m), entry in zip(items, entries):
+                writer.write(name, _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format))
+                bar.update(entry[3])
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format):
+    if action == "copy":
+        return f.raw(name)
+    if action == "g_idx":
+        return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
+    if action == "weight":
+        fn = awq.weight_to_gptq if to == "gptq" else awq.weight_to_awq
+        return convert(fn, _words(f, ckpt, name, m))
+    # zeros: to GPTQ, store z - 1 (v1) or z (v2); to AWQ, read v1 (+1) or v2 (+0)
+    if to == "gptq":
+        return convert(awq.zeros_to_gptq, _words(f, ckpt, name, m), offset=-1 if checkpoint_format == "gptq" else 0)
+    v1 = ckpt.format.checkpoint_format == "gptq"
+    return convert(awq.zeros_to_awq, _words(f, ckpt, name, m), offset=1 if v1 else 0)
+
+
+def _words(f: SafetensorsFile, ckpt: Checkpoint, name: str, m: Module) -> np.ndarray:
+    a = f.array(name)
+    return a if a.dtype == np.int32 else a.view(np.int32)
+
+
+def _copy_other_files(ckpt: Checkpoint, tmp: Path) -> None:
+    skip = {"config.json", INDEX, *ckpt.shards}
+    for p in sorted(ckpt.root.iterdir()):
+        if p.name in skip:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name, symlinks=True)
+        else:
+            shutil.copy2(p, tmp / p.name)
+
+
+def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
+    assert ckpt.index is not None
+    index = json.loads(json.dumps(ckpt.index))
+    index.setdefault("metadata", {})["total_size"] = sum(e[3] for es in entries.values() for e in es)
+    index["weight_map"] = {e[0]: fname for fname, es in entries.items() for e in es}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _put_in_place(tmp: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}{PARTIAL}old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, dst)
+
+
+# ------------------------------------------------------------------ verify
+def _module_arrays(root: Path, m_files: dict[str, str], prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    for part, fname in m_files.items():
+        with SafetensorsFile(root / fname) as f:
+            t = f.tensors[f"{prefix}.{part}"]
+            if t.dtype == "BF16":  # bfloat16 -> float32 is exact: its bits are float32's top half
+                a = (f.array_bits(f"{prefix}.{part}").astype(np.uint32) << 16).view(np.float32)
+            else:
+                a = np.array(f.array(f"{prefix}.{part}"))
+            yield part, a
+
+
+def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progress: bool | None) -> bool:
+    """Dequantize every module of the source and of the result; raise unless they agree bit for bit."""
+    import packq
+
+    result = open_checkpoint(out)
+    bar = Progress(len(ckpt.modules), "verifying", progress)
+    for prefix, m in ckpt.modules.items():
+        a = dict(_module_arrays(ckpt.root, m.files, prefix))
+        b = dict(_module_arrays(out, result.modules[prefix].files, prefix))
+        awq_side, gptq_side = (a, b) if to == "gptq" else (b, a)
+        zeros = "v2" if (checkpoint_format if to == "gptq" else ckpt.format.checkpoint_format) == "gptq_v2" else "v1"
+        w_awq = packq.dequantize_awq(awq_side["qweight"], awq_side["qzeros"], awq_side["scales"])
+        w_gptq = packq.dequantize_gptq(
+            gptq_side["qweight"], gptq_side["qzeros"], gptq_side["scales"], gptq_side.get("g_idx"), zeros=zeros
+        )
+        if w_awq.tobytes() != w_gptq.tobytes():
+            raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
+        bar.update(1)
+    bar.close()
+    return True

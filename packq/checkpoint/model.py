@@ -1,0 +1,195 @@
+"""A Hugging Face model folder: config, quantization format, shards and quantized modules.
+
+Everything here reads headers and JSON only, never tensor data, and checks the
+whole checkpoint before anything is converted or written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo
+from packq.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+WORDS = ("I32", "U32")
+FLOATS = ("F16", "BF16", "F32")
+
+
+@dataclass
+class Format:
+    """The quantization format a folder declares, as packq understands it."""
+
+    method: str  # "awq" or "gptq"
+    bits: int
+    group_size: int  # -1: one group over all of K
+    checkpoint_format: str = "gptq"  # GPTQ zeros: "gptq" (v1) or "gptq_v2"
+    desc_act: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.method == "awq":
+            return f"AWQ gemm, {self.bits}-bit, group size {self.group_size}"
+        zeros = "v2 zeros" if self.checkpoint_format == "gptq_v2" else "v1 zeros"
+        act = ", act-order" if self.desc_act else ""
+        return f"GPTQ ({self.checkpoint_format}: {zeros}), {self.bits}-bit, group size {self.group_size}{act}"
+
+
+@dataclass
+class Module:
+    """One quantized linear layer: where its tensors live and its shape."""
+
+    prefix: str
+    files: dict[str, str]  # part -> shard file name
+    infos: dict[str, TensorInfo]
+    k: int
+    n: int
+    groups: int
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict[str, Any]
+    format: Format
+    shards: dict[str, SafetensorsFile]  # file name -> opened header
+    index: dict[str, Any] | None
+    modules: dict[str, Module]
+
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards.values())
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards.values() for t in s.tensors.values())
+
+
+def read_format(config: dict[str, Any], where: Path) -> Format:
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{where}: config.json has no quantization_config: not a quantized checkpoint")
+    method = str(q.get("quant_method", "")).lower()
+    bits = q.get("bits", q.get("w_bit"))
+    group_size = q.get("group_size", q.get("q_group_size"))
+    if method not in ("awq", "gptq"):
+        raise CheckpointError(f"{where}: quant_method is {q.get('quant_method')!r}; packq converts 'awq' and 'gptq'")
+    if bits != 4:
+        raise CheckpointError(f"{where}: bits is {bits!r}; AWQ <-> GPTQ conversion is 4-bit only")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
+        raise CheckpointError(f"{where}: group_size must be a positive integer or -1, got {group_size!r}")
+    if method == "awq":
+        version = str(q.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise CheckpointError(
+                f"{where}: AWQ version {version!r} is not supported; packq converts the 'gemm' layout "
+                f"(qweight (K, N/8) packed along N)"
+            )
+        if q.get("zero_point", True) is not True:
+            raise CheckpointError(f"{where}: AWQ with zero_point false (no qzeros) is not supported")
+        return Format("awq", 4, group_size, raw=q)
+    fmt = str(q.get("checkpoint_format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2')")
+    return Format("gptq", 4, group_size, fmt, bool(q.get("desc_act", False)), raw=q)
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: no {path.name}: not a Hugging Face model folder") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read {what}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """Read and check a model folder's config, index, shard headers and quantized modules."""
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a folder (a Hugging Face model folder is expected)")
+    config = _load_json(root / "config.json", "config.json")
+    fmt = read_format(config, root)
+    index = None
+    if (root / INDEX).exists():
+        index = _load_json(root / INDEX, "the shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{root / INDEX}: no weight_map")
+        names = sorted(set(weight_map.values()))
+    elif (root / SINGLE).exists():
+        names = [SINGLE]
+    else:
+        raise CheckpointError(f"{root}: no {SINGLE} and no {INDEX}")
+    shards = {}
+    for name in names:
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{root / INDEX}: shard name {name!r} is not a file in the folder")
+        path = root / name
+        if not path.is_file():
+            raise CheckpointError(f"{root / INDEX}: names shard {name!r}, which does not exist")
+        shards[name] = SafetensorsFile(path)
+    where: dict[str, str] = {}
+    for name, shard in shards.items():
+        for t in shard.tensors:
+            if t in where:
+                raise CheckpointError(f"{root}: tensor {t!r} is in both {where[t]} and {name}")
+            where[t] = name
+    if index is not None:
+        for t, name in index["weight_map"].items():
+            if where.get(t) != name:
+                raise CheckpointError(f"{root / INDEX}: maps {t!r} to {name}, which does not hold it")
+    return Checkpoint(root, config, fmt, shards, index, _modules(root, fmt, shards, where))
+
+
+def _modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where: dict[str, str]) -> dict[str, Module]:
+    prefixes = sorted({t.rsplit(".", 1)[0] for t in where if t.rsplit(".", 1)[-1] in PARTS[:3]})
+    modules = {}
+    for prefix in prefixes:
+        files = {p: where[f"{prefix}.{p}"] for p in PARTS if f"{prefix}.{p}" in where}
+        missing = [p for p in PARTS[:3] if p not in files]
+        if missing:
+            raise CheckpointError(f"{root}: {prefix} has {', '.join(sorted(files))} but no {' or '.join(missing)}")
+        infos = {p: shards[f].tensors[f"{prefix}.{p}"] for p, f in files.items()}
+        modules[prefix] = _check_module(root, fmt, prefix, files, infos)
+    if not modules:
+        raise CheckpointError(f"{root}: no quantized modules (no tensors named *.qweight)")
+    return modules
+
+
+def _check_module(root: Path, fmt: Format, prefix: str, files: dict[str, str], infos: dict[str, TensorInfo]) -> Module:
+    w, z, s = infos["qweight"], infos["qzeros"], infos["scales"]
+
+    def bad(why: str) -> CheckpointError:
+        shapes = ", ".join(f"{p} {infos[p].shape} {infos[p].dtype}" for p in infos)
+        return CheckpointError(f"{root}: {prefix}: {why} (got {shapes}; bits 4, group size {fmt.group_size})")
+
+    if w.dtype not in WORDS or z.dtype not in WORDS:
+        raise bad("qweight and qzeros must be int32 words")
+    if s.dtype not in FLOATS:
+        raise bad("scales must be float16, bfloat16 or float32")
+    if len(w.shape) < 2 or not (w.shape[:-2] == z.shape[:-2] == s.shape[:-2]) or len(z.shape) != len(w.shape):
+        raise bad("qweight, qzeros and scales must be matrices with the same leading dimensions")
+    if fmt.method == "awq":
+        k, n = w.shape[-2], w.shape[-1] * 8
+    else:
+        k, n = w.shape[-2] * 8, w.shape[-1]
+        if "g_idx" in infos and infos["g_idx"].shape != (k,):
+            raise bad(f"g_idx must have shape ({k},)")
+    groups = 1 if fmt.group_size == -1 else k // fmt.group_size
+    if k % 8 or n % 8 or (fmt.group_size != -1 and k % fmt.group_size):
+        raise bad("K and N must be multiples of 8, and K a multiple of the group size")
+    if z.shape[-2:] != (groups, n // 8) or s.shape[-2:] != (groups, n):
+        raise bad(f"expected qzeros (..., {groups}, {n // 8}) and scales (..., {groups}, {n})")
+    if fmt.method == "awq" and w.shape[-2:] != (k, n // 8) or fmt.method == "gptq" and w.shape[-2:] != (k // 8, n):
+        raise bad("qweight shape does not match")
+    return Module(prefix, files, infos, k, n, groups)

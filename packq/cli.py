@@ -1,0 +1,90 @@
+"""The command line: ``packq convert SRC DST`` and ``packq inspect SRC``.
+
+Errors in what was asked (a missing folder, a corrupt file, a format packq
+does not convert) print one line and exit with status 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from packq.errors import CheckpointError
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="packq", description="Exact conversion of quantized LLM checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert an AWQ checkpoint folder to GPTQ (or GPTQ to AWQ)")
+    c.add_argument("src", help="source model folder (never written)")
+    c.add_argument("dst", help="folder to create; it appears only when complete")
+    c.add_argument("--to", choices=["gptq", "awq"], default="gptq", help="target format (default: gptq)")
+    c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="GPTQ zero storage: gptq = z - 1 (v1, the usual), gptq_v2 = z")
+    c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
+    c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
+    c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
+    c.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
+    i.add_argument("src")
+    i.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    return p
+
+
+def _print_convert(s: dict[str, Any]) -> None:
+    target = "GPTQ (" + s["checkpoint_format"] + ")" if s["to"] == "gptq" else "AWQ gemm"
+    print(f"converted {s['from']} -> {target}")
+    print(f"  {s['modules']} quantized modules in {s['shards']} shard(s); "
+          f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
+    if s["verified"]:
+        print("  verified: every module dequantizes to the same bits as the source")
+    print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
+
+
+def _print_inspect(s: dict[str, Any]) -> None:
+    print(f"{s['path']}: {s['format']}")
+    print(f"  {s['quantized_modules']} quantized modules; {s['tensors']} tensors in {s['shards']} shard(s), "
+          f"{_size(s['bytes'])}")
+    print("  " + ", ".join(f"{d}: {n} ({_size(s['bytes_by_dtype'][d])})" for d, n in s["tensors_by_dtype"].items()))
+    print(f"  zero-points equal to 0: {s['zero_point_0']} of {s['zero_points']}")
+    print(f"  exllama: {s['exllama']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            from packq.checkpoint import convert_checkpoint
+
+            summary = convert_checkpoint(
+                args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
+                verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
+            )
+            print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
+        else:
+            from packq.checkpoint import inspect_checkpoint
+
+            summary = inspect_checkpoint(args.src)
+            print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
+    except CheckpointError as e:
+        print(f"packq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("packq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
