@@ -1,0 +1,1 @@
+"""packq.interop: the torch side of packq (DLPack hand-off, the ExLlama path)."""
