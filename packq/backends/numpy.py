@@ -1,17 +1,132 @@
-"""NumPy backend: the array-API core through array-api-compat, plus fast paths."""
+"""NumPy backend: the array-API core through array-api-compat, plus fast paths.
+
+The fast paths do the AWQ <-> GPTQ weight conversion as the core's nibble
+transpose (``packq.core.bits.transpose_nibbles``), but on cache-sized blocks
+of rows, in place on preallocated buffers, writing each result straight into
+the output, and on every core: NumPy releases the GIL inside ufuncs, so a few
+threads over disjoint row blocks scale. The plain core materialises every
+unpacked value (8x the words) and runs about 40x slower on a 4096 x 11008 layer.
+Hypothesis properties check that both agree bit for bit.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import array_api_compat.numpy as xp
 import numpy as np
 
 from packq.backends import Backend
+from packq.formats import awq
+
+_U = np.uint32
+#: bytes of a block's working set (8 word planes and a scratch half); measured best at about two L2s
+BLOCK_BYTES = 2 * 1024 * 1024
+_pool: ThreadPoolExecutor | None = None
+
+
+def threads() -> int:
+    n = os.environ.get("PACKQ_NUM_THREADS")
+    return max(1, int(n)) if n else min(8, os.cpu_count() or 1)
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="packq")
+    return _pool
+
+
+def _swap(a: np.ndarray, b: np.ndarray, k: int, m: int, t: np.ndarray, out_a: np.ndarray, out_b: np.ndarray) -> None:
+    """The core's delta swap, t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, into out_a/out_b."""
+    np.right_shift(a, _U(k), out=t)
+    np.bitwise_xor(t, b, out=t)
+    np.bitwise_and(t, _U(m), out=t)
+    np.bitwise_xor(b, t, out=out_b)
+    np.left_shift(t, _U(k), out=t)
+    np.bitwise_xor(a, t, out=out_a)
+
+
+def _transpose(lo: np.ndarray, hi: np.ndarray, buf: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
+    """8x8 nibble transpose of word planes (lo = planes 0..3, hi = planes 4..7, each (b, 4, C)) into ``buf``.
+
+    Each round of the core's ``transpose_nibbles`` swaps all four of its word
+    pairs in one call per operation, through views of ``buf`` whose innermost
+    axis is the contiguous word axis: pairs (i, i+4), then (i, i+2), then
+    (i, i+1). Returns the 8 transposed planes, each (b, C).
+    """
+    b, _, c = lo.shape
+    _swap(lo, hi, 16, 0x0000FFFF, t, buf[:, 0:4], buf[:, 4:8])
+    w = buf.reshape(b, 2, 2, 2, c)  # word i = 4x + 2y + z
+    t2 = t.reshape(b, 2, 2, c)
+    _swap(w[:, :, 0], w[:, :, 1], 8, 0x00FF00FF, t2, w[:, :, 0], w[:, :, 1])
+    _swap(w[:, :, :, 0], w[:, :, :, 1], 4, 0x0F0F0F0F, t2, w[:, :, :, 0], w[:, :, :, 1])
+    return [buf[:, i] for i in range(8)]
+
+
+def _blocked(groups: int, group_bytes: int, work: Callable[[int, int], None]) -> None:
+    """Run work(g0, g1) over cache-sized blocks of 8-row groups.
+
+    Each thread takes one contiguous share of the groups and walks it block by
+    block: one task per thread, not per block, keeps the GIL hand-offs between
+    the many short ufunc calls from dominating (measured: 4x slower otherwise).
+    """
+    block = max(1, BLOCK_BYTES * 2 // (3 * group_bytes))
+    n = min(threads(), max(1, groups // block))
+
+    def share(i: int) -> None:
+        lo, hi = groups * i // n, groups * (i + 1) // n
+        for g0 in range(lo, hi, block):
+            work(g0, min(g0 + block, hi))
+
+    if n == 1:
+        share(0)
+    else:
+        list(_executor().map(share, range(n)))
+
+
+def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
+    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N), blocked and threaded."""
+    *lead, k, c = qweight.shape
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)  # (group of 8 rows, row i, word)
+    out = np.empty((src.shape[0], c, 8), _U)  # (group, word, output column j)
+
+    def work(g0: int, g1: int) -> None:
+        buf, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
+        planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
+        # transposed word s is output column AWQ_PACK_ORDER[s]; one 2-D copy per
+        # column keeps the word axis innermost (a 3-D strided copy would not)
+        for s, j in enumerate(awq.AWQ_PACK_ORDER):
+            np.copyto(out[g0:g1, :, j], planes[s])
+
+    _blocked(src.shape[0], 8 * c * 4, work)
+    return out.view(np.int32).reshape(*lead, k // 8, c * 8)
+
+
+def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
+    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8), blocked and threaded."""
+    *lead, kg, n = qweight.shape
+    c = n // 8
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, c, 8)  # (group, word, column j)
+    out = np.empty((src.shape[0], 8, c), _U)  # (group, row i, word)
+
+    def work(g0: int, g1: int) -> None:
+        planes, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
+        # AWQ slot s of a row is GPTQ column AWQ_PACK_ORDER[s]: gather the columns
+        # as planes in slot order, one 2-D copy each, then transpose into out
+        for s, j in enumerate(awq.AWQ_PACK_ORDER):
+            np.copyto(planes[:, s], src[g0:g1, :, j])
+        _transpose(planes[:, 0:4], planes[:, 4:8], out[g0:g1], t)
+
+    _blocked(src.shape[0], 8 * c * 4, work)
+    return out.view(np.int32).reshape(*lead, kg * 8, c)
 
 
 class NumpyBackend(Backend):
     name = "numpy"
+    fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq}
 
     def as_int32(self, x: Any) -> Any:
         return np.asarray(x).view(np.int32)
