@@ -1,0 +1,207 @@
+"""Time AWQ -> GPTQ weight conversion: packq (NumPy, JAX) against the seed's torch code and a plain copy.
+
+    python benchmarks/bench.py cpu [--quick]   # this machine: medians, ratios, CSV, plot
+    python benchmarks/bench.py gpu             # on a CUDA machine: JAX on the GPU, seed torch on the GPU,
+                                               # device-to-device copies; timed with device events
+
+Every implementation converts the same words in one run and its result is checked against packq's
+NumPy result before it is timed. Ratios are to the plain copy of the same bytes (read once, written
+once), the floor for a conversion that moves no arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+from _words import raw_words  # noqa: E402
+
+import packq  # noqa: E402
+
+SHAPES = {  # (K, N) of Llama-2 layers
+    "7B q/k/v/o 4096x4096": (4096, 4096),
+    "7B gate/up 4096x11008": (4096, 11008),
+    "7B down 11008x4096": (11008, 4096),
+    "70B gate/up 8192x28672": (8192, 28672),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_ms(fn, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def seed_weight(torch, qweight):
+    """The seed's weight path (LoRAX fast_awq_to_gptq without the zeros)."""
+    from make_fixtures import REVERSE_AWQ_PACK_ORDER, seed_apply_order, seed_pack, seed_unpack
+
+    return seed_pack(seed_apply_order(seed_unpack(qweight, "column"), "column", REVERSE_AWQ_PACK_ORDER), "row")
+
+
+def cpu(quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from packq.backends import numpy as numpy_backend
+
+    torch.set_num_threads(2)
+    rows = []
+    for label, (k, n) in SHAPES.items():
+        qw = raw_words(k * 7 + n, (k, n // 8))
+        zeros = np.zeros((1, n // 8), np.int32)
+        mb = qw.nbytes / 1e6
+        ref = packq.fast_awq_to_gptq(qw, zeros)[0]
+        x, z = jnp.asarray(qw), jnp.asarray(zeros)
+        jitted = jax.jit(lambda a, b: packq.fast_awq_to_gptq(a, b)[0])
+        assert np.array_equal(np.asarray(jitted(x, z)), ref)
+        tq = torch.from_numpy(qw)
+        seed_repeat = 1 if (quick or k * n > 10**8) else 3
+        assert np.array_equal(seed_weight(torch, tq).numpy(), ref)
+        repeat = 5 if quick else 15
+        t = {
+            "copy (numpy)": median_ms(lambda: qw.copy(), repeat),
+            "packq numpy": median_ms(lambda: packq.fast_awq_to_gptq(qw, zeros), repeat),
+            "packq jax (jit)": median_ms(lambda: jitted(x, z).block_until_ready(), repeat),
+            "seed torch": median_ms(lambda: seed_weight(torch, tq), seed_repeat),
+        }
+        for impl, ms in t.items():
+            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 3),
+                         "x_copy": round(ms / t["copy (numpy)"], 2), "GB_s": round(2 * mb / ms, 2),
+                         "seed_over_this": round(t["seed torch"] / ms, 1)})
+        print(f"{label} ({mb:.1f} MB packed)  threads={numpy_backend.threads()}")
+        for impl, ms in t.items():
+            print(f"  {impl:18s} {ms:9.2f} ms  {ms / t['copy (numpy)']:7.2f}x copy  "
+                  f"seed is {t['seed torch'] / ms:7.1f}x slower")
+    return rows
+
+
+def gpu() -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    dev = torch.device("cuda")
+    rows = []
+
+    def cuda_ms(fn, repeat=50):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeat):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def jax_ms(fn, arg, repeat=50):
+        # back-to-back launches, one wait: the host dispatch overlaps the device work, so the
+        # mean per call is device time once the kernel is longer than the dispatch
+        for _ in range(3):
+            fn(arg).block_until_ready()
+        means = []
+        for _ in range(5):
+            t = time.perf_counter()
+            outs = [fn(arg) for _ in range(repeat)]
+            outs[-1].block_until_ready()
+            means.append((time.perf_counter() - t) / repeat * 1e3)
+            del outs
+        return statistics.median(means)
+
+    for label, (k, n) in SHAPES.items():
+        qw = raw_words(k * 7 + n, (k, n // 8))
+        zeros = np.zeros((1, n // 8), np.int32)
+        mb = qw.nbytes / 1e6
+        ref = packq.fast_awq_to_gptq(qw, zeros)[0]
+        x = jax.device_put(jnp.asarray(qw), jax.devices("gpu")[0])
+        z = jnp.zeros((1, n // 8), jnp.int32)
+        conv = jax.jit(lambda a: packq.fast_awq_to_gptq(a, z)[0])
+        plain = jax.jit(lambda a: packq.pack(packq.apply_order(packq.unpack(a), order=packq.REVERSE_AWQ_PACK_ORDER),
+                                             "row"))
+        jcopy = jax.jit(lambda a: a + 0)
+        assert np.array_equal(np.asarray(conv(x)), ref) and np.array_equal(np.asarray(plain(x)), ref)
+        tq = torch.from_numpy(qw).to(dev)
+        assert np.array_equal(seed_weight(torch, tq).cpu().numpy(), ref)
+        t = {
+            "copy (torch d2d)": cuda_ms(lambda: tq.clone()),
+            "copy (jax)": jax_ms(jcopy, x),
+            "packq jax (jit)": jax_ms(conv, x),
+            "plain core jax (jit)": jax_ms(plain, x),
+            "seed torch": cuda_ms(lambda: seed_weight(torch, tq), 20),
+        }
+        floor = t["copy (torch d2d)"]
+        for impl, ms in t.items():
+            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
+                         "x_copy": round(ms / floor, 2), "GB_s": round(2 * mb / ms, 1),
+                         "seed_over_this": round(t["seed torch"] / ms, 1)})
+        print(f"{label} ({mb:.1f} MB packed) on {torch.cuda.get_device_name()}")
+        for impl, ms in t.items():
+            print(f"  {impl:22s} {ms:9.4f} ms  {2 * mb / ms:8.1f} GB/s  {ms / floor:6.2f}x copy  "
+                  f"seed is {t['seed torch'] / ms:7.1f}x slower")
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["MB"], r["GB_s"]) for r in rows if r["impl"] == impl)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("packed weight (MB)")
+    ax.set_ylabel("throughput (GB/s, bytes read + written)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    rows = cpu(args.quick) if args.mode == "cpu" else gpu()
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
+    if args.mode == "gpu":
+        import torch
+
+        machine = torch.cuda.get_device_name()
+    with open(args.out / f"{args.mode}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["machine", *rows[0]])
+        w.writeheader()
+        w.writerows({"machine": machine, **r} for r in rows)
+    plot(rows, args.out / f"{args.mode}.png", f"AWQ -> GPTQ weight conversion ({args.mode}: {machine})")
+    print(f"wrote {args.out / (args.mode + '.csv')} and {args.out / (args.mode + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
