@@ -73,3 +73,24 @@ def weight_to_awq_transposed(xp: Namespace, qweight: Array) -> Array:
     g = B.split(xp, qweight, -1, 8)  # (..., K/8, N/8, 8)
     t = B.transpose_nibbles(xp, [B.member(g, -1, s) for s in _ORDER])
     return B.merge(xp, B.stack(xp, t, -2), -2)
+
+
+def rebias_zero_points(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array, Array, Array]:
+    """Move AWQ (group, column) pairs with zero-point 0 to zero-point 1 where that loses nothing.
+
+    Upstream exllamav2 adds 1 to stored v1 zeros without the modulo, so a zero
+    of 0 (stored as 15) is read as 16. Where every quantized value of the pair
+    is at most 14, q + 1 and z + 1 give the same dequantized weights. Returns
+    the new AWQ qweight and qzeros and the counts of zero-0 pairs and of those
+    rebiased (0-d int32 arrays, so that this stays jittable).
+    """
+    q, z = unpack_awq(xp, qweight), unpack_awq(xp, qzeros)
+    *lead, k, n = q.shape
+    groups = z.shape[-2]
+    qg = xp.reshape(q, (*lead, groups, k // groups, n))
+    zero0 = z == 0
+    fixable = zero0 & (xp.max(qg, axis=-2) <= 14)
+    bump = xp.astype(fixable, xp.int32)
+    q2 = xp.reshape(qg + bump[..., None, :], q.shape)
+    count = xp.sum(xp.astype(zero0, xp.int32)), xp.sum(bump)
+    return pack_awq(xp, q2), pack_awq(xp, z + bump), *count
