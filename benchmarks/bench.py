@@ -199,8 +199,12 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=["machine", *rows[0]])
         w.writeheader()
         w.writerows({"machine": machine, **r} for r in rows)
-    plot(rows, args.out / f"{args.mode}.png", f"AWQ -> GPTQ weight conversion ({args.mode}: {machine})")
-    print(f"wrote {args.out / (args.mode + '.csv')} and {args.out / (args.mode + '.png')}")
+    print(f"wrote {args.out / (args.mode + '.csv')}")
+    try:
+        plot(rows, args.out / f"{args.mode}.png", f"AWQ -> GPTQ weight conversion ({args.mode}: {machine})")
+        print(f"wrote {args.out / (args.mode + '.png')}")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'packq[bench]')")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     print(f"device: {name}; jax {jax.__version__} on {gpu}; torch {torch.__version__}")
     rng = np.random.default_rng(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    temp_dq = torch.empty(K * N, dtype=torch.float16, device="cuda")
+    torch.cuda.set_device(0)
+    x = torch.randn(M, K, device="cuda:0", dtype=torch.float16)
+    temp_dq = torch.empty(K * N, dtype=torch.float16, device="cuda:0")
     ok = True
     cases = [("zeros 1..15", 0.0, False, "keep"), ("zeros 0..15", 0.02, False, "keep"),
              ("zeros 0..15, rebias (zero-0 groups <= 14)", 0.02, True, "rebias")]
@@ -72,9 +73,9 @@ def main() -> int:
         assert t.qweight.is_cuda and t.qzeros.is_cuda and t.scales.is_cuda
         shared = t.scales.data_ptr() == js.unsafe_buffer_pointer()
         ref_w = packq.dequantize_awq(qw, qz, s.astype(np.float32))  # exact in fp32
-        ref = (x.float() @ torch.from_numpy(ref_w).cuda()).float()
+        ref = (x.float() @ torch.from_numpy(ref_w).to(x.device)).float()
         handle = ext.make_q_matrix(t.as_dict(), temp_dq)
-        out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        out = torch.empty(M, N, device=x.device, dtype=torch.float16)
         ext.exllamav2_ext.gemm_half_q_half(x, handle, out, False)
         torch.cuda.synchronize()
         err = float((out.float() - ref).norm() / ref.norm())
