@@ -4,8 +4,8 @@ The source is opened and checked completely (config, index, every shard
 header, every quantized module's shapes) before anything is written. The
 result is built in a hidden folder beside DST and renamed into place only
 when complete, so DST either does not exist or is a finished checkpoint.
-Tensors are converted one at a time from memory maps of the source: memory
-stays bounded by the largest tensor, never the model.
+Tensors are read and converted one at a time, and the others are copied by
+the kernel (copy_file_range): memory stays bounded by the largest tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -255,21 +256,34 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar) -> None:
-    with SafetensorsFile(ckpt.root / fname) as f:
+    """Write one output shard; the next tensor converts on a worker thread while this one is written."""
+    with SafetensorsFile(ckpt.root / fname) as f, ThreadPoolExecutor(max_workers=1) as pool:
+        pending: dict[int, Future[np.ndarray]] = {}
+
+        def start(i: int) -> None:
+            if i < len(items) and items[i][1] != "copy":
+                name, action, m = items[i]
+                pending[i] = pool.submit(_tensor, f, ckpt, name, action, m, convert, to, checkpoint_format)
+
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
-            for (name, action, m), entry in zip(items, entries):
-                writer.write(name, _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format))
+            start(0)
+            for i, ((name, action, _), entry) in enumerate(zip(items, entries)):
+                start(i + 1)
+                if action == "copy":
+                    writer.copy(name, f)
+                else:
+                    writer.write(name, pending.pop(i).result())
                 bar.update(entry[3])
             writer.close()
         except BaseException:
+            for fut in pending.values():
+                fut.cancel()
             writer.abort()
             raise
 
 
 def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format):
-    if action == "copy":
-        return f.raw(name)
     if action == "g_idx":
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "weight":
@@ -327,7 +341,7 @@ def _module_arrays(root: Path, m_files: dict[str, str], prefix: str) -> Iterator
             if t.dtype == "BF16":  # bfloat16 -> float32 is exact: its bits are float32's top half
                 a = (f.array_bits(f"{prefix}.{part}").astype(np.uint32) << 16).view(np.float32)
             else:
-                a = np.array(f.array(f"{prefix}.{part}"))
+                a = f.array(f"{prefix}.{part}")
             yield part, a
 
 

@@ -4,14 +4,13 @@ The format: an 8-byte little-endian header length, a JSON header mapping each
 tensor name to its dtype, shape and [begin, end) byte offsets in the data that
 follows, and an optional "__metadata__" of strings. packq reads it itself
 because the safetensors NumPy loader rejects bfloat16 and its writer needs
-every tensor in memory at once; here a tensor is a memory map of the source
-(or raw bytes passed through), so memory stays bounded by the largest tensor.
+every tensor in memory at once; here a tensor is read on its own from the source
+(or passed through by the kernel), so memory stays bounded by the largest tensor.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -107,36 +106,51 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, shape, int(begin), int(end))
 
     def __enter__(self) -> "SafetensorsFile":
-        self._file: BinaryIO = open(self.path, "rb")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.data_start < os.fstat(
-            self._file.fileno()).st_size else None
+        self._file: BinaryIO = open(self.path, "rb", buffering=0)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        # the map is not closed here: arrays handed out may still view it; it
-        # closes when the last of them is gone (the file can be closed now)
-        self._map = None
         self._file.close()
 
-    def raw(self, name: str) -> memoryview:
-        """The tensor's bytes, mapped from the file, not copied."""
+    def _read(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's bytes, read with one system call into fresh memory."""
+        buf = np.empty(t.nbytes, np.uint8)
+        view, offset = memoryview(buf), self.data_start + t.begin
+        while view.nbytes:  # pread: no shared file position, so threads may read at once
+            got = os.preadv(self._file.fileno(), [view], offset)
+            if not got:
+                raise CheckpointError(f"{self.path}: truncated while reading {t.name!r}")
+            view, offset = view[got:], offset + got
+        return buf
+
+    def copy_to(self, name: str, out: Any) -> None:
+        """Append the tensor's bytes to the unbuffered file ``out``, copied by the kernel where it can."""
         t = self.tensors[name]
-        if t.nbytes == 0 or self._map is None:
-            return memoryview(b"")
-        return memoryview(self._map)[self.data_start + t.begin : self.data_start + t.end]
+        offset, left = self.data_start + t.begin, t.nbytes
+        copy_range = getattr(os, "copy_file_range", None)
+        while left and copy_range is not None:
+            try:
+                n = copy_range(self._file.fileno(), out.fileno(), left, offset)
+            except OSError:  # another file system, an old kernel: fall back to read and write
+                break
+            if n == 0:
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+            offset, left = offset + n, left - n
+        if left:
+            out.write(self._read(TensorInfo(name, t.dtype, (left,), offset - self.data_start, t.end)))
 
     def array(self, name: str) -> np.ndarray:
-        """The tensor as a read-only NumPy array over the mapped file (not for BF16/F8)."""
+        """The tensor as a NumPy array (not for BF16/F8: see :meth:`array_bits`)."""
         t = self.tensors[name]
         np_dtype = DTYPES[t.dtype][0]
         if np_dtype is None:
             raise CheckpointError(f"{self.path}: {name!r} has dtype {t.dtype}, which packq passes through but does not compute on")
-        return np.frombuffer(self.raw(name), dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
+        return self._read(t).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
 
     def array_bits(self, name: str) -> np.ndarray:
         """The tensor's elements as unsigned integers of their width (any dtype, bfloat16 included)."""
         t = self.tensors[name]
-        return np.frombuffer(self.raw(name), dtype=f"<u{DTYPES[t.dtype][1]}").reshape(t.shape)
+        return self._read(t).view(f"<u{DTYPES[t.dtype][1]}").reshape(t.shape)
 
 
 def header_for(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
@@ -159,22 +173,33 @@ class SafetensorsWriter:
         self.path = path
         self.entries = entries
         head, _ = header_for(entries, metadata)
-        self._file = open(path, "wb")
-        self._file.write(head)
+        self._file = open(path, "wb", buffering=0)
+        self._write_all(memoryview(head))
         self._next = 0
 
-    def write(self, name: str, data: Any) -> None:
-        expected_name, _, _, nbytes = self.entries[self._next]
-        view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if name != expected_name or view.nbytes != nbytes:
-            raise AssertionError(f"writer expected {expected_name} ({nbytes} bytes), got {name} ({view.nbytes} bytes)")
-        self._file.write(view)
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:
+            view = view[self._file.write(view) :]
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        expected_name, _, _, expected = self.entries[self._next]
+        if name != expected_name or nbytes != expected:
+            raise AssertionError(f"writer expected {expected_name} ({expected} bytes), got {name} ({nbytes} bytes)")
         self._next += 1
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        self._expect(name, view.nbytes)
+        self._write_all(view)
+
+    def copy(self, name: str, source: SafetensorsFile) -> None:
+        """Pass a tensor of ``source`` through, byte for byte."""
+        self._expect(name, source.tensors[name].nbytes)
+        source.copy_to(name, self._file)
 
     def close(self) -> None:
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
