@@ -6,12 +6,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import packq
-from packq import _api
-from packq import _validate as V
-from packq import backends
-from packq.formats import awq
 from packq.interop.dlpack import _torch, to_torch
+
+import packq
+from packq import _api, backends
+from packq import _validate as V
+from packq.formats import awq
 
 
 @dataclass

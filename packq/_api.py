@@ -8,7 +8,8 @@ e.g. the experts of a mixture-of-experts layer).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from packq import _validate as V
 from packq import backends

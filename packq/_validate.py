@@ -7,7 +7,8 @@ dtypes by their bare names).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 

@@ -46,9 +46,9 @@ def main() -> int:
     import jax.numpy as jnp
     import torch
     from exllamav2 import ext
+    from packq.interop import exllama_tensors
 
     import packq
-    from packq.interop import exllama_tensors
 
     gpu = jax.devices("gpu")[0]
     name = torch.cuda.get_device_name()

@@ -101,7 +101,7 @@ def test_convert_example_matches_reference(src, tmp_path, backend, fmt):
         w_dst = ref_dequant(ref_gptq_weight(g[f"{p}.qweight"].numpy()), zero, g[f"{p}.scales"].numpy(), group)
         assert w_src.tobytes() == w_dst.tobytes()
     # everything else byte-exact, bf16 included
-    others = [k for k in a if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")]
+    others = [k for k in a if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales")]
     assert any(a[k].dtype == torch.bfloat16 for k in others)
     for k in others:
         assert a[k].dtype == g[k].dtype and torch.equal(a[k].view(torch.uint8), g[k].view(torch.uint8)), k

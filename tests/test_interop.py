@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from packq.interop import exllama_tensors, from_torch, to_torch
 
 import packq
-from packq.interop import exllama_tensors, from_torch, to_torch
 
 
 def test_numpy_to_torch_shares_the_buffer_both_ways():
@@ -162,5 +162,5 @@ def test_interop_folder_is_packq_interop_in_regular_and_editable_installs(tmp_pa
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(repo)], check=True)
     code = ("import packq.interop, packq; print(packq.interop.__file__); "
-            "assert packq.interop.__file__.startswith(%r)" % str(target))
+            f"assert packq.interop.__file__.startswith({str(target)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={"PYTHONPATH": str(target)})

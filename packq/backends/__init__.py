@@ -15,7 +15,8 @@ is never imported here) and returns:
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat
 

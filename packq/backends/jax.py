@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ try:  # jax >= 0.6
 
     _SHARD_KW = {"check_vma": False}
 except ImportError:  # pragma: no cover - older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
+    from jax.experimental.shard_map import shard_map as _shard_map  # type: ignore[no-redef]
 
     _SHARD_KW = {"check_rep": False}
 
@@ -85,7 +86,7 @@ def _check_split(fn, arrays, specs, mesh, static) -> None:
     """Refuse a split that cuts a packed word or a group; all inputs must split rows and columns alike."""
     shapes = [tuple(a.shape) for a in arrays]
     base = specs[0]
-    for i, (shape, spec, (ru, cu, why)) in enumerate(zip(shapes, specs, _units(fn, shapes, static))):
+    for shape, spec, (ru, cu, why) in zip(shapes, specs, _units(fn, shapes, static)):
         if spec[:-2] != base[:-2] or _axes(spec[-2]) != _axes(base[-2]) or _axes(spec[-1]) != _axes(base[-1]):
             raise ValueError(
                 f"all inputs must be sharded alike over the mesh (rows with rows, columns with columns), "
@@ -124,7 +125,7 @@ def _jitted(fn: Callable[..., Any], static: tuple[tuple[str, Any], ...], absent:
 def _sharded_fn(fn, static, mesh, specs, absent: tuple[int, ...]) -> Callable[..., Any]:
     in_specs = tuple(PartitionSpec(*s) for s in specs)
     body = _body(fn, static, absent)
-    return jax.jit(_shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0], **_SHARD_KW))
+    return jax.jit(_shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0], **_SHARD_KW))  # type: ignore[call-overload]
 
 
 #: functions whose result is laid out like their first input, so that shard_map applies

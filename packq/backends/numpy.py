@@ -12,8 +12,9 @@ Hypothesis properties check that both agree bit for bit.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat.numpy as xp
 import numpy as np

@@ -15,16 +15,17 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from packq import backends
 from packq.checkpoint.model import INDEX, Checkpoint, Module, open_checkpoint
 from packq.checkpoint.progress import Progress
-from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, dtype_of
+from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter
 from packq.errors import CheckpointError
 from packq.formats import awq
 
@@ -111,6 +112,7 @@ def _plan(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, list[t
             if part == "qweight":
                 out.append((t.name, "weight", module))
                 if to == "gptq":
+                    assert module is not None
                     out.append((f"{module.prefix}.g_idx", "g_idx", module))
             elif part == "qzeros":
                 out.append((t.name, "zeros", module))

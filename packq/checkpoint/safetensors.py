@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -105,7 +106,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: truncated safetensors file: {name!r} ends past the end of the file")
         return TensorInfo(name, dtype, shape, int(begin), int(end))
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         self._file: BinaryIO = open(self.path, "rb", buffering=0)
         return self
 
@@ -115,7 +116,7 @@ class SafetensorsFile:
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes, read with one system call into fresh memory."""
         buf = np.empty(t.nbytes, np.uint8)
-        view, offset = memoryview(buf), self.data_start + t.begin
+        view, offset = buf.data, self.data_start + t.begin
         while view.nbytes:  # pread: no shared file position, so threads may read at once
             got = os.preadv(self._file.fileno(), [view], offset)
             if not got:
@@ -188,7 +189,7 @@ class SafetensorsWriter:
         self._next += 1
 
     def write(self, name: str, data: np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        view = np.ascontiguousarray(data).data.cast("B")
         self._expect(name, view.nbytes)
         self._write_all(view)
 

@@ -95,6 +95,7 @@ def unpack(xp: Namespace, words: Array, direction: str, bits: int) -> Array:
             else:  # mask now: the arithmetic shift may have copied the sign bit down
                 piece = (word[j] >> shift) & ((1 << min(bits, 32 - shift)) - 1)
             v = piece if v is None else v | piece
+        assert v is not None
         values.append(v & mask)
     return merge(xp, stack(xp, values, axis), axis)
 
