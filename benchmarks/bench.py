@@ -47,6 +47,37 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def report(rows: list[dict], label: str, k: int, n: int, mb: float, t: dict[str, float], floor: str, where: str) -> None:
+    """Append one layer's timings to ``rows`` as ratios to ``floor`` and print them."""
+    print(f"{label} ({mb:.1f} MB packed) {where}")
+    for impl, ms in t.items():
+        rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
+                     "x_copy": round(ms / t[floor], 2), "GB_s": round(2 * mb / ms, 2),
+                     "seed_over_this": round(t["seed torch"] / ms, 1)})
+        print(f"  {impl:22s} {ms:9.4f} ms  {2 * mb / ms:8.1f} GB/s  {ms / t[floor]:7.2f}x copy  "
+              f"seed is {t['seed torch'] / ms:7.1f}x slower")
+
+
+def jax_ms(fn, arg, repeat: int = 50) -> float:
+    """Mean of back-to-back launches with one wait (median of 5 batches).
+
+    The host dispatch overlaps the device work, so the mean per call is the device
+    time once the kernel is longer than the dispatch.
+    """
+    import jax
+
+    for _ in range(3):
+        jax.block_until_ready(fn(arg))
+    means = []
+    for _ in range(5):
+        t = time.perf_counter()
+        outs = [fn(arg) for _ in range(repeat)]
+        jax.block_until_ready(outs)
+        means.append((time.perf_counter() - t) / repeat * 1e3)
+        del outs
+    return statistics.median(means)
+
+
 def seed_weight(torch, qweight):
     """The seed's weight path (LoRAX fast_awq_to_gptq without the zeros)."""
     from make_fixtures import REVERSE_AWQ_PACK_ORDER, seed_apply_order, seed_pack, seed_unpack
@@ -81,14 +112,7 @@ def cpu(quick: bool) -> list[dict]:
             "packq jax (jit)": median_ms(lambda: jitted(x, z).block_until_ready(), repeat),
             "seed torch": median_ms(lambda: seed_weight(torch, tq), seed_repeat),
         }
-        for impl, ms in t.items():
-            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 3),
-                         "x_copy": round(ms / t["copy (numpy)"], 2), "GB_s": round(2 * mb / ms, 2),
-                         "seed_over_this": round(t["seed torch"] / ms, 1)})
-        print(f"{label} ({mb:.1f} MB packed)  threads={numpy_backend.threads()}")
-        for impl, ms in t.items():
-            print(f"  {impl:18s} {ms:9.2f} ms  {ms / t['copy (numpy)']:7.2f}x copy  "
-                  f"seed is {t['seed torch'] / ms:7.1f}x slower")
+        report(rows, label, k, n, mb, t, "copy (numpy)", f"threads={numpy_backend.threads()}")
     return rows
 
 
@@ -114,20 +138,6 @@ def gpu() -> list[dict]:
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    def jax_ms(fn, arg, repeat=50):
-        # back-to-back launches, one wait: the host dispatch overlaps the device work, so the
-        # mean per call is device time once the kernel is longer than the dispatch
-        for _ in range(3):
-            fn(arg).block_until_ready()
-        means = []
-        for _ in range(5):
-            t = time.perf_counter()
-            outs = [fn(arg) for _ in range(repeat)]
-            outs[-1].block_until_ready()
-            means.append((time.perf_counter() - t) / repeat * 1e3)
-            del outs
-        return statistics.median(means)
-
     for label, (k, n) in SHAPES.items():
         qw = raw_words(k * 7 + n, (k, n // 8))
         zeros = np.zeros((1, n // 8), np.int32)
@@ -149,15 +159,7 @@ def gpu() -> list[dict]:
             "plain core jax (jit)": jax_ms(plain, x),
             "seed torch": cuda_ms(lambda: seed_weight(torch, tq), 20),
         }
-        floor = t["copy (torch d2d)"]
-        for impl, ms in t.items():
-            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
-                         "x_copy": round(ms / floor, 2), "GB_s": round(2 * mb / ms, 1),
-                         "seed_over_this": round(t["seed torch"] / ms, 1)})
-        print(f"{label} ({mb:.1f} MB packed) on {torch.cuda.get_device_name()}")
-        for impl, ms in t.items():
-            print(f"  {impl:22s} {ms:9.4f} ms  {2 * mb / ms:8.1f} GB/s  {ms / floor:6.2f}x copy  "
-                  f"seed is {t['seed torch'] / ms:7.1f}x slower")
+        report(rows, label, k, n, mb, t, "copy (torch d2d)", f"on {torch.cuda.get_device_name()}")
     return rows
 
 

@@ -7,9 +7,7 @@ and compiles with no collective; times both (back-to-back launches, one wait; me
 from __future__ import annotations
 
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -18,27 +16,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from _words import raw_words  # noqa: E402
+from bench import jax_ms as time_ms  # noqa: E402
 
 import packq  # noqa: E402
 from packq.backends import for_arrays  # noqa: E402
 from packq.formats import awq  # noqa: E402
 
 COLLECTIVES = re.compile(r"all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter")
-
-
-def time_ms(fn, x, repeat=50):
-    for _ in range(3):
-        fn(x).block_until_ready()
-    means = []
-    for _ in range(5):
-        t = time.perf_counter()
-        outs = [fn(x) for _ in range(repeat)]
-        jax.block_until_ready(outs)
-        means.append((time.perf_counter() - t) / repeat * 1e3)
-        del outs
-    return statistics.median(means)
 
 
 def main() -> int:
