@@ -197,6 +197,15 @@ def convert_checkpoint(
     ------
     CheckpointError
         For anything wrong with SRC, DST or the request; raised before anything is written.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, packq
+    >>> example = pathlib.Path(packq.__file__).parent.parent / "examples" / "tiny-llama-awq"
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     s = convert_checkpoint(example, pathlib.Path(tmp) / "gptq", verify=True)
+    >>> s["modules"], s["tensors_in"], s["tensors_out"], s["verified"]
+    (14, 49, 63, True)
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)

@@ -35,6 +35,13 @@ def inspect_checkpoint(src: str | os.PathLike[str]) -> dict[str, Any]:
     ------
     CheckpointError
         If SRC is not a readable AWQ or GPTQ checkpoint.
+
+    Examples
+    --------
+    >>> import pathlib, packq
+    >>> info = inspect_checkpoint(pathlib.Path(packq.__file__).parent.parent / "examples" / "tiny-llama-awq")
+    >>> info["format"], info["quantized_modules"], info["zero_point_0"] > 0
+    ('AWQ gemm, 4-bit, group size 128', 14, True)
     """
     ckpt = open_checkpoint(Path(src))
     by_dtype: Counter[str] = Counter()
