@@ -11,6 +11,7 @@ from packq.interop.dlpack import _torch, to_torch
 import packq
 from packq import _api, backends
 from packq import _validate as V
+from packq.core import bits as B
 from packq.formats import awq
 
 
@@ -107,13 +108,12 @@ def exllama_tensors(
         )
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)
     qw, qz = _api._words_in(be, qweight), _api._words_in(be, qzeros)
-    zero0 = fixed = 0
     if zero_points == "rebias":
         qw, qz, n0, nfix = be.run(awq.rebias_zero_points, qw, qz)
         zero0, fixed = int(n0), int(nfix)
-    else:
-        zero0 = int(be.run(_count_zero0, qz))
-    left = zero0 - fixed if zero_points == "rebias" else 0
+        left = zero0 - fixed
+    else:  # the interleave does not change how many fields are 0
+        zero0, fixed, left = int(be.run(B.count_fields, qz, value=0)), 0, 0
     if left:
         msg = (f"{left} of {zero0} (group, column) zero-points of 0 cannot be rebiased (their group holds a 15); "
                "upstream exllamav2 computes them with zero 16")
@@ -132,6 +132,3 @@ def exllama_tensors(
         g_idx = torch.arange(k, dtype=torch.int32) // (k // z[-2])
     return ExllamaTensors(out_w, out_z, out_s, g_idx, zero0, fixed, left)
 
-
-def _count_zero0(xp: Any, qzeros: Any) -> Any:
-    return xp.sum(xp.astype(awq.unpack_awq(xp, qzeros) == 0, xp.int32))

@@ -299,17 +299,17 @@ def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format):
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "weight":
         fn = awq.weight_to_gptq if to == "gptq" else awq.weight_to_awq
-        return convert(fn, _words(f, ckpt, name, m))
-    # zeros: to GPTQ, store z - 1 (v1) or z (v2); to AWQ, read v1 (+1) or v2 (+0)
+        return convert(fn, f.array(name))
+    # zeros: GPTQ v1 stores z - 1, v2 stores z; AWQ stores z
+    v1 = _gptq_format(ckpt, to, checkpoint_format) == "gptq"
     if to == "gptq":
-        return convert(awq.zeros_to_gptq, _words(f, ckpt, name, m), offset=-1 if checkpoint_format == "gptq" else 0)
-    v1 = ckpt.format.checkpoint_format == "gptq"
-    return convert(awq.zeros_to_awq, _words(f, ckpt, name, m), offset=1 if v1 else 0)
+        return convert(awq.zeros_to_gptq, f.array(name), offset=-1 if v1 else 0)
+    return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
 
 
-def _words(f: SafetensorsFile, ckpt: Checkpoint, name: str, m: Module) -> np.ndarray:
-    a = f.array(name)
-    return a if a.dtype == np.int32 else a.view(np.int32)
+def _gptq_format(ckpt: Checkpoint, to: str, checkpoint_format: str) -> str:
+    """The checkpoint_format of the GPTQ side of a conversion: the one written, or the one read."""
+    return checkpoint_format if to == "gptq" else ckpt.format.checkpoint_format
 
 
 def _copy_other_files(ckpt: Checkpoint, tmp: Path) -> None:
@@ -366,7 +366,7 @@ def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progre
         a = dict(_module_arrays(ckpt.root, m.files, prefix))
         b = dict(_module_arrays(out, result.modules[prefix].files, prefix))
         awq_side, gptq_side = (a, b) if to == "gptq" else (b, a)
-        zeros = "v2" if (checkpoint_format if to == "gptq" else ckpt.format.checkpoint_format) == "gptq_v2" else "v1"
+        zeros = "v2" if _gptq_format(ckpt, to, checkpoint_format) == "gptq_v2" else "v1"
         w_awq = packq.dequantize_awq(awq_side["qweight"], awq_side["qzeros"], awq_side["scales"])
         w_gptq = packq.dequantize_gptq(
             gptq_side["qweight"], gptq_side["qzeros"], gptq_side["scales"], gptq_side.get("g_idx"), zeros=zeros

@@ -9,19 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.model import open_checkpoint
 from packq.checkpoint.safetensors import SafetensorsFile
+from packq.core.bits import count_fields
 
 EXLLAMA_NOTE = (
     "upstream exllamav2 adds 1 to stored GPTQ zeros without the modulo, so after conversion these "
     "(group, column) pairs are computed with zero 16 instead of 0; kernels that mask (TGI, LoRAX) are exact"
 )
 
-
-def _zero_fields(words: np.ndarray, zero_value: int) -> int:
-    """How many 4-bit fields of these words equal ``zero_value``."""
-    u = words.view(np.uint32)
-    return int(sum(np.count_nonzero(((u >> (4 * i)) & 15) == zero_value) for i in range(8)))
 
 
 def inspect_checkpoint(src: str | os.PathLike[str]) -> dict[str, Any]:
@@ -56,7 +53,7 @@ def inspect_checkpoint(src: str | os.PathLike[str]) -> dict[str, Any]:
     for m in ckpt.modules.values():
         with SafetensorsFile(ckpt.root / m.files["qzeros"]) as f:
             words = f.array_bits(f"{m.prefix}.qzeros")
-        zero0 += _zero_fields(words, stored)
+        zero0 += int(numpy_backend.run(count_fields, words.view(np.int32), value=stored))
         total += words.size * 8
     return {
         "path": str(src), "format": ckpt.format.name, "method": ckpt.format.method, "bits": ckpt.format.bits,

@@ -132,6 +132,11 @@ def apply_order(xp: Namespace, x: Array, direction: str, order: tuple[int, ...])
     return merge(xp, stack(xp, [member(g, axis, s) for s in order], axis), axis)
 
 
+def count_fields(xp: Namespace, words: Array, value: int, bits: int = 4) -> Array:
+    """How many ``bits``-wide fields of column-packed words equal ``value`` (a 0-d int32 array)."""
+    return xp.sum(xp.astype(unpack(xp, words, "column", bits) == value, xp.int32))
+
+
 def nibbles_add(xp: Namespace, words: Array, delta: int, bits: int, direction: str = "column") -> Array:
     """Add ``delta`` to every field of packed words, modulo 2**bits, field by field.
 

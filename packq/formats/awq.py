@@ -92,5 +92,4 @@ def rebias_zero_points(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Ar
     fixable = zero0 & (xp.max(qg, axis=-2) <= 14)
     bump = xp.astype(fixable, xp.int32)
     q2 = xp.reshape(qg + bump[..., None, :], q.shape)
-    count = xp.sum(xp.astype(zero0, xp.int32)), xp.sum(bump)
-    return pack_awq(xp, q2), pack_awq(xp, z + bump), *count
+    return pack_awq(xp, q2), pack_awq(xp, z + bump), B.count_fields(xp, qzeros, 0), xp.sum(bump)
