@@ -133,16 +133,54 @@ _LOCAL = {B.pack, B.unpack_as, B.apply_order, awq.weight_to_gptq, awq.weight_to_
           awq.zeros_to_awq, gptq.zeros_shift, gptq.dequantize_awq, gptq.dequantize_gptq}
 
 
+# The weight conversions as XLA likes them on the CPU: every output byte is two
+# nibbles of one column from two neighbouring rows, computed straight from the
+# input words, so the whole conversion is one vectorised elementwise loop over
+# the output bytes (4096 x 11008: 1.5 ms, about one copy of the bytes, against
+# 7-14 ms for the nibble transpose and 120 ms for the plain composition; this
+# project's 2-core machines, benchmarks/results/cpu.txt). JAX-only: the array
+# API has no bit-cast between int32 words and their bytes.
+
+
+def _shifts(shape: tuple[int, ...], axis: int, slot: bool) -> Any:
+    """Nibble shifts along ``axis``: of the AWQ slot holding GPTQ column c (``slot``), else 4 * index."""
+    i = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    if slot:  # column c sits in AWQ slot REVERSE_AWQ_PACK_ORDER[c] = (c >> 1) | (c & 1) << 2
+        i = (i >> 1) | ((i & 1) << 2)
+    return i << 2
+
+
+def _bytes(lo: Any, hi: Any, shift: Any) -> Any:
+    """Bytes of nibble pairs: the nibble at ``shift`` of ``lo`` low, of ``hi`` high."""
+    return (((lo >> shift) & 15) | (((hi >> shift) & 15) << 4)).astype(jnp.uint8)
+
+
+def weight_to_gptq_bytes(_: Any, qweight: Any) -> Any:
+    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N): byte b of GPTQ word (g, 8j + c) holds rows 8g + 2b, 8g + 2b + 1."""
+    *lead, k, c = qweight.shape
+    s = jax.lax.bitcast_convert_type(qweight, jnp.uint32).reshape(*lead, k // 8, 4, 2, c)  # (g, b, row pair, j)
+    lo, hi = (jnp.swapaxes(s[..., i, :], -1, -2)[..., :, None, :] for i in (0, 1))  # (g, j, 1, b)
+    out = _bytes(lo, hi, _shifts((*lead, k // 8, c, 8, 4), len(lead) + 2, slot=True))  # (g, j, column, b)
+    return jax.lax.bitcast_convert_type(out, jnp.int32).reshape(*lead, k // 8, 8 * c)
+
+
+def weight_to_awq_bytes(_: Any, qweight: Any) -> Any:
+    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8): byte b of AWQ word (8g + r, j) holds slots 2b, 2b + 1 of row r."""
+    *lead, g, n = qweight.shape
+    c = n // 8
+    # GPTQ column 4x + 2y + z is AWQ slot 2b + y with b = x + 2z (AWQ_PACK_ORDER)
+    s = jax.lax.bitcast_convert_type(qweight, jnp.uint32).reshape(*lead, g, c, 2, 2, 2)
+    lo, hi = (jnp.swapaxes(s[..., y, :], -1, -2).reshape(*lead, g, 1, c, 4) for y in (0, 1))
+    out = _bytes(lo, hi, _shifts((*lead, g, 8, c, 4), len(lead) + 1, slot=False))  # (g, r, j, b)
+    return jax.lax.bitcast_convert_type(out, jnp.int32).reshape(*lead, 8 * g, c)
+
+
 class JaxBackend(Backend):
     name = "jax"
-    # On the CPU, XLA runs the nibble transpose 11x faster than the plain
-    # composition (4096 x 11008: 11 ms against 122 ms, this project's 2-core
-    # machines). On an H200 the plain composition is the faster one (8192 x 28672:
-    # 0.084 ms against 0.133 ms; benchmarks/results/h200), so GPUs keep it.
-    fast_paths = {
-        awq.weight_to_gptq: awq.weight_to_gptq_transposed,
-        awq.weight_to_awq: awq.weight_to_awq_transposed,
-    }
+    fast_paths = {awq.weight_to_gptq: weight_to_gptq_bytes, awq.weight_to_awq: weight_to_awq_bytes}
+    # On an H200 the core composition is the faster one (8192 x 28672: 0.072 ms,
+    # 94% of a device-to-device copy, against 0.205 ms for the bytes;
+    # benchmarks/results/h200), so GPUs keep it.
     fast_platforms = ("cpu",)
 
     def _impl(self, fn: Callable[..., Any], arrays: list[Any], plain: bool) -> Callable[..., Any]:

@@ -144,22 +144,3 @@ def nibbles_add(xp: Namespace, words: Array, delta: int, bits: int, direction: s
     without borrowing from its neighbour.
     """
     return pack(xp, unpack(xp, words, direction, bits) + delta, direction, bits)
-
-
-def transpose_nibbles(xp: Namespace, w: list[Array]) -> list[Array]:
-    """Transpose the 8x8 matrix of nibbles held in eight int32 word arrays.
-
-    Nibble s of ``w[i]`` becomes nibble i of ``out[s]``. Three rounds of block
-    swaps (16-, 8-, then 4-bit blocks between words 4, 2, then 1 apart), each
-    a delta swap: t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t. The masks
-    clear what the arithmetic right shift drags in from the sign bit.
-    """
-    w = list(w)
-    for k, m, step in ((16, 0x0000FFFF, 4), (8, 0x00FF00FF, 2), (4, 0x0F0F0F0F, 1)):
-        for i in range(8):
-            if i & step:
-                continue
-            a, b = w[i], w[i + step]
-            t = ((a >> k) ^ b) & m
-            w[i], w[i + step] = a ^ (t << k), b ^ t
-    return w

@@ -51,30 +51,6 @@ def weight_to_awq(xp: Namespace, qweight: Array) -> Array:
     return pack_awq(xp, B.unpack(xp, qweight, "row", 4))
 
 
-# The weight conversion moves no values, only nibbles: for every 8 rows x 1
-# word block, an 8x8 nibble transpose and a permutation of the 8 output words.
-
-
-def weight_to_gptq_transposed(xp: Namespace, qweight: Array) -> Array:
-    """:func:`weight_to_gptq` by nibble transpose, one pass that XLA fuses.
-
-    Word i of a block (row 8kb + i) holds slot s in nibble s; after the
-    transpose, word s holds slot s of all 8 rows, which is logical column
-    AWQ_PACK_ORDER[s], so output column j takes transposed word
-    REVERSE_AWQ_PACK_ORDER[j].
-    """
-    g = B.split(xp, qweight, -2, 8)  # (..., K/8, 8, N/8)
-    t = B.transpose_nibbles(xp, [B.member(g, -2, i) for i in range(8)])
-    return B.merge(xp, B.stack(xp, [t[s] for s in _REVERSE], -1), -1)
-
-
-def weight_to_awq_transposed(xp: Namespace, qweight: Array) -> Array:
-    """:func:`weight_to_awq` by the inverse nibble transpose."""
-    g = B.split(xp, qweight, -1, 8)  # (..., K/8, N/8, 8)
-    t = B.transpose_nibbles(xp, [B.member(g, -1, s) for s in _ORDER])
-    return B.merge(xp, B.stack(xp, t, -2), -2)
-
-
 def rebias_zero_points(xp: Namespace, qweight: Array, qzeros: Array) -> tuple[Array, Array, Array, Array]:
     """Move AWQ (group, column) pairs with zero-point 0 to zero-point 1 where that loses nothing.
 
