@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import packq
-from packq.backends import for_arrays
 from packq.formats import awq
 
 DIRECTIONS = ["column", "row"]
@@ -171,14 +170,69 @@ def test_jitted_jax_equals_eager_jax(qw):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@given(qw=word_arrays([(8, 8), (16, 24), (2, 16, 8), (3, 24, 16)]))
+#: word counts per row both even and odd: the compiled kernels take words two at a time
+FAST_SHAPES = [(8, 8), (16, 24), (8, 5), (2, 16, 8), (3, 24, 7)]
+
+
+def _fast_paths() -> dict[str, tuple]:
+    """Every fast implementation of the weight conversions, by name: (to GPTQ, to AWQ, array maker)."""
+    import jax.numpy as jnp
+
+    from packq.backends import jax as jax_backend
+    from packq.backends import numpy as numpy_backend
+
+    paths = {
+        "numpy ufuncs": (numpy_backend.weight_to_gptq_ufuncs, numpy_backend.weight_to_awq_ufuncs, np.asarray),
+        "jax bytes": (jax_backend.BACKEND.compiled(awq.weight_to_gptq, jnp.zeros((8, 1), jnp.int32)),
+                      jax_backend.BACKEND.compiled(awq.weight_to_awq, jnp.zeros((1, 8), jnp.int32)), jnp.asarray),
+    }
+    kernels = numpy_backend.numba_kernels()
+    if kernels is not None:
+        paths["numba"] = (lambda q: numpy_backend.weight_to_gptq_numba(q, kernels),
+                          lambda q: numpy_backend.weight_to_awq_numba(q, kernels), np.asarray)
+    return paths
+
+
+def test_fast_paths_are_all_present():
+    """The test environment has numba, so the properties below check the compiled kernels too."""
+    from packq.backends import numpy as numpy_backend
+
+    pytest.importorskip("numba")
+    assert set(_fast_paths()) == {"numpy ufuncs", "jax bytes", "numba"}
+    assert numpy_backend.NumpyBackend.fast_paths[awq.weight_to_gptq] is numpy_backend.weight_to_gptq
+
+
+@given(qw=word_arrays(FAST_SHAPES))
 def test_fast_paths_equal_plain_core(qw):
-    """Every backend's fast paths agree with the plain array-API composition, both directions."""
-    for lib in (Lib("numpy"), Lib("jax")):
-        x = lib.asarray(qw)
-        be = for_arrays(qweight=x)
-        fast = be.run(awq.weight_to_gptq, x)
-        np.testing.assert_array_equal(lib.numpy(fast), lib.numpy(be.run(awq.weight_to_gptq, x, plain=True)))
-        back = be.run(awq.weight_to_awq, fast)
-        np.testing.assert_array_equal(lib.numpy(back), lib.numpy(be.run(awq.weight_to_awq, fast, plain=True)))
-        np.testing.assert_array_equal(lib.numpy(back), qw)
+    """Every fast path (NumPy ufuncs, numba, JAX bytes on the CPU) agrees with the plain array-API core, both ways."""
+    import array_api_compat.numpy as xp
+
+    want = np.asarray(awq.weight_to_gptq(xp, qw))
+    np.testing.assert_array_equal(np.asarray(awq.weight_to_awq(xp, want)), qw)
+    for name, (to_gptq, to_awq, asarray) in _fast_paths().items():
+        np.testing.assert_array_equal(np.asarray(to_gptq(asarray(qw))), want, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(to_awq(asarray(want))), qw, err_msg=name)
+
+
+def test_public_calls_take_the_fast_paths(monkeypatch):
+    """The public NumPy and JAX calls dispatch to the fast paths (and PACKQ_NUMBA=0 to the ufuncs)."""
+    import jax.numpy as jnp
+
+    from packq.backends import jax as jax_backend
+    from packq.backends import numpy as numpy_backend
+
+    qw = raw_words(3, (16, 8))
+    calls = []
+    for name in ("weight_to_gptq_ufuncs", "weight_to_gptq_numba"):
+        real = getattr(numpy_backend, name)
+        monkeypatch.setattr(numpy_backend, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    packq.fast_awq_to_gptq(qw, qw[:1])
+    numpy_backend.numba_kernels.cache_clear()
+    monkeypatch.setenv("PACKQ_NUMBA", "0")
+    packq.fast_awq_to_gptq(qw, qw[:1])
+    numpy_backend.numba_kernels.cache_clear()
+    monkeypatch.undo()
+    want = ["weight_to_gptq_numba"] if numpy_backend.numba_kernels() else ["weight_to_gptq_ufuncs"]
+    assert calls == want + ["weight_to_gptq_ufuncs"]
+    x = jnp.asarray(qw)
+    assert jax_backend.BACKEND._impl(awq.weight_to_gptq, [x], plain=False) is jax_backend.weight_to_gptq_bytes

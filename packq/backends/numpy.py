@@ -1,19 +1,27 @@
 """NumPy backend: the array-API core through array-api-compat, plus fast paths.
 
-The fast paths do the AWQ <-> GPTQ weight conversion as the core's nibble
-transpose (``packq.core.bits.transpose_nibbles``), but on cache-sized blocks
-of rows, in place on preallocated buffers, writing each result straight into
-the output, and on every core: NumPy releases the GIL inside ufuncs, so a few
-threads over disjoint row blocks scale. The plain core materialises every
-unpacked value (8x the words) and runs about 40x slower on a 4096 x 11008 layer.
-Hypothesis properties check that both agree bit for bit.
+The fast paths do the AWQ <-> GPTQ weight conversion as an 8x8 transpose of
+nibbles per 8 rows x 1 word block (three rounds of delta swaps), on every core:
+
+- with numba installed (``pip install packq[fast]``), compiled kernels
+  (:mod:`packq.backends.numba_kernels`) do it in one pass, in registers;
+- without it, NumPy ufuncs do it on cache-sized blocks of rows, in place on
+  preallocated buffers; NumPy releases the GIL inside ufuncs, so threads over
+  disjoint row blocks scale a little.
+
+``PACKQ_NUMBA=0`` selects the ufuncs even where numba is installed, and
+``PACKQ_NUM_THREADS`` caps the threads. The plain core materialises every
+unpacked value (8x the words) and runs about 40x slower than the ufuncs on a
+4096 x 11008 layer. Hypothesis properties check that all three agree bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 import array_api_compat.numpy as xp
@@ -40,6 +48,18 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+@functools.cache
+def numba_kernels() -> ModuleType | None:
+    """The compiled kernels, or None where numba is missing (or ``PACKQ_NUMBA=0``): then ufuncs run."""
+    if os.environ.get("PACKQ_NUMBA", "1") == "0":
+        return None
+    try:
+        from packq.backends import numba_kernels as kernels
+    except ImportError:  # numba not installed, or too old for this NumPy
+        return None
+    return kernels
+
+
 def _swap(a: np.ndarray, b: np.ndarray, k: int, m: int, t: np.ndarray, out_a: np.ndarray, out_b: np.ndarray) -> None:
     """The core's delta swap, t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, into out_a/out_b."""
     np.right_shift(a, _U(k), out=t)
@@ -53,8 +73,7 @@ def _swap(a: np.ndarray, b: np.ndarray, k: int, m: int, t: np.ndarray, out_a: np
 def _transpose(lo: np.ndarray, hi: np.ndarray, buf: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
     """8x8 nibble transpose of word planes (lo = planes 0..3, hi = planes 4..7, each (b, 4, C)) into ``buf``.
 
-    Each round of the core's ``transpose_nibbles`` swaps all four of its word
-    pairs in one call per operation, through views of ``buf`` whose innermost
+    Each round of delta swaps handles all four of its word pairs in one call per operation, through views of ``buf`` whose innermost
     axis is the contiguous word axis: pairs (i, i+4), then (i, i+2), then
     (i, i+1). Returns the 8 transposed planes, each (b, C).
     """
@@ -88,8 +107,8 @@ def _blocked(groups: int, group_bytes: int, work: Callable[[int, int], None]) ->
         list(_executor().map(share, range(n)))
 
 
-def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
-    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N), blocked and threaded."""
+def weight_to_gptq_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N) by ufuncs, blocked and threaded."""
     *lead, k, c = qweight.shape
     src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)  # (group of 8 rows, row i, word)
     out = np.empty((src.shape[0], c, 8), _U)  # (group, word, output column j)
@@ -106,8 +125,8 @@ def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
     return out.view(np.int32).reshape(*lead, k // 8, c * 8)
 
 
-def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
-    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8), blocked and threaded."""
+def weight_to_awq_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8) by ufuncs, blocked and threaded."""
     *lead, kg, n = qweight.shape
     c = n // 8
     src = np.ascontiguousarray(qweight).view(_U).reshape(-1, c, 8)  # (group, word, column j)
@@ -123,6 +142,43 @@ def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
 
     _blocked(src.shape[0], 8 * c * 4, work)
     return out.view(np.int32).reshape(*lead, kg * 8, c)
+
+
+def _split(groups: int, group_bytes: int, kernel: Callable[[int, int], None]) -> None:
+    """Run a GIL-free kernel(g0, g1) over one contiguous share of the groups per thread."""
+    n = max(1, min(threads(), groups * group_bytes // (1 << 20)))  # a thread pays off from about 1 MiB
+    if n == 1:
+        kernel(0, groups)
+    else:
+        list(_executor().map(lambda i: kernel(groups * i // n, groups * (i + 1) // n), range(n)))
+
+
+def weight_to_gptq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
+    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N) by the compiled kernel."""
+    *lead, k, c = qweight.shape
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)
+    out = np.empty((src.shape[0], c, 8), _U)
+    _split(src.shape[0], 32 * c, lambda g0, g1: kernels.awq_to_gptq(src, out, g0, g1))
+    return out.view(np.int32).reshape(*lead, k // 8, c * 8)
+
+
+def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
+    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8) by the compiled kernel."""
+    *lead, kg, n = qweight.shape
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, n // 8, 8)
+    out = np.empty((src.shape[0], 8, n // 8), _U)
+    _split(src.shape[0], 4 * n, lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1))
+    return out.view(np.int32).reshape(*lead, kg * 8, n // 8)
+
+
+def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
+    kernels = numba_kernels()
+    return weight_to_gptq_ufuncs(qweight) if kernels is None else weight_to_gptq_numba(qweight, kernels)
+
+
+def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
+    kernels = numba_kernels()
+    return weight_to_awq_ufuncs(qweight) if kernels is None else weight_to_awq_numba(qweight, kernels)
 
 
 class NumpyBackend(Backend):

@@ -1,0 +1,103 @@
+"""Compiled kernels for the NumPy backend's weight conversions (needs numba: ``pip install packq[fast]``).
+
+One pass over the words: every 8 rows x 1 word block is loaded into
+registers, its 8x8 matrix of nibbles transposed by three rounds of delta swaps
+(t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, for 16-, 8- then 4-bit blocks
+between words 4, 2, then 1 apart), and stored. Two neighbouring words ride in
+one 64-bit integer (the masks keep the halves apart), which halves the work.
+The kernels release the GIL and take a range of 8-row groups, so the caller's
+threads split a layer between the cores without numba's own threading layer.
+
+4096 x 11008 on this project's 2-core machines: about 2.5 ms against 1.3 ms
+for a copy of the bytes and 7.8 ms for the ufunc path (benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M8 = np.uint64(0x00FF00FF00FF00FF)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW = np.uint64(0xFFFFFFFF)
+
+
+@njit(inline="always")
+def _swap(a, b, k, m):
+    t = ((a >> k) ^ b) & m
+    return a ^ (t << k), b ^ t
+
+
+@njit(inline="always")
+def _transpose(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Nibble s of word i becomes nibble i of word s (in both 32-bit halves)."""
+    a0, a4 = _swap(a0, a4, 16, _M16)
+    a1, a5 = _swap(a1, a5, 16, _M16)
+    a2, a6 = _swap(a2, a6, 16, _M16)
+    a3, a7 = _swap(a3, a7, 16, _M16)
+    a0, a2 = _swap(a0, a2, 8, _M8)
+    a1, a3 = _swap(a1, a3, 8, _M8)
+    a4, a6 = _swap(a4, a6, 8, _M8)
+    a5, a7 = _swap(a5, a7, 8, _M8)
+    a0, a1 = _swap(a0, a1, 4, _M4)
+    a2, a3 = _swap(a2, a3, 4, _M4)
+    a4, a5 = _swap(a4, a5, 4, _M4)
+    a6, a7 = _swap(a6, a7, 4, _M4)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(inline="always")
+def _pair(lo, hi, two):
+    """Words lo and hi (hi only if ``two``) in one uint64."""
+    a = np.uint64(lo)
+    return a | (np.uint64(hi) << 32) if two else a
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def awq_to_gptq(src, out, g0, g1):
+    """AWQ words ``src`` (G, 8, C) to GPTQ words ``out`` (G, C, 8), uint32, for groups g0 <= g < g1.
+
+    Transposed word s is GPTQ column AWQ_PACK_ORDER[s] = (0, 2, 4, 6, 1, 3, 5, 7)[s].
+    """
+    c = src.shape[2]
+    for g in range(g0, g1):
+        s = src[g]
+        for j in range(0, c, 2):
+            two = j + 1 < c
+            k = j + 1 if two else j
+            t = _transpose(_pair(s[0, j], s[0, k], two), _pair(s[1, j], s[1, k], two),
+                           _pair(s[2, j], s[2, k], two), _pair(s[3, j], s[3, k], two),
+                           _pair(s[4, j], s[4, k], two), _pair(s[5, j], s[5, k], two),
+                           _pair(s[6, j], s[6, k], two), _pair(s[7, j], s[7, k], two))
+            o = out[g, j]
+            o[0], o[2], o[4], o[6] = t[0] & _LOW, t[1] & _LOW, t[2] & _LOW, t[3] & _LOW
+            o[1], o[3], o[5], o[7] = t[4] & _LOW, t[5] & _LOW, t[6] & _LOW, t[7] & _LOW
+            if two:
+                o = out[g, k]
+                o[0], o[2], o[4], o[6] = t[0] >> 32, t[1] >> 32, t[2] >> 32, t[3] >> 32
+                o[1], o[3], o[5], o[7] = t[4] >> 32, t[5] >> 32, t[6] >> 32, t[7] >> 32
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def gptq_to_awq(src, out, g0, g1):
+    """GPTQ words ``src`` (G, C, 8) to AWQ words ``out`` (G, 8, C), uint32, for groups g0 <= g < g1.
+
+    AWQ slot s holds GPTQ column AWQ_PACK_ORDER[s]: gather the columns in slot
+    order, transpose, and word i is AWQ row 8g + i.
+    """
+    c = src.shape[1]
+    for g in range(g0, g1):
+        s = src[g]
+        o = out[g]
+        for j in range(0, c, 2):
+            two = j + 1 < c
+            k = j + 1 if two else j
+            t = _transpose(_pair(s[j, 0], s[k, 0], two), _pair(s[j, 2], s[k, 2], two),
+                           _pair(s[j, 4], s[k, 4], two), _pair(s[j, 6], s[k, 6], two),
+                           _pair(s[j, 1], s[k, 1], two), _pair(s[j, 3], s[k, 3], two),
+                           _pair(s[j, 5], s[k, 5], two), _pair(s[j, 7], s[k, 7], two))
+            for i in range(8):
+                o[i, j] = t[i] & _LOW
+                if two:
+                    o[i, k] = t[i] >> 32
