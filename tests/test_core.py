@@ -236,3 +236,28 @@ def test_public_calls_take_the_fast_paths(monkeypatch):
     assert calls == want + ["weight_to_gptq_ufuncs"]
     x = jnp.asarray(qw)
     assert jax_backend.BACKEND._impl(awq.weight_to_gptq, [x], plain=False) is jax_backend.weight_to_gptq_bytes
+
+
+@given(
+    w=word_arrays([(24, 6), (2, 48, 12), (96, 3)]),  # whole 3-bit word groups both ways
+    bits=st.sampled_from([2, 3, 4, 8]),
+    direction=st.sampled_from(DIRECTIONS),
+    dtype=st.sampled_from(["int8", "uint8", "int16", "int32", "int64", "int8 wrapped", "int16 wrapped"]),
+)
+def test_numpy_unpack_pack_fast_paths_equal_plain_core(w, bits, direction, dtype):
+    """The NumPy backend's byte-plane unpack and pack agree with the core: values, dtype and shape."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.core import bits as B
+
+    dt, wrap = np.dtype(dtype.split()[0]), dtype.endswith("wrapped")
+    fast = numpy_backend.unpack_as(xp, w, direction, bits, dt, wrap)
+    plain = np.asarray(B.unpack_as(xp, w, direction, bits, dt, wrap))
+    assert fast.dtype == plain.dtype and fast.shape == plain.shape
+    np.testing.assert_array_equal(fast, plain)
+    for values in (plain, plain.astype(np.int64) - (1 << (bits - 1))):  # also negatives: only the low bits count
+        packed = numpy_backend.pack(xp, values, direction, bits)
+        want = np.asarray(B.pack(xp, values, direction, bits))
+        assert packed.dtype == want.dtype and packed.shape == want.shape
+        np.testing.assert_array_equal(packed, want)
