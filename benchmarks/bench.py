@@ -7,14 +7,23 @@
 Every implementation converts the same words in one run and its result is checked against packq's
 NumPy result before it is timed. Ratios are to the plain copy of the same bytes (read once, written
 once), the floor for a conversion that moves no arithmetic.
+
+On the CPU, NumPy runs with and without numba, and JAX runs twice: with JAX's default asynchronous
+dispatch, where XLA allocates each output on a worker thread and the caller frees it, so that glibc
+may hand every call fresh pages (one page fault per 4 KiB, counted in the last column), and in a
+subprocess with JAX_CPU_ENABLE_ASYNC_DISPATCH=false, where the pages of the last output are reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,25 +46,34 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def median_ms(fn, repeat: int, warmup: int = 1) -> float:
+    return timed(fn, repeat, warmup)[0]
+
+
+def timed(fn, repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """Median milliseconds of ``repeat`` calls, and the page faults per call (fresh pages the kernel had to map)."""
     for _ in range(warmup):
         fn()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeat
+    return 1e3 * statistics.median(times), faults
 
 
-def report(rows: list[dict], label: str, k: int, n: int, mb: float, t: dict[str, float], floor: str, where: str) -> None:
+def report(rows: list[dict], label: str, k: int, n: int, mb: float, t: dict[str, float], floor: str, where: str,
+           faults: dict[str, float] | None = None) -> None:
     """Append one layer's timings to ``rows`` as ratios to ``floor`` and print them."""
     print(f"{label} ({mb:.1f} MB packed) {where}")
     for impl, ms in t.items():
+        f = (faults or {}).get(impl)
         rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
                      "x_copy": round(ms / t[floor], 2), "GB_s": round(2 * mb / ms, 2),
-                     "seed_over_this": round(t["seed torch"] / ms, 1)})
-        print(f"  {impl:22s} {ms:9.4f} ms  {2 * mb / ms:8.1f} GB/s  {ms / t[floor]:7.2f}x copy  "
-              f"seed is {t['seed torch'] / ms:7.1f}x slower")
+                     "seed_over_this": round(t["seed torch"] / ms, 1), "faults_per_call": "" if f is None else round(f)})
+        print(f"  {impl:32s} {ms:9.4f} ms  {2 * mb / ms:8.1f} GB/s  {ms / t[floor]:7.2f}x copy  "
+              f"seed is {t['seed torch'] / ms:7.1f}x slower" + ("" if f is None else f"  {f:6.0f} page faults/call"))
 
 
 def jax_ms(fn, arg, repeat: int = 50) -> float:
@@ -85,34 +103,66 @@ def seed_weight(torch, qweight):
     return seed_pack(seed_apply_order(seed_unpack(qweight, "column"), "column", REVERSE_AWQ_PACK_ORDER), "row")
 
 
-def cpu(quick: bool) -> list[dict]:
+def cpu_jax(quick: bool) -> dict[str, dict[str, tuple[float, float]]]:
+    """JAX rows only: (median ms, page faults per call) by layer and implementation."""
     import jax
     import jax.numpy as jnp
+
+    out = {}
+    for label, (k, n) in SHAPES.items():
+        qw = raw_words(k * 7 + n, (k, n // 8))
+        ref = packq.fast_awq_to_gptq(qw, np.zeros((1, n // 8), np.int32))[0]
+        x, z = jnp.asarray(qw), jnp.zeros((1, n // 8), jnp.int32)
+        conv = jax.jit(lambda a, b: packq.fast_awq_to_gptq(a, b)[0])
+        touch = jax.jit(lambda a: a ^ 1)  # reads and writes every byte once, like a copy (an identity would be elided)
+        assert np.array_equal(np.asarray(conv(x, z)), ref)
+        repeat = 5 if quick else 15
+        out[label] = {"copy (jax jit)": timed(lambda: touch(x).block_until_ready(), repeat, 3),
+                      "packq jax (jit)": timed(lambda: conv(x, z).block_until_ready(), repeat, 3)}
+    return out
+
+
+def cpu(quick: bool) -> list[dict]:
     import torch
 
     from packq.backends import numpy as numpy_backend
 
     torch.set_num_threads(2)
+    # JAX with synchronous CPU dispatch, in a process of its own (the setting is read once, at start-up):
+    # then XLA allocates every output on the calling thread, where glibc reuses the pages of the last one
+    env = {**os.environ, "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"}
+    cmd = [sys.executable, __file__, "cpu-jax"] + (["--quick"] if quick else [])
+    sync = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+    jax_rows = cpu_jax(quick)
     rows = []
     for label, (k, n) in SHAPES.items():
         qw = raw_words(k * 7 + n, (k, n // 8))
         zeros = np.zeros((1, n // 8), np.int32)
         mb = qw.nbytes / 1e6
         ref = packq.fast_awq_to_gptq(qw, zeros)[0]
-        x, z = jnp.asarray(qw), jnp.asarray(zeros)
-        jitted = jax.jit(lambda a, b: packq.fast_awq_to_gptq(a, b)[0])
-        assert np.array_equal(np.asarray(jitted(x, z)), ref)
         tq = torch.from_numpy(qw)
         seed_repeat = 1 if (quick or k * n > 10**8) else 3
         assert np.array_equal(seed_weight(torch, tq).numpy(), ref)
         repeat = 5 if quick else 15
-        t = {
-            "copy (numpy)": median_ms(lambda: qw.copy(), repeat),
-            "packq numpy": median_ms(lambda: packq.fast_awq_to_gptq(qw, zeros), repeat),
-            "packq jax (jit)": median_ms(lambda: jitted(x, z).block_until_ready(), repeat),
-            "seed torch": median_ms(lambda: seed_weight(torch, tq), seed_repeat),
+
+        def numpy_path(kernels: bool) -> tuple[float, float]:
+            numpy_backend.numba_kernels.cache_clear()
+            os.environ["PACKQ_NUMBA"] = "1" if kernels else "0"
+            assert np.array_equal(packq.fast_awq_to_gptq(qw, zeros)[0], ref)
+            return timed(lambda: packq.fast_awq_to_gptq(qw, zeros), repeat)
+
+        m = {
+            "copy (numpy)": timed(lambda: qw.copy(), repeat),
+            "packq numpy (numba)": numpy_path(True),
+            "packq numpy (ufuncs, no numba)": numpy_path(False),
+            **{f"{impl}, async dispatch": v for impl, v in jax_rows[label].items()},
+            **{f"{impl}, sync dispatch": tuple(v) for impl, v in sync[label].items()},
+            "seed torch": timed(lambda: seed_weight(torch, tq), seed_repeat),
         }
-        report(rows, label, k, n, mb, t, "copy (numpy)", f"threads={numpy_backend.threads()}")
+        os.environ.pop("PACKQ_NUMBA")
+        numpy_backend.numba_kernels.cache_clear()
+        report(rows, label, k, n, mb, {i: v[0] for i, v in m.items()}, "copy (numpy)", f"threads={numpy_backend.threads()}",
+               {i: v[1] for i, v in m.items()})
     return rows
 
 
@@ -120,6 +170,9 @@ def gpu() -> list[dict]:
     import jax
     import jax.numpy as jnp
     import torch
+
+    from packq.backends import jax as jax_backend
+    from packq.formats import awq
 
     dev = torch.device("cuda")
     rows = []
@@ -146,17 +199,19 @@ def gpu() -> list[dict]:
         x = jax.device_put(jnp.asarray(qw), jax.devices("gpu")[0])
         z = jnp.zeros((1, n // 8), jnp.int32)
         conv = jax.jit(lambda a: packq.fast_awq_to_gptq(a, z)[0])
-        plain = jax.jit(lambda a: packq.pack(packq.apply_order(packq.unpack(a), order=packq.REVERSE_AWQ_PACK_ORDER),
-                                             "row"))
-        jcopy = jax.jit(lambda a: a + 0)
-        assert np.array_equal(np.asarray(conv(x)), ref) and np.array_equal(np.asarray(plain(x)), ref)
+        core = jax.jit(lambda a: awq.weight_to_gptq(jnp, a))  # the array-API composition, traced as is
+        byts = jax.jit(lambda a: jax_backend.weight_to_gptq_bytes(jnp, a))  # the CPU fast path
+        jcopy = jax.jit(lambda a: a ^ 1)
+        for f in (conv, core, byts):
+            assert np.array_equal(np.asarray(f(x)), ref)
         tq = torch.from_numpy(qw).to(dev)
         assert np.array_equal(seed_weight(torch, tq).cpu().numpy(), ref)
         t = {
             "copy (torch d2d)": cuda_ms(lambda: tq.clone()),
-            "copy (jax)": jax_ms(jcopy, x),
+            "copy (jax, x ^ 1)": jax_ms(jcopy, x),
             "packq jax (jit)": jax_ms(conv, x),
-            "plain core jax (jit)": jax_ms(plain, x),
+            "core composition (jit)": jax_ms(core, x),
+            "byte formulation (jit)": jax_ms(byts, x),
             "seed torch": cuda_ms(lambda: seed_weight(torch, tq), 20),
         }
         report(rows, label, k, n, mb, t, "copy (torch d2d)", f"on {torch.cuda.get_device_name()}")
@@ -186,10 +241,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("mode", choices=["cpu", "gpu", "cpu-jax"], help="cpu-jax: the JAX rows alone, as JSON (used by cpu)")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.mode == "cpu-jax":
+        print(json.dumps(cpu_jax(args.quick)))
+        return
     rows = cpu(args.quick) if args.mode == "cpu" else gpu()
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
