@@ -8,8 +8,8 @@ one 64-bit integer (the masks keep the halves apart), which halves the work.
 The kernels release the GIL and take a range of 8-row groups, so the caller's
 threads split a layer between the cores without numba's own threading layer.
 
-4096 x 11008 on this project's 2-core machines: about 2.5 ms against 1.3 ms
-for a copy of the bytes and 7.8 ms for the ufunc path (benchmarks/results).
+4096 x 11008 on this project's 2-core machines: 3.2 ms against 1.4 ms
+for a copy of the bytes and 7.4 ms for the ufunc path (benchmarks/results).
 """
 
 from __future__ import annotations
