@@ -45,10 +45,6 @@ SHAPES = {  # (K, N) of Llama-2 layers
 RESULTS = Path(__file__).parent / "results"
 
 
-def median_ms(fn, repeat: int, warmup: int = 1) -> float:
-    return timed(fn, repeat, warmup)[0]
-
-
 def timed(fn, repeat: int, warmup: int = 1) -> tuple[float, float]:
     """Median milliseconds of ``repeat`` calls, and the page faults per call (fresh pages the kernel had to map)."""
     for _ in range(warmup):

@@ -63,7 +63,7 @@ def numba_kernels() -> ModuleType | None:
 
 
 def _swap(a: np.ndarray, b: np.ndarray, k: int, m: int, t: np.ndarray, out_a: np.ndarray, out_b: np.ndarray) -> None:
-    """The core's delta swap, t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, into out_a/out_b."""
+    """The delta swap t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, into out_a/out_b."""
     np.right_shift(a, _U(k), out=t)
     np.bitwise_xor(t, b, out=t)
     np.bitwise_and(t, _U(m), out=t)
@@ -75,9 +75,10 @@ def _swap(a: np.ndarray, b: np.ndarray, k: int, m: int, t: np.ndarray, out_a: np
 def _transpose(lo: np.ndarray, hi: np.ndarray, buf: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
     """8x8 nibble transpose of word planes (lo = planes 0..3, hi = planes 4..7, each (b, 4, C)) into ``buf``.
 
-    Each round of delta swaps handles all four of its word pairs in one call per operation, through views of ``buf`` whose innermost
-    axis is the contiguous word axis: pairs (i, i+4), then (i, i+2), then
-    (i, i+1). Returns the 8 transposed planes, each (b, C).
+    Each round of delta swaps handles all four of its word pairs in one call
+    per operation, through views of ``buf`` whose innermost axis is the
+    contiguous word axis: pairs (i, i+4), then (i, i+2), then (i, i+1).
+    Returns the 8 transposed planes, each (b, C).
     """
     b, _, c = lo.shape
     _swap(lo, hi, 16, 0x0000FFFF, t, buf[:, 0:4], buf[:, 4:8])
@@ -88,89 +89,96 @@ def _transpose(lo: np.ndarray, hi: np.ndarray, buf: np.ndarray, t: np.ndarray) -
     return [buf[:, i] for i in range(8)]
 
 
-def _blocked(groups: int, group_bytes: int, work: Callable[[int, int], None]) -> None:
-    """Run work(g0, g1) over cache-sized blocks of 8-row groups.
+def _shares(groups: int, n: int, work: Callable[[int, int], None]) -> None:
+    """work(g0, g1) on one contiguous share of the groups per thread, n threads.
 
-    Each thread takes one contiguous share of the groups and walks it block by
-    block: one task per thread, not per block, keeps the GIL hand-offs between
-    the many short ufunc calls from dominating (measured: 4x slower otherwise).
+    One task per thread keeps the GIL hand-offs between many short calls from
+    dominating (measured for the ufuncs: 4x slower with a task per block).
     """
-    block = max(1, BLOCK_BYTES * 2 // (3 * group_bytes))
-    n = min(threads(), max(1, groups // block))
+    if n == 1:
+        work(0, groups)
+    else:
+        list(_executor().map(lambda i: work(groups * i // n, groups * (i + 1) // n), range(n)))
 
-    def share(i: int) -> None:
-        lo, hi = groups * i // n, groups * (i + 1) // n
+
+def _blocked(groups: int, group_bytes: int, work: Callable[[int, int], None]) -> None:
+    """Run work(g0, g1) over cache-sized blocks of 8-row groups, each thread walking its share."""
+    block = max(1, BLOCK_BYTES * 2 // (3 * group_bytes))
+
+    def share(lo: int, hi: int) -> None:
         for g0 in range(lo, hi, block):
             work(g0, min(g0 + block, hi))
 
-    if n == 1:
-        share(0)
-    else:
-        list(_executor().map(share, range(n)))
-
-
-def weight_to_gptq_ufuncs(qweight: np.ndarray) -> np.ndarray:
-    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N) by ufuncs, blocked and threaded."""
-    *lead, k, c = qweight.shape
-    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)  # (group of 8 rows, row i, word)
-    out = np.empty((src.shape[0], c, 8), _U)  # (group, word, output column j)
-
-    def work(g0: int, g1: int) -> None:
-        buf, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
-        planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
-        # transposed word s is output column AWQ_PACK_ORDER[s]; one 2-D copy per
-        # column keeps the word axis innermost (a 3-D strided copy would not)
-        for s, j in enumerate(awq.AWQ_PACK_ORDER):
-            np.copyto(out[g0:g1, :, j], planes[s])
-
-    _blocked(src.shape[0], 8 * c * 4, work)
-    return out.view(np.int32).reshape(*lead, k // 8, c * 8)
-
-
-def weight_to_awq_ufuncs(qweight: np.ndarray) -> np.ndarray:
-    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8) by ufuncs, blocked and threaded."""
-    *lead, kg, n = qweight.shape
-    c = n // 8
-    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, c, 8)  # (group, word, column j)
-    out = np.empty((src.shape[0], 8, c), _U)  # (group, row i, word)
-
-    def work(g0: int, g1: int) -> None:
-        planes, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
-        # AWQ slot s of a row is GPTQ column AWQ_PACK_ORDER[s]: gather the columns
-        # as planes in slot order, one 2-D copy each, then transpose into out
-        for s, j in enumerate(awq.AWQ_PACK_ORDER):
-            np.copyto(planes[:, s], src[g0:g1, :, j])
-        _transpose(planes[:, 0:4], planes[:, 4:8], out[g0:g1], t)
-
-    _blocked(src.shape[0], 8 * c * 4, work)
-    return out.view(np.int32).reshape(*lead, kg * 8, c)
+    _shares(groups, min(threads(), max(1, groups // block)), share)
 
 
 def _split(groups: int, group_bytes: int, kernel: Callable[[int, int], None]) -> None:
-    """Run a GIL-free kernel(g0, g1) over one contiguous share of the groups per thread."""
-    n = max(1, min(threads(), groups * group_bytes // (1 << 20)))  # a thread pays off from about 1 MiB
-    if n == 1:
-        kernel(0, groups)
-    else:
-        list(_executor().map(lambda i: kernel(groups * i // n, groups * (i + 1) // n), range(n)))
+    """Run a GIL-free kernel(g0, g1) over the groups, a thread per MiB up to ``threads()``."""
+    _shares(groups, max(1, min(threads(), groups * group_bytes // (1 << 20))), kernel)
 
 
-def weight_to_gptq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
-    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N) by the compiled kernel."""
+def _to_gptq(qweight: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """AWQ (..., K, N/8) -> GPTQ (..., K/8, N): fill(src, out) with src (group, row i, word), out (group, word, column)."""
     *lead, k, c = qweight.shape
     src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)
     out = np.empty((src.shape[0], c, 8), _U)
-    _split(src.shape[0], 32 * c, lambda g0, g1: kernels.awq_to_gptq(src, out, g0, g1))
+    fill(src, out)
     return out.view(np.int32).reshape(*lead, k // 8, c * 8)
 
 
-def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
-    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8) by the compiled kernel."""
+def _to_awq(qweight: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """GPTQ (..., K/8, N) -> AWQ (..., K, N/8): fill(src, out) with src (group, word, column), out (group, row i, word)."""
     *lead, kg, n = qweight.shape
     src = np.ascontiguousarray(qweight).view(_U).reshape(-1, n // 8, 8)
     out = np.empty((src.shape[0], 8, n // 8), _U)
-    _split(src.shape[0], 4 * n, lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1))
+    fill(src, out)
     return out.view(np.int32).reshape(*lead, kg * 8, n // 8)
+
+
+def weight_to_gptq_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """AWQ -> GPTQ by ufuncs, blocked and threaded."""
+
+    def fill(src: np.ndarray, out: np.ndarray) -> None:
+        def work(g0: int, g1: int) -> None:
+            buf, t = np.empty((g1 - g0, 8, src.shape[2]), _U), np.empty((g1 - g0, 4, src.shape[2]), _U)
+            planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
+            # transposed word s is output column AWQ_PACK_ORDER[s]; one 2-D copy per
+            # column keeps the word axis innermost (a 3-D strided copy would not)
+            for s, j in enumerate(awq.AWQ_PACK_ORDER):
+                np.copyto(out[g0:g1, :, j], planes[s])
+
+        _blocked(src.shape[0], 32 * src.shape[2], work)
+
+    return _to_gptq(qweight, fill)
+
+
+def weight_to_awq_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """GPTQ -> AWQ by ufuncs, blocked and threaded."""
+
+    def fill(src: np.ndarray, out: np.ndarray) -> None:
+        def work(g0: int, g1: int) -> None:
+            planes, t = np.empty((g1 - g0, 8, src.shape[1]), _U), np.empty((g1 - g0, 4, src.shape[1]), _U)
+            # AWQ slot s of a row is GPTQ column AWQ_PACK_ORDER[s]: gather the columns
+            # as planes in slot order, one 2-D copy each, then transpose into out
+            for s, j in enumerate(awq.AWQ_PACK_ORDER):
+                np.copyto(planes[:, s], src[g0:g1, :, j])
+            _transpose(planes[:, 0:4], planes[:, 4:8], out[g0:g1], t)
+
+        _blocked(src.shape[0], 32 * src.shape[1], work)
+
+    return _to_awq(qweight, fill)
+
+
+def weight_to_gptq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
+    """AWQ -> GPTQ by the compiled kernel."""
+    return _to_gptq(qweight, lambda src, out: _split(src.shape[0], 32 * src.shape[2],
+                                                     lambda g0, g1: kernels.awq_to_gptq(src, out, g0, g1)))
+
+
+def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
+    """GPTQ -> AWQ by the compiled kernel."""
+    return _to_awq(qweight, lambda src, out: _split(src.shape[0], 32 * src.shape[1],
+                                                    lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1)))
 
 
 def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
