@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from packq.checkpoint.files import describe
 from packq.errors import CheckpointError
 
 
@@ -80,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
     except CheckpointError as e:
         print(f"packq: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the library names files in its errors; this is the last net
+        print(f"packq: error: {describe(e, getattr(args, 'dst', args.src))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("packq: interrupted; nothing was written", file=sys.stderr)

@@ -161,7 +161,7 @@ def test_force_replaces_only_when_complete(src, tmp_path):
     assert (dst / "old").exists()
     assert main(["convert", str(src), str(dst), "--force"]) == 0
     assert not (dst / "old").exists() and (dst / "config.json").exists()
-    assert not list(tmp_path.glob(".dst.packq-partial-*"))
+    assert not list(tmp_path.glob(".packq-*"))
 
 
 def test_inspect_reports_zero_points(capsys):
@@ -207,10 +207,18 @@ def _rewrite_header(path: Path, edit) -> None:
 
 
 def _drop_tensor(src: Path, name: str) -> None:
-    def edit(h):
-        del h[name]
-
-    _rewrite_header(_shard(src), edit)
+    """Remove a tensor, its bytes too (a header with a gap is refused on its own)."""
+    path = _shard(src)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    b, e = header.pop(name)["data_offsets"]
+    for k, v in header.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= e:
+            v["data_offsets"] = [o - (e - b) for o in v["data_offsets"]]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[:b] + data[e:])
     index = json.loads((src / "model.safetensors.index.json").read_text())
     del index["weight_map"][name]
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -243,7 +251,7 @@ def test_bad_source_one_line_exit_2_nothing_written(src, tmp_path, capsys, case)
     assert main(["convert", str(src), str(dst)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("packq: error: ") and err.count("\n") == 1 and message in err, err
-    assert not dst.exists() and not list(tmp_path.glob(".dst*"))
+    assert not dst.exists() and not list(tmp_path.glob(".packq-*"))
     if before is not None:
         assert tree_hash(src) == before
 
@@ -290,7 +298,7 @@ def test_sigkill_mid_run_leaves_no_dst_and_src_untouched(src, tmp_path):
     dst = tmp_path / "dst"
     proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst)])
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".dst.packq-partial-*")) and time.time() < deadline:
+    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.3)  # well inside the run: 63 tensors at 50 ms each
     assert proc.poll() is None, "the conversion ended before it could be killed"
@@ -300,17 +308,17 @@ def test_sigkill_mid_run_leaves_no_dst_and_src_untouched(src, tmp_path):
     assert tree_hash(src) == before
     # the next run is not blocked by the dead run's partial folder, and cleans it up
     assert main(["convert", str(src), str(dst)]) == 0
-    assert not list(tmp_path.glob(".dst.packq-partial-*"))
+    assert not list(tmp_path.glob(".packq-*"))
 
 
 def test_sigterm_mid_run_cleans_up(src, tmp_path):
     dst = tmp_path / "dst"
     proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst)], stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".dst.packq-partial-*")) and time.time() < deadline:
+    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"interrupted" in err
-    assert not dst.exists() and not list(tmp_path.glob(".dst*"))
+    assert not dst.exists() and not list(tmp_path.glob(".packq-*"))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,16 +23,15 @@ from typing import Any
 import numpy as np
 
 from packq import backends
+from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.model import INDEX, Checkpoint, Module, open_checkpoint
 from packq.checkpoint.progress import Progress
-from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter
+from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, header_for
 from packq.errors import CheckpointError
 from packq.formats import awq
 
-PARTIAL = ".packq-partial-"
 
-
-def _check_paths(src: Path, dst: Path, force: bool) -> None:
+def _check_paths(src: Path, dst: Path) -> None:
     s, d = src.resolve(), dst.resolve()
     if d == s:
         raise CheckpointError(f"DST {dst} is SRC itself; choose a new folder")
@@ -40,25 +39,38 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise CheckpointError(f"DST {dst} is inside SRC {src}; choose a folder outside the source")
     if d in s.parents:
         raise CheckpointError(f"SRC {src} is inside DST {dst}; replacing DST would destroy the source")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise CheckpointError(f"DST {dst} already exists; pass --force (force=True) to replace it")
-    if not d.parent.is_dir():
-        raise CheckpointError(f"DST's parent folder {d.parent} does not exist")
 
 
-def _remove_stale_partials(dst: Path) -> None:
-    """Remove partial outputs of earlier runs that were killed (their process is gone)."""
-    for p in dst.parent.glob(f".{dst.name}{PARTIAL}*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[-1])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # another conversion to the same DST is still running
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
+def _extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
+    """Every other file of SRC to copy as it is: (path in DST, path in SRC, size), checked up front.
+
+    Regular files are copied, and symlinks to regular files (anywhere, as in a
+    Hugging Face cache snapshot) are copied as the files they point to; real
+    sub-folders are walked. A FIFO, device, socket, dangling or looping link,
+    or a link to a folder is refused, so a copy can neither block nor run on.
+    """
+    skip = {"config.json", INDEX, *ckpt.shards}
+    out: list[tuple[Path, Path, int]] = []
+
+    def walk(folder: Path, rel: Path) -> None:
+        with io_errors(folder):
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        for entry in entries:
+            if folder == ckpt.root and entry.name in skip:
+                continue
+            path = Path(entry.path)
+            with io_errors(path):
+                if entry.is_dir(follow_symlinks=False):
+                    walk(path, rel / entry.name)
+                    continue
+                st = os.stat(path)  # follows links: ENOENT for a dangling one, ELOOP for a loop
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a link to a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+                raise CheckpointError(f"{path}: is {kind}; packq copies regular files and real folders only")
+            out.append((rel / entry.name, path, st.st_size))
+
+    walk(ckpt.root, Path())
+    return out
 
 
 def _target_config(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, Any]:
@@ -148,7 +160,7 @@ def _check_gptq_source(ckpt: Checkpoint) -> None:
         )
     for m in ckpt.modules.values():
         if "g_idx" in m.files:
-            with SafetensorsFile(ckpt.root / m.files["g_idx"]) as f:
+            with ckpt.shards[m.files["g_idx"]] as f:
                 g = f.array(f"{m.prefix}.g_idx")
             if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
                 raise CheckpointError(
@@ -217,33 +229,37 @@ def convert_checkpoint(
     want = "awq" if to == "gptq" else "gptq"
     if ckpt.format.method != want:
         raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {'an AWQ' if want == 'awq' else 'a GPTQ'} source")
-    _check_paths(src, dst, force)
+    _check_paths(src, dst)
     convert = _Converter(backend)
     if to == "awq":
         _check_gptq_source(ckpt)
     plan = _plan(ckpt, to, checkpoint_format)
     entries = {f: [_out_entry(ckpt, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
+    for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
+        header_for(es, ckpt.shards[fname].metadata, dst / fname)
+    extra = _extra_files(ckpt)
 
-    _remove_stale_partials(dst)
-    tmp = dst.parent / f".{dst.name}{PARTIAL}{os.getpid()}"
     bar = Progress(sum(e[3] for es in entries.values() for e in es), "converting", progress)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        tmp.mkdir()
-        for fname, items in plan.items():
-            _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar)
-        _copy_other_files(ckpt, tmp)
-        (tmp / "config.json").write_text(json.dumps(_target_config(ckpt, to, checkpoint_format), indent=2) + "\n")
-        if ckpt.index is not None:
-            _write_index(ckpt, tmp, entries)
-        bar.close()
-        verified = _verify(ckpt, tmp, to, checkpoint_format, progress) if verify else None
-        _put_in_place(tmp, dst)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with Destination(dst, force) as out:
+            tmp = out.tmp
+            for fname, items in plan.items():
+                _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar)
+            for rel, path, size in extra:
+                if len(rel.parts) > 1:
+                    with io_errors(tmp / rel.parent):
+                        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+                copy_durable(path, tmp / rel, size)
+            config = _target_config(ckpt, to, checkpoint_format)
+            write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+            if ckpt.index is not None:
+                _write_index(ckpt, tmp, entries)
+            bar.close()
+            verified = _verify(ckpt, tmp, to, checkpoint_format, progress) if verify else None
+            out.commit()
     finally:
+        bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return {
@@ -268,7 +284,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar) -> None:
     """Write one output shard; the next tensor converts on a worker thread while this one is written."""
-    with SafetensorsFile(ckpt.root / fname) as f, ThreadPoolExecutor(max_workers=1) as pool:
+    with ckpt.shards[fname] as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
 
         def start(i: int) -> None:
@@ -312,42 +328,18 @@ def _gptq_format(ckpt: Checkpoint, to: str, checkpoint_format: str) -> str:
     return checkpoint_format if to == "gptq" else ckpt.format.checkpoint_format
 
 
-def _copy_other_files(ckpt: Checkpoint, tmp: Path) -> None:
-    skip = {"config.json", INDEX, *ckpt.shards}
-    for p in sorted(ckpt.root.iterdir()):
-        if p.name in skip:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, tmp / p.name, symlinks=True)
-        else:
-            shutil.copy2(p, tmp / p.name)
-
-
 def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
     assert ckpt.index is not None
     index = json.loads(json.dumps(ckpt.index))
     index.setdefault("metadata", {})["total_size"] = sum(e[3] for es in entries.values() for e in es)
     index["weight_map"] = {e[0]: fname for fname, es in entries.items() for e in es}
-    (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _put_in_place(tmp: Path, dst: Path) -> None:
-    if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}{PARTIAL}old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, dst)
+    write_durable(tmp / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ------------------------------------------------------------------ verify
-def _module_arrays(root: Path, m_files: dict[str, str], prefix: str) -> Iterator[tuple[str, np.ndarray]]:
-    for part, fname in m_files.items():
-        with SafetensorsFile(root / fname) as f:
+def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    for part, fname in ckpt.modules[prefix].files.items():
+        with ckpt.shards[fname] as f:
             t = f.tensors[f"{prefix}.{part}"]
             if t.dtype == "BF16":  # bfloat16 -> float32 is exact: its bits are float32's top half
                 a = (f.array_bits(f"{prefix}.{part}").astype(np.uint32) << 16).view(np.float32)
@@ -362,9 +354,9 @@ def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progre
 
     result = open_checkpoint(out)
     bar = Progress(len(ckpt.modules), "verifying", progress)
-    for prefix, m in ckpt.modules.items():
-        a = dict(_module_arrays(ckpt.root, m.files, prefix))
-        b = dict(_module_arrays(out, result.modules[prefix].files, prefix))
+    for prefix in ckpt.modules:
+        a = dict(_module_arrays(ckpt, prefix))
+        b = dict(_module_arrays(result, prefix))
         awq_side, gptq_side = (a, b) if to == "gptq" else (b, a)
         zeros = "v2" if _gptq_format(ckpt, to, checkpoint_format) == "gptq_v2" else "v1"
         w_awq = packq.dequantize_awq(awq_side["qweight"], awq_side["qzeros"], awq_side["scales"])

@@ -11,7 +11,6 @@ import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.model import open_checkpoint
-from packq.checkpoint.safetensors import SafetensorsFile
 from packq.core.bits import count_fields
 
 EXLLAMA_NOTE = (
@@ -51,7 +50,7 @@ def inspect_checkpoint(src: str | os.PathLike[str]) -> dict[str, Any]:
     stored = 15 if ckpt.format.method == "gptq" and ckpt.format.checkpoint_format == "gptq" else 0
     zero0 = total = 0
     for m in ckpt.modules.values():
-        with SafetensorsFile(ckpt.root / m.files["qzeros"]) as f:
+        with ckpt.shards[m.files["qzeros"]] as f:
             words = f.array_bits(f"{m.prefix}.qzeros")
         zero0 += int(numpy_backend.run(count_fields, words.view(np.int32), value=stored))
         total += words.size * 8

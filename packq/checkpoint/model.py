@@ -6,16 +6,17 @@ whole checkpoint before anything is converted or written.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo
+from packq.checkpoint.files import read_regular
+from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo, loads_strict
 from packq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MAX_JSON = 100_000_000  # bytes of a config.json or index that packq reads
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 WORDS = ("I32", "U32")
 FLOATS = ("F16", "BF16", "F32")
@@ -92,6 +93,8 @@ def read_format(config: dict[str, Any], where: Path) -> Format:
         if q.get("zero_point", True) is not True:
             raise CheckpointError(f"{where}: AWQ with zero_point false (no qzeros) is not supported")
         return Format("awq", 4, group_size, raw=q)
+    if not isinstance(q.get("desc_act", False), bool):
+        raise CheckpointError(f"{where}: desc_act must be true or false, got {q['desc_act']!r}")
     fmt = str(q.get("checkpoint_format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2')")
@@ -99,15 +102,32 @@ def read_format(config: dict[str, Any], where: Path) -> Format:
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path.parent}: no {path.name}: not a Hugging Face model folder")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: no {path.name}: not a Hugging Face model folder") from None
-    except (OSError, ValueError) as e:
+        data = loads_strict(read_regular(path, MAX_JSON))
+    except ValueError as e:
         raise CheckpointError(f"{path}: cannot read {what}: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: {what} is not a JSON object")
     return data
+
+
+def _check_index(path: Path, index: dict[str, Any]) -> list[str]:
+    """The shard file names an index names, after checking its shape."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: no weight_map (an object from tensor names to shard files)")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight_map maps {bad[0]!r} to {bad[1]!r}; shard file names must be strings")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise CheckpointError(f"{path}: metadata must be an object, got {type(index['metadata']).__name__}")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+            raise CheckpointError(f"{path}: shard name {name!r} is not a file in the folder")
+    return names
 
 
 def open_checkpoint(root: Path) -> Checkpoint:
@@ -122,20 +142,15 @@ def open_checkpoint(root: Path) -> Checkpoint:
     index = None
     if (root / INDEX).exists():
         index = _load_json(root / INDEX, "the shard index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{root / INDEX}: no weight_map")
-        names = sorted(set(weight_map.values()))
+        names = _check_index(root / INDEX, index)
     elif (root / SINGLE).exists():
         names = [SINGLE]
     else:
         raise CheckpointError(f"{root}: no {SINGLE} and no {INDEX}")
     shards = {}
     for name in names:
-        if "/" in name or name.startswith("."):
-            raise CheckpointError(f"{root / INDEX}: shard name {name!r} is not a file in the folder")
         path = root / name
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"{root / INDEX}: names shard {name!r}, which does not exist")
         shards[name] = SafetensorsFile(path)
     where: dict[str, str] = {}
@@ -152,7 +167,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
 
 
 def _modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where: dict[str, str]) -> dict[str, Module]:
-    prefixes = sorted({t.rsplit(".", 1)[0] for t in where if t.rsplit(".", 1)[-1] in PARTS[:3]})
+    prefixes = sorted({p for p, dot, part in map(lambda t: t.rpartition("."), where) if p and part in PARTS[:3]})
     modules = {}
     for prefix in prefixes:
         files = {p: where[f"{prefix}.{p}"] for p in PARTS if f"{prefix}.{p}" in where}
@@ -185,6 +200,8 @@ def _check_module(root: Path, fmt: Format, prefix: str, files: dict[str, str], i
         k, n = w.shape[-2] * 8, w.shape[-1]
         if "g_idx" in infos and infos["g_idx"].shape != (k,):
             raise bad(f"g_idx must have shape ({k},)")
+    if 0 in w.shape:
+        raise bad("qweight has no elements (K, N and every leading dimension must be positive)")
     groups = 1 if fmt.group_size == -1 else k // fmt.group_size
     if k % 8 or n % 8 or (fmt.group_size != -1 and k % fmt.group_size):
         raise bad("K and N must be multiples of 8, and K a multiple of the group size")

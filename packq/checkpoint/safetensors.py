@@ -1,11 +1,16 @@
 """Streamed safetensors reading and writing, one tensor at a time, bytes untouched.
 
-The format: an 8-byte little-endian header length, a JSON header mapping each
-tensor name to its dtype, shape and [begin, end) byte offsets in the data that
-follows, and an optional "__metadata__" of strings. packq reads it itself
+The format: an 8-byte little-endian header length, a UTF-8 JSON header mapping
+each tensor name to its dtype, shape and [begin, end) byte offsets in the data
+that follows, and an optional "__metadata__" of strings. packq reads it itself
 because the safetensors NumPy loader rejects bfloat16 and its writer needs
 every tensor in memory at once; here a tensor is read on its own from the source
 (or passed through by the kernel), so memory stays bounded by the largest tensor.
+
+Headers are checked as strictly as the reference loader (the safetensors
+library's ``read_metadata`` and ``Metadata::validate``) checks them, and each is
+parsed once: a :class:`SafetensorsFile` holds the parsed header, and every read
+opens its own file handle through it (``with shard as reader``).
 """
 
 from __future__ import annotations
@@ -16,21 +21,27 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from packq.checkpoint.files import copy_bytes, io_errors, open_regular
 from packq.errors import CheckpointError
 
-#: safetensors dtype -> (NumPy dtype for the tensors packq computes on, or None, and item size)
+#: safetensors dtype -> (NumPy dtype for the tensors packq computes on, or None, and bits per element);
+#: the reference loader's full list, so that any file it reads passes through packq too
 DTYPES: dict[str, tuple[str | None, int]] = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
-    "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2), "BF16": (None, 2),
-    "I32": ("int32", 4), "U32": ("uint32", 4), "F32": ("float32", 4),
-    "I64": ("int64", 8), "U64": ("uint64", 8), "F64": ("float64", 8),
+    "BOOL": ("bool", 8), "U8": ("uint8", 8), "I8": ("int8", 8),
+    "F4": (None, 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
+    "F8_E5M2": (None, 8), "F8_E4M3": (None, 8), "F8_E8M0": (None, 8), "F8_E4M3FNUZ": (None, 8), "F8_E5M2FNUZ": (None, 8),
+    "I16": ("int16", 16), "U16": ("uint16", 16), "F16": ("float16", 16), "BF16": (None, 16),
+    "I32": ("int32", 32), "U32": ("uint32", 32), "F32": ("float32", 32),
+    "C64": ("complex64", 64), "F64": ("float64", 64), "I64": ("int64", 64), "U64": ("uint64", 64),
 }
 NUMPY_TO_DTYPE = {np.dtype(v[0]).str: k for k, v in DTYPES.items() if v[0] is not None}
-MAX_HEADER = 100 * 1024 * 1024
+#: the reference loader's limit on the JSON header (safetensors' MAX_HEADER_SIZE), in bytes
+MAX_HEADER = 100_000_000
+_USIZE = 1 << 64  # shapes and offsets are usize in the reference loader
 
 
 @dataclass(frozen=True)
@@ -46,79 +57,159 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_strict(raw: bytes | str) -> Any:
+    """JSON as the reference (serde_json) reads it: UTF-8, no NaN/Infinity, no duplicate keys.
+
+    Raises ValueError (also for nesting too deep to parse), never anything else.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _is_usize(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _USIZE
+
+
 class SafetensorsFile:
-    """A safetensors file whose header is read and checked up front; tensors are mapped on demand."""
+    """A safetensors file whose header is read and checked once, up front; tensors are read on demand."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
-                (n,) = struct.unpack("<Q", raw)
-                if n > MAX_HEADER or 8 + n > size:
-                    raise CheckpointError(
-                        f"{self.path}: corrupt or truncated safetensors header (length {n}, file of {size} bytes)"
-                    )
-                header_bytes = f.read(n)
+            fd = open_regular(self.path)
+            try:
+                st = os.fstat(fd)
+                self._identity = (st.st_dev, st.st_ino, st.st_size)
+                header_bytes = self._read_header(fd, st.st_size)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
         try:
-            header = json.loads(header_bytes)
-            if not isinstance(header, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as e:
+            header = loads_strict(header_bytes)
+        except ValueError as e:
             raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object: {e})") from None
-        self.data_start = 8 + n
-        data_size = size - self.data_start
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ is not an object)")
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            self.tensors[name] = self._entry(name, entry, data_size)
-        ends = sorted((t.begin, t.end) for t in self.tensors.values())
-        for (_, e0), (b1, _) in zip(ends, ends[1:]):
-            if b1 < e0:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header (tensor data overlaps)")
-        if ends and ends[-1][1] != data_size:
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object: {type(header).__name__})")
+        data_size = st.st_size - self.data_start
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata: dict[str, str] = meta
+        self.tensors: dict[str, TensorInfo] = {name: self._entry(name, entry) for name, entry in header.items()}
+        # the reference loader's validate(): sorted by offsets, each starts where the last ended
+        pos = 0
+        for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if t.begin != pos:
+                what = "overlaps the tensor before it" if t.begin < pos else f"leaves a gap of {t.begin - pos} bytes before it"
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: {t.name!r} at [{t.begin}, {t.end}) {what}")
+            pos = t.end
+        if pos != data_size:
             raise CheckpointError(
                 f"{self.path}: truncated or padded safetensors file: the header describes "
-                f"{ends[-1][1]} data bytes, the file holds {data_size}"
+                f"{pos} data bytes, the file holds {data_size}"
             )
 
-    def _entry(self, name: str, entry: Any, data_size: int) -> TensorInfo:
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            itemsize = DTYPES[dtype][1]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not (0 <= begin <= end) or end - begin != count * itemsize:
+    def _read_header(self, fd: int, size: int) -> bytes:
+        raw = os.pread(fd, 8, 0)
+        if len(raw) < 8:
+            raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
             raise CheckpointError(
-                f"{self.path}: corrupt safetensors header: {name!r} of shape {shape} and dtype {dtype} "
-                f"has offsets [{begin}, {end})"
+                f"{self.path}: safetensors header of {n} bytes is larger than the {MAX_HEADER} bytes the "
+                "safetensors library reads (corrupt, or not a safetensors file)"
             )
-        if end > data_size:
-            raise CheckpointError(f"{self.path}: truncated safetensors file: {name!r} ends past the end of the file")
-        return TensorInfo(name, dtype, shape, int(begin), int(end))
+        if 8 + n > size:
+            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (length {n}, file of {size} bytes)")
+        self.data_start = 8 + n
+        header = os.pread(fd, n, 8)
+        if len(header) != n:
+            raise CheckpointError(f"{self.path}: truncated while reading the header")
+        return header
 
-    def __enter__(self) -> SafetensorsFile:
-        self._file: BinaryIO = open(self.path, "rb", buffering=0)
+    def _entry(self, name: str, entry: Any) -> TensorInfo:
+        def bad(why: str) -> CheckpointError:
+            text = json.dumps(entry)
+            text = text if len(text) <= 200 else text[:200] + "..."
+            return CheckpointError(f"{self.path}: corrupt safetensors header entry for {name!r}: {why} (got {text})")
+
+        if not isinstance(entry, dict):
+            raise bad("expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"dtype must be one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
+            raise bad("shape must be a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_usize(o) for o in offsets):
+            raise bad("data_offsets must be two integers >= 0")
+        begin, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        bits = count * DTYPES[dtype][1]
+        if bits >= _USIZE * 8:
+            raise bad("its byte size overflows 64 bits")
+        if bits % 8:
+            raise bad(f"{count} elements of {DTYPES[dtype][1]} bits do not fill whole bytes")
+        if end < begin or end - begin != bits // 8:
+            raise bad(f"shape {shape} of {dtype} needs {bits // 8} bytes, data_offsets span {end - begin}")
+        return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+    def __enter__(self) -> Reader:
+        return Reader(self)
+
+    def __exit__(self, *exc: Any) -> None:  # the Reader closes itself
+        pass
+
+
+class Reader:
+    """An open handle on a parsed :class:`SafetensorsFile`; each has its own descriptor, so threads may share a shard."""
+
+    def __init__(self, file: SafetensorsFile) -> None:
+        self.file, self.path, self.tensors, self.metadata = file, file.path, file.tensors, file.metadata
+        try:
+            self._fd = open_regular(file.path)
+        except OSError as e:
+            raise CheckpointError(f"{file.path}: cannot read: {e.strerror or e}") from None
+        st = os.fstat(self._fd)
+        if (st.st_dev, st.st_ino, st.st_size) != file._identity:
+            os.close(self._fd)
+            raise CheckpointError(f"{file.path}: changed on disk while packq was reading it")
+
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._file.close()
+        os.close(self._fd)
 
     def _read(self, t: TensorInfo) -> np.ndarray:
-        """The tensor's bytes, read with one system call into fresh memory."""
+        """The tensor's bytes, read with positioned reads into fresh memory."""
         buf = np.empty(t.nbytes, np.uint8)
-        view, offset = buf.data, self.data_start + t.begin
+        view, offset = buf.data, self.file.data_start + t.begin
         while view.nbytes:  # pread: no shared file position, so threads may read at once
-            got = os.preadv(self._file.fileno(), [view], offset)
+            with io_errors(self.path):
+                got = os.preadv(self._fd, [view], offset)
             if not got:
                 raise CheckpointError(f"{self.path}: truncated while reading {t.name!r}")
             view, offset = view[got:], offset + got
@@ -127,18 +218,7 @@ class SafetensorsFile:
     def copy_to(self, name: str, out: Any) -> None:
         """Append the tensor's bytes to the unbuffered file ``out``, copied by the kernel where it can."""
         t = self.tensors[name]
-        offset, left = self.data_start + t.begin, t.nbytes
-        copy_range = getattr(os, "copy_file_range", None)
-        while left and copy_range is not None:
-            try:
-                n = copy_range(self._file.fileno(), out.fileno(), left, offset)
-            except OSError:  # another file system, an old kernel: fall back to read and write
-                break
-            if n == 0:
-                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
-            offset, left = offset + n, left - n
-        if left:
-            out.write(self._read(TensorInfo(name, t.dtype, (left,), offset - self.data_start, t.end)))
+        copy_bytes(self._fd, out, self.file.data_start + t.begin, t.nbytes, self.path)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a NumPy array (not for BF16/F8: see :meth:`array_bits`)."""
@@ -149,33 +229,45 @@ class SafetensorsFile:
         return self._read(t).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
 
     def array_bits(self, name: str) -> np.ndarray:
-        """The tensor's elements as unsigned integers of their width (any dtype, bfloat16 included)."""
+        """The tensor's elements as unsigned integers of their width (any byte-sized dtype, bfloat16 included)."""
         t = self.tensors[name]
-        return self._read(t).view(f"<u{DTYPES[t.dtype][1]}").reshape(t.shape)
+        return self._read(t).view(f"<u{DTYPES[t.dtype][1] // 8}").reshape(t.shape)
 
 
-def header_for(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
-    """The header bytes for tensors (name, dtype, shape, nbytes) written in this order, and their offsets."""
+Entry = tuple[str, str, tuple[int, ...], int]  # (name, dtype, shape, nbytes)
+
+
+def header_for(entries: Iterable[Entry], metadata: dict[str, str], where: Path | str = "") -> bytes:
+    """The header bytes for tensors (name, dtype, shape, nbytes) written in this order.
+
+    Raises CheckpointError where the header would be larger than the reference
+    loader (and packq) reads: packq never writes a file it cannot read back.
+    """
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offsets, pos = [], 0
+    pos = 0
     for name, dtype, shape, nbytes in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-        offsets.append(pos)
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    return struct.pack("<Q", len(raw)) + raw, offsets
+    if len(raw) > MAX_HEADER:
+        raise CheckpointError(
+            f"{where}: the converted header would be {len(raw)} bytes, more than the {MAX_HEADER} bytes the "
+            "safetensors library reads; split the source into more shards first"
+        )
+    return struct.pack("<Q", len(raw)) + raw
 
 
 class SafetensorsWriter:
     """Writes a file whose tensors are declared up front and then written one by one, in order."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]):
         self.path = path
         self.entries = entries
-        head, _ = header_for(entries, metadata)
-        self._file = open(path, "wb", buffering=0)
-        self._write_all(memoryview(head))
+        head = header_for(entries, metadata, path)
+        with io_errors(path):
+            self._file = open(path, "xb", buffering=0)
+            self._write_all(memoryview(head))
         self._next = 0
 
     def _write_all(self, view: memoryview) -> None:
@@ -191,18 +283,21 @@ class SafetensorsWriter:
     def write(self, name: str, data: np.ndarray) -> None:
         view = np.ascontiguousarray(data).data.cast("B")
         self._expect(name, view.nbytes)
-        self._write_all(view)
+        with io_errors(self.path):
+            self._write_all(view)
 
-    def copy(self, name: str, source: SafetensorsFile) -> None:
+    def copy(self, name: str, source: Reader) -> None:
         """Pass a tensor of ``source`` through, byte for byte."""
         self._expect(name, source.tensors[name].nbytes)
-        source.copy_to(name, self._file)
+        with io_errors(self.path):
+            source.copy_to(name, self._file)
 
     def close(self) -> None:
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with io_errors(self.path):
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def abort(self) -> None:
         self._file.close()
