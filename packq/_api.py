@@ -48,7 +48,11 @@ def _check_range(be: backends.Backend, x: Array, name: str, lo: int, hi: int, wh
     if not be.is_concrete(x) or any(d == 0 for d in V.shape_of(x)):
         return
     xp = be.xp
-    vmin, vmax = int(xp.min(x)), int(xp.max(x))
+    try:
+        vmin, vmax = int(xp.min(x)), int(xp.max(x))
+    except (NotImplementedError, RuntimeError, TypeError):  # torch has no min/max for uint16/uint32/uint64
+        wide = xp.astype(x, xp.int64)
+        vmin, vmax = int(xp.min(wide)), int(xp.max(wide))
     if vmin < lo or vmax > hi:
         raise ValueError(f"{name} must hold values in [{lo}, {hi}] {why}, got values in [{vmin}, {vmax}]")
 
@@ -111,11 +115,21 @@ def _unpack_dtype(be: backends.Backend, bits: int, dtype: Any) -> tuple[Any, boo
     kind, _, width = name.partition("int")
     if kind not in ("", "u") or not width.isdigit():
         raise TypeError(f"dtype must be an integer dtype, got {name}")
+    # the same dtype of the input's own library, whichever library's dtype (or name) was passed
+    native = getattr(be.xp, name, None)
+    if native is None and be.name in ("numpy", "jax"):
+        native = dtype  # NumPy-compatible dtypes outside the standard: ml_dtypes' int4/uint4
+    if native is None or (be.name == "generic" and int(width) < 8):
+        raise TypeError(f"dtype must be an integer dtype that {_library_name(be)} computes with, got {name}")
     if name == f"int{bits}":
-        return dtype, True
+        return native, True
     if int(width) < bits + (kind == ""):
         raise ValueError(f"dtype must hold {bits}-bit values 0..{(1 << bits) - 1} (or be int{bits}), got {name}")
-    return dtype, False
+    return native, False
+
+
+def _library_name(be: backends.Backend) -> str:
+    return be.name if be.name != "generic" else be.xp.__name__.rsplit(".", 1)[-1]
 
 
 def unpack(qmatrix: Array, direction: str = "column", *, bits: int = 4, dtype: Any = None) -> Array:

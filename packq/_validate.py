@@ -21,7 +21,9 @@ def shape_of(x: Any) -> tuple[int, ...]:
 
 
 def dtype_name(dtype: Any) -> str:
-    # numpy: "int32"; torch: "torch.int32"; array_api_strict: "array_api_strict.int32"
+    if type(dtype).__module__.startswith("numpy"):  # a NumPy dtype, either byte order: ">i4" is int32
+        return str(dtype.name)
+    # numpy scalar types: "<class 'numpy.int32'>"; torch: "torch.int32"; array_api_strict: "array_api_strict.int32"
     return str(dtype).rsplit(".", 1)[-1].strip("'<>")
 
 

@@ -14,6 +14,8 @@ for a copy of the bytes and 7.4 ms for the ufunc path (benchmarks/results).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import njit
 
@@ -21,6 +23,30 @@ _M16 = np.uint64(0x0000FFFF0000FFFF)
 _M8 = np.uint64(0x00FF00FF00FF00FF)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _LOW = np.uint64(0xFFFFFFFF)
+
+
+def _kernel(fn):
+    """A GIL-free compiled kernel, cached on disk where numba finds a writable place for its cache.
+
+    Without one (a read-only install run by a user whose HOME is not writable),
+    numba refuses cache=True at decoration; the kernel then compiles in memory
+    on first use in each process, with one warning.
+    """
+    try:
+        return njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except RuntimeError as e:  # "cannot cache function ...: no locator available"
+        if not _NO_CACHE_WARNED:
+            _NO_CACHE_WARNED.append(True)
+            warnings.warn(
+                f"packq: numba cannot cache its kernels here ({e}); they compile in memory in every process "
+                "(set NUMBA_CACHE_DIR to a writable folder to cache them)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return njit(nogil=True, cache=False, boundscheck=False)(fn)
+
+
+_NO_CACHE_WARNED: list[bool] = []
 
 
 @njit(inline="always")
@@ -54,7 +80,7 @@ def _pair(lo, hi, two):
     return a | (np.uint64(hi) << 32) if two else a
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@_kernel
 def awq_to_gptq(src, out, g0, g1):
     """AWQ words ``src`` (G, 8, C) to GPTQ words ``out`` (G, C, 8), uint32, for groups g0 <= g < g1.
 
@@ -79,7 +105,7 @@ def awq_to_gptq(src, out, g0, g1):
                 o[1], o[3], o[5], o[7] = t[4] >> 32, t[5] >> 32, t[6] >> 32, t[7] >> 32
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@_kernel
 def gptq_to_awq(src, out, g0, g1):
     """GPTQ words ``src`` (G, C, 8) to AWQ words ``out`` (G, 8, C), uint32, for groups g0 <= g < g1.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -38,9 +39,22 @@ BLOCK_BYTES = 2 * 1024 * 1024
 _pool: ThreadPoolExecutor | None = None
 
 
+@functools.cache
 def threads() -> int:
-    n = os.environ.get("PACKQ_NUM_THREADS")
-    return max(1, int(n)) if n else min(8, os.cpu_count() or 1)
+    """Threads for the fast paths: ``PACKQ_NUM_THREADS``, read once, else up to 8 by the cores.
+
+    A value that is not a positive integer is ignored with one warning, not an error on every call.
+    """
+    default = min(8, os.cpu_count() or 1)
+    n = os.environ.get("PACKQ_NUM_THREADS", "").strip()
+    if not n:
+        return default
+    if not n.isdigit() or int(n) < 1:
+        warnings.warn(
+            f"PACKQ_NUM_THREADS must be a positive integer, got {n!r}; using {default} threads", RuntimeWarning, stacklevel=2
+        )
+        return default
+    return int(n)
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -263,8 +277,21 @@ class NumpyBackend(Backend):
     name = "numpy"
     fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack}
 
+    def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
+        arrays = tuple(_native(a) for a in arrays)
+        # the fast paths' block layouts assume data; the core returns empty results of the right shape
+        plain = plain or any(a is not None and a.size == 0 for a in arrays)
+        return super().run(fn, *arrays, plain=plain, **static)
+
     def as_int32(self, x: Any) -> Any:
-        return np.asarray(x).view(np.int32)
+        return _native(np.asarray(x)).view(np.int32)
+
+
+def _native(a: Any) -> Any:
+    """``a`` in the machine's byte order (the fast paths reinterpret bytes; checkpoints may be big-endian)."""
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
 
 
 BACKEND = NumpyBackend(xp)
