@@ -222,10 +222,10 @@ class Destination:
             with io_errors(self.parent):
                 if self.old.exists() and not _exists(self.dst):
                     os.rename(self.old, self.dst)  # a fallback --force run died between its two renames
-                if _exists(self.dst) and not self.force:
-                    raise CheckpointError(f"DST {self.dst} already exists; pass --force (force=True) to replace it")
                 for stale in (self.tmp, self.old):  # left by a run that was killed: we hold the claim now
                     remove(stale)
+                if _exists(self.dst) and not self.force:
+                    raise CheckpointError(f"DST {self.dst} already exists; pass --force (force=True) to replace it")
                 self.tmp.mkdir()
         except BaseException:
             self._release()

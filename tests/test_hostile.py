@@ -1,0 +1,665 @@
+"""Hostile input and faults: every failure is one line and exit 2, with SRC untouched and nothing left behind.
+
+The oracle for headers is the safetensors library itself: a shard it refuses to
+open, packq must refuse too; and everything packq writes, it must open and read.
+Mutations are drawn by hypothesis over the shard headers, the index and the
+config; the classes a hostile study found are listed as explicit cases too.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from packq.checkpoint import files as F
+from packq.checkpoint.safetensors import MAX_HEADER
+from packq.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+INDEX = "model.safetensors.index.json"
+
+
+# ------------------------------------------------------------------ a tiny checkpoint
+def make_checkpoint(root: Path) -> Path:
+    """Two AWQ modules (K=128, N=64, group 64) in two shards, an unquantized bf16 tensor and an extra file."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    tensors = [{}, {}]
+    for i, name in enumerate(["model.layers.0.q", "model.layers.0.k"]):
+        tensors[i][f"{name}.qweight"] = rng.integers(0, 2**32, (128, 8), dtype=np.uint64).astype(np.uint32).view(np.int32)
+        tensors[i][f"{name}.qzeros"] = rng.integers(0, 2**32, (2, 8), dtype=np.uint64).astype(np.uint32).view(np.int32)
+        tensors[i][f"{name}.scales"] = rng.random((2, 64)).astype(np.float16)
+    tensors[0]["model.embed.weight"] = rng.integers(0, 2**16, (16, 8), dtype=np.uint64).astype(np.uint16)  # as bf16 below
+    weight_map = {}
+    for shard, ts in zip(SHARDS, tensors):
+        save_file(ts, str(root / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in ts})
+    _edit_header(root / SHARDS[0], lambda h: h["model.embed.weight"].update(dtype="BF16"))
+    (root / INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}}))
+    (root / "tokenizer.json").write_text("{}")
+    return root
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_shard(path: Path, header: object, data: bytes, encoding: str = "utf-8") -> None:
+    raw = json.dumps(header).encode(encoding) if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _edit_header(path: Path, edit) -> None:
+    header, data = read_header(path)
+    edit(header)
+    write_shard(path, header, data)
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def reference_opens(path: Path) -> bool:
+    """Whether the safetensors library accepts the file's header (its read_metadata and validate)."""
+    try:
+        with safe_open(str(path), "np") as f:
+            f.keys()
+        return True
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return False
+
+
+def assert_loads_in_safetensors(folder: Path) -> None:
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "src")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, dst: Path, *fragments: str) -> None:
+    assert code == 2, err
+    assert err.startswith("packq: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not os.path.lexists(dst)
+    assert not list(dst.parent.glob(".packq-*")), list(dst.parent.glob(".packq-*"))
+
+
+def convert_and_check(src: Path, dst: Path, capsys, *extra: str) -> tuple[int, str]:
+    """Run packq convert; whatever it decides, the guarantees hold. Returns (code, stderr)."""
+    before = tree_hash(src)
+    code, err = run_cli(["convert", str(src), str(dst), "--verify", *extra], capsys)
+    assert tree_hash(src) == before, "SRC was written"
+    if code == 0:
+        assert_loads_in_safetensors(dst)
+        assert not list(dst.parent.glob(".packq-*"))
+    else:
+        assert_refused(code, err, dst)
+    return code, err
+
+
+# ------------------------------------------------------------------ explicit classes
+def _entry(field, value):
+    return lambda h: h["model.layers.0.q.qweight"].__setitem__(field, value)
+
+
+HEADER_CASES = {
+    "negative-dim": _entry("shape", [-128, 8]),
+    "float-dim": _entry("shape", [128.0, 8]),
+    "string-dim": _entry("shape", ["128", 8]),
+    "bool-dim": _entry("shape", [True, 8]),
+    "huge-dim": _entry("shape", [2**70, 8]),
+    "overflowing-shape": _entry("shape", [2**40, 2**40]),
+    "shape-not-a-list": _entry("shape", 1024),
+    "offsets-strings": _entry("data_offsets", ["0", "4096"]),
+    "offsets-null": _entry("data_offsets", None),
+    "offsets-three": _entry("data_offsets", [0, 4096, 8192]),
+    "offsets-reversed": lambda h: h["model.layers.0.q.qweight"].__setitem__(
+        "data_offsets", h["model.layers.0.q.qweight"]["data_offsets"][::-1]),
+    "size-disagrees": _entry("shape", [64, 8]),
+    "unknown-dtype": _entry("dtype", "I4"),
+    "dtype-not-string": _entry("dtype", 32),
+    "entry-not-object": lambda h: h.__setitem__("model.layers.0.q.qweight", [1, 2]),
+    "metadata-not-strings": lambda h: h.__setitem__("__metadata__", {"format": 1}),
+    "metadata-list": lambda h: h.__setitem__("__metadata__", ["pt"]),
+    "gap": lambda h: h.pop("model.layers.0.q.qzeros"),
+    "overlap": lambda h: h["model.layers.0.q.qzeros"].__setitem__(
+        "data_offsets", [o - 4 for o in h["model.layers.0.q.qzeros"]["data_offsets"]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_header_the_reference_refuses_is_refused(ckpt, tmp_path, capsys, case):
+    _edit_header(ckpt / SHARDS[0], HEADER_CASES[case])
+    assert not reference_opens(ckpt / SHARDS[0]), "the case should be one the reference loader refuses"
+    code, err = convert_and_check(ckpt, tmp_path / "dst", capsys)
+    assert_refused(code, err, tmp_path / "dst", SHARDS[0])
+    code, err = run_cli(["inspect", str(ckpt)], capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+RAW_CASES = {
+    "utf16": lambda h, d: (json.dumps(h).encode("utf-16"), d),
+    "latin1-name": lambda h, d: (json.dumps(h, ensure_ascii=False).replace("model.embed", "mod\u00e9l.embed").encode("latin-1"), d),
+    "nan": lambda h, d: (json.dumps(h).replace('"format": "pt"', '"format": NaN').encode(), d),
+    "duplicate-key": lambda h, d: (json.dumps(h)[:-1].encode() + b', "model.embed.weight": ' +
+                                   json.dumps(h["model.embed.weight"]).encode() + b"}", d),
+    "deep-nesting": lambda h, d: (b"[" * 100_000 + b"]" * 100_000, d),
+    "not-an-object": lambda h, d: (b"[]", d),
+    "trailing-bytes": lambda h, d: (json.dumps(h).encode(), d + b"\0" * 8),
+    "truncated-data": lambda h, d: (json.dumps(h).encode(), d[:-1]),
+    "empty-file": lambda h, d: (b"", b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_raw_header_the_reference_refuses_is_refused(ckpt, tmp_path, capsys, case):
+    header, data = read_header(ckpt / SHARDS[0])
+    raw, data = RAW_CASES[case](header, data)
+    if case == "empty-file":
+        (ckpt / SHARDS[0]).write_bytes(b"\0" * 4)
+    else:
+        write_shard(ckpt / SHARDS[0], raw, data)
+    # a name given twice is ambiguous: the reference keeps the last, packq refuses (stricter on purpose)
+    assert reference_opens(ckpt / SHARDS[0]) == (case == "duplicate-key")
+    code, err = convert_and_check(ckpt, tmp_path / "dst", capsys)
+    assert_refused(code, err, tmp_path / "dst", SHARDS[0])
+
+
+def test_header_at_the_limit_is_read_and_past_it_refused(ckpt, tmp_path, capsys):
+    header, data = read_header(ckpt / SHARDS[1])
+    raw = json.dumps(header).encode()
+    write_shard(ckpt / SHARDS[1], raw + b" " * (MAX_HEADER + 8 - len(raw)), data)
+    assert not reference_opens(ckpt / SHARDS[1])
+    code, err = convert_and_check(ckpt, tmp_path / "dst", capsys)
+    assert_refused(code, err, tmp_path / "dst", "larger than the 100000000 bytes")
+    write_shard(ckpt / SHARDS[1], raw + b" " * (MAX_HEADER - len(raw)), data)
+    assert reference_opens(ckpt / SHARDS[1])
+    assert convert_and_check(ckpt, tmp_path / "dst", capsys)[0] == 0
+
+
+def test_a_header_that_would_grow_past_the_limit_is_refused_before_writing(ckpt, tmp_path, capsys):
+    """To GPTQ adds a g_idx entry per module: a source header just under the limit would come out over it."""
+    header, data = read_header(ckpt / SHARDS[0])
+    header["__metadata__"]["pad"] = ""
+    room = MAX_HEADER - len(json.dumps(header, separators=(",", ":")).encode()) - 8
+    header["__metadata__"]["pad"] = "x" * room
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    write_shard(ckpt / SHARDS[0], raw, data)
+    assert len(raw) <= MAX_HEADER and reference_opens(ckpt / SHARDS[0])
+    code, err = convert_and_check(ckpt, tmp_path / "dst", capsys)
+    assert_refused(code, err, tmp_path / "dst", "the converted header would be", "split the source into more shards")
+
+
+def test_each_header_is_parsed_once(ckpt, tmp_path, monkeypatch):
+    from packq.checkpoint import safetensors as S
+
+    parsed: list[str] = []
+    real = S.SafetensorsFile.__init__
+
+    def counting(self, path):
+        parsed.append(Path(path).name)
+        real(self, path)
+
+    monkeypatch.setattr(S.SafetensorsFile, "__init__", counting)
+    assert main(["convert", str(ckpt), str(tmp_path / "dst"), "--verify"]) == 0
+    # every source shard once, and every output shard once (read back by --verify)
+    assert sorted(parsed) == sorted(SHARDS * 2)
+
+
+def _index(ckpt: Path, edit) -> None:
+    index = json.loads((ckpt / INDEX).read_text())
+    edit(index)
+    (ckpt / INDEX).write_text(json.dumps(index))
+
+
+def _config(ckpt: Path, edit) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config)
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def _module_shape(k: int, n: int):
+    """Rewrite module q to shape (K, N) with matching tensors, valid as safetensors."""
+    def damage(ckpt: Path) -> None:
+        header, data = read_header(ckpt / SHARDS[0])
+        tensors = {}
+        with safe_open(str(ckpt / SHARDS[0]), "np") as f:
+            for name in f.keys():
+                if header[name]["dtype"] != "BF16":
+                    tensors[name] = f.get_tensor(name)
+        tensors["model.layers.0.q.qweight"] = np.zeros((k, n // 8), np.int32)
+        tensors["model.layers.0.q.qzeros"] = np.zeros((2 if k else 0, n // 8), np.int32)
+        tensors["model.layers.0.q.scales"] = np.zeros((2 if k else 0, n), np.float16)
+        tensors["model.embed.weight"] = np.zeros((16, 8), np.uint16)
+        save_file(tensors, str(ckpt / SHARDS[0]), metadata={"format": "pt"})
+    return damage
+
+
+FOLDER_CASES = {
+    "index-weight-map-values-not-strings": (lambda c: _index(c, lambda i: i["weight_map"].update({"x": 3})),
+                                            "shard file names must be strings"),
+    "index-weight-map-list": (lambda c: _index(c, lambda i: i.update(weight_map=[1])), "no weight_map"),
+    "index-metadata-not-object": (lambda c: _index(c, lambda i: i.update(metadata=[1, 2])), "metadata must be an object"),
+    "index-deep-nesting": (lambda c: (c / INDEX).write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    "index-nul-in-shard-name": (lambda c: _index(c, lambda i: i["weight_map"].update(
+        {"model.embed.weight": "model\0.safetensors"})), "is not a file in the folder"),
+    "index-shard-outside": (lambda c: _index(c, lambda i: i["weight_map"].update(
+        {"model.embed.weight": "../x.safetensors"})), "is not a file in the folder"),
+    "config-deep-nesting": (lambda c: (c / "config.json").write_text('{"a":' + "[" * 100_000 + "]" * 100_000 + "}"),
+                            "nested too deeply"),
+    "config-not-utf8": (lambda c: (c / "config.json").write_bytes(b'{"a": "\xff"}'), "not UTF-8"),
+    "config-desc-act-string": (lambda c: _config(c, lambda q: q["quantization_config"].update(desc_act="false",
+                                                                                               quant_method="gptq")),
+                               "is AWQ" if False else "desc_act must be true or false"),
+    "config-group-size-float": (lambda c: _config(c, lambda q: q["quantization_config"].update(group_size=64.0)),
+                                "group_size must be a positive integer"),
+    "config-a-folder": (lambda c: ((c / "config.json").unlink(), (c / "config.json").mkdir()), "is a folder"),
+    "config-a-fifo": (lambda c: ((c / "config.json").unlink(), os.mkfifo(c / "config.json")), "is a FIFO"),
+    "shard-a-fifo": (lambda c: ((c / SHARDS[1]).unlink(), os.mkfifo(c / SHARDS[1])), "is a FIFO"),
+    "shard-link-to-dev-zero": (lambda c: ((c / SHARDS[1]).unlink(), (c / SHARDS[1]).symlink_to("/dev/zero")),
+                               "not a regular file"),
+    "module-k-0": (_module_shape(0, 64), "qweight has no elements"),
+    "module-n-0": (_module_shape(128, 0), "qweight has no elements"),
+    "extra-fifo": (lambda c: os.mkfifo(c / "pipe"), "not a regular file (a FIFO"),
+    "extra-link-to-dev-zero": (lambda c: (c / "zeros.bin").symlink_to("/dev/zero"), "not a regular file"),
+    "extra-link-loop": (lambda c: ((c / "a").symlink_to(c / "b"), (c / "b").symlink_to(c / "a")),
+                        "Too many levels of symbolic links"),
+    "extra-dangling-link": (lambda c: (c / "gone").symlink_to(c / "nowhere"), "No such file or directory"),
+    "extra-link-to-folder": (lambda c: (c / "up").symlink_to(c.parent), "is a link to a folder"),
+    "extra-fifo-in-subfolder": (lambda c: ((c / "sub").mkdir(), os.mkfifo(c / "sub" / "pipe")), "sub/pipe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDER_CASES))
+def test_malformed_folder_is_one_line_exit_2(ckpt, tmp_path, capsys, case):
+    damage, fragment = FOLDER_CASES[case]
+    damage(ckpt)
+    dst = tmp_path / "dst"
+    t0 = time.monotonic()
+    code, err = run_cli(["convert", str(ckpt), str(dst)], capsys)
+    assert time.monotonic() - t0 < 30, "a special file made packq block or run on"
+    assert_refused(code, err, dst, fragment)
+
+
+def test_links_to_regular_files_are_copied_as_files_and_subfolders_walked(ckpt, tmp_path, capsys):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside")
+    (ckpt / "linked.txt").symlink_to(outside)
+    (ckpt / "sub" / "deeper").mkdir(parents=True)
+    (ckpt / "sub" / "deeper" / "note.md").write_text("note")
+    code, _ = convert_and_check(ckpt, tmp_path / "dst", capsys)
+    assert code == 0
+    copied = tmp_path / "dst" / "linked.txt"
+    assert not copied.is_symlink() and copied.read_text() == "outside"
+    assert (tmp_path / "dst" / "sub" / "deeper" / "note.md").read_text() == "note"
+    assert (tmp_path / "dst" / "tokenizer.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------ hypothesis mutations
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) inside a JSON tree."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def mutate(tree, data) -> object:
+    """Replace, delete or add one node of a JSON tree (a deep copy)."""
+    tree = json.loads(json.dumps(tree))
+    paths = list(_paths(tree))
+    path, _ = data.draw(st.sampled_from(paths))
+    if not path:
+        return data.draw(JSON)
+    parent = tree
+    for key in path[:-1]:
+        parent = parent[key]
+    action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "replace":
+        parent[path[-1]] = data.draw(JSON)
+    elif action == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[data.draw(st.text(max_size=6))] = data.draw(JSON)
+    else:
+        parent.append(data.draw(JSON))
+    return tree
+
+
+MUTATION = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+_TRIED: dict[str, list[int]] = {}
+
+
+def _count(kind: str, code: int) -> None:
+    _TRIED.setdefault(kind, []).append(code)
+
+
+@MUTATION
+@given(data=st.data())
+def test_mutated_shard_header(tmp_path_factory, data, capsys):
+    root = tmp_path_factory.mktemp("m")
+    src = make_checkpoint(root / "src")
+    shard = src / data.draw(st.sampled_from(SHARDS))
+    header, body = read_header(shard)
+    write_shard(shard, mutate(header, data), body)
+    code, _ = convert_and_check(src, root / "dst", capsys)
+    if not reference_opens(shard):
+        assert code == 2, "packq accepted a shard the safetensors library refuses"
+    _count("shard header", code)
+
+
+@MUTATION
+@given(data=st.data())
+def test_mutated_index(tmp_path_factory, data, capsys):
+    root = tmp_path_factory.mktemp("m")
+    src = make_checkpoint(root / "src")
+    (src / INDEX).write_text(json.dumps(mutate(json.loads((src / INDEX).read_text()), data)))
+    _count("index", convert_and_check(src, root / "dst", capsys)[0])
+
+
+@MUTATION
+@given(data=st.data())
+def test_mutated_config(tmp_path_factory, data, capsys):
+    root = tmp_path_factory.mktemp("m")
+    src = make_checkpoint(root / "src")
+    (src / "config.json").write_text(json.dumps(mutate(json.loads((src / "config.json").read_text()), data)))
+    _count("config", convert_and_check(src, root / "dst", capsys)[0])
+
+
+@MUTATION
+@given(data=st.data(), position=st.integers(0, 10**6), byte=st.integers(0, 255))
+def test_flipped_byte_anywhere_in_a_shard(tmp_path_factory, data, position, byte, capsys):
+    root = tmp_path_factory.mktemp("m")
+    src = make_checkpoint(root / "src")
+    shard = src / data.draw(st.sampled_from(SHARDS))
+    raw = bytearray(shard.read_bytes())
+    raw[position % len(raw)] = byte
+    shard.write_bytes(bytes(raw))
+    code, _ = convert_and_check(src, root / "dst", capsys)
+    if not reference_opens(shard):
+        assert code == 2
+    _count("flipped byte", code)
+
+
+def test_zz_report_mutation_counts():
+    """Prints how many mutations each property tried and how they ended (-rA shows it)."""
+    for kind, codes in sorted(_TRIED.items()):
+        print(f"{kind}: {len(codes)} tried, {codes.count(2)} refused (exit 2), {codes.count(0)} converted")
+        assert set(codes) <= {0, 2}
+
+
+# ------------------------------------------------------------------ DST and file-system faults
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dst_dot_or_dotdot_refused(ckpt, tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path / "src")
+    before = tree_hash(tmp_path)
+    code, err = run_cli(["convert", str(ckpt), name, "--force"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("packq: error: "), err
+    assert tree_hash(tmp_path) == before
+
+
+def test_dst_names_of_255_bytes_work_and_256_is_one_line(ckpt, tmp_path, capsys):
+    dst = tmp_path / ("d" * 255)
+    assert convert_and_check(ckpt, dst, capsys)[0] == 0
+    assert convert_and_check(ckpt, dst, capsys, "--force")[0] == 0
+    code, err = run_cli(["convert", str(ckpt), str(tmp_path / ("d" * 256))], capsys)
+    assert_refused(code, err, tmp_path / ("d" * 256), "File name too long")
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    where = tmp_path / "fs"
+    yield where
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(ckpt, small_fs, capsys):
+    _mount_tmpfs(small_fs, "size=4k")
+    code, err = run_cli(["convert", str(ckpt), str(small_fs / "dst")], capsys)
+    assert_refused(code, err, small_fs / "dst", "No space left on device")
+    assert os.listdir(small_fs) == []
+
+
+def test_read_only_parent_is_one_line(ckpt, small_fs, capsys):
+    _mount_tmpfs(small_fs, "ro,size=1m")
+    code, err = run_cli(["convert", str(ckpt), str(small_fs / "dst")], capsys)
+    assert_refused(code, err, small_fs / "dst", "Read-only file system")
+
+
+def test_disk_full_injected(ckpt, tmp_path, capsys, monkeypatch):
+    """The same path without a mount: the config write fails with ENOSPC after every shard was written."""
+    real = F.write_durable
+
+    def full(path, data):
+        if path.name == "config.json":
+            raise F.CheckpointError(F.describe(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)), path))
+        real(path, data)
+
+    monkeypatch.setattr("packq.checkpoint.convert.write_durable", full)
+    code, err = run_cli(["convert", str(ckpt), str(tmp_path / "dst")], capsys)
+    assert_refused(code, err, tmp_path / "dst", "No space left on device")
+
+
+def test_file_size_limit_is_one_line(ckpt, tmp_path):
+    """ulimit -f: writes past the limit fail with EFBIG (Python ignores SIGXFSZ)."""
+    dst = tmp_path / "dst"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(ckpt), str(dst)], capture_output=True,
+                       text=True, preexec_fn=limit)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "File too large" in r.stderr, r.stderr
+    assert not dst.exists() and not list(tmp_path.glob(".packq-*"))
+
+
+def test_every_file_and_folder_is_fsynced(ckpt, tmp_path, monkeypatch):
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "x.txt").write_text("x")
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    partial = next(p for p in synced if p.endswith(".partial"))
+    names = {Path(p).relative_to(partial).as_posix() if p.startswith(partial) else p for p in synced}
+    for f in dst.rglob("*"):
+        assert f.relative_to(dst).as_posix() in names, f"{f} was not fsynced"
+    assert "." in names or partial in synced  # the folder itself
+    assert str(tmp_path) in synced, "DST's parent was not fsynced"
+    last = max(i for i, p in enumerate(synced) if p == str(tmp_path))
+    assert last > max(i for i, p in enumerate(synced) if p.startswith(partial)), "no fsync of the parent after the rename"
+
+
+# ------------------------------------------------------------------ races and kills
+SLOW = """
+import os, sys, time
+import packq.checkpoint.convert as c
+import packq.checkpoint.files as files
+real = c._tensor
+def slow(*a, **k):
+    time.sleep(float(os.environ.get("PACKQ_TEST_DELAY", "0.05")))
+    return real(*a, **k)
+c._tensor = slow
+when = os.environ.get("PACKQ_TEST_KILL")
+if when:
+    if os.environ.get("PACKQ_TEST_FALLBACK"):
+        files.Destination.use_renameat2 = False
+    real_rename, real_r2 = os.rename, files._renameat2
+    def kill():
+        os.kill(os.getpid(), 9)
+    def r2(a, b, flags):
+        if when == "before-exchange":
+            kill()
+        ok = real_r2(a, b, flags)
+        if when == "after-exchange":
+            kill()
+        return ok
+    calls = []
+    def rename(a, b):
+        real_rename(a, b)
+        calls.append(b)
+        if when == "between-renames" and str(b).endswith(".old"):
+            kill()
+    files._renameat2 = r2
+    files.os.rename = rename
+from packq.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _spawn(*args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_converts_racing_to_one_new_dst_never_both_succeed(ckpt, tmp_path, trial):
+    dst = tmp_path / "dst"
+    a = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.02")
+    time.sleep(0.1 * trial)
+    b = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.02")
+    results = [(p.wait(60), p.communicate()[1]) for p in (a, b)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert loser.count("\n") == 1 and ("another packq conversion is writing it" in loser or "already exists" in loser)
+    assert_loads_in_safetensors(dst)
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+def _fingerprint(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
+
+
+@pytest.mark.parametrize("when", ["before-exchange", "after-exchange"])
+def test_force_is_atomic_when_killed_around_the_exchange(ckpt, tmp_path, when):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0  # the old DST: GPTQ
+    old = tree_hash(dst)
+    again = tmp_path / "again"
+    shutil.copytree(ckpt, again)
+    # convert the GPTQ result back to AWQ over an existing AWQ-named DST, killed around the exchange
+    target = tmp_path / "target"
+    assert main(["convert", str(dst), str(target), "--to", "awq"]) == 0
+    before = tree_hash(target)
+    p = _spawn("convert", str(dst), str(target), "--to", "awq", "--force", "--checkpoint-format", "gptq",
+               PACKQ_TEST_KILL=when, PACKQ_TEST_DELAY="0")
+    assert p.wait(60) == -9
+    assert target.is_dir()
+    assert_loads_in_safetensors(target)
+    if when == "before-exchange":
+        assert tree_hash(target) == before  # the old folder, untouched
+    else:
+        assert _fingerprint(target) == "awq"  # the new, complete folder (same content by construction)
+    assert tree_hash(dst) == old
+    # the next run is not blocked, and leaves nothing behind
+    assert main(["convert", str(dst), str(target), "--to", "awq", "--force"]) == 0
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+def test_force_fallback_killed_between_renames_is_repaired_by_the_next_run(ckpt, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    old = tree_hash(dst)
+    p = _spawn("convert", str(ckpt), str(dst), "--force", "--checkpoint-format", "gptq_v2",
+               PACKQ_TEST_KILL="between-renames", PACKQ_TEST_FALLBACK="1", PACKQ_TEST_DELAY="0")
+    assert p.wait(60) == -9
+    assert not dst.exists() and list(tmp_path.glob(".packq-*.old"))  # the documented window of the fallback
+    code, err = run_cli(["convert", str(ckpt), str(dst)], capsys)  # puts the old DST back, then refuses
+    assert code == 2 and "already exists" in err
+    assert tree_hash(dst) == old
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+def test_fallback_force_replaces_when_not_killed(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(F.Destination, "use_renameat2", False)
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    assert main(["convert", str(ckpt), str(dst), "--force", "--checkpoint-format", "gptq_v2"]) == 0
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert q["checkpoint_format"] == "gptq_v2" and not list(tmp_path.glob(".packq-*"))
+
+
+def test_stale_partial_of_a_killed_run_is_cleared_whatever_pid_is_alive(ckpt, tmp_path):
+    """The claim is the lock, not a PID: leftovers are cleared once the lock is free."""
+    dst = tmp_path / "dst"
+    p = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.2")
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert list(tmp_path.glob(".packq-*.partial")) and not dst.exists()
+    # a live, unrelated process (this one) has nothing to do with it
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+def test_a_running_conversion_is_not_disturbed_by_a_second(ckpt, tmp_path):
+    dst = tmp_path / "dst"
+    a = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.1")
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
+        time.sleep(0.01)
+    b = _spawn("convert", str(ckpt), str(dst), "--force")
+    code_b, err_b = b.wait(60), b.communicate()[1]
+    assert code_b == 2 and "another packq conversion is writing it" in err_b
+    assert a.wait(60) == 0
+    assert_loads_in_safetensors(dst)
