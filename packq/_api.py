@@ -115,17 +115,16 @@ def _unpack_dtype(be: backends.Backend, bits: int, dtype: Any) -> tuple[Any, boo
     kind, _, width = name.partition("int")
     if kind not in ("", "u") or not width.isdigit():
         raise TypeError(f"dtype must be an integer dtype, got {name}")
+    wrap = name == f"int{bits}"
+    if not wrap and int(width) < bits + (kind == ""):
+        raise ValueError(f"dtype must hold {bits}-bit values 0..{(1 << bits) - 1} (or be int{bits}), got {name}")
     # the same dtype of the input's own library, whichever library's dtype (or name) was passed
     native = getattr(be.xp, name, None)
     if native is None and be.name in ("numpy", "jax"):
         native = dtype  # NumPy-compatible dtypes outside the standard: ml_dtypes' int4/uint4
     if native is None or (be.name == "generic" and int(width) < 8):
         raise TypeError(f"dtype must be an integer dtype that {_library_name(be)} computes with, got {name}")
-    if name == f"int{bits}":
-        return native, True
-    if int(width) < bits + (kind == ""):
-        raise ValueError(f"dtype must hold {bits}-bit values 0..{(1 << bits) - 1} (or be int{bits}), got {name}")
-    return native, False
+    return native, wrap
 
 
 def _library_name(be: backends.Backend) -> str:
@@ -384,24 +383,42 @@ def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None, *, bi
     return be.run(awq.weight_to_awq, _words_in(be, qweight)), be.run(awq.zeros_to_awq, _words_in(be, qzeros))
 
 
-def _zeros(qzeros: Array, bits: int, delta: int) -> Array:
+CONVENTIONS = ("field", "word")
+
+
+def _zeros(qzeros: Array, bits: int, delta: int, convention: str) -> Array:
     V.words(qzeros, "qzeros")
     bits = V.bits(bits)
     V.multiple(qzeros, "qzeros", -1, B.layout(bits)[1], _period(bits))
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be 'field' or 'word', got {convention!r}")
+    if convention == "word" and bits == 3:
+        raise ValueError("convention 'word' is a whole-word add at 2, 4 and 8 bits; 3-bit fields straddle "
+                         "words and every engine shifts them field by field: use convention 'field', got bits=3")
     be = backends.for_arrays(qzeros=qzeros)
+    if convention == "word":
+        return be.run(gptq.zeros_word_add, _words_in(be, qzeros), delta=delta, bits=bits)
     return be.run(gptq.zeros_shift, _words_in(be, qzeros), delta=delta, bits=bits)
 
 
-def zeros_v1_to_v2(qzeros: Array, *, bits: int = 4) -> Array:
+def zeros_v1_to_v2(qzeros: Array, *, bits: int = 4, convention: str = "field") -> Array:
     """GPTQ qzeros from v1 storage (z - 1, checkpoint_format "gptq") to v2 (z, "gptq_v2").
 
-    Every field gains 1 modulo 2**bits on its own, fields straddling words
-    at 3 bits included; never a whole-word add.
+    With ``convention="field"`` every field gains 1 modulo 2**bits on its own,
+    fields straddling words at 3 bits included: how TGI's and LoRAX's kernels
+    read v1, and how packq writes it by default. With ``convention="word"`` the
+    word gains 0x11111111 (at 4 bits) as one 32-bit add, a carry crossing into
+    the next field wherever a field holds 2**bits - 1: how GPTQModel, and so
+    transformers, reads v1 (``gptqmodel/utils/model.py``,
+    ``convert_gptq_v1_to_v2_format_module``). The two agree unless a field
+    below the top one stores 2**bits - 1 (a zero-point of 0).
 
     Parameters
     ----------
     qzeros : array of int32 or uint32, shape (..., groups, N * bits / 32)
     bits : {2, 3, 4, 8}
+    convention : {"field", "word"}
+        "word" is defined at 2, 4 and 8 bits.
 
     Returns
     -------
@@ -419,22 +436,29 @@ def zeros_v1_to_v2(qzeros: Array, *, bits: int = 4) -> Array:
     >>> import numpy as np, packq
     >>> hex(packq.zeros_v1_to_v2(np.array([[-1]], dtype=np.int32))[0, 0])
     '0x0'
+    >>> v1 = np.array([[0x7777777F]], dtype=np.uint32)  # zero-point 0 in field 0, 8 elsewhere
+    >>> hex(packq.zeros_v1_to_v2(v1).view(np.uint32)[0, 0]), hex(packq.zeros_v1_to_v2(v1, convention="word").view(np.uint32)[0, 0])
+    ('0x88888880', '0x88888890')
     """
-    return _zeros(qzeros, bits, +1)
+    return _zeros(qzeros, bits, +1, convention)
 
 
-def zeros_v2_to_v1(qzeros: Array, *, bits: int = 4) -> Array:
-    """GPTQ qzeros from v2 storage (z) to v1 (z - 1 per field modulo 2**bits).
+def zeros_v2_to_v1(qzeros: Array, *, bits: int = 4, convention: str = "field") -> Array:
+    """GPTQ qzeros from v2 storage (z) to v1 (z - 1), per field or as one word.
 
-    See :func:`zeros_v1_to_v2`, of which this is the inverse.
+    See :func:`zeros_v1_to_v2`, of which this is the inverse in either
+    convention. ``convention="word"`` is how GPTQModel writes v1
+    (``convert_gptq_v2_to_v1_format_module``: ``qzeros -= 0x11111111``).
 
     Examples
     --------
     >>> import numpy as np, packq
     >>> hex(packq.zeros_v2_to_v1(np.array([[0x88888880]], dtype=np.uint32)).view(np.uint32)[0, 0])
     '0x7777777f'
+    >>> hex(packq.zeros_v2_to_v1(np.array([[0x88888880]], dtype=np.uint32), convention="word").view(np.uint32)[0, 0])
+    '0x7777776f'
     """
-    return _zeros(qzeros, bits, -1)
+    return _zeros(qzeros, bits, -1, convention)
 
 
 def _check_scales(scales: Array, groups: int, n: int, like: Array, like_name: str) -> None:

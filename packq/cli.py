@@ -38,9 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
     c.add_argument("--json", action="store_true", help="print a machine-readable summary")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    c.add_argument("--v1-zeros", choices=["field", "word"], default=None,
+                   help="how a GPTQ v1 source stored zero-points of 0: word = GPTQModel/transformers (whole-word "
+                        "subtraction), field = per field (TGI, LoRAX, packq); default: from the producer's metadata")
     i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
     i.add_argument("src")
     i.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    i.add_argument("--v1-zeros", choices=["field", "word"], default=None, help="as for convert")
     return p
 
 
@@ -59,8 +63,17 @@ def _print_inspect(s: dict[str, Any]) -> None:
     print(f"  {s['quantized_modules']} quantized modules; {s['tensors']} tensors in {s['shards']} shard(s), "
           f"{_size(s['bytes'])}")
     print("  " + ", ".join(f"{d}: {n} ({_size(s['bytes_by_dtype'][d])})" for d, n in s["tensors_by_dtype"].items()))
-    print(f"  zero-points equal to 0: {s['zero_point_0']} of {s['zero_points']}")
-    print(f"  exllama: {s['exllama']}")
+    print(f"  zero-points equal to 0: {s['zero_point_0']} of {s['zero_points']} (group, column) pairs, "
+          f"in {len(s['zero_point_0_modules'])} modules")
+    if s["v1_ambiguous"]:
+        print(f"  GPTQ v1 zero-points read differently by engines in {len(s['v1_ambiguous'])} modules, and the "
+              "producer is unknown: pass --v1-zeros word|field")
+    target = "as GPTQ v1 written per field" if s["method"] == "awq" else "as stored"
+    print(f"  engines ({target}):")
+    for name, e in s["engines"].items():
+        verdict = "unknown" if e["exact"] is None else "exact" if e["exact"] else f"WRONG in {e['pairs']} pairs"
+        where = f" ({', '.join(e['modules'][:3])}{', ...' if len(e['modules']) > 3 else ''})" if e["modules"] else ""
+        print(f"    {name:<13} {verdict}{where}: {e['note']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,12 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = convert_checkpoint(
                 args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
+                v1_zeros=args.v1_zeros,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         else:
             from packq.checkpoint import inspect_checkpoint
 
-            summary = inspect_checkpoint(args.src)
+            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros)
             print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
     except CheckpointError as e:
         print(f"packq: error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import packq
 from packq.checkpoint import convert_checkpoint, inspect_checkpoint
 from packq.cli import main
 
@@ -107,8 +108,9 @@ def test_convert_example_matches_reference(src, tmp_path, backend, fmt):
         assert a[k].dtype == g[k].dtype and torch.equal(a[k].view(torch.uint8), g[k].view(torch.uint8)), k
 
     q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    meta = {"meta": {"quantizer": [f"packq:{packq.__version__}"], "packq_v1_zeros": "field"}} if fmt == "gptq" else {}
     assert q == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
-                 "checkpoint_format": fmt, "true_sequential": True}
+                 "checkpoint_format": fmt, "true_sequential": True, **meta}
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(g)
     for name, fname in index["weight_map"].items():
@@ -167,7 +169,8 @@ def test_force_replaces_only_when_complete(src, tmp_path):
 def test_inspect_reports_zero_points(capsys):
     info = inspect_checkpoint(EXAMPLE)
     assert info["method"] == "awq" and info["quantized_modules"] == 14 and info["group_size"] == 128
-    assert info["zero_point_0"] > 0 and "exllamav2" in info["exllama"]
+    assert info["zero_point_0"] > 0 and info["engines"]["exllamav2"]["exact"] is False
+    assert info["engines"]["exllamav2"]["pairs"] == info["zero_point_0"]
     assert main(["inspect", str(EXAMPLE), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["zero_point_0"] == info["zero_point_0"]
 

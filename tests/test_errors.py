@@ -115,6 +115,12 @@ CASES = {
                          "bits must be one of 4 (AWQ and its interleave are 4-bit only), got 2"),
     "zeros-bits": (packq.zeros_v1_to_v2, lambda L: (L.asarray(Z1),), {"bits": 1}, ValueError,
                    "bits must be one of 2, 3, 4, 8, got 1"),
+    "zeros-convention": (packq.zeros_v2_to_v1, lambda L: (L.asarray(Z1),), {"convention": "carry"}, ValueError,
+                         "convention must be 'field' or 'word', got 'carry'"),
+    "zeros-word-3bit": (packq.zeros_v1_to_v2, lambda L: (L.asarray(np.zeros((1, 3), i32)),),
+                        {"bits": 3, "convention": "word"}, ValueError,
+                        "convention 'word' is a whole-word add at 2, 4 and 8 bits; 3-bit fields straddle words and "
+                        "every engine shifts them field by field: use convention 'field', got bits=3"),
 }
 
 # value checks need concrete arrays: every backend but a tracer

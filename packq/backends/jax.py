@@ -54,7 +54,7 @@ def _units(fn: Callable[..., Any], shapes: list[tuple[int, ...]], static: dict[s
         return [(8, 1, "8 rows pack into one GPTQ word")]
     if fn is awq.weight_to_awq:
         return [(1, 8, "8 columns pack into one AWQ word")]
-    if fn in (awq.zeros_to_gptq, awq.zeros_to_awq):
+    if fn in (awq.zeros_to_gptq, awq.zeros_to_awq, gptq.zeros_word_add):
         return [(1, 1, "")]
     if fn is gptq.zeros_shift:
         return [(1, n_words, f"{bits}-bit zeros straddle {n_words} words")]
@@ -130,7 +130,7 @@ def _sharded_fn(fn, static, mesh, specs, absent: tuple[int, ...]) -> Callable[..
 
 #: functions whose result is laid out like their first input, so that shard_map applies
 _LOCAL = {B.pack, B.unpack_as, B.apply_order, awq.weight_to_gptq, awq.weight_to_awq, awq.zeros_to_gptq,
-          awq.zeros_to_awq, gptq.zeros_shift, gptq.dequantize_awq, gptq.dequantize_gptq}
+          awq.zeros_to_awq, gptq.zeros_shift, gptq.zeros_word_add, gptq.dequantize_awq, gptq.dequantize_gptq}
 
 
 # The weight conversions as XLA likes them on the CPU: every output byte is two

@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from packq import backends
+from packq import __version__, backends
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
-from packq.checkpoint.model import INDEX, Checkpoint, Module, open_checkpoint
+from packq.checkpoint.model import INDEX, SIDECARS, Checkpoint, Module, open_checkpoint
 from packq.checkpoint.progress import Progress
 from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, header_for
+from packq.checkpoint.zeros import analyse, check_v1_readable
 from packq.errors import CheckpointError
-from packq.formats import awq
+from packq.formats import awq, gptq
+from packq.formats.engines import FIELD, WORD
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -49,7 +51,7 @@ def _extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
     sub-folders are walked. A FIFO, device, socket, dangling or looping link,
     or a link to a folder is refused, so a copy can neither block nor run on.
     """
-    skip = {"config.json", INDEX, *ckpt.shards}
+    skip = {"config.json", INDEX, *SIDECARS, *ckpt.shards}
     out: list[tuple[Path, Path, int]] = []
 
     def walk(folder: Path, rel: Path) -> None:
@@ -81,6 +83,8 @@ def _target_config(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[st
             "quant_method": "gptq", "bits": 4, "group_size": ckpt.format.group_size, "desc_act": False,
             "sym": False, "checkpoint_format": checkpoint_format, "true_sequential": True,
         }
+        if checkpoint_format == "gptq":  # say how v1 zeros were written, so that any reader can know
+            q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": FIELD}
     else:
         q = {"quant_method": "awq", "bits": 4, "group_size": ckpt.format.group_size, "zero_point": True,
              "version": "gemm"}
@@ -179,6 +183,7 @@ def convert_checkpoint(
     verify: bool = False,
     force: bool = False,
     progress: bool | None = None,
+    v1_zeros: str | None = None,
 ) -> dict[str, Any]:
     """Convert an AWQ (gemm) checkpoint folder to GPTQ, or GPTQ to AWQ, bit-exactly.
 
@@ -199,6 +204,12 @@ def convert_checkpoint(
         Replace an existing DST (only once the new one is complete).
     progress : bool, optional
         Show a progress bar; default: when standard error is a terminal.
+    v1_zeros : {"field", "word"}, optional
+        How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
+        transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
+        "field" per field. Default: from the producer's metadata
+        (``meta.quantizer``); a v1 source where the two readings differ and
+        nothing says which applies is refused.
 
     Returns
     -------
@@ -225,14 +236,21 @@ def convert_checkpoint(
         raise CheckpointError(f"to must be 'gptq' or 'awq', got {to!r}")
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    if v1_zeros not in (None, FIELD, WORD):
+        raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
     ckpt = open_checkpoint(src)
     want = "awq" if to == "gptq" else "gptq"
     if ckpt.format.method != want:
         raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {'an AWQ' if want == 'awq' else 'a GPTQ'} source")
     _check_paths(src, dst)
     convert = _Converter(backend)
+    read_word = False
     if to == "awq":
         _check_gptq_source(ckpt)
+        if ckpt.format.checkpoint_format == "gptq":
+            report = analyse(ckpt, v1_zeros)
+            check_v1_readable(ckpt, report)
+            read_word = report.convention == WORD and ckpt.format.bits != 3
     plan = _plan(ckpt, to, checkpoint_format)
     entries = {f: [_out_entry(ckpt, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
@@ -245,7 +263,8 @@ def convert_checkpoint(
         with Destination(dst, force) as out:
             tmp = out.tmp
             for fname, items in plan.items():
-                _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar)
+                _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar,
+                             read_word)
             for rel, path, size in extra:
                 if len(rel.parts) > 1:
                     with io_errors(tmp / rel.parent):
@@ -253,10 +272,14 @@ def convert_checkpoint(
                 copy_durable(path, tmp / rel, size)
             config = _target_config(ckpt, to, checkpoint_format)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+            for name in SIDECARS:  # engines read these before config.json: they must state the new format too
+                if (ckpt.root / name).exists():
+                    sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
+                    write_durable(tmp / name, sidecar.encode())
             if ckpt.index is not None:
                 _write_index(ckpt, tmp, entries)
             bar.close()
-            verified = _verify(ckpt, tmp, to, checkpoint_format, progress) if verify else None
+            verified = _verify(ckpt, tmp, to, checkpoint_format, progress, read_word) if verify else None
             out.commit()
     finally:
         bar.close()
@@ -282,7 +305,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar) -> None:
+def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar, read_word) -> None:
     """Write one output shard; the next tensor converts on a worker thread while this one is written."""
     with ckpt.shards[fname] as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
@@ -290,7 +313,7 @@ def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_form
         def start(i: int) -> None:
             if i < len(items) and items[i][1] != "copy":
                 name, action, m = items[i]
-                pending[i] = pool.submit(_tensor, f, ckpt, name, action, m, convert, to, checkpoint_format)
+                pending[i] = pool.submit(_tensor, f, ckpt, name, action, m, convert, to, checkpoint_format, read_word)
 
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
@@ -310,7 +333,7 @@ def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_form
             raise
 
 
-def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format):
+def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format, read_word=False):
     if action == "g_idx":
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "weight":
@@ -320,6 +343,8 @@ def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format):
     v1 = _gptq_format(ckpt, to, checkpoint_format) == "gptq"
     if to == "gptq":
         return convert(awq.zeros_to_gptq, f.array(name), offset=-1 if v1 else 0)
+    if read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
+        return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, f.array(name), delta=1, bits=4), offset=0)
     return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
 
 
@@ -348,7 +373,8 @@ def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndar
             yield part, a
 
 
-def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progress: bool | None) -> bool:
+def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progress: bool | None,
+            read_word: bool = False) -> bool:
     """Dequantize every module of the source and of the result; raise unless they agree bit for bit."""
     import packq
 
@@ -359,6 +385,8 @@ def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progre
         b = dict(_module_arrays(result, prefix))
         awq_side, gptq_side = (a, b) if to == "gptq" else (b, a)
         zeros = "v2" if _gptq_format(ckpt, to, checkpoint_format) == "gptq_v2" else "v1"
+        if read_word:  # read the source as its producer wrote it
+            gptq_side["qzeros"], zeros = packq.zeros_v1_to_v2(gptq_side["qzeros"], convention=WORD), "v2"
         w_awq = packq.dequantize_awq(awq_side["qweight"], awq_side["qzeros"], awq_side["scales"])
         w_gptq = packq.dequantize_gptq(
             gptq_side["qweight"], gptq_side["qzeros"], gptq_side["scales"], gptq_side.get("g_idx"), zeros=zeros

@@ -17,6 +17,8 @@ from packq.errors import CheckpointError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_JSON = 100_000_000  # bytes of a config.json or index that packq reads
+#: files beside config.json that state the quantization too; GPTQModel reads quantize_config.json first
+SIDECARS = ("quantize_config.json", "quant_config.json")
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 WORDS = ("I32", "U32")
 FLOATS = ("F16", "BF16", "F32")
@@ -62,6 +64,7 @@ class Checkpoint:
     shards: dict[str, SafetensorsFile]  # file name -> opened header
     index: dict[str, Any] | None
     modules: dict[str, Module]
+    sidecar: dict[str, Any] | None = None  # the first of SIDECARS present, parsed
 
     def tensor_count(self) -> int:
         return sum(len(s.tensors) for s in self.shards.values())
@@ -163,7 +166,8 @@ def open_checkpoint(root: Path) -> Checkpoint:
         for t, name in index["weight_map"].items():
             if where.get(t) != name:
                 raise CheckpointError(f"{root / INDEX}: maps {t!r} to {name}, which does not hold it")
-    return Checkpoint(root, config, fmt, shards, index, _modules(root, fmt, shards, where))
+    sidecar = next((_load_json(root / n, n) for n in SIDECARS if (root / n).exists() or (root / n).is_symlink()), None)
+    return Checkpoint(root, config, fmt, shards, index, _modules(root, fmt, shards, where), sidecar)
 
 
 def _modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where: dict[str, str]) -> dict[str, Module]:

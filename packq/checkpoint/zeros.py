@@ -1,0 +1,118 @@
+"""What a checkpoint's zero-points are, and what each engine computes from them.
+
+Reads only the qzeros tensors (small: one row per group). Shared by ``packq
+inspect`` (which engines compute this checkpoint exactly) and ``packq convert``
+(in which convention to read a GPTQ v1 source, or to refuse it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from packq.backends.numpy import BACKEND as numpy_backend
+from packq.checkpoint.model import Checkpoint
+from packq.core import bits as B
+from packq.errors import CheckpointError
+from packq.formats import awq
+from packq.formats.engines import ENGINES, FIELD, WORD, producer_convention, read_v1
+
+#: how many module names a report lists before "and N more"
+SHOWN = 5
+
+
+@dataclass
+class ZeroReport:
+    """The zero-points of every module, and how GPTQ engines read them."""
+
+    stored_format: str  # "awq", "gptq" (v1) or "gptq_v2"
+    convention: str | None  # v1 sources: the producer's convention, if known
+    zero0: int = 0  # (group, column) pairs whose zero-point is 0
+    total: int = 0
+    zero0_modules: list[str] = field(default_factory=list)
+    ambiguous: dict[str, int] = field(default_factory=dict)  # v1, producer unknown: module -> pairs read differently
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _v1_words(ckpt: Checkpoint, qzeros: np.ndarray) -> np.ndarray:
+    """The stored words as a GPTQ v1 reader sees them: AWQ sources as packq writes v1 (per field)."""
+    if ckpt.format.method == "awq":
+        return np.asarray(numpy_backend.run(awq.zeros_to_gptq, qzeros.view(np.int32), offset=-1)).view(np.uint32)
+    return qzeros
+
+
+def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
+    """Zero-points of every module; for v1, decoded in the producer's convention (``v1_convention`` overrides)."""
+    bits = ckpt.format.bits
+    fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
+    convention = v1_convention or (producer_convention(ckpt.format.raw, ckpt.sidecar) if fmt == "gptq" else None)
+    report = ZeroReport(fmt, convention)
+    wrong: dict[str, dict[str, int]] = {name: {} for name in ENGINES}
+    for prefix, m in ckpt.modules.items():
+        with ckpt.shards[m.files["qzeros"]] as f:
+            stored = f.array_bits(f"{prefix}.qzeros")
+        words = _v1_words(ckpt, stored)
+        fields = np.asarray(numpy_backend.run(B.unpack, words.view(np.int32), direction="column", bits=bits))
+        if fmt == "gptq_v2":
+            true = fields.astype(np.int16)
+        elif fmt == "awq":
+            true = (fields.astype(np.int16) + 1) % 16  # packq's v1 is per field: exactly the AWQ zeros
+        else:
+            by_field, by_word = read_v1(fields, words, FIELD, bits), read_v1(fields, words, WORD, bits)
+            differ = int(np.count_nonzero(by_field != by_word)) if bits != 3 else 0
+            if convention in (FIELD, WORD):
+                true = by_field if convention == FIELD else by_word
+            elif differ:
+                report.ambiguous[prefix] = differ
+                true = by_field
+            else:
+                true = by_field
+        zero0 = int(np.count_nonzero(true == 0))
+        report.zero0 += zero0
+        report.total += true.size
+        if zero0:
+            report.zero0_modules.append(prefix)
+        for name, engine in ENGINES.items():
+            conv = engine.v1_convention(bits)
+            if fmt == "gptq_v2" or conv is None or prefix in report.ambiguous:
+                continue
+            n = int(np.count_nonzero(read_v1(fields, words, conv, bits) != true))
+            if n:
+                wrong[name][prefix] = n
+    for name, engine in ENGINES.items():
+        if engine.reads_v1 is None:
+            continue
+        if fmt == "gptq_v2":
+            report.engines[name] = {"exact": engine.reads_v2, "pairs": 0, "modules": [],
+                                    "note": "reads gptq_v2" if engine.reads_v2 else "cannot load checkpoint_format gptq_v2"}
+            continue
+        if report.ambiguous:
+            report.engines[name] = {"exact": None, "pairs": None, "modules": [],
+                                    "note": "unknown: the producer's v1 convention is not known"}
+            continue
+        bad = wrong[name]
+        conv = engine.v1_convention(bits)
+        note = {FIELD: "reads each field + 1 modulo 2**bits", WORD: "adds 0x11111111 to whole words (carries)",
+                "unmasked": f"reads a stored {2**bits - 1} as {2**bits}, not 0"}[conv or FIELD]
+        report.engines[name] = {"exact": not bad, "pairs": sum(bad.values()), "modules": sorted(bad), "note": note}
+    return report
+
+
+def check_v1_readable(ckpt: Checkpoint, report: ZeroReport) -> None:
+    """Refuse a GPTQ v1 source whose zero-points depend on an unknown producer convention."""
+    if not report.ambiguous:
+        return
+    if report.convention == "or":
+        why = ("it was written by AutoGPTQ, whose packer ORs a zero-point of 0 into every higher field of its "
+               "word, so those fields' zero-points are lost")
+        raise CheckpointError(f"{ckpt.root}: GPTQ v1 zero-points cannot be read exactly: {why}")
+    names = list(report.ambiguous)
+    shown = ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+    raise CheckpointError(
+        f"{ckpt.root}: GPTQ v1 stores zero-points of 0 as 15, which engines read in two ways "
+        f"({sum(report.ambiguous.values())} (group, column) pairs in {len(names)} modules differ: {shown}), and "
+        "nothing in the checkpoint says which its producer used; pass --v1-zeros word (written by GPTQModel or "
+        "transformers) or --v1-zeros field (written per field: TGI, LoRAX, the seed's code, packq)"
+    )

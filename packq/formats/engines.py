@@ -1,0 +1,123 @@
+"""The engines that load GPTQ checkpoints, and how each turns stored qzeros into zero-points.
+
+GPTQ v1 (checkpoint_format "gptq") stores z - 1; that is one format only while
+no zero-point is 0. Where one is, engines disagree (../shared/formats.md,
+"Zero-point conventions"), so packq asks which engine a v1 checkpoint is for:
+
+- "field": field f reads as (f + 1) mod 2**bits, each field on its own.
+- "word": the v1 word plus 0x11111111 (at 4 bits) as one 32-bit add; a stored
+  2**bits - 1 carries into the next field. Exactly invertible, so a v1 written
+  the same way (v2 word - 0x11111111) is read back exactly.
+- "unmasked": f + 1 with no modulo: a stored 2**bits - 1 reads as 2**bits, so a
+  zero-point of 0 cannot be stored at all.
+
+Every entry cites the code path it was read from or the run it was measured in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELD, WORD, UNMASKED = "field", "word", "unmasked"
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  #: as the command line takes it (--for NAME)
+    title: str
+    reads_v1: str | None  #: FIELD, WORD, UNMASKED, or None where it cannot load GPTQ v1
+    reads_v2: bool  #: whether checkpoint_format "gptq_v2" loads exactly
+    writes_v1: str | None  #: the convention of the v1 checkpoints it writes, if it writes any
+    source: str  #: where the conventions were read or measured
+
+    def v1_convention(self, bits: int) -> str | None:
+        """How it reads v1 at ``bits``: GPTQModel adds whole words at 2/4/8 bits and shifts fields at 3."""
+        return FIELD if self.reads_v1 == WORD and bits == 3 else self.reads_v1
+
+    def target(self, bits: int) -> tuple[str, str]:
+        """(checkpoint_format, v1 convention) that this engine reads exactly, preferring v1 where it is exact."""
+        convention = self.v1_convention(bits)
+        if convention in (FIELD, WORD):
+            return "gptq", convention
+        if self.reads_v2:
+            return "gptq_v2", FIELD
+        return "gptq", FIELD  # exact only without zero-points of 0: the caller checks
+
+
+_GPTQMODEL = (
+    "GPTQModel gptqmodel/utils/model.py: convert_gptq_v1_to_v2_format_module (qzeros += 0x11111111 at 4 bits, "
+    "0x55555555 at 2, 0x01010101 at 8; field by field at 3 bits) and convert_gptq_v2_to_v1_format_module "
+    "(qzeros -= 0x11111111); measured with GPTQModel 7.6.0"
+)
+
+#: the engines, by the names users write
+ENGINES: dict[str, Engine] = {e.name: e for e in [
+    Engine("transformers", "transformers 5.x (loads GPTQ through GPTQModel)", WORD, True, WORD,
+           "transformers quantizers/quantizer_gptq.py hands GPTQ to GPTQModel; " + _GPTQMODEL
+           + "; measured with transformers 5.24.0"),
+    Engine("gptqmodel", "GPTQModel", WORD, True, WORD, _GPTQMODEL),
+    Engine("vllm", "vLLM (gptq and gptq_marlin)", UNMASKED, True, None,
+           "vLLM's GPTQ CUDA kernels (csrc, quantization/gptq): `int zero_offset = use_v2_format ? 0 : 1;`, added to the "
+           "masked field with no modulo (read this session); checkpoint_format gptq_v2 sets use_v2_format"),
+    Engine("tgi", "text-generation-inference", FIELD, False, None,
+           "per ../shared/formats.md (TGI's vendored exllama kernels mask the field after adding 1); not re-read "
+           "this session"),
+    Engine("lorax", "LoRAX", FIELD, False, None,
+           "per ../shared/formats.md (LoRAX vendors TGI's kernels); the seed's own fast_awq_to_gptq writes z - 1 "
+           "per nibble"),
+    Engine("exllamav2", "exllamav2 0.3.2 (upstream)", UNMASKED, False, None,
+           "measured on an H200 (benchmarks/results/h200/exllama.txt): a stored 15 reads as 16; its gptq_v2 "
+           "support subtracts 0x11111111 from whole words (per ../shared/formats.md)"),
+    Engine("llama.cpp", "llama.cpp convert_hf_to_gguf.py", UNMASKED, False, None,
+           "per ../shared/formats.md (convert_hf_to_gguf.py's GPTQ dequantization masks, then adds 1); not "
+           "re-read this session"),
+    Engine("autogptq", "AutoGPTQ (writer only)", None, False, "or",
+           "per ../shared/formats.md (code-read): (zeros - 1) cast to uint32 and OR-ed in, so a zero-point of 0 "
+           "sets every higher field of its word"),
+]}
+
+
+def read_v1(fields: np.ndarray, words: np.ndarray, convention: str, bits: int) -> np.ndarray:
+    """The zero-points an engine computes from stored v1 qzeros.
+
+    ``fields``: the stored fields, unpacked (..., groups, N); ``words``: the
+    stored words (..., groups, N*bits/32), uint32. Returns int16 zero-points;
+    "unmasked" gives 2**bits where a field stores 2**bits - 1.
+    """
+    if convention == FIELD:
+        return ((fields.astype(np.int16) + 1) & ((1 << bits) - 1)).astype(np.int16)
+    if convention == UNMASKED:
+        return fields.astype(np.int16) + 1
+    if convention == WORD:
+        from packq.formats.gptq import field_ones
+
+        added = (words.astype(np.uint64) + field_ones(bits)) & 0xFFFFFFFF
+        per = 32 // bits
+        shifts = np.arange(per, dtype=np.uint64) * bits
+        out = (added[..., None] >> shifts) & ((1 << bits) - 1)
+        return out.reshape(*words.shape[:-1], words.shape[-1] * per).astype(np.int16)
+    raise ValueError(f"convention must be one of {FIELD!r}, {WORD!r}, {UNMASKED!r}, got {convention!r}")
+
+
+def producer_convention(quantization_config: dict, sidecar: dict | None) -> str | None:
+    """The v1 convention of the tool that wrote a checkpoint, from its metadata, or None when unknown.
+
+    GPTQModel records itself in ``meta.quantizer`` ("gptqmodel:7.6.0"); packq
+    records itself and its convention in ``meta.quantizer`` and ``meta.packq_v1_zeros``.
+    """
+    for q in (quantization_config, sidecar or {}):
+        meta = q.get("meta") if isinstance(q, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        if meta.get("packq_v1_zeros") in (FIELD, WORD):
+            return str(meta["packq_v1_zeros"])
+        quantizer = meta.get("quantizer")
+        names = [quantizer] if isinstance(quantizer, str) else quantizer if isinstance(quantizer, list) else []
+        producers = {str(n).split(":", 1)[0].lower() for n in names}
+        if "gptqmodel" in producers:
+            return WORD
+        if "autogptq" in producers or "auto_gptq" in producers:
+            return "or"
+    return None

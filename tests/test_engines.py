@@ -1,0 +1,158 @@
+"""Engines' zero-point conventions: the whole-word v1 of GPTQModel/transformers, reading v1 as its producer
+wrote it, refusing a v1 whose convention matters and is unknown, sidecar configs, and inspect's report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import Lib, assert_same
+from safetensors import safe_open
+from safetensors.torch import save_file as save_torch
+
+import packq
+from packq.checkpoint import convert_checkpoint, inspect_checkpoint
+from packq.cli import main
+from packq.formats.engines import ENGINES, read_v1
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "tiny-llama-awq"
+
+
+def _ref_word_add(words: np.ndarray, delta: int, bits: int) -> np.ndarray:
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    return ((words.astype(np.int64) + delta * ones) % 2**32).astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_word_convention_on_every_backend(lib: Lib, bits):
+    rng = np.random.default_rng(bits)
+    words = rng.integers(0, 2**32, (3, 6), dtype=np.uint64).astype(np.uint32).view(np.int32)
+    words[0, 0] = -1  # every field at its maximum: carries through the whole word
+    up = lib.call(packq.zeros_v1_to_v2, lib.asarray(words), bits=bits, convention="word")
+    assert_same(lib, up, _ref_word_add(words, 1, bits))
+    down = lib.call(packq.zeros_v2_to_v1, lib.asarray(words), bits=bits, convention="word")
+    assert_same(lib, down, _ref_word_add(words, -1, bits))
+    back = lib.call(packq.zeros_v2_to_v1, up, bits=bits, convention="word")
+    assert_same(lib, back, words)
+
+
+def test_conventions_agree_without_zero_point_0():
+    rng = np.random.default_rng(0)
+    z = rng.integers(1, 16, (4, 64))  # no zero-point 0
+    v2 = packq.pack(z)
+    assert np.array_equal(packq.zeros_v2_to_v1(v2), packq.zeros_v2_to_v1(v2, convention="word"))
+    z[0, 3] = 0
+    v2 = packq.pack(z)
+    assert not np.array_equal(packq.zeros_v2_to_v1(v2), packq.zeros_v2_to_v1(v2, convention="word"))
+    for conv in ("field", "word"):  # each convention reads back what it wrote
+        v1 = packq.zeros_v2_to_v1(v2, convention=conv)
+        fields = packq.unpack(v1).astype(np.int16)
+        assert np.array_equal(read_v1(fields, v1.view(np.uint32), conv, 4), z)
+    unmasked = read_v1(packq.unpack(packq.zeros_v2_to_v1(v2)), None, "unmasked", 4)
+    assert unmasked[0, 3] == 16 and np.array_equal(np.delete(unmasked[0], 3), np.delete(z[0], 3))
+
+
+def test_every_engine_cites_its_source():
+    for e in ENGINES.values():
+        assert len(e.source) > 30 and e.name == e.name.lower()
+        assert e.reads_v1 in (None, "field", "word", "unmasked")
+
+
+# ------------------------------------------------------------------ checkpoints in GPTQModel's v1
+def _load(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k).view(-1).view(torch.uint8).numpy()
+    return out
+
+
+def gptqmodel_v1(tmp_path: Path, meta: bool = True) -> Path:
+    """The example as GPTQModel writes v1: v2 zeros minus 0x11111111 as one word, meta.quantizer gptqmodel."""
+    v2 = tmp_path / "v2"
+    convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
+    src = tmp_path / "gptqmodel-v1"
+    shutil.copytree(v2, src)
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+        for k, t in tensors.items():
+            if k.endswith(".qzeros"):
+                tensors[k] = torch.from_numpy(packq.zeros_v2_to_v1(t.numpy(), convention="word"))
+        save_torch(tensors, str(shard), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    q = cfg["quantization_config"]
+    q["checkpoint_format"] = "gptq"
+    q.pop("meta", None)
+    if meta:
+        q["meta"] = {"quantizer": ["gptqmodel:7.6.0"]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_gptqmodel_v1_to_awq_is_byte_identical_to_the_source(tmp_path):
+    src = gptqmodel_v1(tmp_path)
+    info = inspect_checkpoint(src)
+    awq_info = inspect_checkpoint(EXAMPLE)
+    assert info["v1_zeros"] == "word" and info["zero_point_0"] == awq_info["zero_point_0"] == 16
+    assert info["engines"]["gptqmodel"]["exact"] and info["engines"]["transformers"]["exact"]
+    assert not info["engines"]["tgi"]["exact"]
+    back = tmp_path / "awq"
+    s = convert_checkpoint(src, back, to="awq", verify=True)
+    assert s["verified"]
+    a, b = _load(EXAMPLE), _load(back)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_v1_of_unknown_producer_is_refused_where_it_matters(tmp_path, capsys):
+    src = gptqmodel_v1(tmp_path, meta=False)
+    info = inspect_checkpoint(src)
+    assert info["v1_zeros"] is None and info["v1_ambiguous"]
+    assert all(e["exact"] is None for e in info["engines"].values())
+    dst = tmp_path / "awq"
+    assert main(["convert", str(src), str(dst), "--to", "awq"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--v1-zeros word" in err and "--v1-zeros field" in err and not dst.exists()
+    assert main(["convert", str(src), str(dst), "--to", "awq", "--v1-zeros", "word", "--verify"]) == 0
+    a, b = _load(EXAMPLE), _load(dst)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_packq_v1_says_how_it_was_written_and_reads_back(tmp_path):
+    v1 = tmp_path / "v1"
+    convert_checkpoint(EXAMPLE, v1)
+    info = inspect_checkpoint(v1)
+    assert info["v1_zeros"] == "field" and info["zero_point_0"] == 16 and not info["v1_ambiguous"]
+    assert info["engines"]["tgi"]["exact"] and not info["engines"]["gptqmodel"]["exact"]
+    assert info["engines"]["gptqmodel"]["modules"] == ["model.layers.0.self_attn.q_proj"]
+    back = tmp_path / "back"
+    convert_checkpoint(v1, back, to="awq", verify=True)
+
+
+@pytest.mark.parametrize("sidecar", ["quantize_config.json", "quant_config.json"])
+def test_sidecar_quantization_files_state_the_new_format(tmp_path, sidecar):
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE, src)
+    (src / sidecar).write_text(json.dumps({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}))
+    dst = tmp_path / "dst"
+    convert_checkpoint(src, dst, checkpoint_format="gptq_v2")
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert json.loads((dst / sidecar).read_text()) == q and q["quant_method"] == "gptq"
+    back = tmp_path / "back"
+    convert_checkpoint(dst, back, to="awq")
+    assert json.loads((back / sidecar).read_text())["quant_method"] == "awq"
+
+
+def test_inspect_prints_every_engine(capsys):
+    assert main(["inspect", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    for name in ENGINES:
+        if ENGINES[name].reads_v1 is not None:
+            assert name in out
+    assert "WRONG in 16 pairs" in out and "exact" in out
