@@ -584,6 +584,15 @@ def test_two_converts_racing_to_one_new_dst_never_both_succeed(ckpt, tmp_path, t
     assert not list(tmp_path.glob(".packq-*"))
 
 
+def _started(folder: Path, *args: str, **env: str) -> subprocess.Popen:
+    """A conversion spawned and seen writing: its hidden partial folder exists in ``folder``."""
+    p = _spawn(*args, **env)
+    deadline = time.time() + 60
+    while not list(folder.glob(".packq-*.partial")) and time.time() < deadline:
+        time.sleep(0.01)
+    return p
+
+
 def _fingerprint(folder: Path) -> str:
     return json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
 
@@ -640,10 +649,7 @@ def test_fallback_force_replaces_when_not_killed(ckpt, tmp_path, monkeypatch):
 def test_stale_partial_of_a_killed_run_is_cleared_whatever_pid_is_alive(ckpt, tmp_path):
     """The claim is the lock, not a PID: leftovers are cleared once the lock is free."""
     dst = tmp_path / "dst"
-    p = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.2")
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
-        time.sleep(0.01)
+    p = _started(tmp_path, "convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.2")
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert list(tmp_path.glob(".packq-*.partial")) and not dst.exists()
@@ -654,10 +660,7 @@ def test_stale_partial_of_a_killed_run_is_cleared_whatever_pid_is_alive(ckpt, tm
 
 def test_a_running_conversion_is_not_disturbed_by_a_second(ckpt, tmp_path):
     dst = tmp_path / "dst"
-    a = _spawn("convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.1")
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
-        time.sleep(0.01)
+    a = _started(tmp_path, "convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.1")
     b = _spawn("convert", str(ckpt), str(dst), "--force")
     code_b, err_b = b.wait(60), b.communicate()[1]
     assert code_b == 2 and "another packq conversion is writing it" in err_b
