@@ -94,7 +94,7 @@ def main() -> None:
             cp_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             r = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), f"{tmp}/out{i}",
-                                "--backend", args.backend], capture_output=True, text=True)
+                                "--backend", args.backend, "--for", "tgi"], capture_output=True, text=True)
             conv_t.append(time.perf_counter() - t)
             assert r.returncode == 0, r.stderr
             peaks.append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)

@@ -14,6 +14,10 @@ from typing import Any
 
 from packq.checkpoint.files import describe
 from packq.errors import CheckpointError
+from packq.formats.engines import ENGINES
+
+#: engines that load GPTQ checkpoints: the names --for takes
+LOADERS = [name for name, e in ENGINES.items() if e.reads_v1 is not None]
 
 
 def _size(n: int) -> str:
@@ -31,8 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="source model folder (never written)")
     c.add_argument("dst", help="folder to create; it appears only when complete")
     c.add_argument("--to", choices=["gptq", "awq"], default="gptq", help="target format (default: gptq)")
-    c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
-                   help="GPTQ zero storage: gptq = z - 1 (v1, the usual), gptq_v2 = z")
+    c.add_argument("--for", dest="for_engine", metavar="ENGINE", choices=LOADERS, default=None,
+                   help=f"the engine that will load the GPTQ result ({', '.join(LOADERS)}): write the format and "
+                        "zero-point encoding it computes exactly; needed for v1 when a zero-point is 0")
+    c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
+                   help="GPTQ zero storage: gptq = z - 1 (v1), gptq_v2 = z; default: what --for loads exactly, else gptq")
+    c.add_argument("--allow-inexact", action="store_true",
+                   help="with --for: write even where no encoding is exact in that engine, and report the error")
     c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
     c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
     c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
@@ -50,11 +59,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_convert(s: dict[str, Any]) -> None:
     target = "GPTQ (" + s["checkpoint_format"] + ")" if s["to"] == "gptq" else "AWQ gemm"
-    print(f"converted {s['from']} -> {target}")
+    engine = f" for {s['for']}" if s["for"] else ""
+    print(f"converted {s['from']} -> {target}{engine}")
+    if s["rebiased"]:
+        print(f"  rebiased {s['rebiased']} (group, column) pairs from zero-point 0 to 1 (q + 1): same weights")
+    if s["inexact_pairs"]:
+        print(f"  INEXACT in {s['for']}: {s['inexact_pairs']} pairs (zero-point 0 holding a 15); "
+              f"largest weight error {s['max_weight_error']:.6g}")
     print(f"  {s['modules']} quantized modules in {s['shards']} shard(s); "
           f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
     if s["verified"]:
-        print("  verified: every module dequantizes to the same bits as the source")
+        reader = s["for"] or "packq"
+        print(f"  verified: every module dequantizes, as {reader} reads it, to the same bits as the source")
     print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
 
 
@@ -85,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = convert_checkpoint(
                 args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
-                v1_zeros=args.v1_zeros,
+                v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         else:

@@ -66,6 +66,10 @@ def tree_hash(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+#: write v1 per field (what TGI and LoRAX read exactly; the example has zero-points of 0), or v2
+PER_FIELD = {"gptq": {"for_engine": "tgi"}, "gptq_v2": {"checkpoint_format": "gptq_v2"}}
+
+
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
     path = tmp_path / "src"
@@ -79,7 +83,7 @@ def src(tmp_path: Path) -> Path:
 def test_convert_example_matches_reference(src, tmp_path, backend, fmt):
     before = tree_hash(src)
     dst = tmp_path / "dst"
-    summary = convert_checkpoint(src, dst, backend=backend, checkpoint_format=fmt, verify=True)
+    summary = convert_checkpoint(src, dst, backend=backend, verify=True, **PER_FIELD[fmt])
     assert summary["modules"] == 14 and summary["verified"] is True
     assert tree_hash(src) == before, "SRC was written"
 
@@ -126,7 +130,7 @@ def test_convert_example_matches_reference(src, tmp_path, backend, fmt):
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_round_trip_to_awq_is_byte_identical(src, tmp_path, fmt):
     mid, back = tmp_path / "gptq", tmp_path / "awq"
-    convert_checkpoint(src, mid, checkpoint_format=fmt)
+    convert_checkpoint(src, mid, **PER_FIELD[fmt])
     summary = convert_checkpoint(mid, back, to="awq", verify=True)
     assert summary["verified"]
     a, b = load(src), load(back)
@@ -148,7 +152,7 @@ def test_single_file_checkpoint_and_uint32_words(tmp_path):
                "l.bias": np.zeros(32, np.float16)}, str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq", "bits": 4,
                                                                          "group_size": 32, "version": "GEMM"}}))
-    summary = convert_checkpoint(src, tmp_path / "out", verify=True)
+    summary = convert_checkpoint(src, tmp_path / "out", verify=True, for_engine="tgi")
     assert summary["shards"] == 1 and summary["tensors_out"] == 5
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     out = load(tmp_path / "out")
@@ -159,9 +163,9 @@ def test_force_replaces_only_when_complete(src, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "old").write_text("old")
-    assert main(["convert", str(src), str(dst)]) == 2
+    assert main(["convert", str(src), str(dst), "--for", "tgi"]) == 2
     assert (dst / "old").exists()
-    assert main(["convert", str(src), str(dst), "--force"]) == 0
+    assert main(["convert", str(src), str(dst), "--force", "--for", "tgi"]) == 0
     assert not (dst / "old").exists() and (dst / "config.json").exists()
     assert not list(tmp_path.glob(".packq-*"))
 
@@ -176,13 +180,13 @@ def test_inspect_reports_zero_points(capsys):
 
 
 def test_cli_json_summary(src, tmp_path, capsys):
-    assert main(["convert", str(src), str(tmp_path / "o"), "--json", "--verify"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "o"), "--json", "--verify", "--for", "tgi"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["verified"] is True and s["to"] == "gptq" and s["modules"] == 14
 
 
 def test_python_m_packq(src, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(src), str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(src), str(tmp_path / "o"), "--for", "tgi"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "converted AWQ gemm" in r.stdout and r.stderr == ""  # no progress bar when piped
@@ -276,7 +280,7 @@ def test_bad_source_no_traceback_in_a_real_process(tmp_path):
 
 def test_act_order_gptq_refused_to_awq(src, tmp_path, capsys):
     mid = tmp_path / "gptq"
-    convert_checkpoint(src, mid)
+    convert_checkpoint(src, mid, for_engine="tgi")
     _edit_config(mid, desc_act=True)
     assert main(["convert", str(mid), str(tmp_path / "awq"), "--to", "awq"]) == 2
     assert "act-order" in capsys.readouterr().err
@@ -299,7 +303,7 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_mid_run_leaves_no_dst_and_src_untouched(src, tmp_path):
     before = tree_hash(src)
     dst = tmp_path / "dst"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst)])
+    proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst), "--for", "tgi"])
     deadline = time.time() + 60
     while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
         time.sleep(0.01)
@@ -310,13 +314,14 @@ def test_sigkill_mid_run_leaves_no_dst_and_src_untouched(src, tmp_path):
     assert not dst.exists()
     assert tree_hash(src) == before
     # the next run is not blocked by the dead run's partial folder, and cleans it up
-    assert main(["convert", str(src), str(dst)]) == 0
+    assert main(["convert", str(src), str(dst), "--for", "tgi"]) == 0
     assert not list(tmp_path.glob(".packq-*"))
 
 
 def test_sigterm_mid_run_cleans_up(src, tmp_path):
     dst = tmp_path / "dst"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW, "convert", str(src), str(dst), "--for", "tgi"],
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
         time.sleep(0.01)

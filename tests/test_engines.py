@@ -126,7 +126,7 @@ def test_v1_of_unknown_producer_is_refused_where_it_matters(tmp_path, capsys):
 
 def test_packq_v1_says_how_it_was_written_and_reads_back(tmp_path):
     v1 = tmp_path / "v1"
-    convert_checkpoint(EXAMPLE, v1)
+    convert_checkpoint(EXAMPLE, v1, for_engine="tgi")
     info = inspect_checkpoint(v1)
     assert info["v1_zeros"] == "field" and info["zero_point_0"] == 16 and not info["v1_ambiguous"]
     assert info["engines"]["tgi"]["exact"] and not info["engines"]["gptqmodel"]["exact"]
@@ -156,3 +156,145 @@ def test_inspect_prints_every_engine(capsys):
         if ENGINES[name].reads_v1 is not None:
             assert name in out
     assert "WRONG in 16 pairs" in out and "exact" in out
+
+
+# ------------------------------------------------------------------ writing for an engine
+def _engine_weights(folder: Path, prefix: str, convention: str | None) -> np.ndarray:
+    """A module's weights as an engine computes them, from the written tensors (no packq reading code)."""
+    t = {}
+    with safe_open(str(next(f for f in folder.glob("*.safetensors") if prefix + ".qweight" in safe_open(str(f), "np").keys())), "pt") as h:
+        for part in ("qweight", "qzeros", "scales"):
+            t[part] = h.get_tensor(f"{prefix}.{part}")
+    words = t["qweight"].numpy().astype(np.int64) & 0xFFFFFFFF
+    q = np.swapaxes(np.stack([(words >> (4 * i)) & 15 for i in range(8)], -1), 1, 2).reshape(-1, words.shape[1])
+    zw = t["qzeros"].numpy().astype(np.int64) & 0xFFFFFFFF
+    if convention == "word":
+        zw = (zw + 0x11111111) & 0xFFFFFFFF
+    z = np.stack([(zw >> (4 * i)) & 15 for i in range(8)], -1).reshape(zw.shape[0], -1)
+    if convention == "field":
+        z = (z + 1) % 16
+    elif convention == "unmasked":
+        z = z + 1
+    s = t["scales"].float().numpy()
+    g = q.shape[0] // z.shape[0]
+    return (q - np.repeat(z, g, 0)).astype(np.float32) * np.repeat(s, g, 0)
+
+
+def _awq_weights(folder: Path, prefix: str) -> np.ndarray:
+    with safe_open(str(next(f for f in folder.glob("*.safetensors") if prefix + ".qweight" in safe_open(str(f), "np").keys())), "pt") as h:
+        qw, qz, s = (h.get_tensor(f"{prefix}.{p}") for p in ("qweight", "qzeros", "scales"))
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def values(w):
+        u = w.numpy().astype(np.int64) & 0xFFFFFFFF
+        nib = np.stack([(u >> (4 * i)) & 15 for i in range(8)], -1)
+        out = np.empty_like(nib)
+        for slot, col in enumerate(order):
+            out[..., col] = nib[..., slot]
+        return out.reshape(u.shape[0], -1)
+
+    q, z = values(qw), values(qz)
+    g = q.shape[0] // z.shape[0]
+    return (q - np.repeat(z, g, 0)).astype(np.float32) * np.repeat(s.float().numpy(), g, 0)
+
+
+def test_v1_with_zero_point_0_needs_an_engine(tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(EXAMPLE), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "16 (group, column) zero-points of 0" in err and "--for ENGINE" in err
+    assert "exact: tgi, lorax" in err and not dst.exists() and not list(tmp_path.glob(".packq-*"))
+    assert main(["convert", str(EXAMPLE), str(dst), "--checkpoint-format", "gptq"]) == 2  # explicit v1 too
+
+
+@pytest.mark.parametrize("engine,fmt,convention", [
+    ("transformers", "gptq_v2", None), ("gptqmodel", "gptq_v2", None), ("vllm", "gptq_v2", None),
+    ("tgi", "gptq", "field"), ("lorax", "gptq", "field"),
+])
+def test_for_engine_writes_what_it_reads_exactly(tmp_path, engine, fmt, convention):
+    dst = tmp_path / engine
+    s = convert_checkpoint(EXAMPLE, dst, for_engine=engine, verify=True)
+    assert s["checkpoint_format"] == fmt and s["for"] == engine and s["verified"]
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert q["checkpoint_format"] == fmt
+    if fmt == "gptq":
+        assert q["meta"]["packq_v1_zeros"] == convention
+    prefix = "model.layers.0.self_attn.q_proj"  # the module with zero-points of 0
+    read = convention or "v2"
+    got = _engine_weights(dst, prefix, None if read == "v2" else read)
+    assert got.tobytes() == _awq_weights(EXAMPLE, prefix).tobytes()
+
+
+def test_explicit_v1_for_transformers_is_written_as_gptqmodel_writes_it(tmp_path):
+    dst = tmp_path / "v1-word"
+    s = convert_checkpoint(EXAMPLE, dst, for_engine="transformers", checkpoint_format="gptq", verify=True)
+    assert s["v1_zeros"] == "word"
+    prefix = "model.layers.0.self_attn.q_proj"
+    assert _engine_weights(dst, prefix, "word").tobytes() == _awq_weights(EXAMPLE, prefix).tobytes()
+    assert _engine_weights(dst, prefix, "field").tobytes() != _awq_weights(EXAMPLE, prefix).tobytes()
+    assert inspect_checkpoint(dst)["engines"]["gptqmodel"]["exact"]
+    back = tmp_path / "back"
+    convert_checkpoint(dst, back, to="awq", verify=True)  # meta says word: read back exactly
+    a, b = _load(EXAMPLE), _load(back)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("engine", ["exllamav2", "llama.cpp"])
+def test_unmasked_engines_refuse_what_no_encoding_fixes_unless_asked(tmp_path, capsys, engine):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(EXAMPLE), str(dst), "--for", engine]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "16 (group, column) pairs with zero-point 0 hold a 15" in err
+    assert "model.layers.0.self_attn.q_proj" in err and "--allow-inexact" in err and not dst.exists()
+    s = convert_checkpoint(EXAMPLE, dst, for_engine=engine, allow_inexact=True, verify=True)
+    assert s["inexact_pairs"] == 16 and s["max_weight_error"] > 0
+    prefix = "model.layers.0.self_attn.q_proj"
+    diff = np.abs(_engine_weights(dst, prefix, "unmasked").astype(np.float64) - _awq_weights(EXAMPLE, prefix))
+    assert np.isclose(diff.max(), s["max_weight_error"], rtol=1e-3)
+    other = "model.layers.1.mlp.up_proj"
+    assert _engine_weights(dst, other, "unmasked").tobytes() == _awq_weights(EXAMPLE, other).tobytes()
+
+
+def _rebiasable(tmp_path: Path) -> Path:
+    """A one-module AWQ checkpoint with zero-points of 0 whose pairs hold values <= 14 only."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(0, 15, (128, 64))  # never 15
+    z = rng.integers(0, 16, (2, 64))
+    z[0, :5] = 0
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def pack_awq(v):
+        v = v.reshape(v.shape[0], -1, 8)[..., order].astype(np.uint32)
+        return np.bitwise_or.reduce(v << (4 * np.arange(8, dtype=np.uint32)), axis=-1).view(np.int32)
+
+    src = tmp_path / "rebias"
+    src.mkdir()
+    from safetensors.numpy import save_file
+    save_file({"m.qweight": pack_awq(q), "m.qzeros": pack_awq(z), "m.scales": rng.random((2, 64)).astype(np.float16)},
+              str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True}}))
+    return src
+
+
+def test_rebias_makes_unmasked_engines_exact(tmp_path):
+    src = _rebiasable(tmp_path)
+    zero0 = inspect_checkpoint(src)["zero_point_0"]
+    assert zero0 >= 5
+    dst = tmp_path / "exl2"
+    s = convert_checkpoint(src, dst, for_engine="exllamav2", verify=True)
+    assert s["rebiased"] == zero0 and s["inexact_pairs"] == 0 and s["checkpoint_format"] == "gptq"
+    assert _engine_weights(dst, "m", "unmasked").tobytes() == _awq_weights(src, "m").tobytes()
+    info = inspect_checkpoint(dst)
+    assert info["zero_point_0"] == 0 and info["engines"]["exllamav2"]["exact"]
+
+
+def test_for_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(packq.errors.CheckpointError, match="--for must name an engine that loads GPTQ"):
+        convert_checkpoint(EXAMPLE, tmp_path / "a", for_engine="autogptq")
+    v2 = tmp_path / "v2"
+    convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
+    with pytest.raises(packq.errors.CheckpointError, match="converting to AWQ takes none"):
+        convert_checkpoint(v2, tmp_path / "b", to="awq", for_engine="tgi")
+    with pytest.raises(packq.errors.CheckpointError, match="cannot load checkpoint_format 'gptq_v2'"):
+        convert_checkpoint(EXAMPLE, tmp_path / "c", for_engine="tgi", checkpoint_format="gptq_v2")

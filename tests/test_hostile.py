@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -45,7 +44,9 @@ def make_checkpoint(root: Path) -> Path:
     tensors = [{}, {}]
     for i, name in enumerate(["model.layers.0.q", "model.layers.0.k"]):
         tensors[i][f"{name}.qweight"] = rng.integers(0, 2**32, (128, 8), dtype=np.uint64).astype(np.uint32).view(np.int32)
-        tensors[i][f"{name}.qzeros"] = rng.integers(0, 2**32, (2, 8), dtype=np.uint64).astype(np.uint32).view(np.int32)
+        # zero-points 1..15: every engine reads v1 alike, so conversions need no --for (test_engines has those)
+        zeros = rng.integers(1, 16, (2, 8, 8), dtype=np.uint32) << (4 * np.arange(8, dtype=np.uint32))
+        tensors[i][f"{name}.qzeros"] = np.bitwise_or.reduce(zeros, axis=-1).view(np.int32)
         tensors[i][f"{name}.scales"] = rng.random((2, 64)).astype(np.float16)
     tensors[0]["model.embed.weight"] = rng.integers(0, 2**16, (16, 8), dtype=np.uint64).astype(np.uint16)  # as bf16 below
     weight_map = {}
@@ -495,11 +496,10 @@ def test_file_size_limit_is_one_line(ckpt, tmp_path):
     """ulimit -f: writes past the limit fail with EFBIG (Python ignores SIGXFSZ)."""
     dst = tmp_path / "dst"
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
-
-    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(ckpt), str(dst)], capture_output=True,
-                       text=True, preexec_fn=limit)
+    # the limit is set in the child itself (no preexec_fn: forking this JAX-threaded process is unsafe)
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)); "
+            f"from packq.cli import main; sys.exit(main(['convert', {str(ckpt)!r}, {str(dst)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "File too large" in r.stderr, r.stderr
     assert not dst.exists() and not list(tmp_path.glob(".packq-*"))
 

@@ -17,20 +17,24 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from packq import __version__, backends
+from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.model import INDEX, SIDECARS, Checkpoint, Module, open_checkpoint
 from packq.checkpoint.progress import Progress
-from packq.checkpoint.safetensors import SafetensorsFile, SafetensorsWriter, header_for
-from packq.checkpoint.zeros import analyse, check_v1_readable
+from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
+from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
+from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq, gptq
-from packq.formats.engines import FIELD, WORD
+from packq.formats.engines import ENGINES, FIELD, WORD, read_v1
+from packq.formats.gptq import dequantize_grouped
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -75,16 +79,18 @@ def _extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
     return out
 
 
-def _target_config(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, Any]:
+def _target_config(job: _Job) -> dict[str, Any]:
+    ckpt = job.ckpt
     config = json.loads(json.dumps(ckpt.config))
     old = ckpt.format.raw
-    if to == "gptq":
+    if job.to == "gptq":
+        fmt = job.target.checkpoint_format
         q: dict[str, Any] = {
             "quant_method": "gptq", "bits": 4, "group_size": ckpt.format.group_size, "desc_act": False,
-            "sym": False, "checkpoint_format": checkpoint_format, "true_sequential": True,
+            "sym": False, "checkpoint_format": fmt, "true_sequential": True,
         }
-        if checkpoint_format == "gptq":  # say how v1 zeros were written, so that any reader can know
-            q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": FIELD}
+        if fmt == "gptq":  # say how v1 zeros were written, so that any reader can know
+            q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": job.target.convention}
     else:
         q = {"quant_method": "awq", "bits": 4, "group_size": ckpt.format.group_size, "zero_point": True,
              "version": "gemm"}
@@ -92,6 +98,22 @@ def _target_config(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[st
         q["modules_to_not_convert"] = old["modules_to_not_convert"]
     config["quantization_config"] = q
     return config
+
+
+@dataclass
+class _Job:
+    """What one conversion decided before writing anything."""
+
+    ckpt: Checkpoint
+    to: str
+    convert: _Converter
+    target: Target  # to GPTQ: format, v1 convention, rebias; to AWQ: the source's format
+    read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
+
+    @property
+    def gptq_format(self) -> str:
+        """The checkpoint_format of the GPTQ side: the one written, or the one read."""
+        return self.target.checkpoint_format if self.to == "gptq" else self.ckpt.format.checkpoint_format
 
 
 class _Converter:
@@ -178,12 +200,14 @@ def convert_checkpoint(
     dst: str | os.PathLike[str],
     *,
     to: str = "gptq",
-    checkpoint_format: str = "gptq",
+    checkpoint_format: str | None = None,
     backend: str = "numpy",
     verify: bool = False,
     force: bool = False,
     progress: bool | None = None,
     v1_zeros: str | None = None,
+    for_engine: str | None = None,
+    allow_inexact: bool = False,
 ) -> dict[str, Any]:
     """Convert an AWQ (gemm) checkpoint folder to GPTQ, or GPTQ to AWQ, bit-exactly.
 
@@ -193,13 +217,26 @@ def convert_checkpoint(
         The source model folder (never written) and the folder to create.
     to : {"gptq", "awq"}
         Target format. "gptq" needs an AWQ source, "awq" a 4-bit GPTQ source without act-order.
-    checkpoint_format : {"gptq", "gptq_v2"}
-        GPTQ zero storage to write ("gptq": z - 1, the usual) when ``to="gptq"``.
+    checkpoint_format : {"gptq", "gptq_v2"}, optional
+        GPTQ zero storage to write when ``to="gptq"``: "gptq" (v1, z - 1) or
+        "gptq_v2" (z). Default: what ``for_engine`` loads exactly, else v1.
+    for_engine : str, optional
+        The engine that will load the GPTQ result (a name in
+        :data:`packq.formats.engines.ENGINES`): the format and zero-point
+        encoding it computes exactly are written, zero-points of 0 rebiased
+        (q + 1, z + 1) for engines that read a stored 15 as 16. Without it, a
+        source with zero-points of 0 is refused for v1, which engines read
+        differently (``--checkpoint-format gptq_v2`` is unambiguous).
+    allow_inexact : bool
+        Write for ``for_engine`` even where no encoding is exact in it (a
+        zero-point of 0 whose pair holds a 15, in an engine that reads a stored
+        15 as 16); the summary reports the pairs and the largest weight error.
     backend : {"numpy", "jax"}
         Which backend converts the tensors.
     verify : bool
-        Dequantize every module of source and result and compare bit for bit
-        before DST is put in place.
+        Dequantize every module of the source and of the result as the target
+        engine reads it (its zero-point convention; packq's own reading without
+        one) and compare bit for bit before DST is put in place.
     force : bool
         Replace an existing DST (only once the new one is complete).
     progress : bool, optional
@@ -226,15 +263,15 @@ def convert_checkpoint(
     >>> import tempfile, pathlib, packq
     >>> example = pathlib.Path(packq.__file__).parent.parent / "examples" / "tiny-llama-awq"
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     s = convert_checkpoint(example, pathlib.Path(tmp) / "gptq", verify=True)
-    >>> s["modules"], s["tensors_in"], s["tensors_out"], s["verified"]
-    (14, 49, 63, True)
+    ...     s = convert_checkpoint(example, pathlib.Path(tmp) / "gptq", for_engine="transformers", verify=True)
+    >>> s["modules"], s["tensors_in"], s["tensors_out"], s["checkpoint_format"], s["verified"]
+    (14, 49, 63, 'gptq_v2', True)
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if to not in ("gptq", "awq"):
         raise CheckpointError(f"to must be 'gptq' or 'awq', got {to!r}")
-    if checkpoint_format not in ("gptq", "gptq_v2"):
+    if checkpoint_format not in (None, "gptq", "gptq_v2"):
         raise CheckpointError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     if v1_zeros not in (None, FIELD, WORD):
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
@@ -244,13 +281,19 @@ def convert_checkpoint(
         raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {'an AWQ' if want == 'awq' else 'a GPTQ'} source")
     _check_paths(src, dst)
     convert = _Converter(backend)
-    read_word = False
-    if to == "awq":
+    if to == "gptq":
+        job = _Job(ckpt, to, convert, plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact))
+    else:
+        if for_engine is not None:
+            raise CheckpointError("--for names the engine that loads a GPTQ result; converting to AWQ takes none")
         _check_gptq_source(ckpt)
+        read_word = False
         if ckpt.format.checkpoint_format == "gptq":
             report = analyse(ckpt, v1_zeros)
             check_v1_readable(ckpt, report)
             read_word = report.convention == WORD and ckpt.format.bits != 3
+        job = _Job(ckpt, to, convert, Target(ckpt.format.checkpoint_format), read_word)
+    checkpoint_format = job.gptq_format
     plan = _plan(ckpt, to, checkpoint_format)
     entries = {f: [_out_entry(ckpt, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
@@ -263,14 +306,13 @@ def convert_checkpoint(
         with Destination(dst, force) as out:
             tmp = out.tmp
             for fname, items in plan.items():
-                _write_shard(ckpt, fname, items, entries[fname], tmp / fname, convert, to, checkpoint_format, bar,
-                             read_word)
+                _write_shard(job, fname, items, entries[fname], tmp / fname, bar)
             for rel, path, size in extra:
                 if len(rel.parts) > 1:
                     with io_errors(tmp / rel.parent):
                         (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
                 copy_durable(path, tmp / rel, size)
-            config = _target_config(ckpt, to, checkpoint_format)
+            config = _target_config(job)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             for name in SIDECARS:  # engines read these before config.json: they must state the new format too
                 if (ckpt.root / name).exists():
@@ -279,7 +321,7 @@ def convert_checkpoint(
             if ckpt.index is not None:
                 _write_index(ckpt, tmp, entries)
             bar.close()
-            verified = _verify(ckpt, tmp, to, checkpoint_format, progress, read_word) if verify else None
+            verified = _verify(job, tmp, progress) if verify else None
             out.commit()
     finally:
         bar.close()
@@ -291,7 +333,9 @@ def convert_checkpoint(
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
         "tensors_in": ckpt.tensor_count(), "tensors_out": sum(len(e) for e in entries.values()),
         "bytes_in": ckpt.total_bytes(), "bytes_out": sum(e[3] for es in entries.values() for e in es),
-        "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        "for": job.target.engine, "v1_zeros": job.target.convention if checkpoint_format == "gptq" else None,
+        "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
+        "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
@@ -305,15 +349,15 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_format, bar, read_word) -> None:
+def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progress) -> None:
     """Write one output shard; the next tensor converts on a worker thread while this one is written."""
-    with ckpt.shards[fname] as f, ThreadPoolExecutor(max_workers=1) as pool:
+    with job.ckpt.shards[fname] as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
 
         def start(i: int) -> None:
             if i < len(items) and items[i][1] != "copy":
                 name, action, m = items[i]
-                pending[i] = pool.submit(_tensor, f, ckpt, name, action, m, convert, to, checkpoint_format, read_word)
+                pending[i] = pool.submit(_tensor, job, f, name, action, m)
 
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
@@ -333,24 +377,30 @@ def _write_shard(ckpt, fname, items, entries, path, convert, to, checkpoint_form
             raise
 
 
-def _tensor(f, ckpt, name, action, m, convert, to, checkpoint_format, read_word=False):
+def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
+    convert, ckpt = job.convert, job.ckpt
     if action == "g_idx":
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
+    rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
     if action == "weight":
-        fn = awq.weight_to_gptq if to == "gptq" else awq.weight_to_awq
-        return convert(fn, f.array(name))
-    # zeros: GPTQ v1 stores z - 1, v2 stores z; AWQ stores z
-    v1 = _gptq_format(ckpt, to, checkpoint_format) == "gptq"
-    if to == "gptq":
-        return convert(awq.zeros_to_gptq, f.array(name), offset=-1 if v1 else 0)
-    if read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
+        if job.to == "awq":
+            return convert(awq.weight_to_awq, f.array(name))
+        words = f.array(name)
+        if rebias is not None:  # q + 1 wherever the pair's zero-point moved from 0 to 1
+            with ckpt.shards[m.files["qzeros"]] as z:
+                qzeros = z.array(f"{m.prefix}.qzeros")
+            words = np.asarray(numpy_backend.run(awq.rebias_zero_points, words.view(np.int32), qzeros.view(np.int32))[0])
+        return convert(awq.weight_to_gptq, words)
+    # zeros: GPTQ v1 stores z - 1 (per field, or as one word), v2 stores z; AWQ stores z
+    v1 = job.gptq_format == "gptq"
+    if job.to == "gptq":
+        words = rebias if rebias is not None else f.array(name)
+        if v1 and job.target.convention == WORD:  # z, then one 32-bit subtraction, as GPTQModel writes v1
+            return convert(gptq.zeros_word_add, convert(awq.zeros_to_gptq, words, offset=0), delta=-1, bits=4)
+        return convert(awq.zeros_to_gptq, words, offset=-1 if v1 else 0)
+    if job.read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
         return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, f.array(name), delta=1, bits=4), offset=0)
     return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
-
-
-def _gptq_format(ckpt: Checkpoint, to: str, checkpoint_format: str) -> str:
-    """The checkpoint_format of the GPTQ side of a conversion: the one written, or the one read."""
-    return checkpoint_format if to == "gptq" else ckpt.format.checkpoint_format
 
 
 def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
@@ -365,33 +415,45 @@ def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -
 def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
     for part, fname in ckpt.modules[prefix].files.items():
         with ckpt.shards[fname] as f:
-            t = f.tensors[f"{prefix}.{part}"]
-            if t.dtype == "BF16":  # bfloat16 -> float32 is exact: its bits are float32's top half
-                a = (f.array_bits(f"{prefix}.{part}").astype(np.uint32) << 16).view(np.float32)
-            else:
-                a = f.array(f"{prefix}.{part}")
-            yield part, a
+            yield part, f.floats(f"{prefix}.{part}") if part == "scales" else f.array(f"{prefix}.{part}")
 
 
-def _verify(ckpt: Checkpoint, out: Path, to: str, checkpoint_format: str, progress: bool | None,
-            read_word: bool = False) -> bool:
-    """Dequantize every module of the source and of the result; raise unless they agree bit for bit."""
-    import packq
+def _gptq_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
+    """The zero-points the GPTQ side's reader computes: the target engine's reading when writing GPTQ."""
+    fields = np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=4)).astype(np.int16)
+    if job.gptq_format == "gptq_v2":
+        return fields
+    if job.to == "awq":
+        convention = WORD if job.read_word else FIELD
+    elif job.target.engine is not None:
+        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD
+    else:
+        convention = FIELD  # no zero-point of 0: every engine reads it alike
+    return read_v1(fields, qzeros.view(np.uint32), convention, 4)
 
-    result = open_checkpoint(out)
+
+def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
+    """Dequantize every module of the source and of the result, the GPTQ side as its reader computes it.
+
+    Raises unless they agree bit for bit, except in the pairs --allow-inexact accepted.
+    """
+    ckpt, result = job.ckpt, open_checkpoint(out)
+    xp = numpy_backend.xp
     bar = Progress(len(ckpt.modules), "verifying", progress)
     for prefix in ckpt.modules:
         a = dict(_module_arrays(ckpt, prefix))
         b = dict(_module_arrays(result, prefix))
-        awq_side, gptq_side = (a, b) if to == "gptq" else (b, a)
-        zeros = "v2" if _gptq_format(ckpt, to, checkpoint_format) == "gptq_v2" else "v1"
-        if read_word:  # read the source as its producer wrote it
-            gptq_side["qzeros"], zeros = packq.zeros_v1_to_v2(gptq_side["qzeros"], convention=WORD), "v2"
-        w_awq = packq.dequantize_awq(awq_side["qweight"], awq_side["qzeros"], awq_side["scales"])
-        w_gptq = packq.dequantize_gptq(
-            gptq_side["qweight"], gptq_side["qzeros"], gptq_side["scales"], gptq_side.get("g_idx"), zeros=zeros
-        )
-        if w_awq.tobytes() != w_gptq.tobytes():
+        awq_side, gptq_side = (a, b) if job.to == "gptq" else (b, a)
+        q_awq = np.asarray(numpy_backend.run(awq.unpack_awq, awq_side["qweight"].view(np.int32))).astype(np.int16)
+        z_awq = np.asarray(numpy_backend.run(awq.unpack_awq, awq_side["qzeros"].view(np.int32))).astype(np.int16)
+        w_awq = dequantize_grouped(xp, q_awq, z_awq, awq_side["scales"])
+        q = np.asarray(numpy_backend.run(B.unpack, gptq_side["qweight"].view(np.int32), direction="row", bits=4))
+        z = _gptq_zero_points(job, gptq_side["qzeros"])
+        g_idx = gptq_side.get("g_idx")
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(ckpt.modules[prefix].k) // (q.shape[-2] // z.shape[-2])):
+            raise CheckpointError(f"verification failed: {prefix}.g_idx is not arange(K) // group_size")
+        w_gptq = dequantize_grouped(xp, q.astype(np.int16), z, gptq_side["scales"])
+        if w_awq.tobytes() != w_gptq.tobytes() and prefix not in job.target.inexact:
             raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
         bar.update(1)
     bar.close()

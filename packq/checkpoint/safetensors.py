@@ -228,6 +228,12 @@ class Reader:
             raise CheckpointError(f"{self.path}: {name!r} has dtype {t.dtype}, which packq passes through but does not compute on")
         return self._read(t).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
 
+    def floats(self, name: str) -> np.ndarray:
+        """A float tensor as NumPy; bfloat16 as float32, which holds it exactly (its bits are float32's top half)."""
+        if self.tensors[name].dtype == "BF16":
+            return (self.array_bits(name).astype(np.uint32) << 16).view(np.float32)
+        return self.array(name)
+
     def array_bits(self, name: str) -> np.ndarray:
         """The tensor's elements as unsigned integers of their width (any byte-sized dtype, bfloat16 included)."""
         t = self.tensors[name]

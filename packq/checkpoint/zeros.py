@@ -17,7 +17,7 @@ from packq.checkpoint.model import Checkpoint
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
-from packq.formats.engines import ENGINES, FIELD, WORD, producer_convention, read_v1
+from packq.formats.engines import ENGINES, FIELD, UNMASKED, WORD, producer_convention, read_v1
 
 #: how many module names a report lists before "and N more"
 SHOWN = 5
@@ -116,3 +116,94 @@ def check_v1_readable(ckpt: Checkpoint, report: ZeroReport) -> None:
         "nothing in the checkpoint says which its producer used; pass --v1-zeros word (written by GPTQModel or "
         "transformers) or --v1-zeros field (written per field: TGI, LoRAX, the seed's code, packq)"
     )
+
+
+@dataclass
+class Target:
+    """How a conversion to GPTQ writes zero-points: the format, the v1 convention, and any rebias."""
+
+    checkpoint_format: str
+    convention: str = FIELD
+    engine: str | None = None
+    rebias: dict[str, np.ndarray] = field(default_factory=dict)  # module -> AWQ qzeros after the rebias
+    rebiased: int = 0  # (group, column) pairs moved to q + 1, z + 1
+    inexact: dict[str, int] = field(default_factory=dict)  # module -> pairs the engine computes wrongly
+    max_error: float = 0.0  # the largest |weight| difference the engine computes, where inexact
+
+
+def _names(modules: list[str] | dict[str, int]) -> str:
+    names = list(modules)
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def plan_gptq(ckpt: Checkpoint, engine: str | None, checkpoint_format: str | None, allow_inexact: bool) -> Target:
+    """Decide how an AWQ source becomes GPTQ that ``engine`` computes exactly, or refuse before any write.
+
+    Without an engine, v1 is written only where every engine reads it alike (no
+    zero-point of 0); otherwise the user must name the engine or ask for v2.
+    """
+    report = analyse(ckpt)
+    if engine is None:
+        fmt = checkpoint_format or "gptq"
+        if fmt == "gptq" and report.zero0:
+            exact = [n for n, e in report.engines.items() if e["exact"]]
+            wrong = [n for n, e in report.engines.items() if not e["exact"]]
+            raise CheckpointError(
+                f"{ckpt.root}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
+                f"({_names(report.zero0_modules)}); GPTQ v1 stores them as 15, which engines read differently "
+                f"(exact: {', '.join(exact)}; wrong: {', '.join(wrong)}). Pass --for ENGINE ({', '.join(LOADERS)}) "
+                "to write what that engine reads exactly, or --checkpoint-format gptq_v2"
+            )
+        return Target(fmt)
+    if engine not in LOADERS:
+        raise CheckpointError(f"--for must name an engine that loads GPTQ ({', '.join(LOADERS)}), got {engine!r}")
+    e = ENGINES[engine]
+    fmt, convention = e.target(ckpt.format.bits)
+    if checkpoint_format is not None and checkpoint_format != fmt:
+        if not (checkpoint_format == "gptq_v2" and e.reads_v2) and not (checkpoint_format == "gptq" and e.reads_v1):
+            raise CheckpointError(f"{e.title} cannot load checkpoint_format {checkpoint_format!r}; leave it out with --for")
+        fmt, convention = checkpoint_format, e.v1_convention(ckpt.format.bits) or FIELD
+    target = Target(fmt, convention if convention in (FIELD, WORD) else FIELD, engine)
+    unmasked = fmt == "gptq" and e.v1_convention(ckpt.format.bits) == UNMASKED
+    if not (unmasked and report.zero0):
+        return target
+    # a stored 15 reads as 16: move zero-0 pairs to z = 1 where every q of the pair is <= 14
+    for prefix in report.zero0_modules:
+        m = ckpt.modules[prefix]
+        with ckpt.shards[m.files["qweight"]] as f:
+            qweight = f.array_bits(f"{prefix}.qweight").view(np.int32)
+        with ckpt.shards[m.files["qzeros"]] as f:
+            qzeros = f.array_bits(f"{prefix}.qzeros").view(np.int32)
+        _, new_zeros, zero0, fixed = numpy_backend.run(awq.rebias_zero_points, qweight, qzeros)
+        target.rebias[prefix] = np.asarray(new_zeros)
+        target.rebiased += int(fixed)
+        if int(zero0) > int(fixed):
+            target.inexact[prefix] = int(zero0) - int(fixed)
+            target.max_error = max(target.max_error, _engine_error(ckpt, prefix, qweight, np.asarray(new_zeros)))
+    if target.inexact and not allow_inexact:
+        raise CheckpointError(
+            f"{ckpt.root}: {sum(target.inexact.values())} (group, column) pairs with zero-point 0 hold a 15, so no "
+            f"GPTQ v1 encoding is exact in {e.title} (it reads a stored 15 as 16): modules {_names(target.inexact)} "
+            f"(largest weight error there {target.max_error:.6g}); {target.rebiased} other pairs could be rebiased. "
+            "Pass --allow-inexact to write it anyway, or choose an engine that reads them exactly"
+        )
+    return target
+
+
+def _engine_error(ckpt: Checkpoint, prefix: str, qweight: np.ndarray, qzeros: np.ndarray) -> float:
+    """The largest |W| difference between the module's weights and what an unmasked engine computes."""
+    from packq.formats.gptq import dequantize_grouped
+
+    m = ckpt.modules[prefix]
+    with ckpt.shards[m.files["scales"]] as f:
+        scales = f.floats(f"{prefix}.scales")
+    q = np.asarray(numpy_backend.run(awq.unpack_awq, qweight)).astype(np.int16)
+    z = np.asarray(numpy_backend.run(awq.unpack_awq, qzeros)).astype(np.int16)
+    xp = numpy_backend.xp
+    exact = dequantize_grouped(xp, q, z, scales).astype(np.float64)
+    engine = dequantize_grouped(xp, q, np.where(z == 0, 16, z).astype(np.int16), scales).astype(np.float64)
+    return float(np.max(np.abs(exact - engine)))
+
+
+#: the engines that load GPTQ checkpoints (AutoGPTQ is only a writer here)
+LOADERS = [name for name, e in ENGINES.items() if e.reads_v1 is not None]

@@ -37,13 +37,18 @@ class Engine:
         return FIELD if self.reads_v1 == WORD and bits == 3 else self.reads_v1
 
     def target(self, bits: int) -> tuple[str, str]:
-        """(checkpoint_format, v1 convention) that this engine reads exactly, preferring v1 where it is exact."""
-        convention = self.v1_convention(bits)
-        if convention in (FIELD, WORD):
-            return "gptq", convention
+        """(checkpoint_format, v1 convention) that this engine loads exactly.
+
+        v2 wherever the engine reads it: it has no zero-point ambiguity, and
+        GPTQModel (so transformers) refuses sym=False v1 that another tool
+        wrote. Else v1 in the engine's own convention; "unmasked" engines get
+        per-field v1, exact only where no zero-point is 0 (the caller rebiases
+        or refuses).
+        """
         if self.reads_v2:
             return "gptq_v2", FIELD
-        return "gptq", FIELD  # exact only without zero-points of 0: the caller checks
+        convention = self.v1_convention(bits)
+        return "gptq", convention if convention in (FIELD, WORD) else FIELD
 
 
 _GPTQMODEL = (
