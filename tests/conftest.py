@@ -33,6 +33,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--thorough", action="store_true", help="run hypothesis properties with thousands of examples each"
     )
+    parser.addoption(
+        "--real-loaders", action="store_true",
+        help="run the real_loaders tests (GPTQModel and transformers must be installed; minutes on a CPU)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--real-loaders"):
+        return
+    skip = pytest.mark.skip(reason="opt-in: pytest --real-loaders (needs gptqmodel and transformers)")
+    for item in items:
+        if "real_loaders" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -61,14 +61,10 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
             true = (fields.astype(np.int16) + 1) % 16  # packq's v1 is per field: exactly the AWQ zeros
         else:
             by_field, by_word = read_v1(fields, words, FIELD, bits), read_v1(fields, words, WORD, bits)
-            differ = int(np.count_nonzero(by_field != by_word)) if bits != 3 else 0
-            if convention in (FIELD, WORD):
-                true = by_field if convention == FIELD else by_word
-            elif differ:
+            true = by_word if convention == WORD else by_field
+            differ = int(np.count_nonzero(by_field != by_word))
+            if convention not in (FIELD, WORD) and differ:  # unknown producer, and it matters here
                 report.ambiguous[prefix] = differ
-                true = by_field
-            else:
-                true = by_field
         zero0 = int(np.count_nonzero(true == 0))
         report.zero0 += zero0
         report.total += true.size
