@@ -105,7 +105,7 @@ def test_gptqmodel_v1_to_awq_is_byte_identical_to_the_source(tmp_path):
     assert not info["engines"]["tgi"]["exact"]
     back = tmp_path / "awq"
     s = convert_checkpoint(src, back, to="awq", verify=True)
-    assert s["verified"]
+    assert s["verified"] and s["v1_zeros"] == "word"
     a, b = _load(EXAMPLE), _load(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 

@@ -115,6 +115,15 @@ class _Job:
         """The checkpoint_format of the GPTQ side: the one written, or the one read."""
         return self.target.checkpoint_format if self.to == "gptq" else self.ckpt.format.checkpoint_format
 
+    @property
+    def v1_zeros(self) -> str | None:
+        """How the GPTQ side stores v1 zeros ("field" or "word"), written or read; None for v2."""
+        if self.gptq_format != "gptq":
+            return None
+        if self.to == "gptq":
+            return self.target.convention
+        return WORD if self.read_word else FIELD
+
 
 class _Converter:
     """Per-tensor conversions on one backend; NumPy arrays in, NumPy arrays out."""
@@ -291,7 +300,7 @@ def convert_checkpoint(
         if ckpt.format.checkpoint_format == "gptq":
             report = analyse(ckpt, v1_zeros)
             check_v1_readable(ckpt, report)
-            read_word = report.convention == WORD and ckpt.format.bits != 3
+            read_word = report.convention == WORD
         job = _Job(ckpt, to, convert, Target(ckpt.format.checkpoint_format), read_word)
     checkpoint_format = job.gptq_format
     plan = _plan(ckpt, to, checkpoint_format)
@@ -333,7 +342,7 @@ def convert_checkpoint(
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
         "tensors_in": ckpt.tensor_count(), "tensors_out": sum(len(e) for e in entries.values()),
         "bytes_in": ckpt.total_bytes(), "bytes_out": sum(e[3] for es in entries.values() for e in es),
-        "for": job.target.engine, "v1_zeros": job.target.convention if checkpoint_format == "gptq" else None,
+        "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -421,14 +430,11 @@ def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndar
 def _gptq_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
     """The zero-points the GPTQ side's reader computes: the target engine's reading when writing GPTQ."""
     fields = np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=4)).astype(np.int16)
-    if job.gptq_format == "gptq_v2":
+    if job.v1_zeros is None:
         return fields
-    if job.to == "awq":
-        convention = WORD if job.read_word else FIELD
-    elif job.target.engine is not None:
-        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD
-    else:
-        convention = FIELD  # no zero-point of 0: every engine reads it alike
+    convention = job.v1_zeros  # as its producer wrote it (to AWQ), or as packq wrote it without an engine
+    if job.to == "gptq" and job.target.engine is not None:
+        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD  # as the engine reads it
     return read_v1(fields, qzeros.view(np.uint32), convention, 4)
 
 
