@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from packq.checkpoint.convert import TARGETS
 from packq.checkpoint.files import describe
 from packq.errors import CheckpointError
 from packq.formats.engines import ENGINES
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an AWQ checkpoint folder to GPTQ (or GPTQ to AWQ)")
     c.add_argument("src", help="source model folder (never written)")
     c.add_argument("dst", help="folder to create; it appears only when complete")
-    c.add_argument("--to", choices=["gptq", "awq"], default="gptq", help="target format (default: gptq)")
+    c.add_argument("--to", choices=list(TARGETS), default="gptq",
+                   help="target format (default: gptq); float16/bfloat16/float32 write dequantized weights")
     c.add_argument("--for", dest="for_engine", metavar="ENGINE", choices=LOADERS, default=None,
                    help=f"the engine that will load the GPTQ result ({', '.join(LOADERS)}): write the format and "
                         "zero-point encoding it computes exactly; needed for v1 when a zero-point is 0")
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_convert(s: dict[str, Any]) -> None:
-    target = "GPTQ (" + s["checkpoint_format"] + ")" if s["to"] == "gptq" else "AWQ gemm"
+    target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
     print(f"converted {s['from']} -> {target}{engine}")
     if s["rebiased"]:

@@ -159,10 +159,19 @@ def test_inspect_prints_every_engine(capsys):
 
 
 # ------------------------------------------------------------------ writing for an engine
+def _shard_of(folder: Path, prefix: str) -> Path:
+    """The shard that holds a module's qweight."""
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "np") as h:
+            if f"{prefix}.qweight" in h.keys():
+                return f
+    raise KeyError(prefix)
+
+
 def _engine_weights(folder: Path, prefix: str, convention: str | None) -> np.ndarray:
     """A module's weights as an engine computes them, from the written tensors (no packq reading code)."""
     t = {}
-    with safe_open(str(next(f for f in folder.glob("*.safetensors") if prefix + ".qweight" in safe_open(str(f), "np").keys())), "pt") as h:
+    with safe_open(str(_shard_of(folder, prefix)), "pt") as h:
         for part in ("qweight", "qzeros", "scales"):
             t[part] = h.get_tensor(f"{prefix}.{part}")
     words = t["qweight"].numpy().astype(np.int64) & 0xFFFFFFFF
@@ -181,7 +190,7 @@ def _engine_weights(folder: Path, prefix: str, convention: str | None) -> np.nda
 
 
 def _awq_weights(folder: Path, prefix: str) -> np.ndarray:
-    with safe_open(str(next(f for f in folder.glob("*.safetensors") if prefix + ".qweight" in safe_open(str(f), "np").keys())), "pt") as h:
+    with safe_open(str(_shard_of(folder, prefix)), "pt") as h:
         qw, qz, s = (h.get_tensor(f"{prefix}.{p}") for p in ("qweight", "qzeros", "scales"))
     order = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -294,7 +303,26 @@ def test_for_is_refused_where_it_means_nothing(tmp_path):
         convert_checkpoint(EXAMPLE, tmp_path / "a", for_engine="autogptq")
     v2 = tmp_path / "v2"
     convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
-    with pytest.raises(packq.errors.CheckpointError, match="converting to AWQ takes none"):
+    with pytest.raises(packq.errors.CheckpointError, match="converting to awq takes none"):
         convert_checkpoint(v2, tmp_path / "b", to="awq", for_engine="tgi")
     with pytest.raises(packq.errors.CheckpointError, match="cannot load checkpoint_format 'gptq_v2'"):
         convert_checkpoint(EXAMPLE, tmp_path / "c", for_engine="tgi", checkpoint_format="gptq_v2")
+
+
+@pytest.mark.parametrize("engine", ["transformers", "tgi"])
+def test_verify_catches_a_wrong_zero_point(tmp_path, monkeypatch, engine):
+    import packq.checkpoint.convert as c
+
+    real = c._tensor
+
+    def one_zero_off(job, f, name, action, m):
+        out = real(job, f, name, action, m)
+        if action == "zeros" and m.prefix.endswith("layers.1.mlp.up_proj"):
+            out = out.copy()
+            out.flat[3] ^= 1  # one zero-point one off
+        return out
+
+    monkeypatch.setattr(c, "_tensor", one_zero_off)
+    with pytest.raises(c.CheckpointError, match=r"verification failed: model.layers.1.mlp.up_proj dequantizes"):
+        convert_checkpoint(EXAMPLE, tmp_path / "x", for_engine=engine, verify=True)
+    assert not (tmp_path / "x").exists()

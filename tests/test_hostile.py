@@ -666,3 +666,21 @@ def test_a_running_conversion_is_not_disturbed_by_a_second(ckpt, tmp_path):
     assert code_b == 2 and "another packq conversion is writing it" in err_b
     assert a.wait(60) == 0
     assert_loads_in_safetensors(dst)
+
+
+def test_no_file_descriptor_is_left_open(ckpt, tmp_path):
+    """Every read and write closes what it opened: thousands of conversions in one process stay possible."""
+    from packq.checkpoint import inspect_checkpoint
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    main(["convert", str(ckpt), str(tmp_path / "warm"), "--verify"])  # imports and thread pools first
+    before = open_fds()
+    for i in range(3):
+        assert main(["convert", str(ckpt), str(tmp_path / f"d{i}"), "--verify"]) == 0
+        assert main(["convert", str(tmp_path / f"d{i}"), str(tmp_path / f"a{i}"), "--to", "awq", "--verify"]) == 0
+        assert main(["convert", str(ckpt), str(tmp_path / f"f{i}"), "--to", "bfloat16", "--verify"]) == 0
+        inspect_checkpoint(tmp_path / f"d{i}")
+        assert main(["convert", str(ckpt), str(tmp_path / f"d{i}")]) == 2  # refused: exists
+    assert open_fds() == before

@@ -36,6 +36,10 @@ from packq.formats import awq, gptq
 from packq.formats.engines import ENGINES, FIELD, WORD, read_v1
 from packq.formats.gptq import dequantize_grouped
 
+#: dequantized targets: safetensors dtype and item size
+FLOATS = {"float16": ("F16", 2), "bfloat16": ("BF16", 2), "float32": ("F32", 4)}
+TARGETS = ("gptq", "awq", *FLOATS)
+
 
 def _check_paths(src: Path, dst: Path) -> None:
     s, d = src.resolve(), dst.resolve()
@@ -83,6 +87,12 @@ def _target_config(job: _Job) -> dict[str, Any]:
     ckpt = job.ckpt
     config = json.loads(json.dumps(ckpt.config))
     old = ckpt.format.raw
+    if job.to in FLOATS:  # a plain checkpoint: no quantization left to state
+        del config["quantization_config"]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = job.to
+        return config
     if job.to == "gptq":
         fmt = job.target.checkpoint_format
         q: dict[str, Any] = {
@@ -111,9 +121,11 @@ class _Job:
     read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
 
     @property
-    def gptq_format(self) -> str:
-        """The checkpoint_format of the GPTQ side: the one written, or the one read."""
-        return self.target.checkpoint_format if self.to == "gptq" else self.ckpt.format.checkpoint_format
+    def gptq_format(self) -> str | None:
+        """The checkpoint_format of the GPTQ side: the one written, or the one read; None without one."""
+        if self.to == "gptq":
+            return self.target.checkpoint_format
+        return self.ckpt.format.checkpoint_format if self.ckpt.format.method == "gptq" else None
 
     @property
     def v1_zeros(self) -> str | None:
@@ -148,14 +160,19 @@ class _Converter:
         return np.asarray(self.be.run(fn, self.to_backend(words), **static))
 
 
-def _plan(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, list[tuple[str, str, Any]]]:
+def _plan(ckpt: Checkpoint, to: str) -> dict[str, list[tuple[str, str, Any]]]:
     """For every shard, the output tensors in order: (name, action, module or None)."""
     by_tensor = {f"{m.prefix}.{p}": (m, p) for m in ckpt.modules.values() for p in m.infos}
     plan: dict[str, list[tuple[str, str, Any]]] = {}
     for fname, shard in ckpt.shards.items():
-        out = []
+        out: list[tuple[str, str, Module | None]] = []
         for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
             module, part = by_tensor.get(t.name, (None, None))
+            if to in FLOATS and part is not None:
+                if part == "qweight":  # the module becomes one float tensor, in torch's (N, K) orientation
+                    assert module is not None
+                    out.append((f"{module.prefix}.weight", "dequant", module))
+                continue
             if part == "qweight":
                 out.append((t.name, "weight", module))
                 if to == "gptq":
@@ -171,7 +188,7 @@ def _plan(ckpt: Checkpoint, to: str, checkpoint_format: str) -> dict[str, list[t
     return plan
 
 
-def _out_entry(ckpt: Checkpoint, shard: SafetensorsFile, name: str, action: str, m: Module | None):
+def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, action: str, m: Module | None):
     """(name, dtype, shape, nbytes) of an output tensor, known before any conversion."""
     if action == "copy":
         t = shard.tensors[name]
@@ -180,6 +197,10 @@ def _out_entry(ckpt: Checkpoint, shard: SafetensorsFile, name: str, action: str,
     lead = m.infos["qweight"].shape[:-2]
     if action == "g_idx":
         return name, "I32", (m.k,), 4 * m.k
+    if action == "dequant":
+        dtype, size = FLOATS[to]
+        shape = (*lead, m.n, m.k)
+        return name, dtype, shape, size * int(np.prod(shape))
     if action == "weight":
         shape = (*lead, m.k // 8, m.n) if ckpt.format.method == "awq" else (*lead, m.k, m.n // 8)
     else:
@@ -195,7 +216,7 @@ def _check_gptq_source(ckpt: Checkpoint) -> None:
         )
     for m in ckpt.modules.values():
         if "g_idx" in m.files:
-            with ckpt.shards[m.files["g_idx"]] as f:
+            with ckpt.shards[m.files["g_idx"]].open() as f:
                 g = f.array(f"{m.prefix}.g_idx")
             if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
                 raise CheckpointError(
@@ -278,24 +299,29 @@ def convert_checkpoint(
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if to not in ("gptq", "awq"):
-        raise CheckpointError(f"to must be 'gptq' or 'awq', got {to!r}")
+    if to not in TARGETS:
+        raise CheckpointError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
     if checkpoint_format not in (None, "gptq", "gptq_v2"):
         raise CheckpointError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     if v1_zeros not in (None, FIELD, WORD):
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
     ckpt = open_checkpoint(src)
-    want = "awq" if to == "gptq" else "gptq"
-    if ckpt.format.method != want:
-        raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {'an AWQ' if want == 'awq' else 'a GPTQ'} source")
+    if to in ("gptq", "awq"):
+        want = "awq" if to == "gptq" else "gptq"
+        if ckpt.format.method != want:
+            need = "an AWQ" if want == "awq" else "a GPTQ"
+            raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {need} source")
     _check_paths(src, dst)
     convert = _Converter(backend)
     if to == "gptq":
         job = _Job(ckpt, to, convert, plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact))
+    elif for_engine is not None:
+        raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
+    elif ckpt.format.method == "awq":  # to a float dtype
+        job = _Job(ckpt, to, convert, Target("awq"))
     else:
-        if for_engine is not None:
-            raise CheckpointError("--for names the engine that loads a GPTQ result; converting to AWQ takes none")
-        _check_gptq_source(ckpt)
+        if to == "awq":
+            _check_gptq_source(ckpt)
         read_word = False
         if ckpt.format.checkpoint_format == "gptq":
             report = analyse(ckpt, v1_zeros)
@@ -303,8 +329,8 @@ def convert_checkpoint(
             read_word = report.convention == WORD
         job = _Job(ckpt, to, convert, Target(ckpt.format.checkpoint_format), read_word)
     checkpoint_format = job.gptq_format
-    plan = _plan(ckpt, to, checkpoint_format)
-    entries = {f: [_out_entry(ckpt, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
+    plan = _plan(ckpt, to)
+    entries = {f: [_out_entry(ckpt, to, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
         header_for(es, ckpt.shards[fname].metadata, dst / fname)
     extra = _extra_files(ckpt)
@@ -324,13 +350,17 @@ def convert_checkpoint(
             config = _target_config(job)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             for name in SIDECARS:  # engines read these before config.json: they must state the new format too
-                if (ckpt.root / name).exists():
+                if (ckpt.root / name).exists() and "quantization_config" in config:  # (a float result drops them)
                     sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
                     write_durable(tmp / name, sidecar.encode())
             if ckpt.index is not None:
                 _write_index(ckpt, tmp, entries)
             bar.close()
-            verified = _verify(job, tmp, progress) if verify else None
+            verified: bool | None
+            if verify:
+                verified = (_verify_float if to in FLOATS else _verify)(job, tmp, progress)
+            else:
+                verified = None
             out.commit()
     finally:
         bar.close()
@@ -360,7 +390,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progress) -> None:
     """Write one output shard; the next tensor converts on a worker thread while this one is written."""
-    with job.ckpt.shards[fname] as f, ThreadPoolExecutor(max_workers=1) as pool:
+    with job.ckpt.shards[fname].open() as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
 
         def start(i: int) -> None:
@@ -390,13 +420,15 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
     convert, ckpt = job.convert, job.ckpt
     if action == "g_idx":
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
+    if action == "dequant":
+        return _float_weight(job, m)
     rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
     if action == "weight":
         if job.to == "awq":
             return convert(awq.weight_to_awq, f.array(name))
         words = f.array(name)
         if rebias is not None:  # q + 1 wherever the pair's zero-point moved from 0 to 1
-            with ckpt.shards[m.files["qzeros"]] as z:
+            with ckpt.shards[m.files["qzeros"]].open() as z:
                 qzeros = z.array(f"{m.prefix}.qzeros")
             words = np.asarray(numpy_backend.run(awq.rebias_zero_points, words.view(np.int32), qzeros.view(np.int32))[0])
         return convert(awq.weight_to_gptq, words)
@@ -412,6 +444,37 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
     return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
 
 
+def _float_weight(job: _Job, m: Module) -> np.ndarray:
+    """A module's weights as the target float dtype, (..., N, K) as torch stores a Linear's weight.
+
+    Computed in the scales' dtype, as engines compute them: one rounding of the exact (q - z) * s
+    (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
+    that bfloat16 output rounds the float16 product, and float32 holds it exactly.
+    """
+    import packq
+
+    a = {part: job.convert.to_backend(v) for part, v in _module_arrays(job.ckpt, m.prefix)}
+    try:
+        if job.ckpt.format.method == "awq":
+            w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
+        else:
+            zeros, qzeros = ("v1" if job.v1_zeros else "v2"), a["qzeros"]
+            if job.v1_zeros == WORD:  # as GPTQModel wrote it: one 32-bit add gives v2
+                zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, convention=WORD)
+            w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), zeros=zeros)
+    except ValueError as e:  # g_idx values out of range, say
+        raise CheckpointError(f"{job.ckpt.root}: {m.prefix}: {e}") from None
+    return to_float(np.swapaxes(np.asarray(w), -1, -2), job.to)
+
+
+def to_float(w: np.ndarray, dtype: str) -> np.ndarray:
+    """float16/float32 weights as a contiguous ``dtype`` array; bfloat16 as its raw uint16 bits, rounded to nearest even."""
+    if dtype != "bfloat16":
+        return np.ascontiguousarray(w, dtype=dtype)
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
 def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
     assert ckpt.index is not None
     index = json.loads(json.dumps(ckpt.index))
@@ -423,7 +486,7 @@ def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -
 # ------------------------------------------------------------------ verify
 def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
     for part, fname in ckpt.modules[prefix].files.items():
-        with ckpt.shards[fname] as f:
+        with ckpt.shards[fname].open() as f:
             yield part, f.floats(f"{prefix}.{part}") if part == "scales" else f.array(f"{prefix}.{part}")
 
 
@@ -464,3 +527,41 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
         bar.update(1)
     bar.close()
     return True
+
+
+def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:
+    """Each module's float weight, read back, against the source dequantized by the verification readers."""
+    ckpt, result = job.ckpt, open_checkpoint_plain(out)
+    xp = numpy_backend.xp
+    bar = Progress(len(ckpt.modules), "verifying", progress)
+    for prefix in ckpt.modules:
+        a = dict(_module_arrays(ckpt, prefix))
+        if ckpt.format.method == "awq":
+            q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
+            z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
+        else:
+            q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4))
+            q, z = q.astype(np.int16), _gptq_zero_points(job, a["qzeros"])
+        if "g_idx" in a:  # act-order: each row's own group
+            idx = a["g_idx"].astype(np.int64)
+            w = (q - np.take(z, idx, axis=-2)).astype(a["scales"].dtype) * np.take(a["scales"], idx, axis=-2)
+        else:
+            w = dequantize_grouped(xp, q, z, a["scales"])
+        want = to_float(np.swapaxes(w, -1, -2), job.to)
+        got = result[f"{prefix}.weight"]
+        if want.shape != got.shape or want.tobytes() != got.tobytes():
+            raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
+        bar.update(1)
+    bar.close()
+    return True
+
+
+def open_checkpoint_plain(root: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder's safetensors files as its raw elements (floats as bits for bfloat16)."""
+    out: dict[str, np.ndarray] = {}
+    for path in sorted(root.glob("*.safetensors")):
+        shard = SafetensorsFile(path)
+        with shard.open() as f:
+            for name, t in shard.tensors.items():
+                out[name] = f.array_bits(name) if t.dtype == "BF16" else f.array(name)
+    return out

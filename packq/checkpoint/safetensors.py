@@ -10,7 +10,7 @@ every tensor in memory at once; here a tensor is read on its own from the source
 Headers are checked as strictly as the reference loader (the safetensors
 library's ``read_metadata`` and ``Metadata::validate``) checks them, and each is
 parsed once: a :class:`SafetensorsFile` holds the parsed header, and every read
-opens its own file handle through it (``with shard as reader``).
+opens its own file handle through it (``with shard.open() as reader``).
 """
 
 from __future__ import annotations
@@ -176,11 +176,9 @@ class SafetensorsFile:
             raise bad(f"shape {shape} of {dtype} needs {bits // 8} bytes, data_offsets span {end - begin}")
         return TensorInfo(name, dtype, tuple(shape), begin, end)
 
-    def __enter__(self) -> Reader:
+    def open(self) -> Reader:
+        """A handle for reading tensors, with its own descriptor: ``with shard.open() as f``."""
         return Reader(self)
-
-    def __exit__(self, *exc: Any) -> None:  # the Reader closes itself
-        pass
 
 
 class Reader:

@@ -51,7 +51,7 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
     report = ZeroReport(fmt, convention)
     wrong: dict[str, dict[str, int]] = {name: {} for name in ENGINES}
     for prefix, m in ckpt.modules.items():
-        with ckpt.shards[m.files["qzeros"]] as f:
+        with ckpt.shards[m.files["qzeros"]].open() as f:
             stored = f.array_bits(f"{prefix}.qzeros")
         words = _v1_words(ckpt, stored)
         fields = np.asarray(numpy_backend.run(B.unpack, words.view(np.int32), direction="column", bits=bits))
@@ -166,9 +166,9 @@ def plan_gptq(ckpt: Checkpoint, engine: str | None, checkpoint_format: str | Non
     # a stored 15 reads as 16: move zero-0 pairs to z = 1 where every q of the pair is <= 14
     for prefix in report.zero0_modules:
         m = ckpt.modules[prefix]
-        with ckpt.shards[m.files["qweight"]] as f:
+        with ckpt.shards[m.files["qweight"]].open() as f:
             qweight = f.array_bits(f"{prefix}.qweight").view(np.int32)
-        with ckpt.shards[m.files["qzeros"]] as f:
+        with ckpt.shards[m.files["qzeros"]].open() as f:
             qzeros = f.array_bits(f"{prefix}.qzeros").view(np.int32)
         _, new_zeros, zero0, fixed = numpy_backend.run(awq.rebias_zero_points, qweight, qzeros)
         target.rebias[prefix] = np.asarray(new_zeros)
@@ -191,7 +191,7 @@ def _engine_error(ckpt: Checkpoint, prefix: str, qweight: np.ndarray, qzeros: np
     from packq.formats.gptq import dequantize_grouped
 
     m = ckpt.modules[prefix]
-    with ckpt.shards[m.files["scales"]] as f:
+    with ckpt.shards[m.files["scales"]].open() as f:
         scales = f.floats(f"{prefix}.scales")
     q = np.asarray(numpy_backend.run(awq.unpack_awq, qweight)).astype(np.int16)
     z = np.asarray(numpy_backend.run(awq.unpack_awq, qzeros)).astype(np.int16)
