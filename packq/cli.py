@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packq", description="Exact conversion of quantized LLM checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert an AWQ checkpoint folder to GPTQ (or GPTQ to AWQ)")
-    c.add_argument("src", help="source model folder (never written)")
+    c.add_argument("src", help="source model folder (never written), or a Hugging Face Hub repo id (org/name)")
+    c.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     c.add_argument("dst", help="folder to create; it appears only when complete")
     c.add_argument("--to", choices=list(TARGETS), default="gptq",
                    help="target format (default: gptq); float16/bfloat16/float32 write dequantized weights")
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how a GPTQ v1 source stored zero-points of 0: word = GPTQModel/transformers (whole-word "
                         "subtraction), field = per field (TGI, LoRAX, packq); default: from the producer's metadata")
     i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
-    i.add_argument("src")
+    i.add_argument("src", help="model folder, or a Hugging Face Hub repo id (org/name)")
+    i.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     i.add_argument("--json", action="store_true", help="print a machine-readable summary")
     i.add_argument("--v1-zeros", choices=["field", "word"], default=None, help="as for convert")
     return p
@@ -104,12 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                 v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
+                revision=args.revision,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         else:
             from packq.checkpoint import inspect_checkpoint
 
-            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros)
+            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros, revision=args.revision)
             print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
     except CheckpointError as e:
         print(f"packq: error: {e}", file=sys.stderr)

@@ -181,6 +181,6 @@ def test_errors_come_before_work(monkeypatch):
 
 def test_import_packq_imports_no_framework():
     """Neither framework, nor numba (0.2 s and 100 MB to import), until a conversion needs it."""
-    code = ("import sys, packq, packq.cli, packq.checkpoint; bad = {'jax', 'torch', 'numba'} & set(sys.modules); "
+    code = ("import sys, packq, packq.cli, packq.checkpoint; bad = {'jax', 'torch', 'numba', 'huggingface_hub'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

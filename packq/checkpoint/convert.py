@@ -26,6 +26,7 @@ import numpy as np
 from packq import __version__, backends
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
+from packq.checkpoint.hub import resolve
 from packq.checkpoint.model import INDEX, SIDECARS, Checkpoint, Module, open_checkpoint
 from packq.checkpoint.progress import Progress
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
@@ -238,13 +239,16 @@ def convert_checkpoint(
     v1_zeros: str | None = None,
     for_engine: str | None = None,
     allow_inexact: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Convert an AWQ (gemm) checkpoint folder to GPTQ, or GPTQ to AWQ, bit-exactly.
 
     Parameters
     ----------
     src, dst : path
-        The source model folder (never written) and the folder to create.
+        The source model folder (never written) and the folder to create. SRC may also be
+        a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
+        downloaded; this needs ``packq[hub]``.
     to : {"gptq", "awq"}
         Target format. "gptq" needs an AWQ source, "awq" a 4-bit GPTQ source without act-order.
     checkpoint_format : {"gptq", "gptq_v2"}, optional
@@ -271,6 +275,8 @@ def convert_checkpoint(
         Replace an existing DST (only once the new one is complete).
     progress : bool, optional
         Show a progress bar; default: when standard error is a terminal.
+    revision : str, optional
+        The branch, tag or commit of a Hub repo id.
     v1_zeros : {"field", "word"}, optional
         How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
         transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
@@ -305,6 +311,7 @@ def convert_checkpoint(
         raise CheckpointError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     if v1_zeros not in (None, FIELD, WORD):
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
+    given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
     if to in ("gptq", "awq"):
         want = "awq" if to == "gptq" else "gptq"
@@ -367,7 +374,7 @@ def convert_checkpoint(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return {
-        "src": str(src), "dst": str(dst), "from": ckpt.format.name, "to": to,
+        "src": str(given), "resolved": str(src), "dst": str(dst), "from": ckpt.format.name, "to": to,
         "checkpoint_format": checkpoint_format if to == "gptq" else None, "backend": backend,
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
         "tensors_in": ckpt.tensor_count(), "tensors_out": sum(len(e) for e in entries.values()),

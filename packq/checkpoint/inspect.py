@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from packq.checkpoint.hub import resolve
 from packq.checkpoint.model import open_checkpoint
 from packq.checkpoint.zeros import analyse
 
 
-def inspect_checkpoint(src: str | os.PathLike[str], *, v1_zeros: str | None = None) -> dict[str, Any]:
+def inspect_checkpoint(
+    src: str | os.PathLike[str], *, v1_zeros: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
     """Describe a quantized checkpoint folder without changing it.
 
     Returns a dict with the format, group size, quantized module count, tensor
@@ -21,7 +23,8 @@ def inspect_checkpoint(src: str | os.PathLike[str], *, v1_zeros: str | None = No
     source: as GPTQ v1 written per field, packq's default), how many pairs it
     gets wrong and in which modules. A GPTQ v1 source is read in its producer's
     convention (``meta.quantizer``) or ``v1_zeros``; where that is unknown and
-    matters, ``v1_ambiguous`` lists the modules.
+    matters, ``v1_ambiguous`` lists the modules. SRC may be a Hub repo id, as for
+    :func:`convert_checkpoint`.
 
     Raises
     ------
@@ -37,7 +40,7 @@ def inspect_checkpoint(src: str | os.PathLike[str], *, v1_zeros: str | None = No
     >>> info["engines"]["tgi"]["exact"], info["engines"]["exllamav2"]["exact"]
     (True, False)
     """
-    ckpt = open_checkpoint(Path(src))
+    ckpt = open_checkpoint(resolve(src, revision))
     by_dtype: Counter[str] = Counter()
     bytes_by_dtype: Counter[str] = Counter()
     for shard in ckpt.shards.values():
