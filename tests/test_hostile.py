@@ -371,6 +371,9 @@ def mutate(tree, data) -> object:
     return tree
 
 
+#: the routes a mutated source is sent down: GPTQ v1 by default, per engine, to AWQ, dequantized
+TARGET_ARGS = st.sampled_from([[], ["--for", "exllamav2"], ["--for", "transformers"], ["--to", "awq"],
+                               ["--to", "bfloat16"]])
 MUTATION = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 _TRIED: dict[str, list[int]] = {}
 
@@ -387,7 +390,7 @@ def test_mutated_shard_header(tmp_path_factory, data, capsys):
     shard = src / data.draw(st.sampled_from(SHARDS))
     header, body = read_header(shard)
     write_shard(shard, mutate(header, data), body)
-    code, _ = convert_and_check(src, root / "dst", capsys)
+    code, _ = convert_and_check(src, root / "dst", capsys, *data.draw(TARGET_ARGS))
     if not reference_opens(shard):
         assert code == 2, "packq accepted a shard the safetensors library refuses"
     _count("shard header", code)
@@ -408,7 +411,7 @@ def test_mutated_config(tmp_path_factory, data, capsys):
     root = tmp_path_factory.mktemp("m")
     src = make_checkpoint(root / "src")
     (src / "config.json").write_text(json.dumps(mutate(json.loads((src / "config.json").read_text()), data)))
-    _count("config", convert_and_check(src, root / "dst", capsys)[0])
+    _count("config", convert_and_check(src, root / "dst", capsys, *data.draw(TARGET_ARGS))[0])
 
 
 @MUTATION
