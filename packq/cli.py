@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_convert(s: dict[str, Any]) -> None:
-    target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm"}.get(s["to"], f"{s['to']} weights")
+    target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm",
+              "compressed-tensors": "compressed-tensors pack-quantized"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
     print(f"converted {s['from']} -> {target}{engine}")
     if s["rebiased"]:

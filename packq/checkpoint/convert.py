@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -39,7 +40,8 @@ from packq.formats.gptq import dequantize_grouped
 
 #: dequantized targets: safetensors dtype and item size
 FLOATS = {"float16": ("F16", 2), "bfloat16": ("BF16", 2), "float32": ("F32", 4)}
-TARGETS = ("gptq", "awq", *FLOATS)
+CT = "compressed-tensors"
+TARGETS = ("gptq", "awq", CT, *FLOATS)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -88,6 +90,9 @@ def _target_config(job: _Job) -> dict[str, Any]:
     ckpt = job.ckpt
     config = json.loads(json.dumps(ckpt.config))
     old = ckpt.format.raw
+    if job.to == CT:
+        config["quantization_config"] = _ct_config(job)
+        return config
     if job.to in FLOATS:  # a plain checkpoint: no quantization left to state
         del config["quantization_config"]
         for key in ("torch_dtype", "dtype"):
@@ -111,6 +116,24 @@ def _target_config(job: _Job) -> dict[str, Any]:
     return config
 
 
+def _ct_config(job: _Job) -> dict[str, Any]:
+    """compressed-tensors' quantization_config, as its own AutoAWQConverter writes it (0.20.1)."""
+    fmt = job.ckpt.format
+    weights: dict[str, Any] = {"num_bits": fmt.bits, "type": "int", "symmetric": job.symmetric, "dynamic": False}
+    if fmt.group_size == -1:
+        weights["strategy"] = "channel"
+    else:
+        weights.update(strategy="group", group_size=fmt.group_size)
+    ignore = ["lm_head"] + [f"re:.*{re.escape(str(m))}.*" for m in fmt.raw.get("modules_to_not_convert") or []]
+    return {
+        "config_groups": {"config_group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                             "output_activations": None, "format": "pack-quantized"}},
+        "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": "pack-quantized",
+        "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore,
+        "moe_sparsity_config": None,
+    }
+
+
 @dataclass
 class _Job:
     """What one conversion decided before writing anything."""
@@ -120,6 +143,7 @@ class _Job:
     convert: _Converter
     target: Target  # to GPTQ: format, v1 convention, rebias; to AWQ: the source's format
     read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
+    symmetric: bool = False  # to compressed-tensors: every zero-point is 2**(bits-1), so none are stored
 
     @property
     def gptq_format(self) -> str | None:
@@ -161,14 +185,29 @@ class _Converter:
         return np.asarray(self.be.run(fn, self.to_backend(words), **static))
 
 
-def _plan(ckpt: Checkpoint, to: str) -> dict[str, list[tuple[str, str, Any]]]:
+#: to compressed-tensors: a module's tensor -> the tensors it becomes, and how
+CT_PARTS = {"qweight": [("weight_packed", "ct_weight"), ("weight_shape", "ct_shape")],
+            "qzeros": [("weight_zero_point", "ct_zeros")], "scales": [("weight_scale", "ct_scale")], "g_idx": []}
+
+
+#: and back: the module tensor each compressed-tensors tensor is made from
+CT_SOURCE = {action: part for part, made in CT_PARTS.items() for _, action in made}
+
+
+def _plan(job: _Job) -> dict[str, list[tuple[str, str, Any]]]:
     """For every shard, the output tensors in order: (name, action, module or None)."""
+    ckpt, to = job.ckpt, job.to
     by_tensor = {f"{m.prefix}.{p}": (m, p) for m in ckpt.modules.values() for p in m.infos}
     plan: dict[str, list[tuple[str, str, Any]]] = {}
     for fname, shard in ckpt.shards.items():
         out: list[tuple[str, str, Module | None]] = []
         for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
             module, part = by_tensor.get(t.name, (None, None))
+            if to == CT and module is not None and part is not None:
+                if part == "qzeros" and job.symmetric:
+                    continue  # symmetric: no zero-points stored
+                out += [(f"{module.prefix}.{name}", action, module) for name, action in CT_PARTS[part]]
+                continue
             if to in FLOATS and part is not None:
                 if part == "qweight":  # the module becomes one float tensor, in torch's (N, K) orientation
                     assert module is not None
@@ -202,11 +241,37 @@ def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, act
         dtype, size = FLOATS[to]
         shape = (*lead, m.n, m.k)
         return name, dtype, shape, size * int(np.prod(shape))
+    if action == "ct_shape":
+        return name, "I64", (len(lead) + 2,), 8 * (len(lead) + 2)
+    if action == "ct_scale":
+        s = m.infos["scales"]
+        return name, s.dtype, (*lead, m.n, m.groups), s.nbytes
+    if action == "ct_weight":
+        shape = (*lead, m.n, m.k // 8)
+        return name, "I32", shape, 4 * int(np.prod(shape))
+    if action == "ct_zeros":
+        shape = (*lead, m.n // 8, m.groups)
+        return name, "I32", shape, 4 * int(np.prod(shape))
     if action == "weight":
         shape = (*lead, m.k // 8, m.n) if ckpt.format.method == "awq" else (*lead, m.k, m.n // 8)
     else:
         shape = m.infos["qzeros"].shape
     return name, "I32", shape, 4 * int(np.prod(shape))
+
+
+def _act_order_module(ckpt: Checkpoint) -> str | None:
+    """The first module whose g_idx is not arange(K) // group_size, if any."""
+    for m in ckpt.modules.values():
+        if "g_idx" in m.files:
+            with ckpt.shards[m.files["g_idx"]].open() as f:
+                g = f.array(f"{m.prefix}.g_idx")
+            if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
+                return m.prefix
+    return None
+
+
+def _act_order(ckpt: Checkpoint) -> bool:
+    return ckpt.format.desc_act or _act_order_module(ckpt) is not None
 
 
 def _check_gptq_source(ckpt: Checkpoint) -> None:
@@ -215,15 +280,12 @@ def _check_gptq_source(ckpt: Checkpoint) -> None:
         raise CheckpointError(
             f"{ckpt.root}: GPTQ with desc_act (act-order) cannot become AWQ without permuting input features"
         )
-    for m in ckpt.modules.values():
-        if "g_idx" in m.files:
-            with ckpt.shards[m.files["g_idx"]].open() as f:
-                g = f.array(f"{m.prefix}.g_idx")
-            if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
-                raise CheckpointError(
-                    f"{ckpt.root}: {m.prefix}.g_idx is not arange(K) // group_size (act-order); "
-                    "it cannot become AWQ without permuting input features"
-                )
+    prefix = _act_order_module(ckpt)
+    if prefix is not None:
+        raise CheckpointError(
+            f"{ckpt.root}: {prefix}.g_idx is not arange(K) // group_size (act-order); "
+            "it cannot become AWQ without permuting input features"
+        )
 
 
 def convert_checkpoint(
@@ -324,19 +386,22 @@ def convert_checkpoint(
         job = _Job(ckpt, to, convert, plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact))
     elif for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
-    elif ckpt.format.method == "awq":  # to a float dtype
-        job = _Job(ckpt, to, convert, Target("awq"))
-    else:
+    else:  # to AWQ, compressed-tensors or a float dtype: the source is read as its producer wrote it
         if to == "awq":
             _check_gptq_source(ckpt)
-        read_word = False
-        if ckpt.format.checkpoint_format == "gptq":
-            report = analyse(ckpt, v1_zeros)
-            check_v1_readable(ckpt, report)
-            read_word = report.convention == WORD
-        job = _Job(ckpt, to, convert, Target(ckpt.format.checkpoint_format), read_word)
+        report = analyse(ckpt, v1_zeros)
+        check_v1_readable(ckpt, report)
+        if to == CT and ckpt.format.method == "gptq" and _act_order(ckpt):
+            raise CheckpointError(
+                f"{src}: GPTQ act-order (desc_act, a g_idx that is not arange(K) // group_size) has no "
+                "compressed-tensors form: its 0.20 line removed actorder 'group' and weight_g_idx (its "
+                "QuantizationConfig refuses them); convert to GPTQ or to a float dtype instead"
+            )
+        fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
+        job = _Job(ckpt, to, convert, Target(fmt), report.convention == WORD and fmt == "gptq",
+                   symmetric=report.symmetric)
     checkpoint_format = job.gptq_format
-    plan = _plan(ckpt, to)
+    plan = _plan(job)
     entries = {f: [_out_entry(ckpt, to, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
         header_for(es, ckpt.shards[fname].metadata, dst / fname)
@@ -357,7 +422,7 @@ def convert_checkpoint(
             config = _target_config(job)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             for name in SIDECARS:  # engines read these before config.json: they must state the new format too
-                if (ckpt.root / name).exists() and "quantization_config" in config:  # (a float result drops them)
+                if (ckpt.root / name).exists() and to in ("gptq", "awq"):  # (others drop them)
                     sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
                     write_durable(tmp / name, sidecar.encode())
             if ckpt.index is not None:
@@ -365,7 +430,7 @@ def convert_checkpoint(
             bar.close()
             verified: bool | None
             if verify:
-                verified = (_verify_float if to in FLOATS else _verify)(job, tmp, progress)
+                verified = (_verify_float if to in FLOATS else _verify_ct if to == CT else _verify)(job, tmp, progress)
             else:
                 verified = None
             out.commit()
@@ -429,6 +494,8 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "dequant":
         return _float_weight(job, m)
+    if action.startswith("ct_"):
+        return _ct_tensor(job, f, name, action, m)
     rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
     if action == "weight":
         if job.to == "awq":
@@ -449,6 +516,34 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
     if job.read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
         return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, f.array(name), delta=1, bits=4), offset=0)
     return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
+
+
+def _swap(a: np.ndarray) -> np.ndarray:
+    """The last two axes swapped, contiguous: compressed-tensors stores GPTQ's matrices transposed."""
+    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+
+def _v2_zeros(job: _Job, words: np.ndarray) -> np.ndarray:
+    """A GPTQ source's qzeros as v2 (z itself), read as its producer wrote them."""
+    if job.v1_zeros == WORD:
+        return job.convert(gptq.zeros_word_add, words, delta=1, bits=4)
+    if job.v1_zeros == FIELD:
+        return job.convert(gptq.zeros_shift, words, delta=1, bits=4)
+    return words
+
+
+def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
+    """One compressed-tensors pack-quantized tensor of module ``m``: GPTQ v2's tensors transposed."""
+    awq_source = job.ckpt.format.method == "awq"
+    part = f"{m.prefix}.{CT_SOURCE[action]}"
+    if action == "ct_shape":
+        return np.array([*m.infos["qweight"].shape[:-2], m.n, m.k], dtype="<i8")
+    if action == "ct_scale":  # any float dtype, bfloat16 included: moved bit for bit
+        return _swap(f.array_bits(part))
+    words = f.array(part)
+    if action == "ct_weight":
+        return _swap(job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
+    return _swap(job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else _v2_zeros(job, words))
 
 
 def _float_weight(job: _Job, m: Module) -> np.ndarray:
@@ -536,28 +631,61 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
     return True
 
 
+def _source_weights(job: _Job, prefix: str) -> np.ndarray:
+    """A source module's weights (..., K, N) in the scales' dtype, read by the verification readers."""
+    ckpt = job.ckpt
+    a = dict(_module_arrays(ckpt, prefix))
+    if ckpt.format.method == "awq":
+        q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
+        z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
+    else:
+        q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4))
+        q, z = q.astype(np.int16), _gptq_zero_points(job, a["qzeros"])
+    return _dequantize(q, z, a["scales"], a.get("g_idx"))
+
+
+def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
+    if g_idx is None:
+        return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
+    idx = g_idx.astype(np.int64)  # act-order: each row's own group
+    return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
 def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:
     """Each module's float weight, read back, against the source dequantized by the verification readers."""
-    ckpt, result = job.ckpt, open_checkpoint_plain(out)
-    xp = numpy_backend.xp
-    bar = Progress(len(ckpt.modules), "verifying", progress)
-    for prefix in ckpt.modules:
-        a = dict(_module_arrays(ckpt, prefix))
-        if ckpt.format.method == "awq":
-            q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
-            z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
-        else:
-            q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4))
-            q, z = q.astype(np.int16), _gptq_zero_points(job, a["qzeros"])
-        if "g_idx" in a:  # act-order: each row's own group
-            idx = a["g_idx"].astype(np.int64)
-            w = (q - np.take(z, idx, axis=-2)).astype(a["scales"].dtype) * np.take(a["scales"], idx, axis=-2)
-        else:
-            w = dequantize_grouped(xp, q, z, a["scales"])
-        want = to_float(np.swapaxes(w, -1, -2), job.to)
+    result = open_checkpoint_plain(out)
+    bar = Progress(len(job.ckpt.modules), "verifying", progress)
+    for prefix in job.ckpt.modules:
+        want = to_float(np.swapaxes(_source_weights(job, prefix), -1, -2), job.to)
         got = result[f"{prefix}.weight"]
         if want.shape != got.shape or want.tobytes() != got.tobytes():
             raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
+        bar.update(1)
+    bar.close()
+    return True
+
+
+def _verify_ct(job: _Job, out: Path, progress: bool | None) -> bool:
+    """Each module dequantized from compressed-tensors' tensors (its own layout, read here) against the source."""
+    result = open_checkpoint_plain(out)
+    bar = Progress(len(job.ckpt.modules), "verifying", progress)
+    for prefix, m in job.ckpt.modules.items():
+        t = {k.rsplit(".", 1)[-1]: v for k, v in result.items() if k.rsplit(".", 1)[0] == prefix}
+        if list(t["weight_shape"]) != [*m.infos["qweight"].shape[:-2], m.n, m.k]:
+            raise CheckpointError(f"verification failed: {prefix}.weight_shape is {list(t['weight_shape'])}")
+        # weight_packed (N, K/8) packs along K, weight_zero_point (N/8, G) along N, both LSB first
+        q = np.asarray(numpy_backend.run(B.unpack, t["weight_packed"].view(np.int32), direction="column", bits=4))
+        if "weight_zero_point" in t:
+            z = np.asarray(numpy_backend.run(B.unpack, t["weight_zero_point"].view(np.int32), direction="row", bits=4))
+            z = np.swapaxes(z, -1, -2).astype(np.int16)
+        else:  # symmetric: every zero-point is 2**(bits-1)
+            z = np.full((*m.infos["qweight"].shape[:-2], m.groups, m.n), 8, np.int16)
+        scales = t["weight_scale"]
+        if m.infos["scales"].dtype == "BF16":
+            scales = (scales.astype(np.uint32) << 16).view(np.float32)
+        w = _dequantize(np.swapaxes(q, -1, -2).astype(np.int16), z, np.swapaxes(scales, -1, -2), None)
+        if w.tobytes() != _source_weights(job, prefix).tobytes():
+            raise CheckpointError(f"verification failed: {prefix} dequantizes differently in compressed-tensors")
         bar.update(1)
     bar.close()
     return True

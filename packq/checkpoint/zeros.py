@@ -33,6 +33,7 @@ class ZeroReport:
     total: int = 0
     zero0_modules: list[str] = field(default_factory=list)
     ambiguous: dict[str, int] = field(default_factory=dict)  # v1, producer unknown: module -> pairs read differently
+    symmetric: bool = True  # every zero-point is 2**(bits-1): storable as compressed-tensors' symmetric: true
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -66,6 +67,7 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
             if convention not in (FIELD, WORD) and differ:  # unknown producer, and it matters here
                 report.ambiguous[prefix] = differ
         zero0 = int(np.count_nonzero(true == 0))
+        report.symmetric = report.symmetric and bool(np.all(true == 1 << (bits - 1)))
         report.zero0 += zero0
         report.total += true.size
         if zero0:

@@ -1,0 +1,195 @@
+"""packq convert --to compressed-tensors: pack-quantized, checked value by value here, and against the library.
+
+The library checks (compressed-tensors' own AutoAWQConverter, CompressedTensorsDequantizer and
+QuantizationConfig) run where compressed-tensors is installed: the test extra installs 0.20.1 (pinned
+in constraints.txt), so CI runs them; the value-by-value reference runs everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from test_checkpoint import EXAMPLE, load, ref_awq_values
+from test_engines import gptqmodel_v1
+from test_float import _act_order
+
+from packq.checkpoint import convert_checkpoint, inspect_checkpoint
+from packq.cli import main
+
+CT = "compressed-tensors"
+CT_CONFIG = {"config_groups": {"config_group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
+    "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}}},
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed"}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+
+
+def pack_lsb_first(values: np.ndarray, axis: int) -> np.ndarray:
+    """4-bit values packed 8 to an int32 along ``axis``, value i at bits [4i, 4i + 4): written here, not packq's."""
+    v = np.moveaxis(values, axis, -1).astype(np.uint64)
+    v = v.reshape(*v.shape[:-1], -1, 8)
+    words = np.bitwise_or.reduce(v << (4 * np.arange(8, dtype=np.uint64)), axis=-1).astype(np.uint32)
+    return np.moveaxis(words.view(np.int32), -1, axis)
+
+
+def test_awq_to_compressed_tensors_value_by_value(tmp_path):
+    dst = tmp_path / "ct"
+    s = convert_checkpoint(EXAMPLE, dst, to=CT, verify=True)
+    assert s["verified"] and s["tensors_out"] == 49 + 14  # weight_shape added per module
+    a, c = load(EXAMPLE), tensors(dst)
+    group = 128
+    for p in sorted(k[: -len(".qweight")] for k in a if k.endswith(".qweight")):
+        q = ref_awq_values(a[f"{p}.qweight"].numpy())  # (K, N), logical order
+        z = ref_awq_values(a[f"{p}.qzeros"].numpy())  # (G, N)
+        k, n = q.shape
+        np.testing.assert_array_equal(c[f"{p}.weight_packed"].numpy(), pack_lsb_first(q.T, axis=1))
+        np.testing.assert_array_equal(c[f"{p}.weight_zero_point"].numpy(), pack_lsb_first(z.T, axis=0))
+        assert same(c[f"{p}.weight_scale"], a[f"{p}.scales"].T.contiguous())
+        assert c[f"{p}.weight_shape"].dtype == torch.int64 and c[f"{p}.weight_shape"].tolist() == [n, k]
+        assert c[f"{p}.weight_scale"].shape == (n, k // group)
+    for name, t in a.items():
+        if name.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales"):
+            assert same(c[name], t), name
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == CT and q["format"] == "pack-quantized" and q["quantization_status"] == "compressed"
+    w = q["config_groups"]["config_group_0"]["weights"]
+    assert w == {"num_bits": 4, "type": "int", "symmetric": False, "dynamic": False, "strategy": "group",
+                 "group_size": 128}
+    assert q["ignore"] == ["lm_head"]
+
+
+def test_every_source_format_gives_the_same_tensors(tmp_path):
+    convert_checkpoint(EXAMPLE, tmp_path / "from-awq", to=CT)
+    want = tensors(tmp_path / "from-awq")
+    convert_checkpoint(EXAMPLE, tmp_path / "v2", checkpoint_format="gptq_v2")
+    convert_checkpoint(EXAMPLE, tmp_path / "tgi", for_engine="tgi")
+    (tmp_path / "g").mkdir()
+    for src in (tmp_path / "v2", tmp_path / "tgi", gptqmodel_v1(tmp_path / "g")):
+        dst = tmp_path / f"ct-{src.name}"
+        assert convert_checkpoint(src, dst, to=CT, verify=True)["verified"]
+        got = tensors(dst)
+        assert got.keys() - {k for k in got if k.endswith(".g_idx")} == want.keys(), src.name
+        assert all(same(got[k], want[k]) for k in want), src.name
+
+
+def test_symmetric_sources_store_no_zero_points(tmp_path):
+    from test_engines import _rebiasable
+
+    src = _rebiasable(tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(src / "model.safetensors"))
+    t["m.qzeros"] = np.full_like(t["m.qzeros"], np.int32(0x88888888 - 2**32))  # every zero-point 8
+    save_file(t, str(src / "model.safetensors"))
+    dst = tmp_path / "sym"
+    assert convert_checkpoint(src, dst, to=CT, verify=True)["verified"]
+    got = tensors(dst)
+    assert "m.weight_zero_point" not in got and "m.weight_packed" in got
+    w = json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"]["config_group_0"]
+    assert w["weights"]["symmetric"] is True
+
+
+def test_act_order_is_refused_as_the_library_refuses_it(tmp_path, capsys):
+    src, _ = _act_order(tmp_path)
+    dst = tmp_path / "ct"
+    assert main(["convert", str(src), str(dst), "--to", CT]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "act-order" in err and "removed actorder 'group'" in err and not dst.exists()
+
+
+def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
+    import packq.checkpoint.convert as c
+
+    real = c._ct_tensor
+
+    def wrong(job, f, name, action, m):
+        out = real(job, f, name, action, m)
+        if action == "ct_zeros" and m.prefix.endswith("layers.0.mlp.down_proj"):
+            out = out.copy()
+            out.flat[0] ^= 1
+        return out
+
+    monkeypatch.setattr(c, "_ct_tensor", wrong)
+    with pytest.raises(c.CheckpointError, match="verification failed: model.layers.0.mlp.down_proj"):
+        convert_checkpoint(EXAMPLE, tmp_path / "x", to=CT, verify=True)
+
+
+def test_cli_names_it(tmp_path, capsys):
+    assert main(["convert", str(EXAMPLE), str(tmp_path / "ct"), "--to", CT]) == 0
+    assert "compressed-tensors pack-quantized" in capsys.readouterr().out
+    assert inspect_checkpoint(EXAMPLE)["method"] == "awq"  # the source is untouched
+
+
+# ------------------------------------------------------------------ the library itself
+@pytest.fixture(scope="module")
+def library():
+    return pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+
+
+def test_equals_the_librarys_own_autoawq_converter(library, tmp_path):
+    from compressed_tensors.entrypoints.convert import convert_checkpoint as ct_convert
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+
+    ref = tmp_path / "library"
+    ct_convert(str(EXAMPLE), str(ref), AutoAWQConverter.from_pretrained(str(EXAMPLE)), max_workers=1, device="cpu")
+    ours = tmp_path / "packq"
+    convert_checkpoint(EXAMPLE, ours, to=CT)
+    a, b = tensors(ours), tensors(ref)
+    assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    qa = json.loads((ours / "config.json").read_text())["quantization_config"]
+    qb = json.loads((ref / "config.json").read_text())["quantization_config"]
+    qb.pop("version")  # the library stamps its own version
+    assert qa == qb
+
+
+@pytest.mark.parametrize("source", ["awq", "gptq_v2", "gptqmodel_v1"])
+def test_the_librarys_dequantizer_is_bit_exact(library, tmp_path, source):
+    from compressed_tensors.entrypoints.convert import convert_checkpoint as ct_convert
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from compressed_tensors.quantization import QuantizationConfig
+
+    if source == "awq":
+        src = EXAMPLE
+    elif source == "gptq_v2":
+        src = tmp_path / "v2"
+        convert_checkpoint(EXAMPLE, src, checkpoint_format="gptq_v2")
+    else:
+        src = gptqmodel_v1(tmp_path)
+    ct = tmp_path / "ct"
+    convert_checkpoint(src, ct, to=CT)
+    QuantizationConfig.model_validate(json.loads((ct / "config.json").read_text())["quantization_config"])
+    floats = tmp_path / "float16"
+    convert_checkpoint(src, floats, to="float16")  # packq's own dequantization, checked in test_float
+    deq = tmp_path / "dequantized"
+    ct_convert(str(ct), str(deq), CompressedTensorsDequantizer(str(ct), dtype=torch.float16),
+               max_workers=1, device="cpu")
+    a, b = tensors(floats), tensors(deq)
+    weights = [k for k in a if k.endswith(".weight") and f"{k[:-len('.weight')]}.weight_packed" in tensors(ct)]
+    assert weights and all(same(a[k], b[k]) for k in weights)
+
+
+def test_the_library_refuses_group_actorder(library):
+    """Why act-order is refused: 0.20.1's own QuantizationConfig rejects actorder 'group'."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = json.loads(json.dumps(CT_CONFIG))
+    config["config_groups"]["config_group_0"]["weights"]["actorder"] = "group"
+    with pytest.raises(ValueError, match="actorder='group' has been removed"):
+        QuantizationConfig.model_validate(config)
