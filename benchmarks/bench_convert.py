@@ -1,6 +1,6 @@
 """Convert a synthetic ~1 GB AWQ checkpoint with `packq convert`; compare with `cp -r` and the largest shard.
 
-    python benchmarks/bench_convert.py [--size-gb 1.0] [--backend numpy] [--keep DIR]
+    python benchmarks/bench_convert.py [--size-gb 1.0] [--backend numpy] [--targets gptq,compressed-tensors]
 
 Prints, from one run: the conversion's wall time against `cp -r` of the same folder (median of 3
 each, page cache warm for both), and the conversion process's peak resident memory against the
@@ -77,37 +77,50 @@ sys.exit(rc)
 """
 
 
+#: what each target passes to packq convert (v1 per field: the example's routes all read it alike)
+TARGETS = {"gptq": ["--for", "tgi"], "compressed-tensors": ["--to", "compressed-tensors"],
+           "float16": ["--to", "float16"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--backend", default="numpy")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--targets", default="gptq,compressed-tensors", help=f"comma-separated, of {', '.join(TARGETS)}")
     args = p.parse_args()
+    targets = args.targets.split(",")
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
         total = sum(f.stat().st_size for f in src.iterdir())
-        cp_t, conv_t, peaks = [], [], []
-        for i in range(args.repeat):
+        cp_t: list[float] = []
+        conv_t: dict[str, list[float]] = {t: [] for t in targets}
+        peaks: dict[str, list[int]] = {t: [] for t in targets}
+        for i in range(args.repeat):  # interleaved, so that drifts of a shared machine hit every row alike
             t = time.perf_counter()
             subprocess.run(["cp", "-r", str(src), f"{tmp}/copy{i}"], check=True)
             cp_t.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), f"{tmp}/out{i}",
-                                "--backend", args.backend, "--for", "tgi"], capture_output=True, text=True)
-            conv_t.append(time.perf_counter() - t)
-            assert r.returncode == 0, r.stderr
-            peaks.append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
             shutil.rmtree(f"{tmp}/copy{i}")
-            shutil.rmtree(f"{tmp}/out{i}")
-        cp_m, conv_m, peak = statistics.median(cp_t), statistics.median(conv_t), max(peaks)
+            for target in targets:
+                t = time.perf_counter()
+                r = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), f"{tmp}/out{i}",
+                                    "--backend", args.backend, *TARGETS[target]], capture_output=True, text=True)
+                conv_t[target].append(time.perf_counter() - t)
+                assert r.returncode == 0, r.stderr
+                peaks[target].append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
+                shutil.rmtree(f"{tmp}/out{i}")
+        cp_m = statistics.median(cp_t)
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
               f"largest tensor {largest_tensor / 1e6:.1f} MB")
         print(f"cp -r:          {cp_m:6.2f} s  (median of {args.repeat})")
-        print(f"packq convert:  {conv_m:6.2f} s  = {conv_m / cp_m:.2f}x cp -r  ({args.backend} backend, "
-              f"process start and imports included)")
-        print(f"peak RSS:       {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
-              f"{peak / largest_tensor:.1f}x the largest tensor")
+        first = statistics.median(conv_t[targets[0]])
+        for target in targets:
+            m, peak = statistics.median(conv_t[target]), max(peaks[target])
+            print(f"packq convert to {target}: {m:6.2f} s  = {m / cp_m:.2f}x cp -r, {m / first:.2f}x to {targets[0]}  "
+                  f"({args.backend} backend, process start and imports included)")
+            print(f"    peak RSS {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
+                  f"{peak / largest_tensor:.1f}x the largest tensor")
 
 
 if __name__ == "__main__":
