@@ -72,13 +72,17 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
         report.total += true.size
         if zero0:
             report.zero0_modules.append(prefix)
+        if fmt == "gptq_v2" or prefix in report.ambiguous:
+            continue
+        misread: dict[str, int] = {}  # per convention, not per engine: engines share three
         for name, engine in ENGINES.items():
             conv = engine.v1_convention(bits)
-            if fmt == "gptq_v2" or conv is None or prefix in report.ambiguous:
+            if conv is None:
                 continue
-            n = int(np.count_nonzero(read_v1(fields, words, conv, bits) != true))
-            if n:
-                wrong[name][prefix] = n
+            if conv not in misread:
+                misread[conv] = int(np.count_nonzero(read_v1(fields, words, conv, bits) != true))
+            if misread[conv]:
+                wrong[name][prefix] = misread[conv]
     for name, engine in ENGINES.items():
         if engine.reads_v1 is None:
             continue
