@@ -193,3 +193,113 @@ def test_the_library_refuses_group_actorder(library):
     config["config_groups"]["config_group_0"]["weights"]["actorder"] = "group"
     with pytest.raises(ValueError, match="actorder='group' has been removed"):
         QuantizationConfig.model_validate(config)
+
+
+# ------------------------------------------------------------------ compressed-tensors as the source
+def _bytes_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def test_awq_to_compressed_tensors_and_back_is_byte_identical(tmp_path):
+    ct, back = tmp_path / "ct", tmp_path / "awq"
+    convert_checkpoint(EXAMPLE, ct, to=CT)
+    info = inspect_checkpoint(ct)
+    assert info["method"] == CT and info["zero_point_0"] == inspect_checkpoint(EXAMPLE)["zero_point_0"] == 16
+    assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
+    assert _bytes_equal(tensors(back), tensors(EXAMPLE))
+    q = json.loads((back / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "awq" and q["version"] == "gemm"
+
+
+def test_gptq_v2_to_compressed_tensors_and_back_is_byte_identical(tmp_path):
+    v2, ct, back = tmp_path / "v2", tmp_path / "ct", tmp_path / "back"
+    convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
+    convert_checkpoint(v2, ct, to=CT, verify=True)
+    assert convert_checkpoint(ct, back, checkpoint_format="gptq_v2", verify=True)["verified"]
+    assert _bytes_equal(tensors(back), tensors(v2))
+
+
+def test_compressed_tensors_to_every_target(tmp_path):
+    ct = tmp_path / "ct"
+    convert_checkpoint(EXAMPLE, ct, to=CT)
+    convert_checkpoint(EXAMPLE, tmp_path / "f-awq", to="float16")
+    for target, kwargs in {"float16": {}, "gptq": {"for_engine": "tgi"}, "gptq-v2": {"for_engine": "vllm"}}.items():
+        dst = tmp_path / target
+        s = convert_checkpoint(ct, dst, to=target.split("-")[0], verify=True, **kwargs)
+        assert s["verified"], target
+    assert _bytes_equal(tensors(tmp_path / "float16"), tensors(tmp_path / "f-awq"))
+    convert_checkpoint(EXAMPLE, tmp_path / "tgi-awq", for_engine="tgi")
+    assert _bytes_equal(tensors(tmp_path / "gptq"), tensors(tmp_path / "tgi-awq"))
+
+
+def test_compressed_tensors_rebiased_for_exllamav2(tmp_path):
+    from test_engines import _engine_weights, _rebiasable
+
+    src = _rebiasable(tmp_path)
+    ct, exl = tmp_path / "ct", tmp_path / "exl2"
+    convert_checkpoint(src, ct, to=CT)
+    s = convert_checkpoint(ct, exl, for_engine="exllamav2", verify=True)
+    assert s["rebiased"] == inspect_checkpoint(src)["zero_point_0"] > 0
+    direct = tmp_path / "direct"
+    convert_checkpoint(src, direct, for_engine="exllamav2")
+    assert _engine_weights(exl, "m", "unmasked").tobytes() == _engine_weights(direct, "m", "unmasked").tobytes()
+
+
+def test_symmetric_compressed_tensors_reads_back(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from test_engines import _rebiasable
+
+    src = _rebiasable(tmp_path)
+    t = load_file(str(src / "model.safetensors"))
+    t["m.qzeros"] = np.full_like(t["m.qzeros"], np.int32(0x88888888 - 2**32))
+    save_file(t, str(src / "model.safetensors"))
+    ct, back = tmp_path / "ct", tmp_path / "awq"
+    convert_checkpoint(src, ct, to=CT)
+    assert "m.weight_zero_point" not in tensors(ct)
+    assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
+    assert _bytes_equal(tensors(back), tensors(src))
+
+
+def _ct_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda q: q.update(format="float-quantized"), "packq reads 'pack-quantized'"),
+    (lambda q: q["config_groups"].update(g2=q["config_groups"]["config_group_0"]), "exactly one config group"),
+    (lambda q: q["config_groups"]["config_group_0"].update(input_activations={"num_bits": 8}), "weight-only"),
+    (lambda q: q["config_groups"]["config_group_0"]["weights"].update(num_bits=8), "static 4-bit int weights"),
+    (lambda q: q["config_groups"]["config_group_0"]["weights"].update(actorder="group"), "actorder 'group'"),
+    (lambda q: q["config_groups"]["config_group_0"]["weights"].update(strategy="tensor"), "strategy 'tensor'"),
+    (lambda q: q.update(quantization_status="frozen"), "quantization_status 'frozen'"),
+])
+def test_compressed_tensors_configs_packq_cannot_read_are_one_line(tmp_path, capsys, edit, fragment):
+    ct = tmp_path / "ct"
+    convert_checkpoint(EXAMPLE, ct, to=CT)
+    _ct_config(ct, edit)
+    dst = tmp_path / "out"
+    assert main(["convert", str(ct), str(dst), "--to", "awq"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and not dst.exists(), err
+
+
+def test_same_format_is_refused(tmp_path, capsys):
+    ct = tmp_path / "ct"
+    convert_checkpoint(EXAMPLE, ct, to=CT)
+    assert main(["convert", str(ct), str(tmp_path / "again"), "--to", CT]) == 2
+    assert "already" in capsys.readouterr().err
+    assert main(["convert", str(EXAMPLE), str(tmp_path / "a"), "--to", "awq"]) == 2
+    assert "already" in capsys.readouterr().err
+
+
+def test_the_librarys_own_output_reads_back_to_the_awq_source(library, tmp_path):
+    from compressed_tensors.entrypoints.convert import convert_checkpoint as ct_convert
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+
+    ref = tmp_path / "library"
+    ct_convert(str(EXAMPLE), str(ref), AutoAWQConverter.from_pretrained(str(EXAMPLE)), max_workers=1, device="cpu")
+    back = tmp_path / "awq"
+    assert convert_checkpoint(ref, back, to="awq", verify=True)["verified"]
+    assert _bytes_equal(tensors(back), tensors(EXAMPLE))

@@ -28,7 +28,15 @@ from packq import __version__, backends
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.hub import resolve
-from packq.checkpoint.model import INDEX, SIDECARS, Checkpoint, Module, open_checkpoint
+from packq.checkpoint.model import (
+    INDEX,
+    SIDECARS,
+    Checkpoint,
+    Module,
+    module_array,
+    open_checkpoint,
+    stored_to_canonical,
+)
 from packq.checkpoint.progress import Progress
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
@@ -197,33 +205,35 @@ CT_SOURCE = {action: part for part, made in CT_PARTS.items() for _, action in ma
 def _plan(job: _Job) -> dict[str, list[tuple[str, str, Any]]]:
     """For every shard, the output tensors in order: (name, action, module or None)."""
     ckpt, to = job.ckpt, job.to
-    by_tensor = {f"{m.prefix}.{p}": (m, p) for m in ckpt.modules.values() for p in m.infos}
+    by_tensor = {name: (m, p) for m in ckpt.modules.values() for p, name in m.names.items()}
     plan: dict[str, list[tuple[str, str, Any]]] = {}
     for fname, shard in ckpt.shards.items():
         out: list[tuple[str, str, Module | None]] = []
         for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
             module, part = by_tensor.get(t.name, (None, None))
-            if to == CT and module is not None and part is not None:
+            if module is None or part is None:
+                out.append((t.name, "copy", None))
+                continue
+            if to == CT:
                 if part == "qzeros" and job.symmetric:
                     continue  # symmetric: no zero-points stored
                 out += [(f"{module.prefix}.{name}", action, module) for name, action in CT_PARTS[part]]
                 continue
-            if to in FLOATS and part is not None:
+            if to in FLOATS:
                 if part == "qweight":  # the module becomes one float tensor, in torch's (N, K) orientation
-                    assert module is not None
                     out.append((f"{module.prefix}.weight", "dequant", module))
                 continue
             if part == "qweight":
-                out.append((t.name, "weight", module))
+                out.append((f"{module.prefix}.qweight", "weight", module))
+                if "qzeros" not in module.names:  # compressed-tensors' symmetric scheme: zero-points are made
+                    out.append((f"{module.prefix}.qzeros", "zeros", module))
                 if to == "gptq":
-                    assert module is not None
                     out.append((f"{module.prefix}.g_idx", "g_idx", module))
             elif part == "qzeros":
-                out.append((t.name, "zeros", module))
-            elif part == "g_idx":
-                continue  # to AWQ: checked trivial, then dropped
-            else:
-                out.append((t.name, "copy", None))
+                out.append((f"{module.prefix}.qzeros", "zeros", module))
+            elif part == "scales":
+                out.append((f"{module.prefix}.scales", "scales" if module.transposed else "copy", module))
+            # g_idx (to AWQ: checked trivial; to GPTQ: written anew) and weight_shape (checked) are dropped
         plan[fname] = out
     return plan
 
@@ -231,10 +241,10 @@ def _plan(job: _Job) -> dict[str, list[tuple[str, str, Any]]]:
 def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, action: str, m: Module | None):
     """(name, dtype, shape, nbytes) of an output tensor, known before any conversion."""
     if action == "copy":
-        t = shard.tensors[name]
+        t = shard.tensors[name if m is None else m.names[name.rsplit(".", 1)[-1]]]
         return name, t.dtype, t.shape, t.nbytes
     assert m is not None
-    lead = m.infos["qweight"].shape[:-2]
+    lead = m.lead
     if action == "g_idx":
         return name, "I32", (m.k,), 4 * m.k
     if action == "dequant":
@@ -252,10 +262,13 @@ def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, act
     if action == "ct_zeros":
         shape = (*lead, m.n // 8, m.groups)
         return name, "I32", shape, 4 * int(np.prod(shape))
+    if action == "scales":
+        s = m.infos["scales"]
+        return name, s.dtype, (*lead, m.groups, m.n), s.nbytes
     if action == "weight":
-        shape = (*lead, m.k // 8, m.n) if ckpt.format.method == "awq" else (*lead, m.k, m.n // 8)
+        shape = (*lead, m.k // 8, m.n) if to == "gptq" else (*lead, m.k, m.n // 8)
     else:
-        shape = m.infos["qzeros"].shape
+        shape = (*lead, m.groups, m.n // 8)
     return name, "I32", shape, 4 * int(np.prod(shape))
 
 
@@ -375,11 +388,9 @@ def convert_checkpoint(
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
     given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
-    if to in ("gptq", "awq"):
-        want = "awq" if to == "gptq" else "gptq"
-        if ckpt.format.method != want:
-            need = "an AWQ" if want == "awq" else "a GPTQ"
-            raise CheckpointError(f"{src}: is {ckpt.format.name}; converting to {to} needs {need} source")
+    source = ckpt.format.container or ckpt.format.method
+    if to == source or (to == "gptq" and source == "gptq" and ckpt.format.container is None):
+        raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
     _check_paths(src, dst)
     convert = _Converter(backend)
     if to == "gptq":
@@ -489,33 +500,52 @@ def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progres
 
 
 def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
-    convert, ckpt = job.convert, job.ckpt
+    convert = job.convert
     if action == "g_idx":
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "dequant":
         return _float_weight(job, m)
     if action.startswith("ct_"):
         return _ct_tensor(job, f, name, action, m)
+    if action == "scales":  # stored transposed (compressed-tensors): moved bit for bit
+        return stored_to_canonical(m, "scales", f.array_bits(m.names["scales"]))
+    part = "qweight" if action == "weight" else "qzeros"
+    words = _source(job, m, part, f)
     rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
     if action == "weight":
         if job.to == "awq":
-            return convert(awq.weight_to_awq, f.array(name))
-        words = f.array(name)
+            return convert(awq.weight_to_awq, words)
         if rebias is not None:  # q + 1 wherever the pair's zero-point moved from 0 to 1
-            with ckpt.shards[m.files["qzeros"]].open() as z:
-                qzeros = z.array(f"{m.prefix}.qzeros")
+            qzeros = _source(job, m, "qzeros")
             words = np.asarray(numpy_backend.run(awq.rebias_zero_points, words.view(np.int32), qzeros.view(np.int32))[0])
         return convert(awq.weight_to_gptq, words)
     # zeros: GPTQ v1 stores z - 1 (per field, or as one word), v2 stores z; AWQ stores z
     v1 = job.gptq_format == "gptq"
     if job.to == "gptq":
-        words = rebias if rebias is not None else f.array(name)
+        words = rebias if rebias is not None else words
         if v1 and job.target.convention == WORD:  # z, then one 32-bit subtraction, as GPTQModel writes v1
             return convert(gptq.zeros_word_add, convert(awq.zeros_to_gptq, words, offset=0), delta=-1, bits=4)
         return convert(awq.zeros_to_gptq, words, offset=-1 if v1 else 0)
     if job.read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
-        return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, f.array(name), delta=1, bits=4), offset=0)
-    return convert(awq.zeros_to_awq, f.array(name), offset=1 if v1 else 0)
+        return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, words, delta=1, bits=4), offset=0)
+    return convert(awq.zeros_to_awq, words, offset=1 if v1 else 0)
+
+
+def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
+    """A module's qweight or qzeros as the conversion starts from it.
+
+    To GPTQ the conversion starts from AWQ's layout, so a GPTQ-layout source (compressed-tensors,
+    read as GPTQ v2) is brought there first; to AWQ it starts from GPTQ's layout, as stored.
+    ``f``: the shard's open reader, when the tensor is in the shard being written.
+    """
+    if f is not None and part in m.names and f.path == job.ckpt.shards[m.files[part]].path:
+        words = stored_to_canonical(m, part, f.array(m.names[part]))
+    else:
+        words = module_array(job.ckpt, m, part)
+    if job.to == "gptq" and job.ckpt.format.method != "awq":
+        fn = awq.weight_to_awq if part == "qweight" else awq.zeros_to_awq
+        words = job.convert(fn, words) if part == "qweight" else job.convert(fn, words, offset=0)
+    return words
 
 
 def _swap(a: np.ndarray) -> np.ndarray:
@@ -587,61 +617,50 @@ def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -
 
 # ------------------------------------------------------------------ verify
 def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
-    for part, fname in ckpt.modules[prefix].files.items():
-        with ckpt.shards[fname].open() as f:
-            yield part, f.floats(f"{prefix}.{part}") if part == "scales" else f.array(f"{prefix}.{part}")
+    m = ckpt.modules[prefix]
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        if part in m.names or part == "qzeros":
+            yield part, module_array(ckpt, m, part, floats=part == "scales")
 
 
-def _gptq_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
-    """The zero-points the GPTQ side's reader computes: the target engine's reading when writing GPTQ."""
-    fields = np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=4)).astype(np.int16)
-    if job.v1_zeros is None:
-        return fields
-    convention = job.v1_zeros  # as its producer wrote it (to AWQ), or as packq wrote it without an engine
-    if job.to == "gptq" and job.target.engine is not None:
-        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD  # as the engine reads it
-    return read_v1(fields, qzeros.view(np.uint32), convention, 4)
+def _fields(qzeros: np.ndarray) -> np.ndarray:
+    return np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=4)).astype(np.int16)
 
 
-def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
-    """Dequantize every module of the source and of the result, the GPTQ side as its reader computes it.
+def _source_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
+    """A GPTQ source's zero-points, read as its producer wrote them (v2 and compressed-tensors: as stored)."""
+    if job.ckpt.format.checkpoint_format == "gptq_v2":
+        return _fields(qzeros)
+    return read_v1(_fields(qzeros), qzeros.view(np.uint32), WORD if job.read_word else FIELD, 4)
 
-    Raises unless they agree bit for bit, except in the pairs --allow-inexact accepted.
-    """
-    ckpt, result = job.ckpt, open_checkpoint(out)
-    xp = numpy_backend.xp
-    bar = Progress(len(ckpt.modules), "verifying", progress)
-    for prefix in ckpt.modules:
-        a = dict(_module_arrays(ckpt, prefix))
-        b = dict(_module_arrays(result, prefix))
-        awq_side, gptq_side = (a, b) if job.to == "gptq" else (b, a)
-        q_awq = np.asarray(numpy_backend.run(awq.unpack_awq, awq_side["qweight"].view(np.int32))).astype(np.int16)
-        z_awq = np.asarray(numpy_backend.run(awq.unpack_awq, awq_side["qzeros"].view(np.int32))).astype(np.int16)
-        w_awq = dequantize_grouped(xp, q_awq, z_awq, awq_side["scales"])
-        q = np.asarray(numpy_backend.run(B.unpack, gptq_side["qweight"].view(np.int32), direction="row", bits=4))
-        z = _gptq_zero_points(job, gptq_side["qzeros"])
-        g_idx = gptq_side.get("g_idx")
-        if g_idx is not None and not np.array_equal(g_idx, np.arange(ckpt.modules[prefix].k) // (q.shape[-2] // z.shape[-2])):
-            raise CheckpointError(f"verification failed: {prefix}.g_idx is not arange(K) // group_size")
-        w_gptq = dequantize_grouped(xp, q.astype(np.int16), z, gptq_side["scales"])
-        if w_awq.tobytes() != w_gptq.tobytes() and prefix not in job.target.inexact:
-            raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
-        bar.update(1)
-    bar.close()
-    return True
+
+def _result_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
+    """A GPTQ result's zero-points as the engine it was written for reads them (packq's reading without one)."""
+    if job.target.checkpoint_format == "gptq_v2":
+        return _fields(qzeros)
+    convention = job.target.convention
+    if job.target.engine is not None:
+        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD
+    return read_v1(_fields(qzeros), qzeros.view(np.uint32), convention, 4)
+
+
+def _awq_weights(a: dict[str, np.ndarray]) -> np.ndarray:
+    q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
+    z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
+    return _dequantize(q, z, a["scales"], None)
+
+
+def _gptq_weights(a: dict[str, np.ndarray], zero_points: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4)).astype(np.int16)
+    return _dequantize(q, zero_points(a["qzeros"]), a["scales"], a.get("g_idx"))
 
 
 def _source_weights(job: _Job, prefix: str) -> np.ndarray:
     """A source module's weights (..., K, N) in the scales' dtype, read by the verification readers."""
-    ckpt = job.ckpt
-    a = dict(_module_arrays(ckpt, prefix))
-    if ckpt.format.method == "awq":
-        q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
-        z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
-    else:
-        q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4))
-        q, z = q.astype(np.int16), _gptq_zero_points(job, a["qzeros"])
-    return _dequantize(q, z, a["scales"], a.get("g_idx"))
+    a = dict(_module_arrays(job.ckpt, prefix))
+    if job.ckpt.format.method == "awq":
+        return _awq_weights(a)
+    return _gptq_weights(a, lambda z: _source_zero_points(job, z))
 
 
 def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
@@ -649,6 +668,29 @@ def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndar
         return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
     idx = g_idx.astype(np.int64)  # act-order: each row's own group
     return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
+def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
+    """Dequantize every module of the source and of the result, a GPTQ result as its engine reads it.
+
+    Raises unless they agree bit for bit, except in the pairs --allow-inexact accepted.
+    """
+    result = open_checkpoint(out)
+    bar = Progress(len(job.ckpt.modules), "verifying", progress)
+    for prefix in job.ckpt.modules:
+        b = dict(_module_arrays(result, prefix))
+        if job.to == "gptq":
+            m = result.modules[prefix]
+            if not np.array_equal(b["g_idx"], np.arange(m.k) // (m.k // m.groups)):
+                raise CheckpointError(f"verification failed: {prefix}.g_idx is not arange(K) // group_size")
+            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z))
+        else:
+            w_result = _awq_weights(b)
+        if w_result.tobytes() != _source_weights(job, prefix).tobytes() and prefix not in job.target.inexact:
+            raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
+        bar.update(1)
+    bar.close()
+    return True
 
 
 def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:

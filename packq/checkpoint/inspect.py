@@ -49,7 +49,8 @@ def inspect_checkpoint(
             bytes_by_dtype[t.dtype] += t.nbytes
     zeros = analyse(ckpt, v1_zeros)
     return {
-        "path": str(src), "format": ckpt.format.name, "method": ckpt.format.method, "bits": ckpt.format.bits,
+        "path": str(src), "format": ckpt.format.name, "method": ckpt.format.container or ckpt.format.method,
+        "bits": ckpt.format.bits,
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "quantized_modules": len(ckpt.modules),
         "tensors": ckpt.tensor_count(), "bytes": ckpt.total_bytes(),
         "tensors_by_dtype": dict(sorted(by_dtype.items())), "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),

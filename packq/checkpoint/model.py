@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from packq.checkpoint.files import read_regular
 from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo, loads_strict
 from packq.errors import CheckpointError
@@ -20,6 +22,10 @@ MAX_JSON = 100_000_000  # bytes of a config.json or index that packq reads
 #: files beside config.json that state the quantization too; GPTQModel reads quantize_config.json first
 SIDECARS = ("quantize_config.json", "quant_config.json")
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+CT = "compressed-tensors"
+#: compressed-tensors pack-quantized tensor -> the GPTQ part it holds (transposed); weight_shape is checked
+CT_NAMES = {"weight_packed": "qweight", "weight_zero_point": "qzeros", "weight_scale": "scales",
+            "weight_shape": "shape"}
 WORDS = ("I32", "U32")
 FLOATS = ("F16", "BF16", "F32")
 
@@ -34,9 +40,15 @@ class Format:
     checkpoint_format: str = "gptq"  # GPTQ zeros: "gptq" (v1) or "gptq_v2"
     desc_act: bool = False
     raw: dict[str, Any] = field(default_factory=dict)
+    #: "compressed-tensors": pack-quantized, GPTQ v2's tensors transposed and renamed; read as GPTQ v2
+    container: str | None = None
+    symmetric: bool = False  # compressed-tensors symmetric: no zero-points stored, every one 2**(bits-1)
 
     @property
     def name(self) -> str:
+        if self.container == CT:
+            sym = ", symmetric" if self.symmetric else ""
+            return f"compressed-tensors pack-quantized, {self.bits}-bit, group size {self.group_size}{sym}"
         if self.method == "awq":
             return f"AWQ gemm, {self.bits}-bit, group size {self.group_size}"
         zeros = "v2 zeros" if self.checkpoint_format == "gptq_v2" else "v1 zeros"
@@ -50,10 +62,17 @@ class Module:
 
     prefix: str
     files: dict[str, str]  # part -> shard file name
-    infos: dict[str, TensorInfo]
+    infos: dict[str, TensorInfo]  # part -> the stored tensor's header entry
     k: int
     n: int
     groups: int
+    names: dict[str, str] = field(default_factory=dict)  # part -> stored tensor name
+    transposed: bool = False  # compressed-tensors: qweight, qzeros and scales are stored transposed
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """Leading (batch, expert) dimensions."""
+        return self.infos["qweight"].shape[:-2]
 
 
 @dataclass
@@ -73,15 +92,55 @@ class Checkpoint:
         return sum(t.nbytes for s in self.shards.values() for t in s.tensors.values())
 
 
+def _read_ct(q: dict[str, Any], where: Path) -> Format:
+    """compressed-tensors pack-quantized, weight-only int, one config group: read as GPTQ v2."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: compressed-tensors config: {why}")
+
+    if q.get("format") != "pack-quantized":
+        raise bad(f"format {q.get('format')!r}; packq reads 'pack-quantized'")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise bad(f"quantization_status {q.get('quantization_status')!r}; packq reads 'compressed' checkpoints")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise bad("packq reads exactly one config group (every quantized Linear alike)")
+    scheme = next(iter(groups.values()))
+    w = scheme.get("weights") if isinstance(scheme, dict) else None
+    if not isinstance(w, dict):
+        raise bad("the config group has no weights")
+    if scheme.get("input_activations") is not None or scheme.get("output_activations") is not None:
+        raise bad("activations are quantized too; packq reads weight-only schemes")
+    if w.get("type", "int") != "int" or w.get("dynamic", False) or w.get("num_bits") != 4:
+        raise bad(f"weights {w!r}; packq reads static 4-bit int weights")
+    if w.get("actorder") not in (None, "weight", "static"):
+        raise bad(f"actorder {w.get('actorder')!r}")
+    strategy = w.get("strategy")
+    if strategy == "channel":
+        group_size = -1
+    elif strategy == "group" and isinstance(w.get("group_size"), int) and not isinstance(w["group_size"], bool) \
+            and w["group_size"] > 0:
+        group_size = w["group_size"]
+    else:
+        raise bad(f"strategy {strategy!r} with group_size {w.get('group_size')!r}; packq reads group and channel")
+    symmetric = w.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise bad(f"symmetric must be true or false, got {symmetric!r}")
+    return Format("gptq", 4, group_size, "gptq_v2", raw=q, container=CT, symmetric=symmetric)
+
+
 def read_format(config: dict[str, Any], where: Path) -> Format:
     q = config.get("quantization_config")
     if not isinstance(q, dict):
         raise CheckpointError(f"{where}: config.json has no quantization_config: not a quantized checkpoint")
+    if str(q.get("quant_method", "")).lower() == CT:
+        return _read_ct(q, where)
     method = str(q.get("quant_method", "")).lower()
     bits = q.get("bits", q.get("w_bit"))
     group_size = q.get("group_size", q.get("q_group_size"))
     if method not in ("awq", "gptq"):
-        raise CheckpointError(f"{where}: quant_method is {q.get('quant_method')!r}; packq converts 'awq' and 'gptq'")
+        raise CheckpointError(
+            f"{where}: quant_method is {q.get('quant_method')!r}; packq converts 'awq', 'gptq' and 'compressed-tensors'"
+        )
     if bits != 4:
         raise CheckpointError(f"{where}: bits is {bits!r}; AWQ <-> GPTQ conversion is 4-bit only")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
@@ -171,6 +230,8 @@ def open_checkpoint(root: Path) -> Checkpoint:
 
 
 def _modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where: dict[str, str]) -> dict[str, Module]:
+    if fmt.container == CT:
+        return _ct_modules(root, fmt, shards, where)
     prefixes = sorted({p for p, dot, part in map(lambda t: t.rpartition("."), where) if p and part in PARTS[:3]})
     modules = {}
     for prefix in prefixes:
@@ -182,6 +243,41 @@ def _modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where:
         modules[prefix] = _check_module(root, fmt, prefix, files, infos)
     if not modules:
         raise CheckpointError(f"{root}: no quantized modules (no tensors named *.qweight)")
+    return modules
+
+
+def _ct_modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], where: dict[str, str]) -> dict[str, Module]:
+    prefixes = sorted({p for p, dot, part in map(lambda t: t.rpartition("."), where) if p and part == "weight_packed"})
+    modules = {}
+    for prefix in prefixes:
+        names = {part: f"{prefix}.{stored}" for stored, part in CT_NAMES.items() if f"{prefix}.{stored}" in where}
+        need = ["qweight", "scales", "shape"] + ([] if fmt.symmetric else ["qzeros"])
+        missing = [stored for stored, part in CT_NAMES.items() if part in need and part not in names]
+        if missing:
+            raise CheckpointError(f"{root}: {prefix} has weight_packed but no {' or '.join(missing)}")
+        files = {part: where[name] for part, name in names.items()}
+        infos = {part: shards[files[part]].tensors[name] for part, name in names.items()}
+        w, s, shape = infos["qweight"], infos["scales"], infos["shape"]
+
+        def bad(why: str) -> CheckpointError:
+            got = ", ".join(f"{n.rsplit('.', 1)[-1]} {i.shape} {i.dtype}" for n, i in zip(names.values(), infos.values()))
+            return CheckpointError(f"{root}: {prefix}: {why} (got {got}; 4-bit, group size {fmt.group_size})")
+
+        if w.dtype not in WORDS or s.dtype not in FLOATS or shape.dtype not in ("I64", "I32"):
+            raise bad("weight_packed must be int32 words, weight_scale floats, weight_shape integers")
+        if len(w.shape) < 2 or w.shape[:-2] != s.shape[:-2] or 0 in w.shape:
+            raise bad("weight_packed and weight_scale must be non-empty matrices with the same leading dimensions")
+        n, k = w.shape[-2], w.shape[-1] * 8
+        groups = 1 if fmt.group_size == -1 else k // fmt.group_size
+        if n % 8 or (fmt.group_size != -1 and k % fmt.group_size) or s.shape[-2:] != (n, groups):
+            raise bad(f"expected weight_scale (..., {n}, {groups}) and N a multiple of 8")
+        if shape.shape != (len(w.shape),):
+            raise bad(f"weight_shape must hold {len(w.shape)} sizes")
+        if "qzeros" in infos and (infos["qzeros"].dtype not in WORDS or infos["qzeros"].shape != (*w.shape[:-2], n // 8, groups)):
+            raise bad(f"expected weight_zero_point (..., {n // 8}, {groups}) int32")
+        modules[prefix] = Module(prefix, files, infos, k, n, groups, names, transposed=True)
+    if not modules:
+        raise CheckpointError(f"{root}: no quantized modules (no tensors named *.weight_packed)")
     return modules
 
 
@@ -213,4 +309,24 @@ def _check_module(root: Path, fmt: Format, prefix: str, files: dict[str, str], i
         raise bad(f"expected qzeros (..., {groups}, {n // 8}) and scales (..., {groups}, {n})")
     if fmt.method == "awq" and w.shape[-2:] != (k, n // 8) or fmt.method == "gptq" and w.shape[-2:] != (k // 8, n):
         raise bad("qweight shape does not match")
-    return Module(prefix, files, infos, k, n, groups)
+    return Module(prefix, files, infos, k, n, groups, {p: f"{prefix}.{p}" for p in infos})
+
+
+def module_array(ckpt: Checkpoint, m: Module, part: str, *, floats: bool = False) -> np.ndarray:
+    """A module's qweight, qzeros, scales or g_idx in its AWQ or GPTQ layout, whatever container stores it.
+
+    compressed-tensors' tensors are transposed back; its symmetric scheme's zero-points (none stored)
+    are made: 2**(bits-1) in every field. ``floats``: bfloat16 as float32, which holds it exactly.
+    """
+    if part == "qzeros" and part not in m.names:
+        return np.full((*m.lead, m.groups, m.n // 8), np.uint32(0x88888888), dtype=np.uint32).view(np.int32)
+    with ckpt.shards[m.files[part]].open() as f:
+        a = f.floats(m.names[part]) if floats else f.array(m.names[part])
+    return stored_to_canonical(m, part, a)
+
+
+def stored_to_canonical(m: Module, part: str, a: np.ndarray) -> np.ndarray:
+    """A tensor as read from the file, in the AWQ or GPTQ layout the rest of packq computes on."""
+    if m.transposed and part in ("qweight", "qzeros", "scales"):
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+    return a

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.model import Checkpoint
+from packq.checkpoint.model import Checkpoint, module_array
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
@@ -52,9 +52,7 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
     report = ZeroReport(fmt, convention)
     wrong: dict[str, dict[str, int]] = {name: {} for name in ENGINES}
     for prefix, m in ckpt.modules.items():
-        with ckpt.shards[m.files["qzeros"]].open() as f:
-            stored = f.array_bits(f"{prefix}.qzeros")
-        words = _v1_words(ckpt, stored)
+        words = _v1_words(ckpt, module_array(ckpt, m, "qzeros").view(np.uint32))
         fields = np.asarray(numpy_backend.run(B.unpack, words.view(np.int32), direction="column", bits=bits))
         if fmt == "gptq_v2":
             true = fields.astype(np.int16)
@@ -172,10 +170,11 @@ def plan_gptq(ckpt: Checkpoint, engine: str | None, checkpoint_format: str | Non
     # a stored 15 reads as 16: move zero-0 pairs to z = 1 where every q of the pair is <= 14
     for prefix in report.zero0_modules:
         m = ckpt.modules[prefix]
-        with ckpt.shards[m.files["qweight"]].open() as f:
-            qweight = f.array_bits(f"{prefix}.qweight").view(np.int32)
-        with ckpt.shards[m.files["qzeros"]].open() as f:
-            qzeros = f.array_bits(f"{prefix}.qzeros").view(np.int32)
+        qweight, qzeros = module_array(ckpt, m, "qweight"), module_array(ckpt, m, "qzeros")
+        if ckpt.format.method != "awq":  # the rebias works on AWQ's layout
+            qweight = np.asarray(numpy_backend.run(awq.weight_to_awq, qweight.view(np.int32)))
+            qzeros = np.asarray(numpy_backend.run(awq.zeros_to_awq, qzeros.view(np.int32), offset=0))
+        qweight, qzeros = qweight.view(np.int32), qzeros.view(np.int32)
         _, new_zeros, zero0, fixed = numpy_backend.run(awq.rebias_zero_points, qweight, qzeros)
         target.rebias[prefix] = np.asarray(new_zeros)
         target.rebiased += int(fixed)
@@ -197,8 +196,7 @@ def _engine_error(ckpt: Checkpoint, prefix: str, qweight: np.ndarray, qzeros: np
     from packq.formats.gptq import dequantize_grouped
 
     m = ckpt.modules[prefix]
-    with ckpt.shards[m.files["scales"]].open() as f:
-        scales = f.floats(f"{prefix}.scales")
+    scales = module_array(ckpt, m, "scales", floats=True)
     q = np.asarray(numpy_backend.run(awq.unpack_awq, qweight)).astype(np.int16)
     z = np.asarray(numpy_backend.run(awq.unpack_awq, qzeros)).astype(np.int16)
     xp = numpy_backend.xp
