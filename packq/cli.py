@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from packq.checkpoint.convert import TARGETS
 from packq.checkpoint.files import describe
+from packq.checkpoint.registry import TARGETS
 from packq.errors import CheckpointError
 from packq.formats.engines import ENGINES
 
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--v1-zeros", choices=["field", "word"], default=None,
                    help="how a GPTQ v1 source stored zero-points of 0: word = GPTQModel/transformers (whole-word "
                         "subtraction), field = per field (TGI, LoRAX, packq); default: from the producer's metadata")
+    sub.add_parser("formats", help="print the checkpoint formats and the routes between them (Markdown)")
     i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
     i.add_argument("src", help="model folder, or a Hugging Face Hub repo id (org/name)")
     i.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
@@ -110,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 revision=args.revision,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
+        elif args.command == "formats":
+            from packq.checkpoint.registry import table_markdown
+
+            print(table_markdown(), end="")
         else:
             from packq.checkpoint import inspect_checkpoint
 

@@ -330,3 +330,17 @@ def test_sigterm_mid_run_cleans_up(src, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"interrupted" in err
     assert not dst.exists() and not list(tmp_path.glob(".packq-*"))
+
+
+def test_readme_formats_table_is_the_registrys(capsys):
+    """The README's checkpoint table is generated from the registry: it cannot drift from what convert does."""
+    from packq.checkpoint.registry import SOURCES, TARGETS, route, table_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- formats-table")
+    body = readme[readme.index("\n", start) + 1 : readme.index("<!-- end formats-table -->")]
+    assert body == table_markdown()
+    assert main(["formats"]) == 0 and capsys.readouterr().out == table_markdown()
+    # and convert refuses exactly the routes the table leaves out
+    assert [(s, t) for s in SOURCES for t in TARGETS if not route(s, t)] == [
+        ("awq", "awq"), ("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")]

@@ -38,6 +38,7 @@ from packq.checkpoint.model import (
     stored_to_canonical,
 )
 from packq.checkpoint.progress import Progress
+from packq.checkpoint.registry import FORMATS, TARGETS, route
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.core import bits as B
@@ -49,7 +50,6 @@ from packq.formats.gptq import dequantize_grouped
 #: dequantized targets: safetensors dtype and item size
 FLOATS = {"float16": ("F16", 2), "bfloat16": ("BF16", 2), "float32": ("F32", 4)}
 CT = "compressed-tensors"
-TARGETS = ("gptq", "awq", CT, *FLOATS)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -287,20 +287,6 @@ def _act_order(ckpt: Checkpoint) -> bool:
     return ckpt.format.desc_act or _act_order_module(ckpt) is not None
 
 
-def _check_gptq_source(ckpt: Checkpoint) -> None:
-    """To AWQ, GPTQ must not be act-order: refuse by config, then by the g_idx values themselves."""
-    if ckpt.format.desc_act:
-        raise CheckpointError(
-            f"{ckpt.root}: GPTQ with desc_act (act-order) cannot become AWQ without permuting input features"
-        )
-    prefix = _act_order_module(ckpt)
-    if prefix is not None:
-        raise CheckpointError(
-            f"{ckpt.root}: {prefix}.g_idx is not arange(K) // group_size (act-order); "
-            "it cannot become AWQ without permuting input features"
-        )
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -389,8 +375,13 @@ def convert_checkpoint(
     given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
     source = ckpt.format.container or ckpt.format.method
-    if to == source or (to == "gptq" and source == "gptq" and ckpt.format.container is None):
+    if not route(source, to):
         raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
+    if ckpt.format.method == "gptq" and not FORMATS[to].act_order and _act_order(ckpt):
+        raise CheckpointError(
+            f"{src}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
+            f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
+        )
     _check_paths(src, dst)
     convert = _Converter(backend)
     if to == "gptq":
@@ -398,16 +389,8 @@ def convert_checkpoint(
     elif for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
     else:  # to AWQ, compressed-tensors or a float dtype: the source is read as its producer wrote it
-        if to == "awq":
-            _check_gptq_source(ckpt)
         report = analyse(ckpt, v1_zeros)
         check_v1_readable(ckpt, report)
-        if to == CT and ckpt.format.method == "gptq" and _act_order(ckpt):
-            raise CheckpointError(
-                f"{src}: GPTQ act-order (desc_act, a g_idx that is not arange(K) // group_size) has no "
-                "compressed-tensors form: its 0.20 line removed actorder 'group' and weight_g_idx (its "
-                "QuantizationConfig refuses them); convert to GPTQ or to a float dtype instead"
-            )
         fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
         job = _Job(ckpt, to, convert, Target(fmt), report.convention == WORD and fmt == "gptq",
                    symmetric=report.symmetric)
