@@ -343,4 +343,4 @@ def test_readme_formats_table_is_the_registrys(capsys):
     assert main(["formats"]) == 0 and capsys.readouterr().out == table_markdown()
     # and convert refuses exactly the routes the table leaves out
     assert [(s, t) for s in SOURCES for t in TARGETS if not route(s, t)] == [
-        ("awq", "awq"), ("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")]
+        ("awq", "awq"), ("compressed-tensors", "compressed-tensors")]

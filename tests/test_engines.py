@@ -326,3 +326,35 @@ def test_verify_catches_a_wrong_zero_point(tmp_path, monkeypatch, engine):
     with pytest.raises(c.CheckpointError, match=r"verification failed: model.layers.1.mlp.up_proj dequantizes"):
         convert_checkpoint(EXAMPLE, tmp_path / "x", for_engine=engine, verify=True)
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ GPTQ to GPTQ
+def test_gptqmodel_v1_to_v2_and_back_for_an_engine(tmp_path):
+    (tmp_path / "g").mkdir()
+    src = gptqmodel_v1(tmp_path / "g")  # GPTQModel's whole-word v1, said so in meta.quantizer
+    v2, want_v2 = tmp_path / "v2", tmp_path / "want-v2"
+    assert convert_checkpoint(src, v2, checkpoint_format="gptq_v2", verify=True)["verified"]
+    convert_checkpoint(EXAMPLE, want_v2, checkpoint_format="gptq_v2")
+    a, b = _load(v2), _load(want_v2)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    tgi, want_tgi = tmp_path / "tgi", tmp_path / "want-tgi"
+    assert convert_checkpoint(v2, tgi, for_engine="tgi", verify=True)["v1_zeros"] == "field"
+    convert_checkpoint(EXAMPLE, want_tgi, for_engine="tgi")
+    a, b = _load(tgi), _load(want_tgi)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_act_order_gptq_keeps_its_g_idx(tmp_path, capsys):
+    from test_float import _act_order, weights
+
+    src, want = _act_order(tmp_path)
+    v1 = tmp_path / "v1"
+    assert convert_checkpoint(src, v1, for_engine="tgi", verify=True)["verified"]
+    with safe_open(str(v1 / "model.safetensors"), "np") as h, safe_open(str(src / "model.safetensors"), "np") as g:
+        assert np.array_equal(h.get_tensor("m.g_idx"), g.get_tensor("m.g_idx"))
+    f = tmp_path / "f"
+    convert_checkpoint(v1, f, to="float16")
+    assert weights(f)["m.weight"].tobytes() == want.tobytes()
+    assert inspect_checkpoint(src)["zero_point_0"] > 0  # so exllamav2 would need a rebias, which act-order forbids
+    assert main(["convert", str(src), str(tmp_path / "exl"), "--for", "exllamav2"]) == 2
+    assert "act-order" in capsys.readouterr().err

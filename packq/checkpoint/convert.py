@@ -33,6 +33,7 @@ from packq.checkpoint.model import (
     SIDECARS,
     Checkpoint,
     Module,
+    act_order,
     module_array,
     open_checkpoint,
     stored_to_canonical,
@@ -272,21 +273,6 @@ def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, act
     return name, "I32", shape, 4 * int(np.prod(shape))
 
 
-def _act_order_module(ckpt: Checkpoint) -> str | None:
-    """The first module whose g_idx is not arange(K) // group_size, if any."""
-    for m in ckpt.modules.values():
-        if "g_idx" in m.files:
-            with ckpt.shards[m.files["g_idx"]].open() as f:
-                g = f.array(f"{m.prefix}.g_idx")
-            if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
-                return m.prefix
-    return None
-
-
-def _act_order(ckpt: Checkpoint) -> bool:
-    return ckpt.format.desc_act or _act_order_module(ckpt) is not None
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -377,7 +363,7 @@ def convert_checkpoint(
     source = ckpt.format.container or ckpt.format.method
     if not route(source, to):
         raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
-    if ckpt.format.method == "gptq" and not FORMATS[to].act_order and _act_order(ckpt):
+    if ckpt.format.method == "gptq" and not FORMATS[to].act_order and act_order(ckpt):
         raise CheckpointError(
             f"{src}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
             f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
@@ -385,7 +371,13 @@ def convert_checkpoint(
     _check_paths(src, dst)
     convert = _Converter(backend)
     if to == "gptq":
-        job = _Job(ckpt, to, convert, plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact))
+        read_word = False
+        if ckpt.format.method == "gptq" and ckpt.format.checkpoint_format == "gptq":  # v1 read as its producer wrote it
+            report = analyse(ckpt, v1_zeros)
+            check_v1_readable(ckpt, report)
+            read_word = report.convention == WORD
+        target = plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact, v1_zeros)
+        job = _Job(ckpt, to, convert, target, read_word)
     elif for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
     else:  # to AWQ, compressed-tensors or a float dtype: the source is read as its producer wrote it
@@ -484,7 +476,9 @@ def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progres
 
 def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
     convert = job.convert
-    if action == "g_idx":
+    if action == "g_idx":  # the source's (act-order kept), else arange(K) // group_size
+        if "g_idx" in m.names:
+            return module_array(job.ckpt, m, "g_idx").astype("<i4")
         return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
     if action == "dequant":
         return _float_weight(job, m)
@@ -526,8 +520,9 @@ def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndar
     else:
         words = module_array(job.ckpt, m, part)
     if job.to == "gptq" and job.ckpt.format.method != "awq":
-        fn = awq.weight_to_awq if part == "qweight" else awq.zeros_to_awq
-        words = job.convert(fn, words) if part == "qweight" else job.convert(fn, words, offset=0)
+        if part == "qweight":
+            return job.convert(awq.weight_to_awq, words)
+        return job.convert(awq.zeros_to_awq, _v2_zeros(job, words), offset=0)
     return words
 
 
@@ -538,11 +533,11 @@ def _swap(a: np.ndarray) -> np.ndarray:
 
 def _v2_zeros(job: _Job, words: np.ndarray) -> np.ndarray:
     """A GPTQ source's qzeros as v2 (z itself), read as its producer wrote them."""
-    if job.v1_zeros == WORD:
+    if job.ckpt.format.checkpoint_format != "gptq":
+        return words
+    if job.read_word:
         return job.convert(gptq.zeros_word_add, words, delta=1, bits=4)
-    if job.v1_zeros == FIELD:
-        return job.convert(gptq.zeros_shift, words, delta=1, bits=4)
-    return words
+    return job.convert(gptq.zeros_shift, words, delta=1, bits=4)
 
 
 def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
@@ -663,9 +658,10 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
     for prefix in job.ckpt.modules:
         b = dict(_module_arrays(result, prefix))
         if job.to == "gptq":
-            m = result.modules[prefix]
-            if not np.array_equal(b["g_idx"], np.arange(m.k) // (m.k // m.groups)):
-                raise CheckpointError(f"verification failed: {prefix}.g_idx is not arange(K) // group_size")
+            m = job.ckpt.modules[prefix]
+            want = module_array(job.ckpt, m, "g_idx") if "g_idx" in m.names else np.arange(m.k) // (m.k // m.groups)
+            if not np.array_equal(b["g_idx"], want):
+                raise CheckpointError(f"verification failed: {prefix}.g_idx is not the source's")
             w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z))
         else:
             w_result = _awq_weights(b)

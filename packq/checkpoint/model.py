@@ -330,3 +330,18 @@ def stored_to_canonical(m: Module, part: str, a: np.ndarray) -> np.ndarray:
     if m.transposed and part in ("qweight", "qzeros", "scales"):
         return np.ascontiguousarray(np.swapaxes(a, -1, -2))
     return a
+
+
+def act_order_module(ckpt: Checkpoint) -> str | None:
+    """The first module whose g_idx is not arange(K) // group_size, if any."""
+    for m in ckpt.modules.values():
+        if "g_idx" in m.names:
+            g = module_array(ckpt, m, "g_idx")
+            if not np.array_equal(g, np.arange(m.k) // (m.k // m.groups)):
+                return m.prefix
+    return None
+
+
+def act_order(ckpt: Checkpoint) -> bool:
+    """Whether a GPTQ checkpoint is act-order: by its config, or by the g_idx values themselves."""
+    return ckpt.format.desc_act or act_order_module(ckpt) is not None

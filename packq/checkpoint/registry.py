@@ -48,9 +48,11 @@ SOURCES = tuple(name for name, f in FORMATS.items() if f.read)
 
 def route(source: str, target: str) -> str:
     """How ``packq convert`` goes from ``source`` to ``target``, in a few words ("" where it does not)."""
-    if source == target:
+    if source == target and source != "gptq":
         return ""
     notes = []
+    if source == target:
+        notes.append("v1 <-> v2")
     if target == "gptq":
         notes.append("`--for ENGINE`")
     if source == "gptq" and not FORMATS[target].act_order:

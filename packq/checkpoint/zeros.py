@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.model import Checkpoint, module_array
+from packq.checkpoint.model import Checkpoint, act_order, module_array
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
@@ -136,13 +136,15 @@ def _names(modules: list[str] | dict[str, int]) -> str:
     return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
-def plan_gptq(ckpt: Checkpoint, engine: str | None, checkpoint_format: str | None, allow_inexact: bool) -> Target:
-    """Decide how an AWQ source becomes GPTQ that ``engine`` computes exactly, or refuse before any write.
+def plan_gptq(
+    ckpt: Checkpoint, engine: str | None, checkpoint_format: str | None, allow_inexact: bool, v1_zeros: str | None = None
+) -> Target:
+    """Decide how a source becomes GPTQ that ``engine`` computes exactly, or refuse before any write.
 
     Without an engine, v1 is written only where every engine reads it alike (no
     zero-point of 0); otherwise the user must name the engine or ask for v2.
     """
-    report = analyse(ckpt)
+    report = analyse(ckpt, v1_zeros)
     if engine is None:
         fmt = checkpoint_format or "gptq"
         if fmt == "gptq" and report.zero0:
@@ -167,6 +169,11 @@ def plan_gptq(ckpt: Checkpoint, engine: str | None, checkpoint_format: str | Non
     unmasked = fmt == "gptq" and e.v1_convention(ckpt.format.bits) == UNMASKED
     if not (unmasked and report.zero0):
         return target
+    if ckpt.format.method == "gptq" and act_order(ckpt):
+        raise CheckpointError(
+            f"{ckpt.root}: {report.zero0} zero-points of 0, which {e.title} reads as 16; rebiasing them needs "
+            "contiguous groups, and this GPTQ source is act-order; choose an engine that reads them exactly"
+        )
     # a stored 15 reads as 16: move zero-0 pairs to z = 1 where every q of the pair is <= 14
     for prefix in report.zero0_modules:
         m = ckpt.modules[prefix]
