@@ -111,7 +111,8 @@ def _target_config(job: _Job) -> dict[str, Any]:
     if job.to == "gptq":
         fmt = job.target.checkpoint_format
         q: dict[str, Any] = {
-            "quant_method": "gptq", "bits": 4, "group_size": ckpt.format.group_size, "desc_act": False,
+            "quant_method": "gptq", "bits": ckpt.format.bits, "group_size": ckpt.format.group_size,
+            "desc_act": act_order(ckpt) if ckpt.format.method == "gptq" else False,
             "sym": False, "checkpoint_format": fmt, "true_sequential": True,
         }
         if fmt == "gptq":  # say how v1 zeros were written, so that any reader can know
@@ -258,18 +259,18 @@ def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, act
         s = m.infos["scales"]
         return name, s.dtype, (*lead, m.n, m.groups), s.nbytes
     if action == "ct_weight":
-        shape = (*lead, m.n, m.k // 8)
+        shape = (*lead, m.n, m.words(m.k))
         return name, "I32", shape, 4 * int(np.prod(shape))
     if action == "ct_zeros":
-        shape = (*lead, m.n // 8, m.groups)
+        shape = (*lead, m.words(m.n), m.groups)
         return name, "I32", shape, 4 * int(np.prod(shape))
     if action == "scales":
         s = m.infos["scales"]
         return name, s.dtype, (*lead, m.groups, m.n), s.nbytes
     if action == "weight":
-        shape = (*lead, m.k // 8, m.n) if to == "gptq" else (*lead, m.k, m.n // 8)
+        shape = (*lead, m.words(m.k), m.n) if to == "gptq" else (*lead, m.k, m.n // 8)
     else:
-        shape = (*lead, m.groups, m.n // 8)
+        shape = (*lead, m.groups, m.words(m.n))
     return name, "I32", shape, 4 * int(np.prod(shape))
 
 
@@ -363,6 +364,8 @@ def convert_checkpoint(
     source = ckpt.format.container or ckpt.format.method
     if not route(source, to):
         raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
+    if to == "awq" and ckpt.format.bits != 4:
+        raise CheckpointError(f"{src}: is {ckpt.format.name}; AWQ gemm holds 4-bit weights only")
     if ckpt.format.method == "gptq" and not FORMATS[to].act_order and act_order(ckpt):
         raise CheckpointError(
             f"{src}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
@@ -487,6 +490,8 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
     if action == "scales":  # stored transposed (compressed-tensors): moved bit for bit
         return stored_to_canonical(m, "scales", f.array_bits(m.names["scales"]))
     part = "qweight" if action == "weight" else "qzeros"
+    if m.bits != 4:  # GPTQ to GPTQ at 2, 3 or 8 bits: weights as they are, zeros re-encoded
+        return _other_width(job, m, part, f)
     words = _source(job, m, part, f)
     rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
     if action == "weight":
@@ -506,6 +511,19 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
     if job.read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
         return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, words, delta=1, bits=4), offset=0)
     return convert(awq.zeros_to_awq, words, offset=1 if v1 else 0)
+
+
+def _other_width(job: _Job, m: Module, part: str, f: Reader) -> np.ndarray:
+    """GPTQ (or compressed-tensors) to GPTQ at 2, 3 or 8 bits, where AWQ's 4-bit layout is no way through."""
+    words = stored_to_canonical(m, part, f.array(m.names[part])) if part in m.names else module_array(job.ckpt, m, part)
+    if part == "qweight":
+        return words.view(np.int32)
+    v2 = _v2_zeros(job, words)
+    if job.target.checkpoint_format == "gptq_v2":
+        return v2.view(np.int32)
+    if job.target.convention == WORD and m.bits != 3:
+        return job.convert(gptq.zeros_word_add, v2, delta=-1, bits=m.bits)
+    return job.convert(gptq.zeros_shift, v2, delta=-1, bits=m.bits)
 
 
 def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
@@ -533,11 +551,12 @@ def _swap(a: np.ndarray) -> np.ndarray:
 
 def _v2_zeros(job: _Job, words: np.ndarray) -> np.ndarray:
     """A GPTQ source's qzeros as v2 (z itself), read as its producer wrote them."""
+    bits = job.ckpt.format.bits
     if job.ckpt.format.checkpoint_format != "gptq":
         return words
-    if job.read_word:
-        return job.convert(gptq.zeros_word_add, words, delta=1, bits=4)
-    return job.convert(gptq.zeros_shift, words, delta=1, bits=4)
+    if job.read_word and bits != 3:  # GPTQModel shifts 3-bit fields one by one
+        return job.convert(gptq.zeros_word_add, words, delta=1, bits=bits)
+    return job.convert(gptq.zeros_shift, words, delta=1, bits=bits)
 
 
 def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
@@ -569,9 +588,9 @@ def _float_weight(job: _Job, m: Module) -> np.ndarray:
             w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
         else:
             zeros, qzeros = ("v1" if job.v1_zeros else "v2"), a["qzeros"]
-            if job.v1_zeros == WORD:  # as GPTQModel wrote it: one 32-bit add gives v2
-                zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, convention=WORD)
-            w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), zeros=zeros)
+            if job.v1_zeros == WORD and m.bits != 3:  # as GPTQModel wrote it: one 32-bit add gives v2
+                zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, bits=m.bits, convention=WORD)
+            w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), bits=m.bits, zeros=zeros)
     except ValueError as e:  # g_idx values out of range, say
         raise CheckpointError(f"{job.ckpt.root}: {m.prefix}: {e}") from None
     return to_float(np.swapaxes(np.asarray(w), -1, -2), job.to)
@@ -601,25 +620,27 @@ def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndar
             yield part, module_array(ckpt, m, part, floats=part == "scales")
 
 
-def _fields(qzeros: np.ndarray) -> np.ndarray:
-    return np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=4)).astype(np.int16)
+def _fields(qzeros: np.ndarray, bits: int) -> np.ndarray:
+    return np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=bits)).astype(np.int16)
 
 
 def _source_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
     """A GPTQ source's zero-points, read as its producer wrote them (v2 and compressed-tensors: as stored)."""
+    bits = job.ckpt.format.bits
     if job.ckpt.format.checkpoint_format == "gptq_v2":
-        return _fields(qzeros)
-    return read_v1(_fields(qzeros), qzeros.view(np.uint32), WORD if job.read_word else FIELD, 4)
+        return _fields(qzeros, bits)
+    return read_v1(_fields(qzeros, bits), qzeros.view(np.uint32), WORD if job.read_word else FIELD, bits)
 
 
 def _result_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
     """A GPTQ result's zero-points as the engine it was written for reads them (packq's reading without one)."""
+    bits = job.ckpt.format.bits
     if job.target.checkpoint_format == "gptq_v2":
-        return _fields(qzeros)
+        return _fields(qzeros, bits)
     convention = job.target.convention
     if job.target.engine is not None:
-        convention = ENGINES[job.target.engine].v1_convention(4) or FIELD
-    return read_v1(_fields(qzeros), qzeros.view(np.uint32), convention, 4)
+        convention = ENGINES[job.target.engine].v1_convention(bits) or FIELD
+    return read_v1(_fields(qzeros, bits), qzeros.view(np.uint32), convention, bits)
 
 
 def _awq_weights(a: dict[str, np.ndarray]) -> np.ndarray:
@@ -628,8 +649,9 @@ def _awq_weights(a: dict[str, np.ndarray]) -> np.ndarray:
     return _dequantize(q, z, a["scales"], None)
 
 
-def _gptq_weights(a: dict[str, np.ndarray], zero_points: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=4)).astype(np.int16)
+def _gptq_weights(a: dict[str, np.ndarray], zero_points: Callable[[np.ndarray], np.ndarray], bits: int) -> np.ndarray:
+    q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=bits))
+    q = q.astype(np.int16)
     return _dequantize(q, zero_points(a["qzeros"]), a["scales"], a.get("g_idx"))
 
 
@@ -638,7 +660,7 @@ def _source_weights(job: _Job, prefix: str) -> np.ndarray:
     a = dict(_module_arrays(job.ckpt, prefix))
     if job.ckpt.format.method == "awq":
         return _awq_weights(a)
-    return _gptq_weights(a, lambda z: _source_zero_points(job, z))
+    return _gptq_weights(a, lambda z: _source_zero_points(job, z), job.ckpt.format.bits)
 
 
 def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
@@ -662,7 +684,7 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
             want = module_array(job.ckpt, m, "g_idx") if "g_idx" in m.names else np.arange(m.k) // (m.k // m.groups)
             if not np.array_equal(b["g_idx"], want):
                 raise CheckpointError(f"verification failed: {prefix}.g_idx is not the source's")
-            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z))
+            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z), job.ckpt.format.bits)
         else:
             w_result = _awq_weights(b)
         if w_result.tobytes() != _source_weights(job, prefix).tobytes() and prefix not in job.target.inexact:
@@ -692,15 +714,16 @@ def _verify_ct(job: _Job, out: Path, progress: bool | None) -> bool:
     bar = Progress(len(job.ckpt.modules), "verifying", progress)
     for prefix, m in job.ckpt.modules.items():
         t = {k.rsplit(".", 1)[-1]: v for k, v in result.items() if k.rsplit(".", 1)[0] == prefix}
-        if list(t["weight_shape"]) != [*m.infos["qweight"].shape[:-2], m.n, m.k]:
+        if list(t["weight_shape"]) != [*m.lead, m.n, m.k]:
             raise CheckpointError(f"verification failed: {prefix}.weight_shape is {list(t['weight_shape'])}")
         # weight_packed (N, K/8) packs along K, weight_zero_point (N/8, G) along N, both LSB first
-        q = np.asarray(numpy_backend.run(B.unpack, t["weight_packed"].view(np.int32), direction="column", bits=4))
+        bits = m.bits
+        q = np.asarray(numpy_backend.run(B.unpack, t["weight_packed"].view(np.int32), direction="column", bits=bits))
         if "weight_zero_point" in t:
-            z = np.asarray(numpy_backend.run(B.unpack, t["weight_zero_point"].view(np.int32), direction="row", bits=4))
+            z = np.asarray(numpy_backend.run(B.unpack, t["weight_zero_point"].view(np.int32), direction="row", bits=bits))
             z = np.swapaxes(z, -1, -2).astype(np.int16)
         else:  # symmetric: every zero-point is 2**(bits-1)
-            z = np.full((*m.infos["qweight"].shape[:-2], m.groups, m.n), 8, np.int16)
+            z = np.full((*m.lead, m.groups, m.n), 1 << (bits - 1), np.int16)
         scales = t["weight_scale"]
         if m.infos["scales"].dtype == "BF16":
             scales = (scales.astype(np.uint32) << 16).view(np.float32)

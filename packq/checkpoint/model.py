@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.files import read_regular
 from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo, loads_strict
+from packq.core.bits import layout, pack
 from packq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -27,6 +29,7 @@ CT = "compressed-tensors"
 CT_NAMES = {"weight_packed": "qweight", "weight_zero_point": "qzeros", "weight_scale": "scales",
             "weight_shape": "shape"}
 WORDS = ("I32", "U32")
+BITS = (2, 3, 4, 8)
 FLOATS = ("F16", "BF16", "F32")
 
 
@@ -68,6 +71,12 @@ class Module:
     groups: int
     names: dict[str, str] = field(default_factory=dict)  # part -> stored tensor name
     transposed: bool = False  # compressed-tensors: qweight, qzeros and scales are stored transposed
+    bits: int = 4
+
+    def words(self, values: int) -> int:
+        """How many 32-bit words ``values`` packed values take at this module's width."""
+        per, words = layout(self.bits)
+        return values * words // per
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -110,8 +119,9 @@ def _read_ct(q: dict[str, Any], where: Path) -> Format:
         raise bad("the config group has no weights")
     if scheme.get("input_activations") is not None or scheme.get("output_activations") is not None:
         raise bad("activations are quantized too; packq reads weight-only schemes")
-    if w.get("type", "int") != "int" or w.get("dynamic", False) or w.get("num_bits") != 4:
-        raise bad(f"weights {w!r}; packq reads static 4-bit int weights")
+    if w.get("type", "int") != "int" or w.get("dynamic", False) or isinstance(w.get("num_bits"), bool) \
+            or w.get("num_bits") not in BITS:
+        raise bad(f"weights {w!r}; packq reads static 2-, 3-, 4- or 8-bit int weights")
     if w.get("actorder") not in (None, "weight", "static"):
         raise bad(f"actorder {w.get('actorder')!r}")
     strategy = w.get("strategy")
@@ -125,7 +135,7 @@ def _read_ct(q: dict[str, Any], where: Path) -> Format:
     symmetric = w.get("symmetric", True)
     if not isinstance(symmetric, bool):
         raise bad(f"symmetric must be true or false, got {symmetric!r}")
-    return Format("gptq", 4, group_size, "gptq_v2", raw=q, container=CT, symmetric=symmetric)
+    return Format("gptq", w["num_bits"], group_size, "gptq_v2", raw=q, container=CT, symmetric=symmetric)
 
 
 def read_format(config: dict[str, Any], where: Path) -> Format:
@@ -141,8 +151,10 @@ def read_format(config: dict[str, Any], where: Path) -> Format:
         raise CheckpointError(
             f"{where}: quant_method is {q.get('quant_method')!r}; packq converts 'awq', 'gptq' and 'compressed-tensors'"
         )
-    if bits != 4:
-        raise CheckpointError(f"{where}: bits is {bits!r}; AWQ <-> GPTQ conversion is 4-bit only")
+    if method == "awq" and bits != 4:
+        raise CheckpointError(f"{where}: bits is {bits!r}; AWQ gemm is 4-bit only")
+    if method == "gptq" and (isinstance(bits, bool) or bits not in BITS):
+        raise CheckpointError(f"{where}: bits is {bits!r}; GPTQ packs 2, 3, 4 or 8 bits")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
         raise CheckpointError(f"{where}: group_size must be a positive integer or -1, got {group_size!r}")
     if method == "awq":
@@ -160,7 +172,8 @@ def read_format(config: dict[str, Any], where: Path) -> Format:
     fmt = str(q.get("checkpoint_format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2')")
-    return Format("gptq", 4, group_size, fmt, bool(q.get("desc_act", False)), raw=q)
+    assert isinstance(bits, int)  # checked above
+    return Format("gptq", bits, group_size, fmt, bool(q.get("desc_act", False)), raw=q)
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
@@ -261,21 +274,23 @@ def _ct_modules(root: Path, fmt: Format, shards: dict[str, SafetensorsFile], whe
 
         def bad(why: str) -> CheckpointError:
             got = ", ".join(f"{n.rsplit('.', 1)[-1]} {i.shape} {i.dtype}" for n, i in zip(names.values(), infos.values()))
-            return CheckpointError(f"{root}: {prefix}: {why} (got {got}; 4-bit, group size {fmt.group_size})")
+            return CheckpointError(f"{root}: {prefix}: {why} (got {got}; {fmt.bits}-bit, group size {fmt.group_size})")
 
+        values, words = layout(fmt.bits)
         if w.dtype not in WORDS or s.dtype not in FLOATS or shape.dtype not in ("I64", "I32"):
             raise bad("weight_packed must be int32 words, weight_scale floats, weight_shape integers")
-        if len(w.shape) < 2 or w.shape[:-2] != s.shape[:-2] or 0 in w.shape:
+        if len(w.shape) < 2 or w.shape[:-2] != s.shape[:-2] or 0 in w.shape or w.shape[-1] % words:
             raise bad("weight_packed and weight_scale must be non-empty matrices with the same leading dimensions")
-        n, k = w.shape[-2], w.shape[-1] * 8
+        n, k = w.shape[-2], w.shape[-1] * values // words
         groups = 1 if fmt.group_size == -1 else k // fmt.group_size
-        if n % 8 or (fmt.group_size != -1 and k % fmt.group_size) or s.shape[-2:] != (n, groups):
-            raise bad(f"expected weight_scale (..., {n}, {groups}) and N a multiple of 8")
+        if n % values or (fmt.group_size != -1 and k % fmt.group_size) or s.shape[-2:] != (n, groups):
+            raise bad(f"expected weight_scale (..., {n}, {groups}) and N a multiple of {values}")
         if shape.shape != (len(w.shape),):
             raise bad(f"weight_shape must hold {len(w.shape)} sizes")
-        if "qzeros" in infos and (infos["qzeros"].dtype not in WORDS or infos["qzeros"].shape != (*w.shape[:-2], n // 8, groups)):
-            raise bad(f"expected weight_zero_point (..., {n // 8}, {groups}) int32")
-        modules[prefix] = Module(prefix, files, infos, k, n, groups, names, transposed=True)
+        zp = (*w.shape[:-2], n * words // values, groups)
+        if "qzeros" in infos and (infos["qzeros"].dtype not in WORDS or infos["qzeros"].shape != zp):
+            raise bad(f"expected weight_zero_point {zp} int32")
+        modules[prefix] = Module(prefix, files, infos, k, n, groups, names, transposed=True, bits=fmt.bits)
     if not modules:
         raise CheckpointError(f"{root}: no quantized modules (no tensors named *.weight_packed)")
     return modules
@@ -286,7 +301,7 @@ def _check_module(root: Path, fmt: Format, prefix: str, files: dict[str, str], i
 
     def bad(why: str) -> CheckpointError:
         shapes = ", ".join(f"{p} {infos[p].shape} {infos[p].dtype}" for p in infos)
-        return CheckpointError(f"{root}: {prefix}: {why} (got {shapes}; bits 4, group size {fmt.group_size})")
+        return CheckpointError(f"{root}: {prefix}: {why} (got {shapes}; bits {fmt.bits}, group size {fmt.group_size})")
 
     if w.dtype not in WORDS or z.dtype not in WORDS:
         raise bad("qweight and qzeros must be int32 words")
@@ -294,22 +309,23 @@ def _check_module(root: Path, fmt: Format, prefix: str, files: dict[str, str], i
         raise bad("scales must be float16, bfloat16 or float32")
     if len(w.shape) < 2 or not (w.shape[:-2] == z.shape[:-2] == s.shape[:-2]) or len(z.shape) != len(w.shape):
         raise bad("qweight, qzeros and scales must be matrices with the same leading dimensions")
+    values, words = layout(fmt.bits)  # 32 // bits values in a word; at 3 bits, 32 values in 3 words
     if fmt.method == "awq":
         k, n = w.shape[-2], w.shape[-1] * 8
     else:
-        k, n = w.shape[-2] * 8, w.shape[-1]
+        k, n = w.shape[-2] * values // words, w.shape[-1]
         if "g_idx" in infos and infos["g_idx"].shape != (k,):
             raise bad(f"g_idx must have shape ({k},)")
     if 0 in w.shape:
         raise bad("qweight has no elements (K, N and every leading dimension must be positive)")
     groups = 1 if fmt.group_size == -1 else k // fmt.group_size
-    if k % 8 or n % 8 or (fmt.group_size != -1 and k % fmt.group_size):
-        raise bad("K and N must be multiples of 8, and K a multiple of the group size")
-    if z.shape[-2:] != (groups, n // 8) or s.shape[-2:] != (groups, n):
-        raise bad(f"expected qzeros (..., {groups}, {n // 8}) and scales (..., {groups}, {n})")
-    if fmt.method == "awq" and w.shape[-2:] != (k, n // 8) or fmt.method == "gptq" and w.shape[-2:] != (k // 8, n):
+    if k % values or n % values or (fmt.group_size != -1 and k % fmt.group_size):
+        raise bad(f"K and N must be multiples of {values}, and K a multiple of the group size")
+    if z.shape[-2:] != (groups, n * words // values) or s.shape[-2:] != (groups, n):
+        raise bad(f"expected qzeros (..., {groups}, {n * words // values}) and scales (..., {groups}, {n})")
+    if fmt.method == "awq" and w.shape[-2:] != (k, n // 8) or fmt.method == "gptq" and w.shape[-2:] != (k * words // values, n):
         raise bad("qweight shape does not match")
-    return Module(prefix, files, infos, k, n, groups, {p: f"{prefix}.{p}" for p in infos})
+    return Module(prefix, files, infos, k, n, groups, {p: f"{prefix}.{p}" for p in infos}, bits=fmt.bits)
 
 
 def module_array(ckpt: Checkpoint, m: Module, part: str, *, floats: bool = False) -> np.ndarray:
@@ -319,7 +335,8 @@ def module_array(ckpt: Checkpoint, m: Module, part: str, *, floats: bool = False
     are made: 2**(bits-1) in every field. ``floats``: bfloat16 as float32, which holds it exactly.
     """
     if part == "qzeros" and part not in m.names:
-        return np.full((*m.lead, m.groups, m.n // 8), np.uint32(0x88888888), dtype=np.uint32).view(np.int32)
+        half = np.full((*m.lead, m.groups, m.n), 1 << (m.bits - 1), dtype=np.int32)
+        return np.asarray(numpy_backend.run(pack, half, direction="column", bits=m.bits))
     with ckpt.shards[m.files[part]].open() as f:
         a = f.floats(m.names[part]) if floats else f.array(m.names[part])
     return stored_to_canonical(m, part, a)

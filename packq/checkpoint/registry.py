@@ -26,9 +26,9 @@ FORMATS: dict[str, CheckpointFormat] = {f.name: f for f in [
     CheckpointFormat("awq", "AWQ gemm (4-bit)", 'quant_method "awq", version "gemm"',
                      "qweight (K, N/8), qzeros (K/G, N/8), scales (K/G, N)", True, True, False,
                      "it cannot become AWQ without permuting input features"),
-    CheckpointFormat("gptq", "GPTQ v1 / v2 (4-bit)", 'quant_method "gptq", checkpoint_format "gptq" or "gptq_v2"',
+    CheckpointFormat("gptq", "GPTQ v1 / v2 (2, 3, 4, 8-bit)", 'quant_method "gptq", checkpoint_format "gptq" or "gptq_v2"',
                      "qweight (K/8, N), qzeros (K/G, N/8), scales (K/G, N), g_idx (K,)", True, True, True),
-    CheckpointFormat("compressed-tensors", "compressed-tensors pack-quantized (4-bit)",
+    CheckpointFormat("compressed-tensors", "compressed-tensors pack-quantized (2, 3, 4, 8-bit)",
                      'quant_method "compressed-tensors", format "pack-quantized"',
                      "weight_packed (N, K/8), weight_scale (N, K/G), weight_zero_point (N/8, K/G), weight_shape",
                      True, True, False, "compressed-tensors 0.20 removed actorder 'group' and weight_g_idx (its "
@@ -55,6 +55,8 @@ def route(source: str, target: str) -> str:
         notes.append("v1 <-> v2")
     if target == "gptq":
         notes.append("`--for ENGINE`")
+    if target == "awq" and source != "awq":
+        notes.append("4-bit")
     if source == "gptq" and not FORMATS[target].act_order:
         notes.append("no act-order")
     return "yes" + (f" ({'; '.join(notes)})" if notes else "")

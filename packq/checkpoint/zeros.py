@@ -169,6 +169,12 @@ def plan_gptq(
     unmasked = fmt == "gptq" and e.v1_convention(ckpt.format.bits) == UNMASKED
     if not (unmasked and report.zero0):
         return target
+    if ckpt.format.bits != 4:
+        raise CheckpointError(
+            f"{ckpt.root}: {report.zero0} zero-points of 0, which {e.title} reads as {1 << ckpt.format.bits}; "
+            f"packq rebiases them at 4 bits only, and this checkpoint is {ckpt.format.bits}-bit; choose an engine "
+            "that reads them exactly"
+        )
     if ckpt.format.method == "gptq" and act_order(ckpt):
         raise CheckpointError(
             f"{ckpt.root}: {report.zero0} zero-points of 0, which {e.title} reads as 16; rebiasing them needs "

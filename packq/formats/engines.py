@@ -91,7 +91,7 @@ def read_v1(fields: np.ndarray, words: np.ndarray, convention: str, bits: int) -
     stored words (..., groups, N*bits/32), uint32. Returns int16 zero-points;
     "unmasked" gives 2**bits where a field stores 2**bits - 1.
     """
-    if convention == FIELD:
+    if convention == FIELD or (convention == WORD and bits == 3):  # 3-bit fields straddle words: shifted one by one
         return ((fields.astype(np.int16) + 1) & ((1 << bits) - 1)).astype(np.int16)
     if convention == UNMASKED:
         return fields.astype(np.int16) + 1
