@@ -304,3 +304,26 @@ def test_the_librarys_own_output_reads_back_to_the_awq_source(library, tmp_path)
     back = tmp_path / "awq"
     assert convert_checkpoint(ref, back, to="awq", verify=True)["verified"]
     assert _bytes_equal(tensors(back), tensors(EXAMPLE))
+
+
+def test_stacked_moe_experts(tmp_path):
+    """Experts stacked as (E, K, N/8): every relayout works on the last two axes, weight_shape holds all three."""
+    rng = np.random.default_rng(5)
+    e, k, n, g = 3, 128, 64, 64
+    words = lambda *shape: rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32).view(np.int32)  # noqa: E731
+    src = tmp_path / "moe"
+    src.mkdir()
+    from safetensors.numpy import save_file
+
+    save_file({"experts.qweight": words(e, k, n // 8), "experts.qzeros": words(e, k // g, n // 8),
+               "experts.scales": (rng.random((e, k // g, n)) * 0.01).astype(np.float16)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": g, "version": "gemm", "zero_point": True}}))
+    ct, back, f = tmp_path / "ct", tmp_path / "back", tmp_path / "f"
+    assert convert_checkpoint(src, ct, to=CT, verify=True)["verified"]
+    c = tensors(ct)
+    assert tuple(c["experts.weight_packed"].shape) == (e, n, k // 8) and c["experts.weight_shape"].tolist() == [e, n, k]
+    assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
+    assert _bytes_equal(tensors(back), tensors(src))
+    assert convert_checkpoint(ct, f, to="float32", verify=True)["verified"]
+    assert tuple(tensors(f)["experts.weight"].shape) == (e, n, k)
