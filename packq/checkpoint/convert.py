@@ -1,4 +1,4 @@
-"""Convert a whole checkpoint on disk: AWQ (gemm) <-> GPTQ, streamed, verified, atomic.
+"""Convert a whole checkpoint on disk between AWQ, GPTQ, compressed-tensors and float: streamed, verified, atomic.
 
 The source is opened and checked completely (config, index, every shard
 header, every quantized module's shapes) before anything is written. The
@@ -289,7 +289,7 @@ def convert_checkpoint(
     allow_inexact: bool = False,
     revision: str | None = None,
 ) -> dict[str, Any]:
-    """Convert an AWQ (gemm) checkpoint folder to GPTQ, or GPTQ to AWQ, bit-exactly.
+    """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
 
     Parameters
     ----------
@@ -297,8 +297,11 @@ def convert_checkpoint(
         The source model folder (never written) and the folder to create. SRC may also be
         a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
         downloaded; this needs ``packq[hub]``.
-    to : {"gptq", "awq"}
-        Target format. "gptq" needs an AWQ source, "awq" a 4-bit GPTQ source without act-order.
+    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32"}
+        Target format (:data:`packq.checkpoint.registry.TARGETS`); the source is AWQ gemm, GPTQ
+        or compressed-tensors pack-quantized. AWQ holds 4-bit weights without act-order, and
+        compressed-tensors holds no act-order either; the float targets hold the dequantized
+        weights in torch's (N, K) orientation.
     checkpoint_format : {"gptq", "gptq_v2"}, optional
         GPTQ zero storage to write when ``to="gptq"``: "gptq" (v1, z - 1) or
         "gptq_v2" (z). Default: what ``for_engine`` loads exactly, else v1.
