@@ -15,16 +15,19 @@ from packq import _validate as V
 from packq import backends
 from packq.core import bits as B
 from packq.formats import awq, gptq
+from packq.formats import compressed_tensors as ct
 from packq.formats.awq import AWQ_PACK_ORDER, REVERSE_AWQ_PACK_ORDER
 
 __all__ = [
     "AWQ_PACK_ORDER",
     "REVERSE_AWQ_PACK_ORDER",
     "apply_order",
+    "compressed_tensors_to_gptq",
     "dequantize_awq",
     "dequantize_gptq",
     "fast_awq_to_gptq",
     "gptq_to_awq",
+    "gptq_to_compressed_tensors",
     "pack",
     "unpack",
     "zeros_v1_to_v2",
@@ -567,3 +570,92 @@ def dequantize_gptq(
     return be.run(
         gptq.dequantize_gptq, _words_in(be, qweight), _words_in(be, qzeros), scales, g_idx, bits=bits, zeros=zeros
     )
+
+
+def gptq_to_compressed_tensors(qweight: Array, qzeros: Array, scales: Array, *, bits: int = 4) -> tuple[Array, Array, Array]:
+    """GPTQ tensors with v2 zeros to compressed-tensors ``pack-quantized``: each matrix transposed.
+
+    Both formats pack a column's K values as one little-endian bit stream (3-bit values
+    straddling words), so the relayout is a transpose: no value is unpacked.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K * bits / 32, N)
+    qzeros : array of int32 or uint32, shape (..., G, N * bits / 32)
+        v2 zeros (z itself; checkpoint_format "gptq_v2"). For v1, call
+        :func:`zeros_v1_to_v2` first, in the convention its producer wrote.
+    scales : array of float, shape (..., G, N)
+    bits : {2, 3, 4, 8}
+
+    Returns
+    -------
+    weight_packed : int32, (..., N, K * bits / 32)
+    weight_zero_point : int32, (..., N * bits / 32, G)
+    weight_scale : scales' dtype, (..., N, G)
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of the right kind.
+    ValueError
+        For shapes that do not fit together at ``bits``.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight, qzeros = np.arange(16, dtype=np.int32).reshape(2, 8), np.zeros((1, 1), np.int32)
+    >>> wp, zp, ws = packq.gptq_to_compressed_tensors(qweight, qzeros, np.ones((1, 8), np.float16))
+    >>> wp.shape, zp.shape, ws.shape, bool((wp == qweight.T).all())
+    ((8, 2), (1, 1), (8, 1), True)
+    """
+    bits = V.bits(bits)
+    _check_gptq_pair(qweight, qzeros, bits)
+    _check_scales(scales, V.shape_of(qzeros)[-2], V.shape_of(qweight)[-1], qweight, "qweight")
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)
+    return be.run(ct.from_gptq, _words_in(be, qweight), _words_in(be, qzeros), scales)
+
+
+def compressed_tensors_to_gptq(
+    weight_packed: Array, weight_zero_point: Array, weight_scale: Array, *, bits: int = 4
+) -> tuple[Array, Array, Array]:
+    """compressed-tensors ``pack-quantized`` tensors to GPTQ with v2 zeros: each matrix transposed back.
+
+    The inverse of :func:`gptq_to_compressed_tensors`; see there. A symmetric scheme stores no
+    zero points: pass ``packq.pack(full((..., G, N), 2**(bits-1)), bits=bits)`` transposed, or
+    use the checkpoint converter, which makes them.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> wp = np.arange(16, dtype=np.int32).reshape(8, 2)
+    >>> qw, qz, s = packq.compressed_tensors_to_gptq(wp, np.zeros((1, 1), np.int32), np.ones((8, 1), np.float16))
+    >>> qw.shape, qz.shape, s.shape
+    ((2, 8), (1, 1), (1, 8))
+    """
+    bits = V.bits(bits)
+    for x, name in ((weight_packed, "weight_packed"), (weight_zero_point, "weight_zero_point")):
+        V.words(x, name)
+    V.array(weight_scale, "weight_scale")
+    V.floating(weight_scale, "weight_scale")
+    wp, zp, ws = V.shape_of(weight_packed), V.shape_of(weight_zero_point), V.shape_of(weight_scale)
+    n_values, n_words = B.layout(bits)
+    n, groups = wp[-2], ws[-1]
+    if not (wp[:-2] == zp[:-2] == ws[:-2]) or len(zp) != len(wp) or len(ws) != len(wp):
+        raise ValueError(
+            f"weight_packed, weight_zero_point and weight_scale must have the same leading dimensions, "
+            f"got shapes {wp!r}, {zp!r} and {ws!r}"
+        )
+    if wp[-1] % n_words or n % n_values:
+        raise ValueError(
+            f"weight_packed must have a multiple of {n_words} columns and of {n_values} rows ({_period(bits)}), "
+            f"got shape {wp!r}"
+        )
+    k = wp[-1] * n_values // n_words
+    if ws[-2] != n or groups == 0 or k % groups:
+        raise ValueError(f"weight_scale must have shape (..., {n}, G) with G dividing K = {k}, got shape {ws!r}")
+    if zp[-2:] != (n * n_words // n_values, groups):
+        raise ValueError(
+            f"weight_zero_point must have shape (..., {n * n_words // n_values}, {groups}), got shape {zp!r}"
+        )
+    be = backends.for_arrays(weight_packed=weight_packed, weight_zero_point=weight_zero_point, weight_scale=weight_scale)
+    return be.run(ct.to_gptq, _words_in(be, weight_packed), _words_in(be, weight_zero_point), weight_scale)

@@ -10,7 +10,8 @@ It builds a tiny Llama (2 layers, hidden 256, float16) whose projections hold en
 groups of 128 input features, so that min-max quantization stores zero-point 0 there; quantizes it
 with GPTQModel to AWQ (gemm), GPTQ v1 (``gptq``) and GPTQ v2 (``gptq_v2``), 4-bit, group 128,
 sym=False; converts each with packq; then loads source and result in transformers
-(``AutoModelForCausalLM``) and in ``GPTQModel.load``, and compares every quantized module's
+(``AutoModelForCausalLM``) and in ``GPTQModel.load`` (transformers alone for the float16 and
+compressed-tensors results, which GPTQModel does not load), and compares every decoder linear's
 effective weight (the module applied to the identity, minus its bias) bit for bit, and the logits.
 """
 
@@ -79,7 +80,8 @@ def _effective(model) -> dict[str, bytes]:
 
     out = {}
     for name, m in model.named_modules():
-        if hasattr(m, "qweight") and hasattr(m, "in_features"):
+        linear = hasattr(m, "qweight") or isinstance(m, torch.nn.Linear)  # quantized, or a float checkpoint's
+        if linear and hasattr(m, "in_features") and ".layers." in f".{name}":
             eye = torch.eye(m.in_features, dtype=torch.float16)
             with torch.no_grad():
                 w = m(eye) - m(torch.zeros_like(eye))
@@ -173,6 +175,8 @@ def main() -> None:
         ("AWQ -> GPTQ v2 -> AWQ (like with like)", "awq", [["--for", "transformers"], ["--to", "awq"]], True),
         ("GPTQ v1 from GPTQModel -> AWQ -> GPTQ v2 (like with like)", "gptq",
          [["--to", "awq"], ["--for", "gptqmodel"]], True),
+        ("AWQ -> float16 (dequantized; transformers only)", "awq", [["--to", "float16"]], True),
+        ("AWQ -> compressed-tensors (transformers only)", "awq", [["--to", "compressed-tensors"]], True),
         ("AWQ -> GPTQ v1 for TGI (per field): not for these loaders", "awq", [["--for", "tgi"]], False),
         ("AWQ -> GPTQ v1 with no --for", "awq", [[]], False),
     ]
@@ -191,7 +195,7 @@ def main() -> None:
                                          capture_output=True, text=True).stdout)
         case["zero_point_0_pairs"] = info["zero_point_0"]
         if code == 0:
-            for loader in ("transformers", "gptqmodel"):
+            for loader in ("transformers",) if "transformers only" in name else ("transformers", "gptqmodel"):
                 case[loader] = compare(src, dst, loader)
         report["cases"].append(case)
         print(json.dumps(case, indent=1), flush=True)

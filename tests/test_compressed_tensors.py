@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Lib, assert_same, golden_keys
 from safetensors import safe_open
 from test_checkpoint import EXAMPLE, load, ref_awq_values
 from test_engines import gptqmodel_v1
 from test_float import _act_order
 
+import packq
 from packq.checkpoint import convert_checkpoint, inspect_checkpoint
 from packq.cli import main
 
@@ -327,3 +329,28 @@ def test_stacked_moe_experts(tmp_path):
     assert _bytes_equal(tensors(back), tensors(src))
     assert convert_checkpoint(ct, f, to="float32", verify=True)["verified"]
     assert tuple(tensors(f)["experts.weight"].shape) == (e, n, k)
+
+
+# ------------------------------------------------------------------ the array functions, every backend
+@pytest.mark.parametrize("case", golden_keys("awq", "qweight"))
+def test_gptq_to_compressed_tensors_on_every_backend(lib: Lib, golden, case):
+    qw, qz = golden[f"gptq/{case}/qweight"], golden[f"gptq/{case}/qzeros"]  # the seed's own GPTQ output
+    scales = np.random.default_rng(0).random((*qz.shape[:-1], qw.shape[-1])).astype(np.float32)
+    out = lib.call(packq.gptq_to_compressed_tensors, lib.asarray(qw), lib.asarray(qz), lib.asarray(scales))
+    for got, want in zip(out, (qw, qz, scales)):
+        assert_same(lib, got, np.ascontiguousarray(np.swapaxes(want, -1, -2)))
+    back = lib.call(packq.compressed_tensors_to_gptq, *out)
+    for got, want in zip(back, (qw, qz, scales)):
+        assert_same(lib, got, want)
+
+
+def test_array_functions_match_the_checkpoint_converter(tmp_path):
+    convert_checkpoint(EXAMPLE, tmp_path / "v2", checkpoint_format="gptq_v2")
+    convert_checkpoint(EXAMPLE, tmp_path / "ct", to=CT)
+    g, c = tensors(tmp_path / "v2"), tensors(tmp_path / "ct")
+    p = "model.layers.0.self_attn.q_proj"
+    wp, zp, ws = packq.gptq_to_compressed_tensors(g[f"{p}.qweight"].numpy(), g[f"{p}.qzeros"].numpy(),
+                                                  g[f"{p}.scales"].numpy())
+    assert wp.flags.c_contiguous and zp.flags.c_contiguous and ws.flags.c_contiguous
+    for got, name in ((wp, "weight_packed"), (zp, "weight_zero_point"), (ws, "weight_scale")):
+        np.testing.assert_array_equal(got, c[f"{p}.{name}"].numpy())

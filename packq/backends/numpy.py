@@ -32,6 +32,7 @@ import numpy as np
 from packq.backends import Backend
 from packq.core import bits as B
 from packq.formats import awq
+from packq.formats import compressed_tensors as ct
 
 _U = np.uint32
 #: bytes of a block's working set (8 word planes and a scratch half); measured best at about two L2s
@@ -273,9 +274,17 @@ def pack(_: Any, values: np.ndarray, direction: str, bits: int) -> np.ndarray:
     return out.view(np.int32).reshape(*lead, -1, out.shape[-1] // 4 if direction == "column" else c)
 
 
+def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
+    def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.ascontiguousarray(a) for a in fn(xp, *arrays))
+    return run
+
+
 class NumpyBackend(Backend):
     name = "numpy"
-    fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack}
+    fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack,
+                  ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq)}
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         arrays = tuple(_native(a) for a in arrays)

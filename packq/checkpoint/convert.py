@@ -45,6 +45,7 @@ from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq, gptq
+from packq.formats import compressed_tensors as ct
 from packq.formats.engines import ENGINES, FIELD, WORD, read_v1
 from packq.formats.gptq import dequantize_grouped
 
@@ -547,11 +548,6 @@ def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndar
     return words
 
 
-def _swap(a: np.ndarray) -> np.ndarray:
-    """The last two axes swapped, contiguous: compressed-tensors stores GPTQ's matrices transposed."""
-    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
-
-
 def _v2_zeros(job: _Job, words: np.ndarray) -> np.ndarray:
     """A GPTQ source's qzeros as v2 (z itself), read as its producer wrote them."""
     bits = job.ckpt.format.bits
@@ -568,12 +564,13 @@ def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.nd
     part = f"{m.prefix}.{CT_SOURCE[action]}"
     if action == "ct_shape":
         return np.array([*m.infos["qweight"].shape[:-2], m.n, m.k], dtype="<i8")
+    # compressed-tensors stores GPTQ v2's matrices transposed (packq.formats.compressed_tensors)
     if action == "ct_scale":  # any float dtype, bfloat16 included: moved bit for bit
-        return _swap(f.array_bits(part))
+        return job.convert(ct.swap, f.array_bits(part))
     words = f.array(part)
     if action == "ct_weight":
-        return _swap(job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
-    return _swap(job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else _v2_zeros(job, words))
+        return job.convert(ct.swap, job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
+    return job.convert(ct.swap, job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else _v2_zeros(job, words))
 
 
 def _float_weight(job: _Job, m: Module) -> np.ndarray:
