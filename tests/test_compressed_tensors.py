@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import Lib, assert_same, golden_keys
-from safetensors import safe_open
 from test_checkpoint import EXAMPLE, load, ref_awq_values
 from test_engines import gptqmodel_v1
 from test_float import _act_order
@@ -27,15 +26,6 @@ CT = "compressed-tensors"
 CT_CONFIG = {"config_groups": {"config_group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
     "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}}},
     "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed"}
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -55,7 +45,7 @@ def test_awq_to_compressed_tensors_value_by_value(tmp_path):
     dst = tmp_path / "ct"
     s = convert_checkpoint(EXAMPLE, dst, to=CT, verify=True)
     assert s["verified"] and s["tensors_out"] == 49 + 14  # weight_shape added per module
-    a, c = load(EXAMPLE), tensors(dst)
+    a, c = load(EXAMPLE), load(dst)
     group = 128
     for p in sorted(k[: -len(".qweight")] for k in a if k.endswith(".qweight")):
         q = ref_awq_values(a[f"{p}.qweight"].numpy())  # (K, N), logical order
@@ -79,14 +69,14 @@ def test_awq_to_compressed_tensors_value_by_value(tmp_path):
 
 def test_every_source_format_gives_the_same_tensors(tmp_path):
     convert_checkpoint(EXAMPLE, tmp_path / "from-awq", to=CT)
-    want = tensors(tmp_path / "from-awq")
+    want = load(tmp_path / "from-awq")
     convert_checkpoint(EXAMPLE, tmp_path / "v2", checkpoint_format="gptq_v2")
     convert_checkpoint(EXAMPLE, tmp_path / "tgi", for_engine="tgi")
     (tmp_path / "g").mkdir()
     for src in (tmp_path / "v2", tmp_path / "tgi", gptqmodel_v1(tmp_path / "g")):
         dst = tmp_path / f"ct-{src.name}"
         assert convert_checkpoint(src, dst, to=CT, verify=True)["verified"]
-        got = tensors(dst)
+        got = load(dst)
         assert got.keys() - {k for k in got if k.endswith(".g_idx")} == want.keys(), src.name
         assert all(same(got[k], want[k]) for k in want), src.name
 
@@ -102,7 +92,7 @@ def test_symmetric_sources_store_no_zero_points(tmp_path):
     save_file(t, str(src / "model.safetensors"))
     dst = tmp_path / "sym"
     assert convert_checkpoint(src, dst, to=CT, verify=True)["verified"]
-    got = tensors(dst)
+    got = load(dst)
     assert "m.weight_zero_point" not in got and "m.weight_packed" in got
     w = json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"]["config_group_0"]
     assert w["weights"]["symmetric"] is True
@@ -153,7 +143,7 @@ def test_equals_the_librarys_own_autoawq_converter(library, tmp_path):
     ct_convert(str(EXAMPLE), str(ref), AutoAWQConverter.from_pretrained(str(EXAMPLE)), max_workers=1, device="cpu")
     ours = tmp_path / "packq"
     convert_checkpoint(EXAMPLE, ours, to=CT)
-    a, b = tensors(ours), tensors(ref)
+    a, b = load(ours), load(ref)
     assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     qa = json.loads((ours / "config.json").read_text())["quantization_config"]
     qb = json.loads((ref / "config.json").read_text())["quantization_config"]
@@ -182,8 +172,8 @@ def test_the_librarys_dequantizer_is_bit_exact(library, tmp_path, source):
     deq = tmp_path / "dequantized"
     ct_convert(str(ct), str(deq), CompressedTensorsDequantizer(str(ct), dtype=torch.float16),
                max_workers=1, device="cpu")
-    a, b = tensors(floats), tensors(deq)
-    weights = [k for k in a if k.endswith(".weight") and f"{k[:-len('.weight')]}.weight_packed" in tensors(ct)]
+    a, b = load(floats), load(deq)
+    weights = [k for k in a if k.endswith(".weight") and f"{k[:-len('.weight')]}.weight_packed" in load(ct)]
     assert weights and all(same(a[k], b[k]) for k in weights)
 
 
@@ -208,7 +198,7 @@ def test_awq_to_compressed_tensors_and_back_is_byte_identical(tmp_path):
     info = inspect_checkpoint(ct)
     assert info["method"] == CT and info["zero_point_0"] == inspect_checkpoint(EXAMPLE)["zero_point_0"] == 16
     assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
-    assert _bytes_equal(tensors(back), tensors(EXAMPLE))
+    assert _bytes_equal(load(back), load(EXAMPLE))
     q = json.loads((back / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "awq" and q["version"] == "gemm"
 
@@ -218,7 +208,7 @@ def test_gptq_v2_to_compressed_tensors_and_back_is_byte_identical(tmp_path):
     convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
     convert_checkpoint(v2, ct, to=CT, verify=True)
     assert convert_checkpoint(ct, back, checkpoint_format="gptq_v2", verify=True)["verified"]
-    assert _bytes_equal(tensors(back), tensors(v2))
+    assert _bytes_equal(load(back), load(v2))
 
 
 def test_compressed_tensors_to_every_target(tmp_path):
@@ -229,9 +219,9 @@ def test_compressed_tensors_to_every_target(tmp_path):
         dst = tmp_path / target
         s = convert_checkpoint(ct, dst, to=target.split("-")[0], verify=True, **kwargs)
         assert s["verified"], target
-    assert _bytes_equal(tensors(tmp_path / "float16"), tensors(tmp_path / "f-awq"))
+    assert _bytes_equal(load(tmp_path / "float16"), load(tmp_path / "f-awq"))
     convert_checkpoint(EXAMPLE, tmp_path / "tgi-awq", for_engine="tgi")
-    assert _bytes_equal(tensors(tmp_path / "gptq"), tensors(tmp_path / "tgi-awq"))
+    assert _bytes_equal(load(tmp_path / "gptq"), load(tmp_path / "tgi-awq"))
 
 
 def test_compressed_tensors_rebiased_for_exllamav2(tmp_path):
@@ -257,9 +247,9 @@ def test_symmetric_compressed_tensors_reads_back(tmp_path):
     save_file(t, str(src / "model.safetensors"))
     ct, back = tmp_path / "ct", tmp_path / "awq"
     convert_checkpoint(src, ct, to=CT)
-    assert "m.weight_zero_point" not in tensors(ct)
+    assert "m.weight_zero_point" not in load(ct)
     assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
-    assert _bytes_equal(tensors(back), tensors(src))
+    assert _bytes_equal(load(back), load(src))
 
 
 def _ct_config(folder: Path, edit) -> None:
@@ -305,7 +295,7 @@ def test_the_librarys_own_output_reads_back_to_the_awq_source(library, tmp_path)
     ct_convert(str(EXAMPLE), str(ref), AutoAWQConverter.from_pretrained(str(EXAMPLE)), max_workers=1, device="cpu")
     back = tmp_path / "awq"
     assert convert_checkpoint(ref, back, to="awq", verify=True)["verified"]
-    assert _bytes_equal(tensors(back), tensors(EXAMPLE))
+    assert _bytes_equal(load(back), load(EXAMPLE))
 
 
 def test_stacked_moe_experts(tmp_path):
@@ -323,12 +313,12 @@ def test_stacked_moe_experts(tmp_path):
         "quant_method": "awq", "bits": 4, "group_size": g, "version": "gemm", "zero_point": True}}))
     ct, back, f = tmp_path / "ct", tmp_path / "back", tmp_path / "f"
     assert convert_checkpoint(src, ct, to=CT, verify=True)["verified"]
-    c = tensors(ct)
+    c = load(ct)
     assert tuple(c["experts.weight_packed"].shape) == (e, n, k // 8) and c["experts.weight_shape"].tolist() == [e, n, k]
     assert convert_checkpoint(ct, back, to="awq", verify=True)["verified"]
-    assert _bytes_equal(tensors(back), tensors(src))
+    assert _bytes_equal(load(back), load(src))
     assert convert_checkpoint(ct, f, to="float32", verify=True)["verified"]
-    assert tuple(tensors(f)["experts.weight"].shape) == (e, n, k)
+    assert tuple(load(f)["experts.weight"].shape) == (e, n, k)
 
 
 # ------------------------------------------------------------------ the array functions, every backend
@@ -347,7 +337,7 @@ def test_gptq_to_compressed_tensors_on_every_backend(lib: Lib, golden, case):
 def test_array_functions_match_the_checkpoint_converter(tmp_path):
     convert_checkpoint(EXAMPLE, tmp_path / "v2", checkpoint_format="gptq_v2")
     convert_checkpoint(EXAMPLE, tmp_path / "ct", to=CT)
-    g, c = tensors(tmp_path / "v2"), tensors(tmp_path / "ct")
+    g, c = load(tmp_path / "v2"), load(tmp_path / "ct")
     p = "model.layers.0.self_attn.q_proj"
     wp, zp, ws = packq.gptq_to_compressed_tensors(g[f"{p}.qweight"].numpy(), g[f"{p}.qzeros"].numpy(),
                                                   g[f"{p}.scales"].numpy())

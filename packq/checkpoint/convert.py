@@ -670,14 +670,24 @@ def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndar
     return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
 
 
+def _verify_each(job: _Job, progress: bool | None, check: Callable[[str], None]) -> bool:
+    """Run ``check(prefix)`` on every module, with a progress bar; it raises on the first disagreement."""
+    bar = Progress(len(job.ckpt.modules), "verifying", progress)
+    for prefix in job.ckpt.modules:
+        check(prefix)
+        bar.update(1)
+    bar.close()
+    return True
+
+
 def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
     """Dequantize every module of the source and of the result, a GPTQ result as its engine reads it.
 
     Raises unless they agree bit for bit, except in the pairs --allow-inexact accepted.
     """
     result = open_checkpoint(out)
-    bar = Progress(len(job.ckpt.modules), "verifying", progress)
-    for prefix in job.ckpt.modules:
+
+    def check(prefix: str) -> None:
         b = dict(_module_arrays(result, prefix))
         if job.to == "gptq":
             m = job.ckpt.modules[prefix]
@@ -689,34 +699,33 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
             w_result = _awq_weights(b)
         if w_result.tobytes() != _source_weights(job, prefix).tobytes() and prefix not in job.target.inexact:
             raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
-        bar.update(1)
-    bar.close()
-    return True
+
+    return _verify_each(job, progress, check)
 
 
 def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:
     """Each module's float weight, read back, against the source dequantized by the verification readers."""
     result = open_checkpoint_plain(out)
-    bar = Progress(len(job.ckpt.modules), "verifying", progress)
-    for prefix in job.ckpt.modules:
+
+    def check(prefix: str) -> None:
         want = to_float(np.swapaxes(_source_weights(job, prefix), -1, -2), job.to)
         got = result[f"{prefix}.weight"]
         if want.shape != got.shape or want.tobytes() != got.tobytes():
             raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
-        bar.update(1)
-    bar.close()
-    return True
+
+    return _verify_each(job, progress, check)
 
 
 def _verify_ct(job: _Job, out: Path, progress: bool | None) -> bool:
     """Each module dequantized from compressed-tensors' tensors (its own layout, read here) against the source."""
     result = open_checkpoint_plain(out)
-    bar = Progress(len(job.ckpt.modules), "verifying", progress)
-    for prefix, m in job.ckpt.modules.items():
+
+    def check(prefix: str) -> None:
+        m = job.ckpt.modules[prefix]
         t = {k.rsplit(".", 1)[-1]: v for k, v in result.items() if k.rsplit(".", 1)[0] == prefix}
         if list(t["weight_shape"]) != [*m.lead, m.n, m.k]:
             raise CheckpointError(f"verification failed: {prefix}.weight_shape is {list(t['weight_shape'])}")
-        # weight_packed (N, K/8) packs along K, weight_zero_point (N/8, G) along N, both LSB first
+        # weight_packed (N, K*b/32) packs along K, weight_zero_point (N*b/32, G) along N, both LSB first
         bits = m.bits
         q = np.asarray(numpy_backend.run(B.unpack, t["weight_packed"].view(np.int32), direction="column", bits=bits))
         if "weight_zero_point" in t:
@@ -730,9 +739,8 @@ def _verify_ct(job: _Job, out: Path, progress: bool | None) -> bool:
         w = _dequantize(np.swapaxes(q, -1, -2).astype(np.int16), z, np.swapaxes(scales, -1, -2), None)
         if w.tobytes() != _source_weights(job, prefix).tobytes():
             raise CheckpointError(f"verification failed: {prefix} dequantizes differently in compressed-tensors")
-        bar.update(1)
-    bar.close()
-    return True
+
+    return _verify_each(job, progress, check)
 
 
 def open_checkpoint_plain(root: Path) -> dict[str, np.ndarray]:
