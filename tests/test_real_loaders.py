@@ -33,6 +33,10 @@ def check(report: dict) -> None:
             assert c["transformers"]["modules_bit_equal"] == c["transformers"]["modules"] == 14, name
             if "like with like" in name:  # same kernel on both sides: bit-equal weights in GPTQModel too
                 assert c["gptqmodel"]["modules_bit_equal"] == 14, name
+    f16 = cases["AWQ -> float16 (dequantized; transformers only)"]["transformers"]  # kernels round their own way
+    assert f16["loaded"] and f16["argmax_agreement"] == 1.0 and f16["weights_max_abs_diff"] <= 2**-10
+    ct = cases["AWQ -> compressed-tensors (transformers only)"]
+    assert ct["packq_exit"] == 0 and not ct["transformers"]["loaded"] and "mismatched" in ct["transformers"]["error"]
     tgi = cases["AWQ -> GPTQ v1 for TGI (per field): not for these loaders"]
     assert tgi["transformers"]["loaded"] and not tgi["transformers"]["logits_identical"]  # read with carries
     assert not tgi["gptqmodel"]["loaded"] and "sym=False" in tgi["gptqmodel"]["error"]  # its v1 policy
