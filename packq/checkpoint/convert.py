@@ -377,22 +377,16 @@ def convert_checkpoint(
         )
     _check_paths(src, dst)
     convert = _Converter(backend)
-    if to == "gptq":
-        read_word = False
-        if ckpt.format.method == "gptq" and ckpt.format.checkpoint_format == "gptq":  # v1 read as its producer wrote it
-            report = analyse(ckpt, v1_zeros)
-            check_v1_readable(ckpt, report)
-            read_word = report.convention == WORD
-        target = plan_gptq(ckpt, for_engine, checkpoint_format, allow_inexact, v1_zeros)
-        job = _Job(ckpt, to, convert, target, read_word)
-    elif for_engine is not None:
+    if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
-    else:  # to AWQ, compressed-tensors or a float dtype: the source is read as its producer wrote it
-        report = analyse(ckpt, v1_zeros)
-        check_v1_readable(ckpt, report)
-        fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
-        job = _Job(ckpt, to, convert, Target(fmt), report.convention == WORD and fmt == "gptq",
-                   symmetric=report.symmetric)
+    report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
+    check_v1_readable(ckpt, report)
+    fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
+    read_word = report.convention == WORD and fmt == "gptq"
+    if to == "gptq":
+        job = _Job(ckpt, to, convert, plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact), read_word)
+    else:  # to AWQ, compressed-tensors or a float dtype
+        job = _Job(ckpt, to, convert, Target(fmt), read_word, symmetric=report.symmetric)
     checkpoint_format = job.gptq_format
     plan = _plan(job)
     entries = {f: [_out_entry(ckpt, to, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
@@ -506,15 +500,18 @@ def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarr
             words = np.asarray(numpy_backend.run(awq.rebias_zero_points, words.view(np.int32), qzeros.view(np.int32))[0])
         return convert(awq.weight_to_gptq, words)
     # zeros: GPTQ v1 stores z - 1 (per field, or as one word), v2 stores z; AWQ stores z
-    v1 = job.gptq_format == "gptq"
     if job.to == "gptq":
-        words = rebias if rebias is not None else words
-        if v1 and job.target.convention == WORD:  # z, then one 32-bit subtraction, as GPTQModel writes v1
-            return convert(gptq.zeros_word_add, convert(awq.zeros_to_gptq, words, offset=0), delta=-1, bits=4)
-        return convert(awq.zeros_to_gptq, words, offset=-1 if v1 else 0)
-    if job.read_word:  # v1 written as one 32-bit subtraction: add the word back, then it is v2
-        return convert(awq.zeros_to_awq, convert(gptq.zeros_word_add, words, delta=1, bits=4), offset=0)
-    return convert(awq.zeros_to_awq, words, offset=1 if v1 else 0)
+        return _target_zeros(job, convert(awq.zeros_to_gptq, rebias if rebias is not None else words, offset=0), 4)
+    return convert(awq.zeros_to_awq, _v2_zeros(job, words), offset=0)
+
+
+def _target_zeros(job: _Job, v2: np.ndarray, bits: int) -> np.ndarray:
+    """GPTQ v2 qzeros (z) stored as the target writes them: as they are, z - 1 per field, or as GPTQModel does."""
+    if job.target.checkpoint_format == "gptq_v2":
+        return v2.view(np.int32)
+    if job.target.convention == WORD and bits != 3:  # one 32-bit subtraction; 3-bit fields shift one by one
+        return job.convert(gptq.zeros_word_add, v2, delta=-1, bits=bits)
+    return job.convert(gptq.zeros_shift, v2, delta=-1, bits=bits)
 
 
 def _other_width(job: _Job, m: Module, part: str, f: Reader) -> np.ndarray:
@@ -522,12 +519,7 @@ def _other_width(job: _Job, m: Module, part: str, f: Reader) -> np.ndarray:
     words = stored_to_canonical(m, part, f.array(m.names[part])) if part in m.names else module_array(job.ckpt, m, part)
     if part == "qweight":
         return words.view(np.int32)
-    v2 = _v2_zeros(job, words)
-    if job.target.checkpoint_format == "gptq_v2":
-        return v2.view(np.int32)
-    if job.target.convention == WORD and m.bits != 3:
-        return job.convert(gptq.zeros_word_add, v2, delta=-1, bits=m.bits)
-    return job.convert(gptq.zeros_shift, v2, delta=-1, bits=m.bits)
+    return _target_zeros(job, _v2_zeros(job, words), m.bits)
 
 
 def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
@@ -563,7 +555,7 @@ def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.nd
     awq_source = job.ckpt.format.method == "awq"
     part = f"{m.prefix}.{CT_SOURCE[action]}"
     if action == "ct_shape":
-        return np.array([*m.infos["qweight"].shape[:-2], m.n, m.k], dtype="<i8")
+        return np.array([*m.lead, m.n, m.k], dtype="<i8")
     # compressed-tensors stores GPTQ v2's matrices transposed (packq.formats.compressed_tensors)
     if action == "ct_scale":  # any float dtype, bfloat16 included: moved bit for bit
         return job.convert(ct.swap, f.array_bits(part))

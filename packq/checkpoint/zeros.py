@@ -137,14 +137,14 @@ def _names(modules: list[str] | dict[str, int]) -> str:
 
 
 def plan_gptq(
-    ckpt: Checkpoint, engine: str | None, checkpoint_format: str | None, allow_inexact: bool, v1_zeros: str | None = None
+    ckpt: Checkpoint, report: ZeroReport, engine: str | None, checkpoint_format: str | None, allow_inexact: bool
 ) -> Target:
-    """Decide how a source becomes GPTQ that ``engine`` computes exactly, or refuse before any write.
+    """Decide how a source (whose zero-points ``report`` describes) becomes GPTQ that ``engine`` computes exactly.
 
-    Without an engine, v1 is written only where every engine reads it alike (no
-    zero-point of 0); otherwise the user must name the engine or ask for v2.
+    Refuses before any write where it cannot. Without an engine, v1 is written only where
+    every engine reads it alike (no zero-point of 0); otherwise the user must name the
+    engine or ask for v2.
     """
-    report = analyse(ckpt, v1_zeros)
     if engine is None:
         fmt = checkpoint_format or "gptq"
         if fmt == "gptq" and report.zero0:
