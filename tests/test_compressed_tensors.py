@@ -106,14 +106,15 @@ def test_act_order_is_refused_as_the_library_refuses_it(tmp_path, capsys):
     assert err.count("\n") == 1 and "act-order" in err and "removed actorder 'group'" in err and not dst.exists()
 
 
-def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("action", ["ct_zeros", "ct_weight", "ct_scale", "ct_shape"])
+def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, action):
     import packq.checkpoint.convert as c
 
     real = c._ct_tensor
 
-    def wrong(job, f, name, action, m):
-        out = real(job, f, name, action, m)
-        if action == "ct_zeros" and m.prefix.endswith("layers.0.mlp.down_proj"):
+    def wrong(job, f, name, act, m):
+        out = real(job, f, name, act, m)
+        if act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
             out = out.copy()
             out.flat[0] ^= 1
         return out

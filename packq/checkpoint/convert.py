@@ -417,7 +417,7 @@ def convert_checkpoint(
             bar.close()
             verified: bool | None
             if verify:
-                verified = (_verify_float if to in FLOATS else _verify_ct if to == CT else _verify)(job, tmp, progress)
+                verified = (_verify_float if to in FLOATS else _verify)(job, tmp, progress)
             else:
                 verified = None
             out.commit()
@@ -675,18 +675,25 @@ def _verify_each(job: _Job, progress: bool | None, check: Callable[[str], None])
 def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
     """Dequantize every module of the source and of the result, a GPTQ result as its engine reads it.
 
-    Raises unless they agree bit for bit, except in the pairs --allow-inexact accepted.
+    A compressed-tensors result is read back as packq reads any compressed-tensors folder (in GPTQ v2's
+    layout), with its weight_shape checked. Raises unless they agree bit for bit, except in the pairs
+    --allow-inexact accepted.
     """
     result = open_checkpoint(out)
 
     def check(prefix: str) -> None:
+        m, r = job.ckpt.modules[prefix], result.modules[prefix]
         b = dict(_module_arrays(result, prefix))
         if job.to == "gptq":
-            m = job.ckpt.modules[prefix]
             want = module_array(job.ckpt, m, "g_idx") if "g_idx" in m.names else np.arange(m.k) // (m.k // m.groups)
             if not np.array_equal(b["g_idx"], want):
                 raise CheckpointError(f"verification failed: {prefix}.g_idx is not the source's")
-            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z), job.ckpt.format.bits)
+            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z), m.bits)
+        elif job.to == CT:
+            shape = module_array(result, r, "shape").tolist()
+            if shape != [*m.lead, m.n, m.k]:
+                raise CheckpointError(f"verification failed: {prefix}.weight_shape is {shape}")
+            w_result = _gptq_weights(b, lambda z: _fields(z, m.bits), m.bits)
         else:
             w_result = _awq_weights(b)
         if w_result.tobytes() != _source_weights(job, prefix).tobytes() and prefix not in job.target.inexact:
@@ -696,51 +703,16 @@ def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
 
 
 def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:
-    """Each module's float weight, read back, against the source dequantized by the verification readers."""
-    result = open_checkpoint_plain(out)
+    """Each module's float weight, read back one at a time, against the source dequantized by the verification readers."""
+    where = {name: shard for shard in map(SafetensorsFile, sorted(out.glob("*.safetensors"))) for name in shard.tensors}
 
     def check(prefix: str) -> None:
         want = to_float(np.swapaxes(_source_weights(job, prefix), -1, -2), job.to)
-        got = result[f"{prefix}.weight"]
+        shard = where[f"{prefix}.weight"]
+        with shard.open() as f:
+            name = f"{prefix}.weight"
+            got = f.array_bits(name) if shard.tensors[name].dtype == "BF16" else f.array(name)
         if want.shape != got.shape or want.tobytes() != got.tobytes():
             raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
 
     return _verify_each(job, progress, check)
-
-
-def _verify_ct(job: _Job, out: Path, progress: bool | None) -> bool:
-    """Each module dequantized from compressed-tensors' tensors (its own layout, read here) against the source."""
-    result = open_checkpoint_plain(out)
-
-    def check(prefix: str) -> None:
-        m = job.ckpt.modules[prefix]
-        t = {k.rsplit(".", 1)[-1]: v for k, v in result.items() if k.rsplit(".", 1)[0] == prefix}
-        if list(t["weight_shape"]) != [*m.lead, m.n, m.k]:
-            raise CheckpointError(f"verification failed: {prefix}.weight_shape is {list(t['weight_shape'])}")
-        # weight_packed (N, K*b/32) packs along K, weight_zero_point (N*b/32, G) along N, both LSB first
-        bits = m.bits
-        q = np.asarray(numpy_backend.run(B.unpack, t["weight_packed"].view(np.int32), direction="column", bits=bits))
-        if "weight_zero_point" in t:
-            z = np.asarray(numpy_backend.run(B.unpack, t["weight_zero_point"].view(np.int32), direction="row", bits=bits))
-            z = np.swapaxes(z, -1, -2).astype(np.int16)
-        else:  # symmetric: every zero-point is 2**(bits-1)
-            z = np.full((*m.lead, m.groups, m.n), 1 << (bits - 1), np.int16)
-        scales = t["weight_scale"]
-        if m.infos["scales"].dtype == "BF16":
-            scales = (scales.astype(np.uint32) << 16).view(np.float32)
-        w = _dequantize(np.swapaxes(q, -1, -2).astype(np.int16), z, np.swapaxes(scales, -1, -2), None)
-        if w.tobytes() != _source_weights(job, prefix).tobytes():
-            raise CheckpointError(f"verification failed: {prefix} dequantizes differently in compressed-tensors")
-
-    return _verify_each(job, progress, check)
-
-
-def open_checkpoint_plain(root: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a folder's safetensors files as its raw elements (floats as bits for bfloat16)."""
-    out: dict[str, np.ndarray] = {}
-    for path in sorted(root.glob("*.safetensors")):
-        shard = SafetensorsFile(path)
-        with shard.open() as f:
-            for name, t in shard.tensors.items():
-                out[name] = f.array_bits(name) if t.dtype == "BF16" else f.array(name)
-    return out
