@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from packq.checkpoint.files import describe
-from packq.checkpoint.registry import TARGETS
+from packq.checkpoint.formats import TARGETS
 from packq.errors import CheckpointError
 from packq.formats.engines import ENGINES
 
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         elif args.command == "formats":
-            from packq.checkpoint.registry import table_markdown
+            from packq.checkpoint.formats import table_markdown
 
             print(table_markdown(), end="")
         else:

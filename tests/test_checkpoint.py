@@ -334,7 +334,7 @@ def test_sigterm_mid_run_cleans_up(src, tmp_path):
 
 def test_readme_formats_table_is_the_registrys(capsys):
     """The README's checkpoint table is generated from the registry: it cannot drift from what convert does."""
-    from packq.checkpoint.registry import SOURCES, TARGETS, route, table_markdown
+    from packq.checkpoint.formats import SOURCES, TARGETS, route, table_markdown
 
     readme = (REPO / "README.md").read_text()
     start = readme.index("<!-- formats-table")
@@ -344,3 +344,28 @@ def test_readme_formats_table_is_the_registrys(capsys):
     # and convert refuses exactly the routes the table leaves out
     assert [(s, t) for s in SOURCES for t in TARGETS if not route(s, t)] == [
         ("awq", "awq"), ("compressed-tensors", "compressed-tensors")]
+
+
+def test_each_format_reads_back_what_it_writes(tmp_path):
+    """Every format lives in one registry entry: the config block it writes is the one it recognises,
+    and the folder it writes is read back by it (modules found, shapes checked) as the same format."""
+    from packq.checkpoint.folder import open_checkpoint
+    from packq.checkpoint.formats import FORMATS, recognise
+    from packq.checkpoint.formats.base import CheckpointFormat
+
+    assert all(isinstance(f, CheckpointFormat) and f.name == name for name, f in FORMATS.items())
+    v2 = tmp_path / "source"  # GPTQ v2 converts to every target
+    convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
+    src = open_checkpoint(v2)
+    for name, f in FORMATS.items():
+        out = tmp_path / name
+        convert_checkpoint(v2, out, to=name, checkpoint_format="gptq_v2" if name == "gptq" else None, verify=True)
+        config = json.loads((out / "config.json").read_text())
+        if not f.read:  # a float checkpoint: no quantization_config left for any format to recognise
+            assert "quantization_config" not in config
+            continue
+        assert recognise(config["quantization_config"]) is f
+        back = open_checkpoint(out)
+        assert back.format.kind == name and set(back.modules) == set(src.modules)
+        assert all((m.k, m.n, m.groups) == (src.modules[p].k, src.modules[p].n, src.modules[p].groups)
+                   for p, m in back.modules.items())

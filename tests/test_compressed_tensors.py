@@ -109,17 +109,18 @@ def test_act_order_is_refused_as_the_library_refuses_it(tmp_path, capsys):
 @pytest.mark.parametrize("action", ["ct_zeros", "ct_weight", "ct_scale", "ct_shape"])
 def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, action):
     import packq.checkpoint.convert as c
+    from packq.checkpoint.formats import FORMATS
 
-    real = c._ct_tensor
+    real = FORMATS[CT].tensor
 
-    def wrong(job, f, name, act, m):
-        out = real(job, f, name, act, m)
+    def wrong(job, f, m, act):
+        out = real(job, f, m, act)
         if act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
             out = out.copy()
             out.flat[0] ^= 1
         return out
 
-    monkeypatch.setattr(c, "_ct_tensor", wrong)
+    monkeypatch.setattr(FORMATS[CT], "tensor", wrong)
     with pytest.raises(c.CheckpointError, match="verification failed: model.layers.0.mlp.down_proj"):
         convert_checkpoint(EXAMPLE, tmp_path / "x", to=CT, verify=True)
 

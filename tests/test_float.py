@@ -132,16 +132,16 @@ def test_float_targets_refuse_what_means_nothing(tmp_path, capsys):
 def test_verify_catches_a_wrong_float(tmp_path, monkeypatch):
     import packq.checkpoint.convert as c
 
-    real = c._float_weight
+    real = c._tensor
 
-    def off_by_one_ulp(job, m):
-        w = real(job, m)
+    def off_by_one_ulp(job, f, name, action, m):
+        w = real(job, f, name, action, m)
         if m.prefix.endswith("layers.1.mlp.up_proj"):
             w = w.copy()
             w.view(np.uint16 if w.itemsize == 2 else np.uint32).flat[7] ^= 1
         return w
 
-    monkeypatch.setattr(c, "_float_weight", off_by_one_ulp)
+    monkeypatch.setattr(c, "_tensor", off_by_one_ulp)
     with pytest.raises(c.CheckpointError, match=r"verification failed: model.layers.1.mlp.up_proj.weight"):
         convert_checkpoint(EXAMPLE, tmp_path / "f", to="bfloat16", verify=True)
     assert not (tmp_path / "f").exists()

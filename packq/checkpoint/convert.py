@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,34 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from packq import __version__, backends
-from packq.backends.numpy import BACKEND as numpy_backend
+from packq import backends
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
+from packq.checkpoint.folder import INDEX, SIDECARS, open_checkpoint
+from packq.checkpoint.formats import FORMATS, TARGETS, route
+from packq.checkpoint.formats.base import CheckpointFormat
 from packq.checkpoint.hub import resolve
-from packq.checkpoint.model import (
-    INDEX,
-    SIDECARS,
-    Checkpoint,
-    Module,
-    act_order,
-    module_array,
-    open_checkpoint,
-    stored_to_canonical,
-)
+from packq.checkpoint.model import Checkpoint, Module, act_order, module_array, stored_to_canonical
 from packq.checkpoint.progress import Progress
-from packq.checkpoint.registry import FORMATS, TARGETS, route
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
-from packq.core import bits as B
 from packq.errors import CheckpointError
-from packq.formats import awq, gptq
-from packq.formats import compressed_tensors as ct
-from packq.formats.engines import ENGINES, FIELD, WORD, read_v1
-from packq.formats.gptq import dequantize_grouped
+from packq.formats.engines import FIELD, WORD
 
-#: dequantized targets: safetensors dtype and item size
-FLOATS = {"float16": ("F16", 2), "bfloat16": ("BF16", 2), "float32": ("F32", 4)}
-CT = "compressed-tensors"
+#: bytes per element of the dtypes packq writes
+ITEMSIZE = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -96,65 +82,31 @@ def _extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
     return out
 
 
-def _target_config(job: _Job) -> dict[str, Any]:
-    ckpt = job.ckpt
-    config = json.loads(json.dumps(ckpt.config))
-    old = ckpt.format.raw
-    if job.to == CT:
-        config["quantization_config"] = _ct_config(job)
-        return config
-    if job.to in FLOATS:  # a plain checkpoint: no quantization left to state
-        del config["quantization_config"]
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = job.to
-        return config
-    if job.to == "gptq":
-        fmt = job.target.checkpoint_format
-        q: dict[str, Any] = {
-            "quant_method": "gptq", "bits": ckpt.format.bits, "group_size": ckpt.format.group_size,
-            "desc_act": act_order(ckpt) if ckpt.format.method == "gptq" else False,
-            "sym": False, "checkpoint_format": fmt, "true_sequential": True,
-        }
-        if fmt == "gptq":  # say how v1 zeros were written, so that any reader can know
-            q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": job.target.convention}
-    else:
-        q = {"quant_method": "awq", "bits": 4, "group_size": ckpt.format.group_size, "zero_point": True,
-             "version": "gemm"}
-    if old.get("modules_to_not_convert"):
-        q["modules_to_not_convert"] = old["modules_to_not_convert"]
-    config["quantization_config"] = q
-    return config
-
-
-def _ct_config(job: _Job) -> dict[str, Any]:
-    """compressed-tensors' quantization_config, as its own AutoAWQConverter writes it (0.20.1)."""
-    fmt = job.ckpt.format
-    weights: dict[str, Any] = {"num_bits": fmt.bits, "type": "int", "symmetric": job.symmetric, "dynamic": False}
-    if fmt.group_size == -1:
-        weights["strategy"] = "channel"
-    else:
-        weights.update(strategy="group", group_size=fmt.group_size)
-    ignore = ["lm_head"] + [f"re:.*{re.escape(str(m))}.*" for m in fmt.raw.get("modules_to_not_convert") or []]
-    return {
-        "config_groups": {"config_group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                             "output_activations": None, "format": "pack-quantized"}},
-        "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": "pack-quantized",
-        "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore,
-        "moe_sparsity_config": None,
-    }
-
-
 @dataclass
-class _Job:
+class Job:
     """What one conversion decided before writing anything."""
 
     ckpt: Checkpoint
     to: str
-    convert: _Converter
+    convert: Converter
     target: Target  # to GPTQ: format, v1 convention, rebias; to AWQ: the source's format
     read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
     symmetric: bool = False  # to compressed-tensors: every zero-point is 2**(bits-1), so none are stored
+
+    @property
+    def source(self) -> CheckpointFormat:
+        return FORMATS[self.ckpt.format.kind]
+
+    @property
+    def output(self) -> CheckpointFormat:
+        return FORMATS[self.to]
+
+    def read(self, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
+        """A module's qweight or qzeros in the AWQ or GPTQ layout: from ``f`` (the shard being written) when
+        it holds it, else from its own shard; made where the source stores none (symmetric zeros)."""
+        if f is not None and part in m.names and f.path == self.ckpt.shards[m.files[part]].path:
+            return stored_to_canonical(m, part, f.array(m.names[part]))
+        return module_array(self.ckpt, m, part)
 
     @property
     def gptq_format(self) -> str | None:
@@ -173,7 +125,7 @@ class _Job:
         return WORD if self.read_word else FIELD
 
 
-class _Converter:
+class Converter:
     """Per-tensor conversions on one backend; NumPy arrays in, NumPy arrays out."""
 
     def __init__(self, backend: str) -> None:
@@ -196,83 +148,30 @@ class _Converter:
         return np.asarray(self.be.run(fn, self.to_backend(words), **static))
 
 
-#: to compressed-tensors: a module's tensor -> the tensors it becomes, and how
-CT_PARTS = {"qweight": [("weight_packed", "ct_weight"), ("weight_shape", "ct_shape")],
-            "qzeros": [("weight_zero_point", "ct_zeros")], "scales": [("weight_scale", "ct_scale")], "g_idx": []}
-
-
-#: and back: the module tensor each compressed-tensors tensor is made from
-CT_SOURCE = {action: part for part, made in CT_PARTS.items() for _, action in made}
-
-
-def _plan(job: _Job) -> dict[str, list[tuple[str, str, Any]]]:
-    """For every shard, the output tensors in order: (name, action, module or None)."""
-    ckpt, to = job.ckpt, job.to
-    by_tensor = {name: (m, p) for m in ckpt.modules.values() for p, name in m.names.items()}
-    plan: dict[str, list[tuple[str, str, Any]]] = {}
-    for fname, shard in ckpt.shards.items():
+def _plan(job: Job) -> dict[str, list[tuple[str, str, Module | None]]]:
+    """For every shard, the output tensors in order: (name, action, module or None), as the target format makes them."""
+    by_tensor = {name: (m, p) for m in job.ckpt.modules.values() for p, name in m.names.items()}
+    plan: dict[str, list[tuple[str, str, Module | None]]] = {}
+    for fname, shard in job.ckpt.shards.items():
         out: list[tuple[str, str, Module | None]] = []
         for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
             module, part = by_tensor.get(t.name, (None, None))
             if module is None or part is None:
                 out.append((t.name, "copy", None))
                 continue
-            if to == CT:
-                if part == "qzeros" and job.symmetric:
-                    continue  # symmetric: no zero-points stored
-                out += [(f"{module.prefix}.{name}", action, module) for name, action in CT_PARTS[part]]
-                continue
-            if to in FLOATS:
-                if part == "qweight":  # the module becomes one float tensor, in torch's (N, K) orientation
-                    out.append((f"{module.prefix}.weight", "dequant", module))
-                continue
-            if part == "qweight":
-                out.append((f"{module.prefix}.qweight", "weight", module))
-                if "qzeros" not in module.names:  # compressed-tensors' symmetric scheme: zero-points are made
-                    out.append((f"{module.prefix}.qzeros", "zeros", module))
-                if to == "gptq":
-                    out.append((f"{module.prefix}.g_idx", "g_idx", module))
-            elif part == "qzeros":
-                out.append((f"{module.prefix}.qzeros", "zeros", module))
-            elif part == "scales":
-                out.append((f"{module.prefix}.scales", "scales" if module.transposed else "copy", module))
-            # g_idx (to AWQ: checked trivial; to GPTQ: written anew) and weight_shape (checked) are dropped
+            out += [(f"{module.prefix}.{name}", action, module) for name, action in job.output.outputs(job, module, part)]
         plan[fname] = out
     return plan
 
 
-def _out_entry(ckpt: Checkpoint, to: str, shard: SafetensorsFile, name: str, action: str, m: Module | None):
+def _out_entry(job: Job, shard: SafetensorsFile, name: str, action: str, m: Module | None):
     """(name, dtype, shape, nbytes) of an output tensor, known before any conversion."""
-    if action == "copy":
+    if action == "copy":  # a tensor kept as it is: not a module's, or a module's part under the same name
         t = shard.tensors[name if m is None else m.names[name.rsplit(".", 1)[-1]]]
         return name, t.dtype, t.shape, t.nbytes
     assert m is not None
-    lead = m.lead
-    if action == "g_idx":
-        return name, "I32", (m.k,), 4 * m.k
-    if action == "dequant":
-        dtype, size = FLOATS[to]
-        shape = (*lead, m.n, m.k)
-        return name, dtype, shape, size * int(np.prod(shape))
-    if action == "ct_shape":
-        return name, "I64", (len(lead) + 2,), 8 * (len(lead) + 2)
-    if action == "ct_scale":
-        s = m.infos["scales"]
-        return name, s.dtype, (*lead, m.n, m.groups), s.nbytes
-    if action == "ct_weight":
-        shape = (*lead, m.n, m.words(m.k))
-        return name, "I32", shape, 4 * int(np.prod(shape))
-    if action == "ct_zeros":
-        shape = (*lead, m.words(m.n), m.groups)
-        return name, "I32", shape, 4 * int(np.prod(shape))
-    if action == "scales":
-        s = m.infos["scales"]
-        return name, s.dtype, (*lead, m.groups, m.n), s.nbytes
-    if action == "weight":
-        shape = (*lead, m.words(m.k), m.n) if to == "gptq" else (*lead, m.k, m.n // 8)
-    else:
-        shape = (*lead, m.groups, m.words(m.n))
-    return name, "I32", shape, 4 * int(np.prod(shape))
+    dtype, shape = job.output.entry(job, m, action)
+    return name, dtype, shape, ITEMSIZE[dtype] * int(np.prod(shape))
 
 
 def convert_checkpoint(
@@ -365,8 +264,7 @@ def convert_checkpoint(
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
     given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
-    source = ckpt.format.container or ckpt.format.method
-    if not route(source, to):
+    if not route(ckpt.format.kind, to):
         raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
     if to == "awq" and ckpt.format.bits != 4:
         raise CheckpointError(f"{src}: is {ckpt.format.name}; AWQ gemm holds 4-bit weights only")
@@ -376,7 +274,7 @@ def convert_checkpoint(
             f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
         )
     _check_paths(src, dst)
-    convert = _Converter(backend)
+    convert = Converter(backend)
     if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
     report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
@@ -384,12 +282,12 @@ def convert_checkpoint(
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
     read_word = report.convention == WORD and fmt == "gptq"
     if to == "gptq":
-        job = _Job(ckpt, to, convert, plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact), read_word)
+        job = Job(ckpt, to, convert, plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact), read_word)
     else:  # to AWQ, compressed-tensors or a float dtype
-        job = _Job(ckpt, to, convert, Target(fmt), read_word, symmetric=report.symmetric)
+        job = Job(ckpt, to, convert, Target(fmt), read_word, symmetric=report.symmetric)
     checkpoint_format = job.gptq_format
     plan = _plan(job)
-    entries = {f: [_out_entry(ckpt, to, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
+    entries = {f: [_out_entry(job, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
         header_for(es, ckpt.shards[fname].metadata, dst / fname)
     extra = _extra_files(ckpt)
@@ -406,10 +304,11 @@ def convert_checkpoint(
                     with io_errors(tmp / rel.parent):
                         (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
                 copy_durable(path, tmp / rel, size)
-            config = _target_config(job)
+            config = json.loads(json.dumps(ckpt.config))
+            job.output.config(job, config)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             for name in SIDECARS:  # engines read these before config.json: they must state the new format too
-                if (ckpt.root / name).exists() and to in ("gptq", "awq"):  # (others drop them)
+                if (ckpt.root / name).exists() and getattr(job.output, "sidecars", False):  # (others drop them)
                     sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
                     write_durable(tmp / name, sidecar.encode())
             if ckpt.index is not None:
@@ -417,7 +316,7 @@ def convert_checkpoint(
             bar.close()
             verified: bool | None
             if verify:
-                verified = (_verify_float if to in FLOATS else _verify)(job, tmp, progress)
+                verified = _verify(job, tmp, progress)
             else:
                 verified = None
             out.commit()
@@ -447,7 +346,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progress) -> None:
+def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> None:
     """Write one output shard; the next tensor converts on a worker thread while this one is written."""
     with job.ckpt.shards[fname].open() as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
@@ -475,125 +374,9 @@ def _write_shard(job: _Job, fname: str, items, entries, path: Path, bar: Progres
             raise
 
 
-def _tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
-    convert = job.convert
-    if action == "g_idx":  # the source's (act-order kept), else arange(K) // group_size
-        if "g_idx" in m.names:
-            return module_array(job.ckpt, m, "g_idx").astype("<i4")
-        return (np.arange(m.k, dtype=np.int32) // (m.k // m.groups)).astype("<i4")
-    if action == "dequant":
-        return _float_weight(job, m)
-    if action.startswith("ct_"):
-        return _ct_tensor(job, f, name, action, m)
-    if action == "scales":  # stored transposed (compressed-tensors): moved bit for bit
-        return stored_to_canonical(m, "scales", f.array_bits(m.names["scales"]))
-    part = "qweight" if action == "weight" else "qzeros"
-    if m.bits != 4:  # GPTQ to GPTQ at 2, 3 or 8 bits: weights as they are, zeros re-encoded
-        return _other_width(job, m, part, f)
-    words = _source(job, m, part, f)
-    rebias = job.target.rebias.get(m.prefix) if job.to == "gptq" else None
-    if action == "weight":
-        if job.to == "awq":
-            return convert(awq.weight_to_awq, words)
-        if rebias is not None:  # q + 1 wherever the pair's zero-point moved from 0 to 1
-            qzeros = _source(job, m, "qzeros")
-            words = np.asarray(numpy_backend.run(awq.rebias_zero_points, words.view(np.int32), qzeros.view(np.int32))[0])
-        return convert(awq.weight_to_gptq, words)
-    # zeros: GPTQ v1 stores z - 1 (per field, or as one word), v2 stores z; AWQ stores z
-    if job.to == "gptq":
-        return _target_zeros(job, convert(awq.zeros_to_gptq, rebias if rebias is not None else words, offset=0), 4)
-    return convert(awq.zeros_to_awq, _v2_zeros(job, words), offset=0)
-
-
-def _target_zeros(job: _Job, v2: np.ndarray, bits: int) -> np.ndarray:
-    """GPTQ v2 qzeros (z) stored as the target writes them: as they are, z - 1 per field, or as GPTQModel does."""
-    if job.target.checkpoint_format == "gptq_v2":
-        return v2.view(np.int32)
-    if job.target.convention == WORD and bits != 3:  # one 32-bit subtraction; 3-bit fields shift one by one
-        return job.convert(gptq.zeros_word_add, v2, delta=-1, bits=bits)
-    return job.convert(gptq.zeros_shift, v2, delta=-1, bits=bits)
-
-
-def _other_width(job: _Job, m: Module, part: str, f: Reader) -> np.ndarray:
-    """GPTQ (or compressed-tensors) to GPTQ at 2, 3 or 8 bits, where AWQ's 4-bit layout is no way through."""
-    words = stored_to_canonical(m, part, f.array(m.names[part])) if part in m.names else module_array(job.ckpt, m, part)
-    if part == "qweight":
-        return words.view(np.int32)
-    return _target_zeros(job, _v2_zeros(job, words), m.bits)
-
-
-def _source(job: _Job, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
-    """A module's qweight or qzeros as the conversion starts from it.
-
-    To GPTQ the conversion starts from AWQ's layout, so a GPTQ-layout source (compressed-tensors,
-    read as GPTQ v2) is brought there first; to AWQ it starts from GPTQ's layout, as stored.
-    ``f``: the shard's open reader, when the tensor is in the shard being written.
-    """
-    if f is not None and part in m.names and f.path == job.ckpt.shards[m.files[part]].path:
-        words = stored_to_canonical(m, part, f.array(m.names[part]))
-    else:
-        words = module_array(job.ckpt, m, part)
-    if job.to == "gptq" and job.ckpt.format.method != "awq":
-        if part == "qweight":
-            return job.convert(awq.weight_to_awq, words)
-        return job.convert(awq.zeros_to_awq, _v2_zeros(job, words), offset=0)
-    return words
-
-
-def _v2_zeros(job: _Job, words: np.ndarray) -> np.ndarray:
-    """A GPTQ source's qzeros as v2 (z itself), read as its producer wrote them."""
-    bits = job.ckpt.format.bits
-    if job.ckpt.format.checkpoint_format != "gptq":
-        return words
-    if job.read_word and bits != 3:  # GPTQModel shifts 3-bit fields one by one
-        return job.convert(gptq.zeros_word_add, words, delta=1, bits=bits)
-    return job.convert(gptq.zeros_shift, words, delta=1, bits=bits)
-
-
-def _ct_tensor(job: _Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
-    """One compressed-tensors pack-quantized tensor of module ``m``: GPTQ v2's tensors transposed."""
-    awq_source = job.ckpt.format.method == "awq"
-    part = f"{m.prefix}.{CT_SOURCE[action]}"
-    if action == "ct_shape":
-        return np.array([*m.lead, m.n, m.k], dtype="<i8")
-    # compressed-tensors stores GPTQ v2's matrices transposed (packq.formats.compressed_tensors)
-    if action == "ct_scale":  # any float dtype, bfloat16 included: moved bit for bit
-        return job.convert(ct.swap, f.array_bits(part))
-    words = f.array(part)
-    if action == "ct_weight":
-        return job.convert(ct.swap, job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
-    return job.convert(ct.swap, job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else _v2_zeros(job, words))
-
-
-def _float_weight(job: _Job, m: Module) -> np.ndarray:
-    """A module's weights as the target float dtype, (..., N, K) as torch stores a Linear's weight.
-
-    Computed in the scales' dtype, as engines compute them: one rounding of the exact (q - z) * s
-    (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
-    that bfloat16 output rounds the float16 product, and float32 holds it exactly.
-    """
-    import packq
-
-    a = {part: job.convert.to_backend(v) for part, v in _module_arrays(job.ckpt, m.prefix)}
-    try:
-        if job.ckpt.format.method == "awq":
-            w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
-        else:
-            zeros, qzeros = ("v1" if job.v1_zeros else "v2"), a["qzeros"]
-            if job.v1_zeros == WORD and m.bits != 3:  # as GPTQModel wrote it: one 32-bit add gives v2
-                zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, bits=m.bits, convention=WORD)
-            w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), bits=m.bits, zeros=zeros)
-    except ValueError as e:  # g_idx values out of range, say
-        raise CheckpointError(f"{job.ckpt.root}: {m.prefix}: {e}") from None
-    return to_float(np.swapaxes(np.asarray(w), -1, -2), job.to)
-
-
-def to_float(w: np.ndarray, dtype: str) -> np.ndarray:
-    """float16/float32 weights as a contiguous ``dtype`` array; bfloat16 as its raw uint16 bits, rounded to nearest even."""
-    if dtype != "bfloat16":
-        return np.ascontiguousarray(w, dtype=dtype)
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+def _tensor(job: Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
+    """The output tensor ``name``, made by the target format."""
+    return job.output.tensor(job, f, m, action)
 
 
 def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
@@ -605,114 +388,15 @@ def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -
 
 
 # ------------------------------------------------------------------ verify
-def _module_arrays(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
-    m = ckpt.modules[prefix]
-    for part in ("qweight", "qzeros", "scales", "g_idx"):
-        if part in m.names or part == "qzeros":
-            yield part, module_array(ckpt, m, part, floats=part == "scales")
-
-
-def _fields(qzeros: np.ndarray, bits: int) -> np.ndarray:
-    return np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=bits)).astype(np.int16)
-
-
-def _source_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
-    """A GPTQ source's zero-points, read as its producer wrote them (v2 and compressed-tensors: as stored)."""
-    bits = job.ckpt.format.bits
-    if job.ckpt.format.checkpoint_format == "gptq_v2":
-        return _fields(qzeros, bits)
-    return read_v1(_fields(qzeros, bits), qzeros.view(np.uint32), WORD if job.read_word else FIELD, bits)
-
-
-def _result_zero_points(job: _Job, qzeros: np.ndarray) -> np.ndarray:
-    """A GPTQ result's zero-points as the engine it was written for reads them (packq's reading without one)."""
-    bits = job.ckpt.format.bits
-    if job.target.checkpoint_format == "gptq_v2":
-        return _fields(qzeros, bits)
-    convention = job.target.convention
-    if job.target.engine is not None:
-        convention = ENGINES[job.target.engine].v1_convention(bits) or FIELD
-    return read_v1(_fields(qzeros, bits), qzeros.view(np.uint32), convention, bits)
-
-
-def _awq_weights(a: dict[str, np.ndarray]) -> np.ndarray:
-    q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16)
-    z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
-    return _dequantize(q, z, a["scales"], None)
-
-
-def _gptq_weights(a: dict[str, np.ndarray], zero_points: Callable[[np.ndarray], np.ndarray], bits: int) -> np.ndarray:
-    q = np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=bits))
-    q = q.astype(np.int16)
-    return _dequantize(q, zero_points(a["qzeros"]), a["scales"], a.get("g_idx"))
-
-
-def _source_weights(job: _Job, prefix: str) -> np.ndarray:
-    """A source module's weights (..., K, N) in the scales' dtype, read by the verification readers."""
-    a = dict(_module_arrays(job.ckpt, prefix))
-    if job.ckpt.format.method == "awq":
-        return _awq_weights(a)
-    return _gptq_weights(a, lambda z: _source_zero_points(job, z), job.ckpt.format.bits)
-
-
-def _dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
-    if g_idx is None:
-        return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
-    idx = g_idx.astype(np.int64)  # act-order: each row's own group
-    return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
-
-
-def _verify_each(job: _Job, progress: bool | None, check: Callable[[str], None]) -> bool:
-    """Run ``check(prefix)`` on every module, with a progress bar; it raises on the first disagreement."""
+def _verify(job: Job, out: Path, progress: bool | None) -> bool:
+    """The target format compares every module of the result with the source, with a progress bar."""
     bar = Progress(len(job.ckpt.modules), "verifying", progress)
-    for prefix in job.ckpt.modules:
-        check(prefix)
-        bar.update(1)
+
+    def each(check: Callable[[str], None]) -> None:
+        for prefix in job.ckpt.modules:
+            check(prefix)
+            bar.update(1)
+
+    job.output.verify(job, out, each)
     bar.close()
     return True
-
-
-def _verify(job: _Job, out: Path, progress: bool | None) -> bool:
-    """Dequantize every module of the source and of the result, a GPTQ result as its engine reads it.
-
-    A compressed-tensors result is read back as packq reads any compressed-tensors folder (in GPTQ v2's
-    layout), with its weight_shape checked. Raises unless they agree bit for bit, except in the pairs
-    --allow-inexact accepted.
-    """
-    result = open_checkpoint(out)
-
-    def check(prefix: str) -> None:
-        m, r = job.ckpt.modules[prefix], result.modules[prefix]
-        b = dict(_module_arrays(result, prefix))
-        if job.to == "gptq":
-            want = module_array(job.ckpt, m, "g_idx") if "g_idx" in m.names else np.arange(m.k) // (m.k // m.groups)
-            if not np.array_equal(b["g_idx"], want):
-                raise CheckpointError(f"verification failed: {prefix}.g_idx is not the source's")
-            w_result = _gptq_weights(b, lambda z: _result_zero_points(job, z), m.bits)
-        elif job.to == CT:
-            shape = module_array(result, r, "shape").tolist()
-            if shape != [*m.lead, m.n, m.k]:
-                raise CheckpointError(f"verification failed: {prefix}.weight_shape is {shape}")
-            w_result = _gptq_weights(b, lambda z: _fields(z, m.bits), m.bits)
-        else:
-            w_result = _awq_weights(b)
-        if w_result.tobytes() != _source_weights(job, prefix).tobytes() and prefix not in job.target.inexact:
-            raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
-
-    return _verify_each(job, progress, check)
-
-
-def _verify_float(job: _Job, out: Path, progress: bool | None) -> bool:
-    """Each module's float weight, read back one at a time, against the source dequantized by the verification readers."""
-    where = {name: shard for shard in map(SafetensorsFile, sorted(out.glob("*.safetensors"))) for name in shard.tensors}
-
-    def check(prefix: str) -> None:
-        want = to_float(np.swapaxes(_source_weights(job, prefix), -1, -2), job.to)
-        shard = where[f"{prefix}.weight"]
-        with shard.open() as f:
-            name = f"{prefix}.weight"
-            got = f.array_bits(name) if shard.tensors[name].dtype == "BF16" else f.array(name)
-        if want.shape != got.shape or want.tobytes() != got.tobytes():
-            raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
-
-    return _verify_each(job, progress, check)

@@ -6,8 +6,8 @@ import os
 from collections import Counter
 from typing import Any
 
+from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.hub import resolve
-from packq.checkpoint.model import open_checkpoint
 from packq.checkpoint.zeros import analyse
 
 

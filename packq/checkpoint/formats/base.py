@@ -1,0 +1,216 @@
+"""What every checkpoint format provides to the conversion: the interface, and what formats share.
+
+A format reads (recognises its config, finds and checks each module's tensors, dequantizes a
+module as its producers meant it) and writes (the tensors a module becomes, their headers, the
+tensors themselves, the config block, how to read the result back to verify it). The conversion
+(``packq.checkpoint.convert``) only asks the source and the target formats; the tensor relayouts
+they call live in the array-API core (``packq.formats``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from packq.backends.numpy import BACKEND as numpy_backend
+from packq.checkpoint.model import Checkpoint, Format, Module, module_array
+from packq.checkpoint.safetensors import Reader, SafetensorsFile, TensorInfo
+from packq.core import bits as B
+from packq.errors import CheckpointError
+from packq.formats.gptq import dequantize_grouped
+
+if TYPE_CHECKING:
+    from packq.checkpoint.convert import Job
+
+#: (stored name, action): one output tensor of a module
+Output = tuple[str, str]
+
+
+class CheckpointFormat:
+    """One checkpoint format, in one place: how it is recognised, read and written."""
+
+    name: ClassVar[str]  #: as ``--to`` takes it, or as ``packq inspect`` reports the source
+    title: ClassVar[str]
+    recognised_by: ClassVar[str]  #: what in config.json's quantization_config makes a folder this format
+    module: ClassVar[str]  #: a quantized module's tensors
+    read: ClassVar[bool] = True
+    written: ClassVar[bool] = True
+    act_order: ClassVar[bool] = False  #: can hold GPTQ act-order (a g_idx that is not arange(K) // group_size)
+    why_not_act_order: ClassVar[str] = ""
+
+    # ------------------------------------------------------------ reading
+    def recognises(self, q: dict[str, Any]) -> bool:
+        """Whether a config's quantization_config is this format's."""
+        return False
+
+    def read_config(self, q: dict[str, Any], where: Path) -> Format:
+        """The format's parameters from its quantization_config; CheckpointError naming what is wrong."""
+        raise NotImplementedError
+
+    def modules(self, root: Path, fmt: Format, shards: dict[str, SafetensorsFile],
+                where: dict[str, str]) -> dict[str, Module]:
+        """Every quantized module, its tensors' names, shapes and dtypes checked (headers only)."""
+        raise NotImplementedError
+
+    def weights(self, job: Job, prefix: str) -> np.ndarray:
+        """A source module's weights (..., K, N) in the scales' dtype, as its producer meant them."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ writing
+    def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
+        """The tensors the source module ``m``'s ``part`` (qweight, qzeros, scales, g_idx, shape) becomes."""
+        raise NotImplementedError
+
+    def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of an output tensor, known before any conversion."""
+        raise NotImplementedError
+
+    def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        """One output tensor; ``f`` reads the shard being written."""
+        raise NotImplementedError
+
+    def config(self, job: Job, config: dict[str, Any]) -> None:
+        """Put this format's quantization_config (or none) into a copy of the source's config.json."""
+        raise NotImplementedError
+
+    def result_weights(self, job: Job, result: Checkpoint, prefix: str) -> np.ndarray:
+        """A written module's weights (..., K, N), read as the engine it was written for reads them."""
+        raise NotImplementedError
+
+    def verify(self, job: Job, out: Path, check_each) -> None:
+        """Compare every module of the result in ``out`` with the source, bit for bit; raise on the first difference."""
+        from packq.checkpoint.folder import open_checkpoint
+
+        result = open_checkpoint(out)
+
+        def check(prefix: str) -> None:
+            got = self.result_weights(job, result, prefix)
+            if got.tobytes() != job.source.weights(job, prefix).tobytes() and prefix not in job.target.inexact:
+                raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
+
+        check_each(check)
+
+
+# ---------------------------------------------------------------- shared by the formats
+WORDS = ("I32", "U32")
+BITS = (2, 3, 4, 8)
+FLOATS = ("F16", "BF16", "F32")
+
+
+def module_arrays(ckpt: Checkpoint, prefix: str) -> dict[str, np.ndarray]:
+    """A module's qweight, qzeros, scales (floats) and g_idx in the AWQ or GPTQ layout."""
+    m = ckpt.modules[prefix]
+    return {part: module_array(ckpt, m, part, floats=part == "scales")
+            for part in ("qweight", "qzeros", "scales", "g_idx") if part in m.names or part == "qzeros"}
+
+
+def fields(qzeros: np.ndarray, bits: int) -> np.ndarray:
+    """Packed GPTQ zero-points as one int16 per (group, column)."""
+    return np.asarray(numpy_backend.run(B.unpack, qzeros.view(np.int32), direction="column", bits=bits)).astype(np.int16)
+
+
+def dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
+    """(q - z) * s in the scales' dtype; with a g_idx, each row in its own group (act-order)."""
+    if g_idx is None:
+        return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
+    idx = g_idx.astype(np.int64)
+    return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
+def group_size(q: dict[str, Any], where: Path, *keys: str) -> int:
+    """A config's group size (under the first of ``keys`` present): positive, or -1 for one group over K."""
+    g = next((q[k] for k in keys if k in q), None)
+    if not isinstance(g, int) or isinstance(g, bool) or (g <= 0 and g != -1):
+        raise CheckpointError(f"{where}: group_size must be a positive integer or -1, got {g!r}")
+    return g
+
+
+class QweightFormat(CheckpointFormat):
+    """AWQ and GPTQ: every module stores ``qweight``, ``qzeros``, ``scales`` and perhaps ``g_idx``."""
+
+    PARTS = ("qweight", "qzeros", "scales", "g_idx")
+    #: rewrite quantize_config.json / quant_config.json too: engines read them before config.json
+    sidecars: ClassVar[bool] = True
+
+    def dims(self, qweight: tuple[int, ...], values: int, words: int) -> tuple[int, int]:
+        """(K, N) from qweight's last two dimensions."""
+        raise NotImplementedError
+
+    def qweight_shape(self, k: int, n: int, values: int, words: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def modules(self, root: Path, fmt: Format, shards: dict[str, SafetensorsFile],
+                where: dict[str, str]) -> dict[str, Module]:
+        parts = self.PARTS
+        prefixes = sorted({p for p, dot, part in map(lambda t: t.rpartition("."), where) if p and part in parts[:3]})
+        modules = {}
+        for prefix in prefixes:
+            files = {p: where[f"{prefix}.{p}"] for p in parts if f"{prefix}.{p}" in where}
+            missing = [p for p in parts[:3] if p not in files]
+            if missing:
+                raise CheckpointError(f"{root}: {prefix} has {', '.join(sorted(files))} but no {' or '.join(missing)}")
+            infos = {p: shards[f].tensors[f"{prefix}.{p}"] for p, f in files.items()}
+            modules[prefix] = self._check_module(root, fmt, prefix, files, infos)
+        if not modules:
+            raise CheckpointError(f"{root}: no quantized modules (no tensors named *.qweight)")
+        return modules
+
+    def _check_module(self, root: Path, fmt: Format, prefix: str, files: dict[str, str],
+                      infos: dict[str, TensorInfo]) -> Module:
+        w, z, s = infos["qweight"], infos["qzeros"], infos["scales"]
+
+        def bad(why: str) -> CheckpointError:
+            shapes = ", ".join(f"{p} {infos[p].shape} {infos[p].dtype}" for p in infos)
+            return CheckpointError(f"{root}: {prefix}: {why} (got {shapes}; bits {fmt.bits}, group size {fmt.group_size})")
+
+        if w.dtype not in WORDS or z.dtype not in WORDS:
+            raise bad("qweight and qzeros must be int32 words")
+        if s.dtype not in FLOATS:
+            raise bad("scales must be float16, bfloat16 or float32")
+        if len(w.shape) < 2 or not (w.shape[:-2] == z.shape[:-2] == s.shape[:-2]) or len(z.shape) != len(w.shape):
+            raise bad("qweight, qzeros and scales must be matrices with the same leading dimensions")
+        values, words = B.layout(fmt.bits)  # 32 // bits values in a word; at 3 bits, 32 values in 3 words
+        k, n = self.dims(w.shape, values, words)
+        if "g_idx" in infos and infos["g_idx"].shape != (k,):
+            raise bad(f"g_idx must have shape ({k},)")
+        if 0 in w.shape:
+            raise bad("qweight has no elements (K, N and every leading dimension must be positive)")
+        groups = 1 if fmt.group_size == -1 else k // fmt.group_size
+        if k % values or n % values or (fmt.group_size != -1 and k % fmt.group_size):
+            raise bad(f"K and N must be multiples of {values}, and K a multiple of the group size")
+        if z.shape[-2:] != (groups, n * words // values) or s.shape[-2:] != (groups, n):
+            raise bad(f"expected qzeros (..., {groups}, {n * words // values}) and scales (..., {groups}, {n})")
+        if w.shape[-2:] != self.qweight_shape(k, n, values, words):
+            raise bad("qweight shape does not match")
+        return Module(prefix, files, infos, k, n, groups, {p: f"{prefix}.{p}" for p in infos}, bits=fmt.bits)
+
+    # ------------------------------------------------------------ writing (shared by AWQ and GPTQ)
+    def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
+        if part == "qweight":
+            made = [("qzeros", "zeros")] if "qzeros" not in m.names else []  # compressed-tensors' symmetric scheme
+            return [("qweight", "weight"), *made, *self.extra(m)]
+        if part == "qzeros":
+            return [("qzeros", "zeros")]
+        if part == "scales":
+            return [("scales", "scales" if m.transposed else "copy")]
+        return []  # g_idx (to AWQ: checked trivial; to GPTQ: written by extra) and weight_shape (checked)
+
+    def extra(self, m: Module) -> list[Output]:
+        """Tensors written after qweight besides the zeros."""
+        return []
+
+    def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
+        if action == "scales":
+            return m.infos["scales"].dtype, (*m.lead, m.groups, m.n)
+        if action == "zeros":
+            return "I32", (*m.lead, m.groups, m.words(m.n))
+        values, words = B.layout(m.bits)
+        return "I32", (*m.lead, *self.qweight_shape(m.k, m.n, values, words))
+
+    def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        # stored transposed (compressed-tensors): moved bit for bit
+        from packq.checkpoint.model import stored_to_canonical
+
+        return stored_to_canonical(m, "scales", f.array_bits(m.names["scales"]))

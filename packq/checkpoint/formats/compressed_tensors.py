@@ -1,0 +1,177 @@
+"""compressed-tensors ``pack-quantized``: GPTQ v2's tensors transposed and renamed, with weight_shape.
+
+weight_packed (N, K*b/32), weight_zero_point (N*b/32, G) (absent when symmetric: every zero-point
+2**(b-1)), weight_scale (N, G), weight_shape [N, K]; read as GPTQ v2 in GPTQ's layout. Written as
+compressed-tensors' own AutoAWQConverter writes it (0.20.1), and checked against that library.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from packq.checkpoint.formats.base import BITS, FLOATS, WORDS, CheckpointFormat, Output, fields, module_arrays
+from packq.checkpoint.formats.gptq import gptq_weights, source_zero_points, v2_zeros
+from packq.checkpoint.model import Checkpoint, Format, Module, module_array
+from packq.checkpoint.safetensors import Reader, SafetensorsFile
+from packq.core.bits import layout
+from packq.errors import CheckpointError
+from packq.formats import awq
+from packq.formats import compressed_tensors as ct
+
+if TYPE_CHECKING:
+    from packq.checkpoint.convert import Job
+
+NAME = "compressed-tensors"
+#: stored tensor -> the GPTQ part it holds (transposed); weight_shape is checked
+STORED = {"weight_packed": "qweight", "weight_zero_point": "qzeros", "weight_scale": "scales", "weight_shape": "shape"}
+#: writing: a module's part -> the tensors it becomes, and how
+MADE = {"qweight": [("weight_packed", "ct_weight"), ("weight_shape", "ct_shape")],
+        "qzeros": [("weight_zero_point", "ct_zeros")], "scales": [("weight_scale", "ct_scale")]}
+
+
+class CompressedTensors(CheckpointFormat):
+    name = NAME
+    title = "compressed-tensors pack-quantized (2, 3, 4, 8-bit)"
+    recognised_by = 'quant_method "compressed-tensors", format "pack-quantized"'
+    module = "weight_packed (N, K/8), weight_scale (N, K/G), weight_zero_point (N/8, K/G), weight_shape"
+    why_not_act_order = ("compressed-tensors 0.20 removed actorder 'group' and weight_g_idx (its "
+                         "QuantizationConfig refuses them)")
+
+    def recognises(self, q: dict[str, Any]) -> bool:
+        return str(q.get("quant_method", "")).lower() == NAME
+
+    def read_config(self, q: dict[str, Any], where: Path) -> Format:
+        """Weight-only int, one config group: read as GPTQ v2."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{where}: compressed-tensors config: {why}")
+
+        if q.get("format") != "pack-quantized":
+            raise bad(f"format {q.get('format')!r}; packq reads 'pack-quantized'")
+        if q.get("quantization_status", "compressed") != "compressed":
+            raise bad(f"quantization_status {q.get('quantization_status')!r}; packq reads 'compressed' checkpoints")
+        groups = q.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise bad("packq reads exactly one config group (every quantized Linear alike)")
+        scheme = next(iter(groups.values()))
+        w = scheme.get("weights") if isinstance(scheme, dict) else None
+        if not isinstance(w, dict):
+            raise bad("the config group has no weights")
+        if scheme.get("input_activations") is not None or scheme.get("output_activations") is not None:
+            raise bad("activations are quantized too; packq reads weight-only schemes")
+        if w.get("type", "int") != "int" or w.get("dynamic", False) or isinstance(w.get("num_bits"), bool) \
+                or w.get("num_bits") not in BITS:
+            raise bad(f"weights {w!r}; packq reads static 2-, 3-, 4- or 8-bit int weights")
+        if w.get("actorder") not in (None, "weight", "static"):
+            raise bad(f"actorder {w.get('actorder')!r}")
+        strategy = w.get("strategy")
+        if strategy == "channel":
+            group_size = -1
+        elif strategy == "group" and isinstance(w.get("group_size"), int) and not isinstance(w["group_size"], bool) \
+                and w["group_size"] > 0:
+            group_size = w["group_size"]
+        else:
+            raise bad(f"strategy {strategy!r} with group_size {w.get('group_size')!r}; packq reads group and channel")
+        symmetric = w.get("symmetric", True)
+        if not isinstance(symmetric, bool):
+            raise bad(f"symmetric must be true or false, got {symmetric!r}")
+        return Format("gptq", w["num_bits"], group_size, "gptq_v2", raw=q, container=NAME, symmetric=symmetric)
+
+    def modules(self, root: Path, fmt: Format, shards: dict[str, SafetensorsFile],
+                where: dict[str, str]) -> dict[str, Module]:
+        prefixes = sorted({p for p, dot, part in map(lambda t: t.rpartition("."), where) if p and part == "weight_packed"})
+        modules = {}
+        for prefix in prefixes:
+            names = {part: f"{prefix}.{stored}" for stored, part in STORED.items() if f"{prefix}.{stored}" in where}
+            need = ["qweight", "scales", "shape"] + ([] if fmt.symmetric else ["qzeros"])
+            missing = [stored for stored, part in STORED.items() if part in need and part not in names]
+            if missing:
+                raise CheckpointError(f"{root}: {prefix} has weight_packed but no {' or '.join(missing)}")
+            files = {part: where[name] for part, name in names.items()}
+            infos = {part: shards[files[part]].tensors[name] for part, name in names.items()}
+            w, s, shape = infos["qweight"], infos["scales"], infos["shape"]
+
+            def bad(why: str) -> CheckpointError:
+                got = ", ".join(f"{n.rsplit('.', 1)[-1]} {i.shape} {i.dtype}" for n, i in zip(names.values(), infos.values()))
+                return CheckpointError(f"{root}: {prefix}: {why} (got {got}; {fmt.bits}-bit, group size {fmt.group_size})")
+
+            values, words = layout(fmt.bits)
+            if w.dtype not in WORDS or s.dtype not in FLOATS or shape.dtype not in ("I64", "I32"):
+                raise bad("weight_packed must be int32 words, weight_scale floats, weight_shape integers")
+            if len(w.shape) < 2 or w.shape[:-2] != s.shape[:-2] or 0 in w.shape or w.shape[-1] % words:
+                raise bad("weight_packed and weight_scale must be non-empty matrices with the same leading dimensions")
+            n, k = w.shape[-2], w.shape[-1] * values // words
+            groups = 1 if fmt.group_size == -1 else k // fmt.group_size
+            if n % values or (fmt.group_size != -1 and k % fmt.group_size) or s.shape[-2:] != (n, groups):
+                raise bad(f"expected weight_scale (..., {n}, {groups}) and N a multiple of {values}")
+            if shape.shape != (len(w.shape),):
+                raise bad(f"weight_shape must hold {len(w.shape)} sizes")
+            zp = (*w.shape[:-2], n * words // values, groups)
+            if "qzeros" in infos and (infos["qzeros"].dtype not in WORDS or infos["qzeros"].shape != zp):
+                raise bad(f"expected weight_zero_point {zp} int32")
+            modules[prefix] = Module(prefix, files, infos, k, n, groups, names, transposed=True, bits=fmt.bits)
+        if not modules:
+            raise CheckpointError(f"{root}: no quantized modules (no tensors named *.weight_packed)")
+        return modules
+
+    def weights(self, job: Job, prefix: str) -> np.ndarray:
+        return gptq_weights(module_arrays(job.ckpt, prefix), lambda z: source_zero_points(job, z), job.ckpt.format.bits)
+
+    # ------------------------------------------------------------ writing: GPTQ v2's tensors transposed
+    def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
+        if part == "qzeros" and job.symmetric:
+            return []  # symmetric: no zero-points stored
+        return MADE.get(part, [])
+
+    def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
+        lead = m.lead
+        if action == "ct_shape":
+            return "I64", (len(lead) + 2,)
+        if action == "ct_scale":
+            return m.infos["scales"].dtype, (*lead, m.n, m.groups)
+        if action == "ct_weight":
+            return "I32", (*lead, m.n, m.words(m.k))
+        return "I32", (*lead, m.words(m.n), m.groups)
+
+    def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        if action == "ct_shape":
+            return np.array([*m.lead, m.n, m.k], dtype="<i8")
+        if action == "ct_scale":  # any float dtype, bfloat16 included: moved bit for bit
+            return job.convert(ct.swap, f.array_bits(m.names["scales"]))
+        awq_source = job.ckpt.format.method == "awq"
+        if action == "ct_weight":
+            words = f.array(m.names["qweight"])
+            return job.convert(ct.swap, job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
+        words = f.array(m.names["qzeros"])
+        return job.convert(ct.swap, job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else v2_zeros(job, words))
+
+    def config(self, job: Job, config: dict[str, Any]) -> None:
+        """compressed-tensors' quantization_config, as its own AutoAWQConverter writes it (0.20.1)."""
+        fmt = job.ckpt.format
+        weights: dict[str, Any] = {"num_bits": fmt.bits, "type": "int", "symmetric": job.symmetric, "dynamic": False}
+        if fmt.group_size == -1:
+            weights["strategy"] = "channel"
+        else:
+            weights.update(strategy="group", group_size=fmt.group_size)
+        ignore = ["lm_head"] + [f"re:.*{re.escape(str(m))}.*" for m in fmt.raw.get("modules_to_not_convert") or []]
+        config["quantization_config"] = {
+            "config_groups": {"config_group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                                 "output_activations": None, "format": "pack-quantized"}},
+            "quant_method": NAME, "kv_cache_scheme": None, "format": "pack-quantized",
+            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore,
+            "moe_sparsity_config": None,
+        }
+
+    def result_weights(self, job: Job, result: Checkpoint, prefix: str) -> np.ndarray:
+        """Read back as packq reads any compressed-tensors folder (GPTQ v2's layout), weight_shape checked."""
+        m = job.ckpt.modules[prefix]
+        shape = module_array(result, result.modules[prefix], "shape").tolist()
+        if shape != [*m.lead, m.n, m.k]:
+            raise CheckpointError(f"verification failed: {prefix}.weight_shape is {shape}")
+        return gptq_weights(module_arrays(result, prefix), lambda z: fields(z, m.bits), m.bits)
+
+
+FORMAT = CompressedTensors()

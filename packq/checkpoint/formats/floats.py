@@ -1,0 +1,87 @@
+"""Dequantized float checkpoints: each module one ``<m>.weight`` (..., N, K) as torch stores a Linear's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from packq.checkpoint.formats.base import CheckpointFormat, Output, module_arrays
+from packq.checkpoint.model import Module
+from packq.checkpoint.safetensors import Reader, SafetensorsFile
+from packq.errors import CheckpointError
+from packq.formats.engines import WORD
+
+if TYPE_CHECKING:
+    from packq.checkpoint.convert import Job
+
+
+def to_float(w: np.ndarray, dtype: str) -> np.ndarray:
+    """float16/float32 weights as a contiguous ``dtype`` array; bfloat16 as its raw uint16 bits, rounded to nearest even."""
+    if dtype != "bfloat16":
+        return np.ascontiguousarray(w, dtype=dtype)
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+class Float(CheckpointFormat):
+    read = False
+    act_order = True
+    recognised_by = "no quantization_config"
+    module = "weight (N, K)"
+    sidecars: ClassVar[bool] = False
+
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name, self.dtype = name, dtype  # type: ignore[misc]
+        self.title = f"{name} (dequantized)"  # type: ignore[misc]
+
+    def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
+        return [("weight", "dequant")] if part == "qweight" else []
+
+    def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
+        return self.dtype, (*m.lead, m.n, m.k)
+
+    def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        """Computed in the scales' dtype, as engines compute them: one rounding of the exact (q - z) * s
+        (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
+        that bfloat16 output rounds the float16 product, and float32 holds it exactly.
+        """
+        import packq
+
+        a = {part: job.convert.to_backend(v) for part, v in module_arrays(job.ckpt, m.prefix).items()}
+        try:
+            if job.ckpt.format.method == "awq":
+                w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
+            else:
+                zeros, qzeros = ("v1" if job.v1_zeros else "v2"), a["qzeros"]
+                if job.v1_zeros == WORD and m.bits != 3:  # as GPTQModel wrote it: one 32-bit add gives v2
+                    zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, bits=m.bits, convention=WORD)
+                w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), bits=m.bits, zeros=zeros)
+        except ValueError as e:  # g_idx values out of range, say
+            raise CheckpointError(f"{job.ckpt.root}: {m.prefix}: {e}") from None
+        return to_float(np.swapaxes(np.asarray(w), -1, -2), self.name)
+
+    def config(self, job: Job, config: dict[str, Any]) -> None:
+        del config["quantization_config"]  # a plain checkpoint: no quantization left to state
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = self.name
+
+    def verify(self, job: Job, out: Path, check_each) -> None:
+        """Each module's float weight, read back one at a time, against the source dequantized by the verification readers."""
+        where = {name: shard for shard in map(SafetensorsFile, sorted(out.glob("*.safetensors"))) for name in shard.tensors}
+
+        def check(prefix: str) -> None:
+            want = to_float(np.swapaxes(job.source.weights(job, prefix), -1, -2), self.name)
+            shard = where[f"{prefix}.weight"]
+            with shard.open() as f:
+                name = f"{prefix}.weight"
+                got = f.array_bits(name) if shard.tensors[name].dtype == "BF16" else f.array(name)
+            if want.shape != got.shape or want.tobytes() != got.tobytes():
+                raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
+
+        check_each(check)
+
+
+FORMATS = [Float("float16", "F16"), Float("bfloat16", "BF16"), Float("float32", "F32")]
