@@ -125,13 +125,13 @@ def _unpack_dtype(be: backends.Backend, bits: int, dtype: Any) -> tuple[Any, boo
     native = getattr(be.xp, name, None)
     if native is None and be.name in ("numpy", "jax"):
         native = dtype  # NumPy-compatible dtypes outside the standard: ml_dtypes' int4/uint4
-    if native is None or (be.name == "generic" and int(width) < 8):
+    if native is None or (be.name not in ("numpy", "jax") and int(width) < 8):
         raise TypeError(f"dtype must be an integer dtype that {_library_name(be)} computes with, got {name}")
     return native, wrap
 
 
 def _library_name(be: backends.Backend) -> str:
-    return be.name if be.name != "generic" else be.xp.__name__.rsplit(".", 1)[-1]
+    return be.name if be.name != "generic" else be.xp.__name__.rsplit(".", 1)[-1]  # "torch", "array_api_strict"
 
 
 def unpack(qmatrix: Array, direction: str = "column", *, bits: int = 4, dtype: Any = None) -> Array:
@@ -300,7 +300,7 @@ def fast_awq_to_gptq(qweight: Array, qzeros: Array, *, bits: int = 4) -> tuple[A
     """
     _check_awq_pair(qweight, qzeros, bits)
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros)
-    return be.run(awq.weight_to_gptq, _words_in(be, qweight)), be.run(awq.zeros_to_gptq, _words_in(be, qzeros))
+    return be.run_all([(awq.weight_to_gptq, (_words_in(be, qweight),), {}), (awq.zeros_to_gptq, (_words_in(be, qzeros),), {})])
 
 
 def _check_gptq_pair(qweight: Array, qzeros: Array, bits: int) -> int:
@@ -383,7 +383,7 @@ def gptq_to_awq(qweight: Array, qzeros: Array, g_idx: Array | None = None, *, bi
                 "g_idx must be arange(K) // group_size to convert to AWQ; this one is act-order (desc_act), "
                 "whose input features would have to be permuted, which AWQ cannot express"
             )
-    return be.run(awq.weight_to_awq, _words_in(be, qweight)), be.run(awq.zeros_to_awq, _words_in(be, qzeros))
+    return be.run_all([(awq.weight_to_awq, (_words_in(be, qweight),), {}), (awq.zeros_to_awq, (_words_in(be, qzeros),), {})])
 
 
 CONVENTIONS = ("field", "word")

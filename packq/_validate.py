@@ -21,6 +21,23 @@ def shape_of(x: Any) -> tuple[int, ...]:
 
 
 def dtype_name(dtype: Any) -> str:
+    key = (type(dtype), dtype)  # the type first: dtypes of different libraries are never compared
+    try:
+        return _NAMES[key]
+    except (KeyError, TypeError):  # not seen yet, or unhashable
+        name = _dtype_name(dtype)
+    try:
+        _NAMES[key] = name
+    except TypeError:
+        pass
+    return name
+
+
+#: (type, dtype) -> bare name, filled as dtypes are seen (NumPy's own name lookup costs microseconds a call)
+_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
     if type(dtype).__module__.startswith("numpy"):  # a NumPy dtype, either byte order: ">i4" is int32
         return str(dtype.name)
     # numpy scalar types: "<class 'numpy.int32'>"; torch: "torch.int32"; array_api_strict: "array_api_strict.int32"

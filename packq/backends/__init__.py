@@ -8,14 +8,17 @@ is never imported here) and returns:
   with fast paths where measurement showed them worth it;
 - the JAX backend for ``jax.Array`` (and tracers): the core under ``jax.jit``,
   with the non-array arguments static;
-- a generic backend for anything else array-api-compat knows (torch,
-  array_api_strict, CuPy, ...): the core run eagerly in that namespace.
+- the torch backend for ``torch.Tensor``: CPU tensors through the NumPy
+  backend's compiled paths (shared memory, no copy), CUDA tensors through
+  single-pass Triton kernels, the core eagerly otherwise;
+- a generic backend for anything else array-api-compat knows (array_api_strict,
+  CuPy, ...): the core run eagerly in that namespace.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -35,6 +38,11 @@ class Backend:
         """``fn(xp, *arrays, **static)``, or its fast path unless ``plain``."""
         impl = fn if plain else self.fast_paths.get(fn, fn)
         return self.call(impl, *arrays, **static)
+
+    def run_all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...]:
+        """Several ``(fn, arrays, static)`` calls of one public function; backends that can fuse them into one
+        dispatch (JAX: one compiled call; torch CUDA: one kernel launch) do."""
+        return tuple(self.run(fn, *arrays, **static) for fn, arrays, static in calls)
 
     def call(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
         return fn(self.xp, *arrays, **static)
@@ -80,4 +88,8 @@ def for_arrays(**arrays: Any) -> Backend:
         from packq.backends import numpy as numpy_backend
 
         return numpy_backend.BACKEND
+    if library == "torch":
+        from packq.backends import torch as torch_backend
+
+        return torch_backend.BACKEND
     return Backend(array_api_compat.array_namespace(*present.values()))

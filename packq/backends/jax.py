@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -128,6 +128,18 @@ def _sharded_fn(fn, static, mesh, specs, absent: tuple[int, ...]) -> Callable[..
     return jax.jit(_shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0], **_SHARD_KW))  # type: ignore[call-overload]
 
 
+@functools.cache
+def _jitted_all(key: tuple[tuple[Callable[..., Any], tuple[tuple[str, Any], ...], int], ...]) -> Callable[..., Any]:
+    def body(*flat: Any) -> tuple[Any, ...]:
+        out, i = [], 0
+        for fn, static, n in key:
+            out.append(fn(jnp, *flat[i : i + n], **dict(static)))
+            i += n
+        return tuple(out)
+
+    return jax.jit(body)
+
+
 #: functions whose result is laid out like their first input, so that shard_map applies
 _LOCAL = {B.pack, B.unpack_as, B.apply_order, awq.weight_to_gptq, awq.weight_to_awq, awq.zeros_to_gptq,
           awq.zeros_to_awq, gptq.zeros_shift, gptq.zeros_word_add, gptq.dequantize_awq, gptq.dequantize_gptq}
@@ -211,6 +223,18 @@ class JaxBackend(Backend):
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         return self.compiled(fn, *arrays, plain=plain, **static)(*[a for a in arrays if a is not None])
+
+    def run_all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...]:
+        """One compiled call for all of them (weights and zeros together): one dispatch, not one per tensor.
+
+        Sharded inputs and traced ones (inside the caller's jit) go call by call, as ``run`` does them.
+        """
+        flat = [a for _, arrays, _ in calls for a in arrays]
+        if any(a is None or isinstance(a, jax.core.Tracer) or _sharded(a) for a in flat):
+            return super().run_all(calls)
+        key = tuple((self._impl(fn, list(arrays), False), tuple(sorted(static.items())), len(arrays))
+                    for fn, arrays, static in calls)
+        return _jitted_all(key)(*flat)
 
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, jax.core.Tracer)
