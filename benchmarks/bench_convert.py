@@ -2,8 +2,9 @@
 
     python benchmarks/bench_convert.py [--size-gb 1.0] [--backend numpy] [--targets gptq,compressed-tensors]
 
-Prints, from one run: the conversion's wall time against `cp -r` of the same folder (median of 3
-each, page cache warm for both), and the conversion process's peak resident memory against the
+Prints, from one run: the conversion's wall time against `cp -r SRC DST && sync` of the same folder
+(packq fsyncs what it writes; median of 3 each, interleaved, page cache warm for both), and the
+conversion process's peak resident memory against the
 largest shard and the largest tensor.
 """
 
@@ -99,7 +100,8 @@ def main() -> None:
         peaks: dict[str, list[int]] = {t: [] for t in targets}
         for i in range(args.repeat):  # interleaved, so that drifts of a shared machine hit every row alike
             t = time.perf_counter()
-            subprocess.run(["cp", "-r", str(src), f"{tmp}/copy{i}"], check=True)
+            # packq fsyncs every file it writes, so the copy is made durable too
+            subprocess.run(["sh", "-c", f"cp -r '{src}' '{tmp}/copy{i}' && sync"], check=True)
             cp_t.append(time.perf_counter() - t)
             shutil.rmtree(f"{tmp}/copy{i}")
             for target in targets:
@@ -113,11 +115,11 @@ def main() -> None:
         cp_m = statistics.median(cp_t)
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
               f"largest tensor {largest_tensor / 1e6:.1f} MB")
-        print(f"cp -r:          {cp_m:6.2f} s  (median of {args.repeat})")
+        print(f"cp -r && sync:  {cp_m:6.2f} s  (median of {args.repeat})")
         first = statistics.median(conv_t[targets[0]])
         for target in targets:
             m, peak = statistics.median(conv_t[target]), max(peaks[target])
-            print(f"packq convert to {target}: {m:6.2f} s  = {m / cp_m:.2f}x cp -r, {m / first:.2f}x to {targets[0]}  "
+            print(f"packq convert to {target}: {m:6.2f} s  = {m / cp_m:.2f}x cp -r && sync, {m / first:.2f}x to {targets[0]}  "
                   f"({args.backend} backend, process start and imports included)")
             print(f"    peak RSS {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
                   f"{peak / largest_tensor:.1f}x the largest tensor")

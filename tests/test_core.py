@@ -214,6 +214,20 @@ def test_fast_paths_equal_plain_core(qw):
         np.testing.assert_array_equal(np.asarray(to_awq(asarray(want))), qw, err_msg=name)
 
 
+@given(qz=word_arrays(FAST_SHAPES), offset=st.sampled_from([-1, 0, 1]))
+def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
+    """The NumPy backend's whole-word zero-point reorders agree with the core, both ways, any offset."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+
+    for fn in (awq.zeros_to_gptq, awq.zeros_to_awq):
+        fast = numpy_backend.BACKEND.run(fn, qz, offset=offset)
+        plain = np.asarray(fn(xp, qz, offset=offset))
+        assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape
+        np.testing.assert_array_equal(fast, plain)
+
+
 def test_public_calls_take_the_fast_paths(monkeypatch):
     """The public NumPy and JAX calls dispatch to the fast paths (and PACKQ_NUMBA=0 to the ufuncs)."""
     import jax.numpy as jnp

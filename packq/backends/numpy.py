@@ -274,6 +274,22 @@ def pack(_: Any, values: np.ndarray, direction: str, bits: int) -> np.ndarray:
     return out.view(np.int32).reshape(*lead, -1, out.shape[-1] // 4 if direction == "column" else c)
 
 
+def _nibble_reorder(order: tuple[int, ...], default: int) -> Callable[..., np.ndarray]:
+    """AWQ <-> GPTQ zero-points as whole-word bit operations: output nibble t is input nibble order[t] + offset.
+
+    The core unpacks every nibble to an int32 and stacks them back (about 2 ms for a layer's small qzeros,
+    most of it NumPy's per-call overhead); this is 8 shifts over the words.
+    """
+    def run(_: Any, qzeros: np.ndarray, offset: int = default) -> np.ndarray:
+        w = np.ascontiguousarray(qzeros).view(_U)
+        out = np.zeros_like(w)
+        add = _U(offset % 16)  # + offset modulo 16 in every field
+        for t, src in enumerate(order):
+            out |= (((w >> _U(4 * src)) + add) & _U(15)) << _U(4 * t)
+        return out.view(np.int32)
+    return run
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -284,6 +300,8 @@ def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
 class NumpyBackend(Backend):
     name = "numpy"
     fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack,
+                  awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
+                  awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
                   ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq)}
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from packq import backends
+from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.folder import INDEX, SIDECARS, open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
@@ -34,7 +35,12 @@ from packq.checkpoint.progress import Progress
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.errors import CheckpointError
+from packq.formats import awq
 from packq.formats.engines import FIELD, WORD
+
+#: converted tensors may wait to be written up to this many times the shard's largest tensor: 0 converts
+#: one tensor ahead (least memory), 1 converts the next large one while the small ones before it are written
+LOOKAHEAD = float(os.environ.get("PACKQ_LOOKAHEAD", "1"))
 
 #: bytes per element of the dtypes packq writes
 ITEMSIZE = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
@@ -291,14 +297,26 @@ def convert_checkpoint(
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
         header_for(es, ckpt.shards[fname].metadata, dst / fname)
     extra = _extra_files(ckpt)
+    if backend == "numpy" and (ckpt.format.method == "awq" or to == "awq"):
+        _warm_kernels()
 
     bar = Progress(sum(e[3] for es in entries.values() for e in es), "converting", progress)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         with Destination(dst, force) as out:
             tmp = out.tmp
-            for fname, items in plan.items():
-                _write_shard(job, fname, items, entries[fname], tmp / fname, bar)
+            # each shard is fsynced on a thread of its own while the next one is written
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-fsync") as syncer:
+                synced = []
+                try:
+                    for fname, items in plan.items():
+                        writer = _write_shard(job, fname, items, entries[fname], tmp / fname, bar)
+                        synced.append(syncer.submit(writer.close))
+                finally:  # every file closed before DST is committed or cleared; the first error raised
+                    for fut in synced:
+                        fut.exception()
+                for fut in synced:
+                    fut.result()
             for rel, path, size in extra:
                 if len(rel.parts) > 1:
                     with io_errors(tmp / rel.parent):
@@ -336,6 +354,20 @@ def convert_checkpoint(
     }
 
 
+def _warm_kernels() -> None:
+    """Load the compiled weight kernels (about 0.5 s from numba's cache) on a thread, while headers are read."""
+    import threading
+
+    from packq.backends.numpy import numba_kernels
+
+    def warm() -> None:
+        if numba_kernels() is not None:
+            for fn, shape in ((awq.weight_to_gptq, (8, 8)), (awq.weight_to_awq, (1, 8))):
+                numpy_backend.run(fn, np.zeros(shape, np.int32))
+
+    threading.Thread(target=warm, name="packq-warm", daemon=True).start()
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -346,27 +378,42 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> None:
-    """Write one output shard; the next tensor converts on a worker thread while this one is written."""
+def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> SafetensorsWriter:
+    """Write one output shard; the next tensor converts on a worker thread while this one is written.
+
+    Returns the writer with every tensor written and the file not yet fsynced: the caller syncs it
+    while the next shard is written (``SafetensorsWriter.close``), or aborts it.
+    """
     with job.ckpt.shards[fname].open() as f, ThreadPoolExecutor(max_workers=1) as pool:
         pending: dict[int, Future[np.ndarray]] = {}
+        # converted tensors waiting to be written take at most the largest tensor's bytes, so that a
+        # large one converts while the small ones before it are written, and memory stays bounded
+        budget, nxt = max((e[3] for e in entries), default=0), 0
 
-        def start(i: int) -> None:
-            if i < len(items) and items[i][1] != "copy":
-                name, action, m = items[i]
-                pending[i] = pool.submit(_tensor, job, f, name, action, m)
+        def fill() -> None:
+            nonlocal nxt
+            while nxt < len(items):
+                name, action, m = items[nxt]
+                if action != "copy":
+                    if pending and sum(entries[j][3] for j in pending) + entries[nxt][3] > budget * LOOKAHEAD:
+                        return
+                    pending[nxt] = pool.submit(_tensor, job, f, name, action, m)
+                nxt += 1
 
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
-            start(0)
+            fill()
             for i, ((name, action, _), entry) in enumerate(zip(items, entries)):
-                start(i + 1)
                 if action == "copy":
                     writer.copy(name, f)
                 else:
-                    writer.write(name, pending.pop(i).result())
+                    data = pending.pop(i).result()
+                    fill()  # the next conversions run while this tensor is written
+                    writer.write(name, data)
+                    del data
                 bar.update(entry[3])
-            writer.close()
+            writer.finish()
+            return writer
         except BaseException:
             for fut in pending.values():
                 fut.cancel()

@@ -296,11 +296,18 @@ class SafetensorsWriter:
         with io_errors(self.path):
             source.copy_to(name, self._file)
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Check that every declared tensor was written."""
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
-        with io_errors(self.path):
-            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """fsync and close the complete file (the file is closed even where the fsync fails)."""
+        self.finish()
+        try:
+            with io_errors(self.path):
+                os.fsync(self._file.fileno())
+        finally:
             self._file.close()
 
     def abort(self) -> None:
