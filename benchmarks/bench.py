@@ -133,7 +133,7 @@ def cpu(quick: bool) -> list[dict]:
     rows = []
     for label, (k, n) in SHAPES.items():
         qw = raw_words(k * 7 + n, (k, n // 8))
-        zeros = np.zeros((1, n // 8), np.int32)
+        zeros = raw_words(k + n, (k // 128, n // 8))
         mb = qw.nbytes / 1e6
         ref = packq.fast_awq_to_gptq(qw, zeros)[0]
         tq = torch.from_numpy(qw)
@@ -147,10 +147,19 @@ def cpu(quick: bool) -> list[dict]:
             assert np.array_equal(packq.fast_awq_to_gptq(qw, zeros)[0], ref)
             return timed(lambda: packq.fast_awq_to_gptq(qw, zeros), repeat)
 
+        def torch_path(kernels: bool) -> tuple[float, float]:
+            numpy_backend.numba_kernels.cache_clear()
+            os.environ["PACKQ_NUMBA"] = "1" if kernels else "0"
+            tz = torch.from_numpy(zeros)
+            assert np.array_equal(packq.fast_awq_to_gptq(tq, tz)[0].numpy(), ref)
+            return timed(lambda: packq.fast_awq_to_gptq(tq, tz), repeat)
+
         m = {
             "copy (numpy)": timed(lambda: qw.copy(), repeat),
             "packq numpy (numba)": numpy_path(True),
             "packq numpy (ufuncs, no numba)": numpy_path(False),
+            "packq torch cpu (numba)": torch_path(True),
+            "packq torch cpu (ufuncs, no numba)": torch_path(False),
             **{f"{impl}, async dispatch": v for impl, v in jax_rows[label].items()},
             **{f"{impl}, sync dispatch": tuple(v) for impl, v in sync[label].items()},
             "seed torch": timed(lambda: seed_weight(torch, tq), seed_repeat),
@@ -189,21 +198,30 @@ def gpu() -> list[dict]:
 
     for label, (k, n) in SHAPES.items():
         qw = raw_words(k * 7 + n, (k, n // 8))
-        zeros = np.zeros((1, n // 8), np.int32)
+        zeros = raw_words(k + n, (k // 128, n // 8))
         mb = qw.nbytes / 1e6
-        ref = packq.fast_awq_to_gptq(qw, zeros)[0]
+        ref, ref_z = packq.fast_awq_to_gptq(qw, zeros)
         x = jax.device_put(jnp.asarray(qw), jax.devices("gpu")[0])
-        z = jnp.zeros((1, n // 8), jnp.int32)
+        z = jax.device_put(jnp.asarray(zeros), jax.devices("gpu")[0])
         conv = jax.jit(lambda a: packq.fast_awq_to_gptq(a, z)[0])
+        both = jax.jit(packq.fast_awq_to_gptq)  # weights and zeros, wrapped in the caller's jit
+        eager = lambda a: packq.fast_awq_to_gptq(a, z)  # noqa: E731  as users call it: no jit of their own
         core = jax.jit(lambda a: awq.weight_to_gptq(jnp, a))  # the array-API composition, traced as is
         byts = jax.jit(lambda a: jax_backend.weight_to_gptq_bytes(jnp, a))  # the CPU fast path
         jcopy = jax.jit(lambda a: a ^ 1)
         for f in (conv, core, byts):
             assert np.array_equal(np.asarray(f(x)), ref)
-        tq = torch.from_numpy(qw).to(dev)
+        tq, tz = torch.from_numpy(qw).to(dev), torch.from_numpy(zeros).to(dev)
         assert np.array_equal(seed_weight(torch, tq).cpu().numpy(), ref)
+        got_w, got_z = packq.fast_awq_to_gptq(tq, tz)
+        assert np.array_equal(got_w.cpu().numpy(), ref) and np.array_equal(got_z.cpu().numpy(), ref_z)
+        for got in (*eager(x), *both(x, z)):
+            assert np.array_equal(np.asarray(got), ref if got.shape == ref.shape else ref_z)
         t = {
             "copy (torch d2d)": cuda_ms(lambda: tq.clone()),
+            "packq torch cuda (triton, w+z)": cuda_ms(lambda: packq.fast_awq_to_gptq(tq, tz)),
+            "packq jax eager (w+z)": jax_ms(eager, x),
+            "packq jax jit-wrapped (w+z)": jax_ms(lambda a: both(a, z), x),
             "copy (jax, x ^ 1)": jax_ms(jcopy, x),
             "packq jax (jit)": jax_ms(conv, x),
             "core composition (jit)": jax_ms(core, x),

@@ -1,8 +1,10 @@
 """Single-pass Triton kernels for torch CUDA tensors: AWQ <-> GPTQ weights and zero-points.
 
 One kernel per direction does both tensors of a public call in one launch: its first programs
-convert weight tiles, the rest zero-point words. Every output word is computed straight from the
-input words (no unpacked values in memory), so each byte is read once and written once.
+convert weight tiles, the rest zero-point words. Each input byte is read once from memory and each
+output byte written once; no unpacked value touches memory. To GPTQ, a program loads a tile of
+whole words contiguously and moves every nibble to its place in registers; to AWQ, each output word
+gathers its 8 source words (neighbours in one row, so the loads share cache lines).
 
 AWQ -> GPTQ: GPTQ word (g, c) holds, in nibble i, row 8g + i of column c, which AWQ keeps in word
 (8g + i, c // 8) at slot REVERSE_AWQ_PACK_ORDER[c % 8] = (t >> 1) | (t & 1) << 2.
@@ -24,82 +26,97 @@ import triton.language as tl
 
 from packq.formats import awq
 
-#: weight tile (output rows x output columns) and zero-point words per program; chosen on an H200
-ROWS, COLS, ZWORDS = 8, 256, 1024
+# Tiles chosen on an H200 (benchmarks/triton_tiles.py, benchmarks/results/h200/triton_tiles.txt): on
+# 8192 x 28672, back-to-back calls run at the device copy's speed to GPTQ (0.061 against 0.058 ms) and
+# 1.6x it to AWQ. A tile that reorders nibbles in registers was the faster to GPTQ, a gather of the
+# 8 words of each output word the faster to AWQ.
+#: to GPTQ: GPTQ word rows x AWQ words per program; zero-point words per program
+ROWS, WORDS, ZWORDS = 2, 128, 1024
 
 
 @triton.jit
-def _awq_to_gptq(src, dst, zsrc, zdst, rows_out, n, c, zwords, w_programs, offset,
-                 ROWS: tl.constexpr, COLS: tl.constexpr, ZW: tl.constexpr):
+def _awq_to_gptq(src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
+                 ROWS: tl.constexpr, CW: tl.constexpr, ZW: tl.constexpr):
+    """Weights: tile (ROWS groups of 8 AWQ rows) x CW words -> ROWS GPTQ rows x 8 CW columns, in registers."""
     pid = tl.program_id(0)
     if pid < w_programs:
-        col_blocks = tl.cdiv(n, COLS)
-        g = (pid // col_blocks) * ROWS + tl.arange(0, ROWS)[:, None]
-        col = (pid % col_blocks) * COLS + tl.arange(0, COLS)[None, :]
-        mask = (g < rows_out) & (col < n)
-        t = col % 8
-        shift = ((t >> 1) | ((t & 1) << 2)) * 4
-        row0 = g.to(tl.int64) * 8
-        acc = tl.zeros((ROWS, COLS), dtype=tl.int32)
-        for i in tl.static_range(8):
-            w = tl.load(src + (row0 + i) * c + col // 8, mask=mask, other=0)
-            acc |= ((w >> shift) & 15) << (4 * i)
-        tl.store(dst + g.to(tl.int64) * n + col, acc, mask=mask)
+        col_blocks = tl.cdiv(c, CW)
+        g = (pid // col_blocks) * ROWS + tl.arange(0, ROWS)
+        j = (pid % col_blocks) * CW + tl.arange(0, CW)
+        i = tl.arange(0, 8)
+        g3, i3, j3 = g[:, None, None], i[None, :, None], j[None, None, :]
+        x = tl.load(src + (g3.to(tl.int64) * 8 + i3) * c + j3, mask=(g3 < groups) & (i3 < 8) & (j3 < c), other=0)
+        t = tl.arange(0, 8)  # GPTQ column 8j + t sits in AWQ slot (t >> 1) | (t & 1) << 2
+        slot = (((t >> 1) | ((t & 1) << 2)) * 4)[None, None, None, :]
+        # nibble of row 8g + i, column 8j + t, moved to nibble i: disjoint bits, so the sum is their OR
+        y = tl.sum(((x[:, :, :, None] >> slot) & 15) << (i * 4)[None, :, None, None], axis=1)  # (ROWS, CW, 8)
+        y = tl.reshape(y, (ROWS, CW * 8))
+        col = (pid % col_blocks) * CW * 8 + tl.arange(0, CW * 8)
+        tl.store(dst + g[:, None].to(tl.int64) * (c * 8) + col[None, :], y,
+                 mask=(g[:, None] < groups) & (col[None, :] < c * 8))
     else:
-        idx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
-        m = idx < zwords
-        w = tl.load(zsrc + idx, mask=m, other=0)
-        acc = tl.zeros((ZW,), dtype=tl.int32)
-        for t in tl.static_range(8):
-            acc |= (((w >> (((t >> 1) | ((t & 1) << 2)) * 4)) + offset) & 15) << (4 * t)
-        tl.store(zdst + idx, acc, mask=m)
+        # (names differ from the branch above: Triton types each name once across both branches)
+        zidx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
+        zmask = zidx < zwords
+        zword = tl.load(zsrc + zidx, mask=zmask, other=0)
+        zacc = tl.zeros((ZW,), dtype=tl.int32)
+        for u in tl.static_range(8):
+            zacc |= (((zword >> (((u >> 1) | ((u & 1) << 2)) * 4)) + offset) & 15) << (4 * u)
+        tl.store(zdst + zidx, zacc, mask=zmask)
 
 
 @triton.jit
-def _gptq_to_awq(src, dst, zsrc, zdst, rows_out, c, n, zwords, w_programs, offset,
-                 ROWS: tl.constexpr, COLS: tl.constexpr, ZW: tl.constexpr):
+def _gptq_to_awq(src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
+                        ROWS: tl.constexpr, CW: tl.constexpr, ZW: tl.constexpr):
+    """Weights: each output word (r, j) gathers nibble r % 8 of the 8 GPTQ words (r // 8, 8j + s)."""
     pid = tl.program_id(0)
     if pid < w_programs:
-        col_blocks = tl.cdiv(c, COLS)
-        r = (pid // col_blocks) * ROWS + tl.arange(0, ROWS)[:, None]
-        j = (pid % col_blocks) * COLS + tl.arange(0, COLS)[None, :]
-        mask = (r < rows_out) & (j < c)
+        col_blocks = tl.cdiv(c, CW)
+        r = (pid // col_blocks) * ROWS + tl.arange(0, ROWS)[:, None]  # AWQ rows
+        j = (pid % col_blocks) * CW + tl.arange(0, CW)[None, :]
+        mask = (r < groups * 8) & (j < c)
         shift = (r % 8) * 4
-        base = (r // 8).to(tl.int64) * n + j * 8
-        acc = tl.zeros((ROWS, COLS), dtype=tl.int32)
-        for s in tl.static_range(8):
+        base = (r // 8).to(tl.int64) * (c * 8) + j * 8
+        acc = tl.zeros((ROWS, CW), dtype=tl.int32)
+        for s in tl.static_range(8):  # slot s holds column 8j + AWQ_PACK_ORDER[s]
             w = tl.load(src + base + ((s % 4) * 2 + s // 4), mask=mask, other=0)
             acc |= ((w >> shift) & 15) << (4 * s)
         tl.store(dst + r.to(tl.int64) * c + j, acc, mask=mask)
     else:
-        idx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
-        m = idx < zwords
-        w = tl.load(zsrc + idx, mask=m, other=0)
-        acc = tl.zeros((ZW,), dtype=tl.int32)
-        for s in tl.static_range(8):
-            acc |= (((w >> (((s % 4) * 2 + s // 4) * 4)) + offset) & 15) << (4 * s)
-        tl.store(zdst + idx, acc, mask=m)
+        zidx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
+        zmask = zidx < zwords
+        zword = tl.load(zsrc + zidx, mask=zmask, other=0)
+        zacc = tl.zeros((ZW,), dtype=tl.int32)
+        for u in tl.static_range(8):
+            zacc |= (((zword >> (((u % 4) * 2 + u // 4) * 4)) + offset) & 15) << (4 * u)
+        tl.store(zdst + zidx, zacc, mask=zmask)
+
+
+#: to AWQ: AWQ rows x words per program
+AWQ_ROWS, AWQ_WORDS = 4, 512
+NUM_WARPS = 4
 
 
 def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int) -> tuple[Any | None, Any | None]:
     """Convert ``qweight`` and/or ``qzeros`` (int32 CUDA tensors, any leading dimensions) in one launch."""
     w_programs, w_out, z_out = 0, None, None
     src = dst = zsrc = zdst = None
-    rows_out = c = n = 0  # output rows; AWQ words per row (N/8); GPTQ columns (N)
+    groups = c = 0  # GPTQ word rows (K/8 over every leading dimension); AWQ words per row (N/8)
     if qweight is not None:
         src = qweight.contiguous()
         *lead, k, cols = src.shape
-        if to_gptq:  # (..., K, N/8) -> (..., K/8, N): tiles over GPTQ columns
-            c, n = cols, cols * 8
-            rows_out = src.numel() // (8 * c)
-            w_out = torch.empty((*lead, k // 8, n), dtype=torch.int32, device=src.device)
-            w_programs = triton.cdiv(rows_out, ROWS) * triton.cdiv(n, COLS)
-        else:  # (..., K/8, N) -> (..., K, N/8): tiles over AWQ words
-            c, n = cols // 8, cols
-            rows_out = src.numel() // n * 8
+        if to_gptq:  # (..., K, N/8) -> (..., K/8, N)
+            c = cols
+            w_out = torch.empty((*lead, k // 8, cols * 8), dtype=torch.int32, device=src.device)
+        else:  # (..., K/8, N) -> (..., K, N/8)
+            c = cols // 8
             w_out = torch.empty((*lead, k * 8, c), dtype=torch.int32, device=src.device)
-            w_programs = triton.cdiv(rows_out, ROWS) * triton.cdiv(c, COLS)
+        groups = w_out.numel() // (8 * c) if c else 0
         dst = w_out
+        if to_gptq:
+            w_programs = triton.cdiv(groups, ROWS) * triton.cdiv(c, WORDS)
+        else:
+            w_programs = triton.cdiv(groups * 8, AWQ_ROWS) * triton.cdiv(c, AWQ_WORDS)
     zwords = 0
     if qzeros is not None:
         zsrc = qzeros.contiguous()
@@ -113,14 +130,15 @@ def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int)
     zdst = zdst if zdst is not None else dst
     assert src is not None
     grid = (w_programs + triton.cdiv(zwords, ZWORDS),)
-    # (CPU tensors reach here only under TRITON_INTERPRET=1, which the tests use where no GPU is)
-    with torch.cuda.device(src.device) if src.device.type == "cuda" else contextlib.nullcontext():
+    # launch on the tensors' device; CPU tensors reach here only in Triton's interpreter (the tests, no GPU)
+    on_current = src.device.type != "cuda" or src.device.index == torch.cuda.current_device()
+    with contextlib.nullcontext() if on_current else torch.cuda.device(src.device):
         if to_gptq:
-            _awq_to_gptq[grid](src, dst, zsrc, zdst, rows_out, n, c, zwords, w_programs, offset,
-                               ROWS=ROWS, COLS=COLS, ZW=ZWORDS)
+            _awq_to_gptq[grid](src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
+                               ROWS=ROWS, CW=WORDS, ZW=ZWORDS, num_warps=NUM_WARPS)
         else:
-            _gptq_to_awq[grid](src, dst, zsrc, zdst, rows_out, c, n, zwords, w_programs, offset,
-                               ROWS=ROWS, COLS=COLS, ZW=ZWORDS)
+            _gptq_to_awq[grid](src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
+                               ROWS=AWQ_ROWS, CW=AWQ_WORDS, ZW=ZWORDS, num_warps=NUM_WARPS)
     return w_out, z_out
 
 

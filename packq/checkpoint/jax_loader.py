@@ -1,0 +1,361 @@
+"""Load a quantized checkpoint straight into (sharded) jax.Arrays, each process reading only its own bytes.
+
+The whole checkpoint is opened and checked first (``open_checkpoint``: config, index, every shard
+header, every module's shapes), then every sharding against every tensor it splits; only then is
+anything read. Each array is made by ``jax.make_array_from_callback``: the callback reads, for one
+device's shard, just that block's bytes from the file (whole rows with one read, or each row's
+segment where columns are split), so a process reads the shards of its own devices and no more.
+Layout conversions run afterwards on the devices, through packq's jitted functions, which convert
+sharded arrays shard by shard (no gather).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+
+import packq
+from packq.checkpoint.folder import open_checkpoint
+from packq.checkpoint.hub import resolve
+from packq.checkpoint.model import Checkpoint, Module, act_order
+from packq.checkpoint.safetensors import DTYPES, TensorInfo
+from packq.checkpoint.zeros import analyse, check_v1_readable
+from packq.core.bits import layout as word_layout
+from packq.errors import CheckpointError
+from packq.formats.engines import FIELD, WORD, producer_convention
+
+LAYOUTS = ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized")
+#: what each layout names a module's tensors, the first one the tensor whose sharding the module takes
+OUTPUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
+           "compressed-tensors": ("weight_packed", "weight_zero_point", "weight_scale", "weight_shape"),
+           "int4": ("weight", "zeros", "scales", "g_idx"), "dequantized": ("weight",)}
+#: safetensors dtypes NumPy lacks, as JAX (ml_dtypes) holds them
+_JAX_DTYPES = {"BF16": jnp.bfloat16, "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+
+ShardingRule = Callable[[str, tuple[int, ...]], Sharding | None] | Mapping[str, Sharding] | Sequence[tuple[str, Sharding]]
+
+
+def load(
+    src: str | os.PathLike[str],
+    *,
+    layout: str = "source",
+    shardings: ShardingRule | None = None,
+    dtype: Any = None,
+    v1_zeros: str | None = None,
+    revision: str | None = None,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, jax.Array]:
+    """A quantized checkpoint's tensors as jax.Arrays, sharded as asked, in the layout asked.
+
+    Parameters
+    ----------
+    src : path or Hub repo id
+        An AWQ, GPTQ (v1/v2) or compressed-tensors checkpoint folder.
+    layout : {"source", "gptq", "awq", "compressed-tensors", "int4", "dequantized"}
+        "source": every tensor as stored. "gptq": qweight, qzeros (v2: z itself), scales, g_idx (the
+        source's, else arange(K) // group_size). "awq": AWQ gemm (4-bit, no act-order). "compressed-tensors":
+        weight_packed, weight_zero_point, weight_scale, weight_shape (int32). "int4": ``weight``
+        (..., K, N) and ``zeros`` (..., G, N) as unpacked ``jnp.uint4`` with ``scales`` (4-bit
+        checkpoints), what an XLA int4 matmul takes. "dequantized": ``weight`` (..., K, N), (q - z) * s
+        in the scales' dtype, then ``dtype``. Tensors of no quantized module load as stored.
+    shardings : callable, mapping or sequence of (pattern, sharding), optional
+        Where each output tensor goes: ``shardings(name, shape)`` returning a ``jax.sharding.Sharding``
+        (None: the default), or rules whose regular expression must match the whole name (the first
+        that matches wins). Default: replicated over every device. A quantized module's tensors take
+        the sharding of its first output (qweight, weight_packed or weight), rows with rows and
+        columns with columns (transposed for compressed-tensors), since packq converts them shard by
+        shard; a ``NamedSharding`` is needed to split them.
+    dtype : optional
+        For "dequantized": the weights' dtype (default: the scales').
+    v1_zeros : {"field", "word"}, optional
+        How a GPTQ v1 source stored zero-points of 0, where its metadata does not say (as for convert).
+    stats : dict, optional
+        Filled with ``bytes_read``: the bytes this process read from the shards.
+
+    Raises
+    ------
+    ValueError
+        For an unknown layout, a layout the checkpoint cannot take, or a sharding that splits a
+        tensor unevenly, cuts a packed word or a quantization group; before anything is read.
+    CheckpointError
+        For anything wrong with the checkpoint (missing tensors, corrupt headers), before anything is read.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    ckpt = open_checkpoint(resolve(src, revision))
+    fmt = ckpt.format
+    if layout in ("awq", "int4") and fmt.bits != 4:
+        raise ValueError(f"layout {layout!r} holds 4-bit weights; {ckpt.root} is {fmt.name}")
+    if layout in ("awq", "compressed-tensors") and fmt.method == "gptq" and act_order(ckpt):
+        raise ValueError(f"layout {layout!r} cannot hold GPTQ act-order; {ckpt.root} is act-order (load it as 'gptq')")
+    if dtype is not None and layout != "dequantized":
+        raise ValueError(f"dtype applies to layout 'dequantized', got layout {layout!r}")
+    loader = _Loader(ckpt, layout, _rule(shardings), dtype, _v1_convention(ckpt, v1_zeros))
+    loader.check()  # every sharding against every tensor, before any read
+    out = loader.run()
+    if stats is not None:
+        stats["bytes_read"] = loader.bytes_read
+    return out
+
+
+def _v1_convention(ckpt: Checkpoint, v1_zeros: str | None) -> str:
+    """How a GPTQ v1 source's zeros are read ("field" or "word"); refused where that is unknown and matters."""
+    if ckpt.format.method != "gptq" or ckpt.format.checkpoint_format != "gptq":
+        return FIELD
+    if v1_zeros not in (None, FIELD, WORD):
+        raise ValueError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
+    convention = v1_zeros or producer_convention(ckpt.format.raw, ckpt.sidecar)
+    if convention in (FIELD, WORD):
+        return convention
+    report = analyse(ckpt, v1_zeros)  # reads every qzeros (small): only where the producer is unknown
+    check_v1_readable(ckpt, report)
+    return FIELD
+
+
+def _default() -> Sharding:
+    return NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), PartitionSpec())
+
+
+def _rule(shardings: ShardingRule | None) -> Callable[[str, tuple[int, ...]], Sharding]:
+    if shardings is None:
+        default = _default()
+        return lambda name, shape: default
+    if callable(shardings):
+        fn = shardings
+    else:
+        rules = list(shardings.items() if isinstance(shardings, Mapping) else shardings)
+        compiled = [(re.compile(p), s) for p, s in rules]
+
+        def fn(name: str, shape: tuple[int, ...]) -> Sharding | None:
+            return next((s for p, s in compiled if p.fullmatch(name)), None)
+
+    default = _default()
+
+    def rule(name: str, shape: tuple[int, ...]) -> Sharding:
+        s = fn(name, shape)
+        if s is None:
+            return default
+        if not isinstance(s, Sharding):
+            raise TypeError(f"shardings must give a jax.sharding.Sharding for {name!r}, got {type(s).__name__}")
+        return s
+    return rule
+
+
+def _like(s: Sharding, ndim: int, transpose: bool = False) -> Sharding:
+    """A module's sharding for one of its tensors of ``ndim`` dimensions (its last two transposed if asked);
+    vectors (g_idx, weight_shape) are replicated over the module's mesh."""
+    if not isinstance(s, NamedSharding):
+        return s
+    full = tuple(s.spec) + (None,) * max(0, ndim - len(tuple(s.spec)))
+    if ndim < 2:
+        return NamedSharding(s.mesh, PartitionSpec())
+    lead, rows, cols = full[: ndim - 2], full[ndim - 2], full[ndim - 1]
+    return NamedSharding(s.mesh, PartitionSpec(*lead, *((cols, rows) if transpose else (rows, cols))))
+
+
+class _Loader:
+    def __init__(self, ckpt: Checkpoint, layout: str, rule, dtype: Any, convention: str) -> None:
+        self.ckpt, self.layout, self.rule, self.dtype, self.convention = ckpt, layout, rule, dtype, convention
+        self.bytes_read = 0
+        self.module_of = {name: m for m in ckpt.modules.values() for name in m.names.values()}
+        self.where = {name: shard for shard in ckpt.shards.values() for name in shard.tensors}
+
+    # ------------------------------------------------------------------ plan and checks
+    def _module_sharding(self, m: Module) -> tuple[Sharding, bool]:
+        """The module's sharding as given for its first output, and whether the source takes it transposed."""
+        first = OUTPUTS[self.layout][0]
+        shape = self._output_shape(m, first)
+        return self.rule(f"{m.prefix}.{first}", shape), self.layout == "compressed-tensors"
+
+    def _output_shape(self, m: Module, part: str) -> tuple[int, ...]:
+        lead, k, n, g = m.lead, m.k, m.n, m.groups
+        if self.layout in ("int4", "dequantized"):
+            return {"weight": (*lead, k, n), "zeros": (*lead, g, n), "scales": (*lead, g, n)}.get(part, (k,))
+        if self.layout == "compressed-tensors":
+            return {"weight_packed": (*lead, n, m.words(k)), "weight_zero_point": (*lead, m.words(n), g),
+                    "weight_scale": (*lead, n, g)}.get(part, (len(lead) + 2,))
+        if self.layout == "awq":
+            return {"qweight": (*lead, k, n // 8), "qzeros": (*lead, g, n // 8), "scales": (*lead, g, n)}[part]
+        return {"qweight": (*lead, m.words(k), n), "qzeros": (*lead, g, m.words(n)), "scales": (*lead, g, n)}.get(part, (k,))
+
+    def _reads(self) -> list[tuple[str, TensorInfo, Sharding, tuple[int, int]]]:
+        """Every stored tensor to read: (name, header entry, sharding, (row unit, column unit) of whole words)."""
+        reads = []
+        for shard in self.ckpt.shards.values():
+            for name, info in shard.tensors.items():
+                m = self.module_of.get(name)
+                if m is None or self.layout == "source":
+                    reads.append((name, info, self.rule(name, info.shape), (1, 1)))
+                    continue
+                part = next(p for p, n in m.names.items() if n == name)
+                if part == "shape":
+                    continue
+                s, transposed = self._module_sharding(m)
+                units = (1, 1)
+                _, words = word_layout(m.bits)
+                if part == "qweight" and m.infos["qweight"].shape[-2] != m.k:  # GPTQ-packed rows (K*b/32)
+                    units = (words, 1)
+                elif part in ("qweight", "qzeros"):
+                    units = (1, words)  # values packed along the columns
+                if m.transposed:
+                    units = units[::-1]
+                # the module's sharding is in its outputs' orientation; the stored tensor may be transposed
+                reads.append((name, info, _like(s, len(info.shape), transposed != m.transposed), units))
+        return reads
+
+    def check(self) -> None:
+        """Refuse, before any read, a sharding that splits a tensor unevenly or cuts a word or a group."""
+        self.plan = self._reads()
+        for name, info, s, units in self.plan:
+            _check_split(name, info.shape, s, units)
+        if self.layout != "source":
+            for m in self.ckpt.modules.values():
+                s, _ = self._module_sharding(m)
+                for part in OUTPUTS[self.layout]:
+                    shape = self._output_shape(m, part)
+                    _check_split(f"{m.prefix}.{part}", shape, _like(s, len(shape)), (1, 1))
+
+    # ------------------------------------------------------------------ reading
+    def _array(self, name: str, info: TensorInfo, sharding: Sharding) -> jax.Array:
+        shard = self.where[name]
+        np_name = DTYPES[info.dtype][0]
+        dt = np.dtype(np_name).newbyteorder("<") if np_name else np.dtype(_JAX_DTYPES.get(info.dtype, np.uint8))
+        if np_name is None and info.dtype not in _JAX_DTYPES:
+            raise CheckpointError(f"{shard.path}: {name!r} has dtype {info.dtype}, which packq does not load into JAX")
+        last: list[Any] = [None, None]  # one block cached: replicated devices of a process share one read
+
+        def block(index: tuple[slice, ...] | None) -> np.ndarray:
+            key = tuple(s.indices(d)[:2] for s, d in zip(index, info.shape)) if index else ()
+            if last[0] != key:
+                last[0], last[1] = key, None  # drop the previous block before reading the next
+                last[1] = self._read_block(shard, info, dt, key)
+            return last[1]
+
+        with shard.open() as f:
+            self._reader = f
+            return jax.make_array_from_callback(info.shape, sharding, block)
+
+    def _read_block(self, shard, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The block ``key`` ((start, stop) per dimension) of a stored tensor: whole rows in one read each run of
+        rows, else each row's segment; only these bytes are read."""
+        shape, item = info.shape, dt.itemsize
+        out = np.empty([b - a for a, b in key], dt)
+        if out.size == 0:
+            return out
+        if not shape:
+            self._pread(info.begin, out.reshape(-1).view(np.uint8).data)
+            return out
+        strides = [math.prod(shape[i + 1 :]) * item for i in range(len(shape))]
+        # the innermost dimensions read whole make one contiguous run per outer index
+        inner = len(shape)
+        while inner > 1 and key[inner - 1] == (0, shape[inner - 1]):
+            inner -= 1
+        run_len = (key[inner - 1][1] - key[inner - 1][0]) * strides[inner - 1]
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        for outer in itertools.product(*(range(a, b) for a, b in key[: inner - 1])):
+            offset = info.begin + sum(i * s for i, s in zip(outer, strides)) + key[inner - 1][0] * strides[inner - 1]
+            self._pread(offset, flat[pos : pos + run_len].data)
+            pos += run_len
+        return out
+
+    def _pread(self, offset: int, view: memoryview) -> None:
+        f = self._reader
+        data_start = f.file.data_start
+        start = data_start + offset
+        while view.nbytes:
+            got = os.preadv(f._fd, [view], start)
+            if not got:
+                raise CheckpointError(f"{f.path}: truncated while reading")
+            self.bytes_read += got
+            view, start = view[got:], start + got
+
+    # ------------------------------------------------------------------ converting
+    def run(self) -> dict[str, jax.Array]:
+        stored = {name: self._array(name, info, s) for name, info, s, _ in self.plan}
+        if self.layout == "source":
+            return stored
+        out = {name: a for name, a in stored.items() if name not in self.module_of}
+        for m in self.ckpt.modules.values():
+            out.update(self._module(m, stored))
+        return out
+
+    def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        p, fmt = m.prefix, self.ckpt.format
+        s, _ = self._module_sharding(m)
+        a = {part: stored[name] for part, name in m.names.items() if name in stored}
+        if m.transposed:  # compressed-tensors: GPTQ v2's tensors transposed; each device transposes its shard
+            a = {part: (jnp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}
+        if "qzeros" not in a:  # compressed-tensors' symmetric scheme: every zero-point 2**(bits-1)
+            half = np.full((*m.lead, m.groups, m.n), 1 << (m.bits - 1), np.int32)
+            a["qzeros"] = jax.device_put(np.asarray(packq.pack(half, bits=m.bits)), _like(s, len(m.lead) + 2))
+        w, z, scales, g_idx = a["qweight"], a["qzeros"], a["scales"], a.get("g_idx")
+        trivial_g = g_idx is None or not act_order(self.ckpt)
+        if fmt.method == "awq":
+            if self.layout == "awq":
+                return {f"{p}.qweight": w, f"{p}.qzeros": z, f"{p}.scales": scales}
+            if self.layout == "dequantized":
+                return {f"{p}.weight": _cast(packq.dequantize_awq(w, z, scales), self.dtype)}
+            w, z = packq.fast_awq_to_gptq(w, z)
+            z = packq.zeros_v1_to_v2(z)
+        elif fmt.checkpoint_format == "gptq":  # v1: to v2, as its producer wrote it
+            z = packq.zeros_v1_to_v2(z, bits=m.bits, convention=self.convention if m.bits != 3 else FIELD)
+        bits = m.bits
+        if self.layout == "gptq":
+            if g_idx is None:  # as GPTQ checkpoints hold it: arange(K) // group_size
+                g_idx = jax.device_put(np.arange(m.k, dtype=np.int32) // (m.k // m.groups), _like(s, 1))
+            return {f"{p}.qweight": w, f"{p}.qzeros": z, f"{p}.scales": scales, f"{p}.g_idx": g_idx}
+        if self.layout == "awq":
+            qw, qz = packq.gptq_to_awq(w, packq.zeros_v2_to_v1(z))
+            return {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": scales}
+        if self.layout == "compressed-tensors":
+            wp, zp, ws = packq.gptq_to_compressed_tensors(w, z, scales, bits=bits)
+            shape = jax.device_put(np.array([*m.lead, m.n, m.k], np.int32), _like(s, 1))
+            return {f"{p}.weight_packed": wp, f"{p}.weight_zero_point": zp, f"{p}.weight_scale": ws,
+                    f"{p}.weight_shape": shape}
+        if self.layout == "int4":
+            res = {f"{p}.weight": packq.unpack(w, "row", bits=4, dtype=jnp.uint4),
+                   f"{p}.zeros": packq.unpack(z, "column", bits=4, dtype=jnp.uint4), f"{p}.scales": scales}
+            if not trivial_g:
+                res[f"{p}.g_idx"] = g_idx
+            return res
+        weight = packq.dequantize_gptq(w, z, scales, None if trivial_g else g_idx, bits=bits, zeros="v2")
+        return {f"{p}.weight": _cast(weight, self.dtype)}
+
+
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if dtype is None else x.astype(dtype)
+
+
+def _check_split(name: str, shape: tuple[int, ...], s: Sharding, units: tuple[int, int]) -> None:
+    """Each split dimension must divide evenly, into whole packed words (``units``) and whole groups."""
+    if not isinstance(s, NamedSharding):
+        return
+    spec = tuple(s.spec) + (None,) * max(0, len(shape) - len(tuple(s.spec)))
+    if len(tuple(s.spec)) > len(shape):
+        raise ValueError(f"{name}: the sharding's partition spec {s.spec} has more entries than the tensor's "
+                         f"{len(shape)} dimensions (shape {shape})")
+    for d, entry in enumerate(spec[: len(shape)]):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        parts = math.prod(s.mesh.shape[a] for a in axes)
+        if parts == 1:
+            continue
+        unit = units[0] if d == len(shape) - 2 else units[1] if d == len(shape) - 1 else 1
+        size = shape[d] / parts
+        if shape[d] % parts or (shape[d] // parts) % unit:
+            why = (f"a shard must hold whole groups of {unit} packed words (values straddle words)" if unit > 1
+                   else "packed words and quantization groups cannot be cut")
+            raise ValueError(f"{name}: shape {shape} split over mesh axes {axes} into {parts} shards of {size:g} "
+                             f"along dimension {d}; the shard size must be a whole number ({why})")
+
+
+__all__ = ["LAYOUTS", "load"]

@@ -1,0 +1,173 @@
+"""packq.jax.load on 8 virtual devices: every layout equals the checkpoint's own conversion, shardings
+as asked, bad shardings refused before any byte is read. Run by ../test_sharding.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import packq
+import packq.jax
+from packq.checkpoint import convert_checkpoint
+from packq.checkpoint.folder import open_checkpoint
+from packq.checkpoint.jax_loader import _Loader
+from packq.errors import CheckpointError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama-awq"
+WEIGHTS = r".*_proj\.(qweight|weight_packed|weight)"
+
+
+def stored(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder as NumPy, read with packq's own reader (bfloat16 as its bits)."""
+    ckpt = open_checkpoint(folder)
+    out = {}
+    for shard in ckpt.shards.values():
+        with shard.open() as f:
+            for name, info in shard.tensors.items():
+                out[name] = f.array_bits(name) if info.dtype == "BF16" else f.array(name)
+    return out
+
+
+def host(a: jax.Array) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 8
+    return Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loader")
+    out = {}
+    for name, kw in {"gptq": {"checkpoint_format": "gptq_v2"}, "compressed-tensors": {"to": "compressed-tensors"}}.items():
+        convert_checkpoint(EXAMPLE, tmp / name, **kw)
+        out[name] = tmp / name
+    return out
+
+
+@pytest.mark.parametrize("layout", ["source", "gptq", "compressed-tensors"])
+def test_layouts_equal_the_converted_checkpoint(mesh, converted, layout):
+    spec = P("y", "x") if layout == "compressed-tensors" else P("x", "y")
+    got = packq.jax.load(EXAMPLE, layout=layout, shardings={WEIGHTS: NamedSharding(mesh, spec)})
+    want = stored(EXAMPLE if layout == "source" else converted[layout])
+    assert set(got) == set(want)
+    for name, w in want.items():
+        g = host(got[name])
+        assert g.shape == w.shape, name
+        if name.endswith("weight_shape"):  # int32 in JAX (no 64-bit integers by default)
+            assert g.tolist() == w.tolist()
+            continue
+        assert g.dtype == w.dtype and np.array_equal(g, w), name
+    for name, a in got.items():  # a module's tensors take its weight's sharding; the rest replicated
+        if a.ndim == 2 and any(name.endswith(p) for p in ("qweight", "weight_packed")):
+            assert a.sharding.spec == spec and len(a.addressable_shards) == 8
+
+
+def test_awq_from_gptq_is_the_original(mesh, converted):
+    got = packq.jax.load(converted["gptq"], layout="awq",
+                         shardings=lambda name, shape: NamedSharding(mesh, P(None, "y")) if len(shape) == 2 else None)
+    want = stored(EXAMPLE)
+    for name, w in want.items():
+        assert np.array_equal(host(got[name]), w), name
+
+
+def test_int4_and_dequantized_are_the_unpacked_and_dequantized_source(mesh):
+    s = {WEIGHTS: NamedSharding(mesh, P("x", "y"))}
+    int4 = packq.jax.load(EXAMPLE, layout="int4", shardings=s)
+    deq = packq.jax.load(EXAMPLE, layout="dequantized", shardings=s, dtype=jnp.float32)
+    src = stored(EXAMPLE)
+    prefix = "model.layers.1.mlp.down_proj"
+    w, z, sc = src[f"{prefix}.qweight"], src[f"{prefix}.qzeros"], src[f"{prefix}.scales"]
+    gw, gz = packq.fast_awq_to_gptq(w, z)
+    assert int4[f"{prefix}.weight"].dtype == jnp.uint4
+    assert np.array_equal(np.asarray(int4[f"{prefix}.weight"]).astype(np.int32), packq.unpack(gw, "row", dtype=np.int32))
+    assert np.array_equal(np.asarray(int4[f"{prefix}.zeros"]).astype(np.int32),
+                          packq.unpack(packq.zeros_v1_to_v2(gz), dtype=np.int32))
+    want = packq.dequantize_awq(w, z, sc).astype(np.float32)
+    got = deq[f"{prefix}.weight"]
+    assert got.dtype == jnp.float32 and got.sharding.spec == P("x", "y") and np.array_equal(np.asarray(got), want)
+    assert "model.embed_tokens.weight" in deq and f"{prefix}.qweight" not in deq
+
+
+def test_stacked_experts_shard_along_the_expert_axis(tmp_path, mesh):
+    from packq.checkpoint.safetensors import SafetensorsWriter
+
+    rng = np.random.default_rng(0)
+    e, k, n, g = 4, 256, 64, 2
+    t = {"m.experts.qweight": rng.integers(-(2**31), 2**31, (e, k, n // 8), dtype=np.int64).astype(np.int32),
+         "m.experts.qzeros": rng.integers(-(2**31), 2**31, (e, g, n // 8), dtype=np.int64).astype(np.int32),
+         "m.experts.scales": rng.random((e, g, n)).astype(np.float16)}
+    tmp_path.joinpath("config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": k // g, "version": "gemm"}}))
+    w = SafetensorsWriter(tmp_path / "model.safetensors", [(n_, {np.int32: "I32", np.float16: "F16"}[a.dtype.type],
+                                                          a.shape, a.nbytes) for n_, a in t.items()], {})
+    for name, a in t.items():
+        w.write(name, a)
+    w.close()
+    got = packq.jax.load(tmp_path, layout="gptq", shardings={r".*": NamedSharding(mesh, P("y", None, "x"))})
+    qw = got["m.experts.qweight"]
+    assert qw.sharding.spec == P("y", None, "x") and {s.data.shape for s in qw.addressable_shards} == {(1, 32, 32)}
+    want_w, want_z = packq.fast_awq_to_gptq(t["m.experts.qweight"], t["m.experts.qzeros"])
+    assert np.array_equal(np.asarray(qw), want_w)
+    assert np.array_equal(np.asarray(got["m.experts.qzeros"]), packq.zeros_v1_to_v2(want_z))
+
+
+# ------------------------------------------------------------------ refused before any read
+@pytest.fixture
+def no_reads(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a byte was read")
+
+    monkeypatch.setattr(_Loader, "_pread", boom)
+
+
+def test_a_sharding_that_cuts_a_group_is_refused_naming_the_tensor(mesh, no_reads):
+    # down_proj has K = 768: 6 groups of 128, which 4 devices cannot share
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.qzeros: shape \(6, 32\) .* 4 shards of 1.5"):
+        packq.jax.load(EXAMPLE, layout="gptq", shardings={WEIGHTS: NamedSharding(mesh, P("y", None))})
+
+
+def test_a_sharding_that_cuts_a_packed_word_is_refused(mesh, no_reads):
+    # GPTQ's 768 columns over 8 devices are 96 each, but AWQ's 96 words over 8 are 12: fine; 3 devices are not
+    three = Mesh(np.array(jax.devices()[:3]), ("z",))
+    with pytest.raises(ValueError, match=r"qweight: shape .* into 3 shards"):
+        packq.jax.load(EXAMPLE, layout="gptq", shardings={WEIGHTS: NamedSharding(three, P(None, "z"))})
+
+
+def test_wrong_layout_and_bad_rules_are_one_clear_error(tmp_path, no_reads):
+    with pytest.raises(ValueError, match=r"layout must be one of source, gptq, .* got 'int3'"):
+        packq.jax.load(EXAMPLE, layout="int3")
+    with pytest.raises(TypeError, match=r"must give a jax.sharding.Sharding for '.*', got str"):
+        packq.jax.load(EXAMPLE, shardings=lambda name, shape: "rows")
+    with pytest.raises(ValueError, match="dtype applies to layout 'dequantized'"):
+        packq.jax.load(EXAMPLE, layout="gptq", dtype=jnp.float32)
+
+
+def test_missing_tensor_and_corrupt_shard_are_refused_before_reading(tmp_path, no_reads):
+    broken = tmp_path / "missing"
+    shutil.copytree(EXAMPLE, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.qzeros_typo"] = index["weight_map"].pop(
+        "model.layers.0.mlp.up_proj.qzeros")
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError):
+        packq.jax.load(broken)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(EXAMPLE, corrupt)
+    shard = sorted(corrupt.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: the header promises more bytes than there are
+    with pytest.raises(CheckpointError):
+        packq.jax.load(corrupt)
