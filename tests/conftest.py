@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # needs JAX started with 8 virtual devices: run in its own process by test_sharding.py
-collect_ignore = ["multidevice"]
+collect_ignore = ["multidevice", "multiprocess", "triton_interpreted"]
 
 settings.register_profile(
     "quick", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False

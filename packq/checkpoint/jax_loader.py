@@ -226,23 +226,31 @@ class _Loader:
 
     # ------------------------------------------------------------------ reading
     def _array(self, name: str, info: TensorInfo, sharding: Sharding) -> jax.Array:
+        """The tensor on its devices. This process reads once the smallest box holding every block its own
+        devices take (one contiguous run per row block, or each row's segment where columns are split) and
+        hands each device its block from it: replicated devices share one read, and no process reads
+        another's share."""
         shard = self.where[name]
         np_name = DTYPES[info.dtype][0]
-        dt = np.dtype(np_name).newbyteorder("<") if np_name else np.dtype(_JAX_DTYPES.get(info.dtype, np.uint8))
         if np_name is None and info.dtype not in _JAX_DTYPES:
             raise CheckpointError(f"{shard.path}: {name!r} has dtype {info.dtype}, which packq does not load into JAX")
-        last: list[Any] = [None, None]  # one block cached: replicated devices of a process share one read
+        dt = np.dtype(np_name).newbyteorder("<") if np_name else np.dtype(_JAX_DTYPES[info.dtype])
+        shape = info.shape
 
-        def block(index: tuple[slice, ...] | None) -> np.ndarray:
-            key = tuple(s.indices(d)[:2] for s, d in zip(index, info.shape)) if index else ()
-            if last[0] != key:
-                last[0], last[1] = key, None  # drop the previous block before reading the next
-                last[1] = self._read_block(shard, info, dt, key)
-            return last[1]
+        def bounds(index: tuple[slice, ...] | None) -> tuple[tuple[int, int], ...]:
+            return tuple(s.indices(d)[:2] for s, d in zip(index, shape)) if index else ()
 
+        local = [bounds(ix) for ix in sharding.addressable_devices_indices_map(shape).values()]
+        box = tuple((min(b[d][0] for b in local), max(b[d][1] for b in local)) for d in range(len(shape)))
         with shard.open() as f:
             self._reader = f
-            return jax.make_array_from_callback(info.shape, sharding, block)
+            data = self._read_block(shard, info, dt, box) if local else None
+
+            def block(index: tuple[slice, ...] | None) -> np.ndarray:
+                assert data is not None
+                return data[tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(bounds(index), box))]
+
+            return jax.make_array_from_callback(shape, sharding, block)
 
     def _read_block(self, shard, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...]) -> np.ndarray:
         """The block ``key`` ((start, stop) per dimension) of a stored tensor: whole rows in one read each run of
@@ -281,12 +289,14 @@ class _Loader:
 
     # ------------------------------------------------------------------ converting
     def run(self) -> dict[str, jax.Array]:
-        stored = {name: self._array(name, info, s) for name, info, s, _ in self.plan}
+        planned = {name: (info, s) for name, info, s, _ in self.plan}
         if self.layout == "source":
-            return stored
-        out = {name: a for name, a in stored.items() if name not in self.module_of}
-        for m in self.ckpt.modules.values():
+            return {name: self._array(name, info, s) for name, (info, s) in planned.items()}
+        out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
+        for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
+            stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
             out.update(self._module(m, stored))
+            del stored
         return out
 
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:

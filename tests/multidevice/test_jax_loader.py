@@ -171,3 +171,15 @@ def test_missing_tensor_and_corrupt_shard_are_refused_before_reading(tmp_path, n
     shard.write_bytes(data[: len(data) // 2])  # truncated: the header promises more bytes than there are
     with pytest.raises(CheckpointError):
         packq.jax.load(corrupt)
+
+
+def test_the_llama_example_on_8_devices():
+    """examples/jax_llama.py: logits from packq-loaded, column-sharded weights equal the NumPy float32 reference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jax_llama", EXAMPLE.parent / "jax_llama.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    params = example.load_jax(EXAMPLE)
+    assert params["model.layers.0.mlp.down_proj.weight"].sharding.spec == P(None, "model")
+    assert example.main(EXAMPLE) <= example.TOLERANCE
