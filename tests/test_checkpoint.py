@@ -369,3 +369,12 @@ def test_each_format_reads_back_what_it_writes(tmp_path):
         assert back.format.kind == name and set(back.modules) == set(src.modules)
         assert all((m.k, m.n, m.groups) == (src.modules[p].k, src.modules[p].n, src.modules[p].groups)
                    for p, m in back.modules.items())
+
+
+def test_small_conversions_do_not_load_numba(tmp_path):
+    """Loading numba (0.5 s, 105 MB) costs more than it saves on a small checkpoint: packq convert takes the
+    ufunc paths (same bits) and never imports it; a library caller who already has it loaded keeps it."""
+    code = ("import sys; from packq.checkpoint import convert_checkpoint; "
+            f"convert_checkpoint({str(EXAMPLE)!r}, {str(tmp_path / 'out')!r}, for_engine='tgi', verify=True); "
+            "assert 'numba' not in sys.modules, 'numba was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

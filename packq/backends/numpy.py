@@ -17,11 +17,13 @@ unpacked value (8x the words) and runs about 40x slower than the ufuncs on a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
@@ -74,6 +76,43 @@ def numba_kernels() -> ModuleType | None:
         from packq.backends import numba_kernels as kernels
     except ImportError:  # numba not installed, or too old for this NumPy
         return None
+    return kernels
+
+
+_ready = threading.Event()  # the compiled kernels have run once in this process
+_deferred = [0]  # inside deferred_kernels(): never wait for numba to load
+_background: list[threading.Thread] = []
+
+
+@contextlib.contextmanager
+def deferred_kernels(load: bool) -> Iterator[None]:
+    """Within: weight conversions never wait for numba (about 0.5 s and 105 MB to load from its cache): they
+    take the ufunc paths (same bits) until the kernels have run in this process; ``load`` starts loading
+    them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it."""
+    _deferred[0] += 1
+    if load and not _background and not _ready.is_set():
+        def run() -> None:
+            kernels = numba_kernels()
+            if kernels is not None:  # loads the machine code from numba's cache now, not on a real call
+                weight_to_gptq_numba(np.zeros((8, 8), np.int32), kernels)
+                weight_to_awq_numba(np.zeros((1, 8), np.int32), kernels)
+                _ready.set()
+
+        _background.append(threading.Thread(target=run, name="packq-numba", daemon=True))
+        _background[0].start()
+    try:
+        yield
+    finally:
+        _deferred[0] -= 1
+
+
+def _kernels_now() -> ModuleType | None:
+    """The compiled kernels, or None for the ufuncs (numba missing, or deferred and not yet loaded)."""
+    if _deferred[0] and not _ready.is_set():
+        return None
+    kernels = numba_kernels()
+    if kernels is not None:
+        _ready.set()
     return kernels
 
 
@@ -197,12 +236,12 @@ def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
 
 
 def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
-    kernels = numba_kernels()
+    kernels = _kernels_now()
     return weight_to_gptq_ufuncs(qweight) if kernels is None else weight_to_gptq_numba(qweight, kernels)
 
 
 def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
-    kernels = numba_kernels()
+    kernels = _kernels_now()
     return weight_to_awq_ufuncs(qweight) if kernels is None else weight_to_awq_numba(qweight, kernels)
 
 

@@ -10,6 +10,7 @@ the kernel (copy_file_range): memory stays bounded by the largest tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from packq import backends
-from packq.backends.numpy import BACKEND as numpy_backend
+from packq.backends.numpy import deferred_kernels
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.folder import INDEX, SIDECARS, open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
@@ -35,12 +36,15 @@ from packq.checkpoint.progress import Progress
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.errors import CheckpointError
-from packq.formats import awq
 from packq.formats.engines import FIELD, WORD
 
-#: converted tensors may wait to be written up to this many times the shard's largest tensor: 0 converts
-#: one tensor ahead (least memory), 1 converts the next large one while the small ones before it are written
-LOOKAHEAD = float(os.environ.get("PACKQ_LOOKAHEAD", "1"))
+#: quantized weights from which ``packq convert`` loads numba's kernels (on a thread, the ufuncs converting meanwhile)
+KERNELS_FROM_BYTES = 4 << 30
+#: AWQ <-> GPTQ weights are converted and written in blocks of about this many bytes (whole rows)
+CHUNK_BYTES = 8 << 20
+#: converted pieces may wait to be written up to this many times the largest piece (a block, or a whole
+#: tensor where the target does not stream): at least one converts ahead of the one being written
+LOOKAHEAD = 2
 
 #: bytes per element of the dtypes packq writes
 ITEMSIZE = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
@@ -297,13 +301,14 @@ def convert_checkpoint(
     for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
         header_for(es, ckpt.shards[fname].metadata, dst / fname)
     extra = _extra_files(ckpt)
-    if backend == "numpy" and (ckpt.format.method == "awq" or to == "awq"):
-        _warm_kernels()
 
     bar = Progress(sum(e[3] for es in entries.values() for e in es), "converting", progress)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once
+    # loaded, 2 cores); until it is loaded, or on small ones, the ufuncs convert
+    large = sum(m.infos["qweight"].nbytes for m in ckpt.modules.values()) > KERNELS_FROM_BYTES
     try:
-        with Destination(dst, force) as out:
+        with Destination(dst, force) as out, deferred_kernels(load=large):
             tmp = out.tmp
             # each shard is fsynced on a thread of its own while the next one is written
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-fsync") as syncer:
@@ -354,20 +359,6 @@ def convert_checkpoint(
     }
 
 
-def _warm_kernels() -> None:
-    """Load the compiled weight kernels (about 0.5 s from numba's cache) on a thread, while headers are read."""
-    import threading
-
-    from packq.backends.numpy import numba_kernels
-
-    def warm() -> None:
-        if numba_kernels() is not None:
-            for fn, shape in ((awq.weight_to_gptq, (8, 8)), (awq.weight_to_awq, (1, 8))):
-                numpy_backend.run(fn, np.zeros(shape, np.int32))
-
-    threading.Thread(target=warm, name="packq-warm", daemon=True).start()
-
-
 def _main_thread() -> bool:
     import threading
 
@@ -378,40 +369,86 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@dataclass
+class _Unit:
+    """One piece of an output tensor: converted bytes (``make``) or a byte range of a stored tensor copied by the kernel."""
+
+    entry: int  #: the output tensor's index in the shard
+    nbytes: int
+    make: Callable[[], np.ndarray] | None = None
+    copy: tuple[str, int] | None = None  #: (stored tensor, byte offset)
+
+
+def _units(job: Job, f: Reader, items, entries) -> list[_Unit]:
+    """The pieces of a shard's output tensors in file order: whole tensors, or row blocks where the target streams."""
+    units = []
+    for i, ((name, action, m), entry) in enumerate(zip(items, entries)):
+        if action == "copy":
+            stored = name if m is None else m.names[name.rsplit(".", 1)[-1]]
+            units.append(_Unit(i, entry[3], copy=(stored, 0)))
+            continue
+        stream = job.output.stream(job, m, action)
+        if stream is None:
+            units.append(_Unit(i, entry[3], make=functools.partial(_tensor, job, f, name, action, m)))
+            continue
+        stored = m.names[stream.part]
+        info = f.tensors[stored]
+        if stream.convert is None:  # the stored bytes as they are
+            units.append(_Unit(i, entry[3], copy=(stored, 0)))
+            continue
+        row_bytes = 4 * info.shape[-1]  # packed int32 words
+        rows = info.nbytes // row_bytes
+        step = max(stream.unit, CHUNK_BYTES // row_bytes // stream.unit * stream.unit)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            make = functools.partial(_block, stream.convert, f, stored, r0, r1)
+            units.append(_Unit(i, (r1 - r0) * row_bytes, make=make))
+    return units
+
+
+def _block(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int) -> np.ndarray:
+    return convert(f.rows(name, r0, r1))
+
+
 def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> SafetensorsWriter:
-    """Write one output shard; the next tensor converts on a worker thread while this one is written.
+    """Write one output shard, piece by piece; later pieces convert on a worker thread while earlier ones are written.
 
     Returns the writer with every tensor written and the file not yet fsynced: the caller syncs it
     while the next shard is written (``SafetensorsWriter.close``), or aborts it.
     """
     with job.ckpt.shards[fname].open() as f, ThreadPoolExecutor(max_workers=1) as pool:
+        units = _units(job, f, items, entries)
         pending: dict[int, Future[np.ndarray]] = {}
-        # converted tensors waiting to be written take at most the largest tensor's bytes, so that a
-        # large one converts while the small ones before it are written, and memory stays bounded
-        budget, nxt = max((e[3] for e in entries), default=0), 0
+        # converted pieces waiting to be written take at most LOOKAHEAD times the largest piece, so that
+        # the next large one converts while smaller ones are written, and memory stays bounded
+        budget, nxt = LOOKAHEAD * max((u.nbytes for u in units if u.make is not None), default=0), 0
 
         def fill() -> None:
             nonlocal nxt
-            while nxt < len(items):
-                name, action, m = items[nxt]
-                if action != "copy":
-                    if pending and sum(entries[j][3] for j in pending) + entries[nxt][3] > budget * LOOKAHEAD:
+            while nxt < len(units):
+                u = units[nxt]
+                if u.make is not None:
+                    if pending and sum(units[j].nbytes for j in pending) + u.nbytes > budget:
                         return
-                    pending[nxt] = pool.submit(_tensor, job, f, name, action, m)
+                    pending[nxt] = pool.submit(u.make)
                 nxt += 1
 
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
             fill()
-            for i, ((name, action, _), entry) in enumerate(zip(items, entries)):
-                if action == "copy":
-                    writer.copy(name, f)
+            for k, u in enumerate(units):
+                if k == 0 or units[k - 1].entry != u.entry:
+                    writer.start(entries[u.entry][0], entries[u.entry][3])
+                if u.copy is not None:
+                    writer.append_copy(f, u.copy[0], u.copy[1], u.nbytes)
                 else:
-                    data = pending.pop(i).result()
-                    fill()  # the next conversions run while this tensor is written
-                    writer.write(name, data)
+                    data = pending.pop(k).result()
+                    fill()  # the next pieces convert while this one is written
+                    writer.append(data)
                     del data
-                bar.update(entry[3])
+                if k + 1 == len(units) or units[k + 1].entry != u.entry:
+                    writer.end()
+                bar.update(u.nbytes)
             writer.finish()
             return writer
         except BaseException:

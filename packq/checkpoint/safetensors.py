@@ -213,10 +213,23 @@ class Reader:
             view, offset = view[got:], offset + got
         return buf
 
-    def copy_to(self, name: str, out: Any) -> None:
-        """Append the tensor's bytes to the unbuffered file ``out``, copied by the kernel where it can."""
+    def copy_to(self, name: str, out: Any, offset: int = 0, nbytes: int | None = None) -> None:
+        """Append the tensor's bytes (``nbytes`` from ``offset``; all by default) to the unbuffered file ``out``,
+        copied by the kernel where it can."""
         t = self.tensors[name]
-        copy_bytes(self._fd, out, self.file.data_start + t.begin, t.nbytes, self.path)
+        nbytes = t.nbytes - offset if nbytes is None else nbytes
+        copy_bytes(self._fd, out, self.file.data_start + t.begin + offset, nbytes, self.path)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor seen as (rows, last dimension), every leading dimension flattened."""
+        t = self.tensors[name]
+        width = t.shape[-1] if t.shape else 1
+        item = DTYPES[t.dtype][1] // 8
+        block = TensorInfo(t.name, t.dtype, (stop - start, width), t.begin + start * width * item,
+                           t.begin + stop * width * item)
+        np_dtype = DTYPES[t.dtype][0]
+        view = np.dtype(np_dtype).newbyteorder("<") if np_dtype else np.dtype(f"<u{item}")
+        return self._read(block).view(view).reshape(block.shape)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a NumPy array (not for BF16/F8: see :meth:`array_bits`)."""
@@ -273,6 +286,7 @@ class SafetensorsWriter:
             self._file = open(path, "xb", buffering=0)
             self._write_all(memoryview(head))
         self._next = 0
+        self._left = 0
 
     def _write_all(self, view: memoryview) -> None:
         while view.nbytes:
@@ -284,17 +298,41 @@ class SafetensorsWriter:
             raise AssertionError(f"writer expected {expected_name} ({expected} bytes), got {name} ({nbytes} bytes)")
         self._next += 1
 
-    def write(self, name: str, data: np.ndarray) -> None:
+    def start(self, name: str, nbytes: int) -> None:
+        """Begin the next declared tensor; its bytes follow in parts (``append``, ``append_copy``), then ``end``."""
+        self._expect(name, nbytes)
+        self._left = nbytes
+
+    def append(self, data: np.ndarray) -> None:
         view = np.ascontiguousarray(data).data.cast("B")
-        self._expect(name, view.nbytes)
+        if view.nbytes > self._left:
+            raise AssertionError(f"{self.path}: {view.nbytes} bytes given where {self._left} remained")
         with io_errors(self.path):
             self._write_all(view)
+        self._left -= view.nbytes
+
+    def append_copy(self, source: Reader, name: str, offset: int, nbytes: int) -> None:
+        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``, copied by the kernel."""
+        if nbytes > self._left:
+            raise AssertionError(f"{self.path}: {nbytes} bytes given where {self._left} remained")
+        with io_errors(self.path):
+            source.copy_to(name, self._file, offset, nbytes)
+        self._left -= nbytes
+
+    def end(self) -> None:
+        if self._left:
+            raise AssertionError(f"{self.path}: {self._left} bytes of the tensor were not written")
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        self.start(name, np.ascontiguousarray(data).nbytes)
+        self.append(data)
+        self.end()
 
     def copy(self, name: str, source: Reader) -> None:
         """Pass a tensor of ``source`` through, byte for byte."""
-        self._expect(name, source.tensors[name].nbytes)
-        with io_errors(self.path):
-            source.copy_to(name, self._file)
+        self.start(name, source.tensors[name].nbytes)
+        self.append_copy(source, name, 0, source.tensors[name].nbytes)
+        self.end()
 
     def finish(self) -> None:
         """Check that every declared tensor was written."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.formats.base import QweightFormat, dequantize, group_size, module_arrays
+from packq.checkpoint.formats.base import QweightFormat, Stream, dequantize, group_size, module_arrays
 from packq.checkpoint.formats.gptq import v2_zeros
 from packq.checkpoint.model import Checkpoint, Format, Module
 from packq.checkpoint.safetensors import Reader
@@ -67,6 +67,11 @@ class AWQ(QweightFormat):
         if action == "weight":
             return job.convert(awq.weight_to_awq, job.read(m, "qweight", f))
         return job.convert(awq.zeros_to_awq, v2_zeros(job, job.read(m, "qzeros", f)), offset=0)
+
+    def stream(self, job: Job, m: Module, action: str) -> Stream | None:
+        if action != "weight" or m.transposed:
+            return None
+        return Stream("qweight", lambda words: job.convert(awq.weight_to_awq, words), 1)
 
     def config(self, job: Job, config: dict[str, Any]) -> None:
         q = {"quant_method": "awq", "bits": 4, "group_size": job.ckpt.format.group_size, "zero_point": True,

@@ -9,6 +9,8 @@ they call live in the array-API core (``packq.formats``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +28,17 @@ if TYPE_CHECKING:
 
 #: (stored name, action): one output tensor of a module
 Output = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An output tensor made from one stored tensor in blocks of whole rows (leading dimensions flattened into
+    the rows), each block's output following the previous one's in the file: AWQ <-> GPTQ weights. Memory
+    then holds a few blocks, not whole tensors, and the pages of one block are reused for the next."""
+
+    part: str  #: the module's stored tensor read (never a transposed one)
+    convert: Callable[[np.ndarray], np.ndarray] | None  #: a block (rows, words) -> its output; None: the bytes as they are
+    unit: int  #: a block holds a multiple of this many rows (8 AWQ rows make one GPTQ row)
 
 
 class CheckpointFormat:
@@ -74,6 +87,10 @@ class CheckpointFormat:
     def config(self, job: Job, config: dict[str, Any]) -> None:
         """Put this format's quantization_config (or none) into a copy of the source's config.json."""
         raise NotImplementedError
+
+    def stream(self, job: Job, m: Module, action: str) -> Stream | None:
+        """Where an output tensor is made row block by row block from one stored tensor, how; else None."""
+        return None
 
     def result_weights(self, job: Job, result: Checkpoint, prefix: str) -> np.ndarray:
         """A written module's weights (..., K, N), read as the engine it was written for reads them."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from packq import __version__
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.formats.base import BITS, Output, QweightFormat, dequantize, fields, group_size, module_arrays
+from packq.checkpoint.formats.base import BITS, Output, QweightFormat, Stream, dequantize, fields, group_size, module_arrays
 from packq.checkpoint.model import Checkpoint, Format, Module, act_order, module_array
 from packq.checkpoint.safetensors import Reader
 from packq.core import bits as B
@@ -118,6 +118,13 @@ class GPTQ(QweightFormat):
                                                      qzeros.view(np.int32))[0])
             return job.convert(awq.weight_to_gptq, words)
         return self.zeros(job, job.convert(awq.zeros_to_gptq, rebias if rebias is not None else words, offset=0), 4)
+
+    def stream(self, job: Job, m: Module, action: str) -> Stream | None:
+        if action != "weight" or m.transposed or m.prefix in job.target.rebias:
+            return None
+        if job.ckpt.format.method == "awq":  # 8 AWQ rows make one GPTQ row
+            return Stream("qweight", lambda words: job.convert(awq.weight_to_gptq, words), 8)
+        return Stream("qweight", None, 1)  # GPTQ's weights as they are: copied by the kernel
 
     @staticmethod
     def _awq_zeros(job: Job, m: Module) -> np.ndarray:
