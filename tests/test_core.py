@@ -228,6 +228,33 @@ def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
         np.testing.assert_array_equal(fast, plain)
 
 
+@given(bits=st.sampled_from([2, 3, 4, 8]), zeros=st.sampled_from(["v1", "v2"]), lead=st.sampled_from([(), (2,)]),
+       dtype=st.sampled_from(["float16", "float32"]), act_order=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_numpy_dequantize_fast_paths_equal_plain_core(bits, zeros, lead, dtype, act_order, seed):
+    """The NumPy backend's dequantization (byte-plane unpack, int16 values) gives the core's bits, AWQ and GPTQ."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import gptq
+
+    rng = np.random.default_rng(seed)
+    k, n, groups = 64, 32, 2  # 3-bit: 6 word rows of qweight, 3 words of zeros per group
+
+    def words(*shape):
+        return rng.integers(-(2**31), 2**31, (*lead, *shape), dtype=np.int64).astype(np.int32)
+
+    scales = (rng.standard_normal((*lead, groups, n)) * 0.01).astype(dtype)
+    g_idx = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32) if act_order else None
+    qw, qz = words(k * bits // 32, n), words(groups, n * bits // 32)
+    fast = numpy_backend.BACKEND.run(gptq.dequantize_gptq, qw, qz, scales, g_idx, bits=bits, zeros=zeros)
+    plain = np.asarray(gptq.dequantize_gptq(xp, qw, qz, scales, g_idx, bits=bits, zeros=zeros))
+    assert fast.dtype == plain.dtype and fast.shape == plain.shape and fast.tobytes() == plain.tobytes()
+    aw, az = words(k, n // 8), words(groups, n // 8)
+    fast = numpy_backend.BACKEND.run(gptq.dequantize_awq, aw, az, scales)
+    plain = np.asarray(gptq.dequantize_awq(xp, aw, az, scales))
+    assert fast.dtype == plain.dtype and fast.shape == plain.shape and fast.tobytes() == plain.tobytes()
+
+
 def test_public_calls_take_the_fast_paths(monkeypatch):
     """The public NumPy and JAX calls dispatch to the fast paths (and PACKQ_NUMBA=0 to the ufuncs)."""
     import jax.numpy as jnp

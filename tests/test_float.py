@@ -131,17 +131,34 @@ def test_float_targets_refuse_what_means_nothing(tmp_path, capsys):
 
 def test_verify_catches_a_wrong_float(tmp_path, monkeypatch):
     import packq.checkpoint.convert as c
+    from packq.checkpoint.formats.floats import Float
 
-    real = c._tensor
+    real = Float._dequantize
 
-    def off_by_one_ulp(job, f, name, action, m):
-        w = real(job, f, name, action, m)
+    def off_by_one_ulp(self, job, m, arrays):
+        w = real(self, job, m, arrays)
         if m.prefix.endswith("layers.1.mlp.up_proj"):
             w = w.copy()
             w.view(np.uint16 if w.itemsize == 2 else np.uint32).flat[7] ^= 1
         return w
 
-    monkeypatch.setattr(c, "_tensor", off_by_one_ulp)
+    monkeypatch.setattr(Float, "_dequantize", off_by_one_ulp)
     with pytest.raises(c.CheckpointError, match=r"verification failed: model.layers.1.mlp.up_proj.weight"):
         convert_checkpoint(EXAMPLE, tmp_path / "f", to="bfloat16", verify=True)
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("source", ["awq", "gptq-v2"])
+def test_float_blocks_of_32_columns_write_the_same_bytes(tmp_path, monkeypatch, source):
+    """The float weight is made block by block (32 output rows at the smallest): the bytes cannot depend on it."""
+    from packq.checkpoint.formats import floats
+
+    src = EXAMPLE
+    if source == "gptq-v2":
+        src = tmp_path / "v2"
+        convert_checkpoint(EXAMPLE, src, checkpoint_format="gptq_v2")
+    convert_checkpoint(src, tmp_path / "whole", to="bfloat16")
+    monkeypatch.setattr(floats, "BLOCK_BYTES", 1)  # every block 32 columns
+    convert_checkpoint(src, tmp_path / "blocks", to="bfloat16", verify=True)
+    for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "blocks" / shard.name).read_bytes()

@@ -33,7 +33,7 @@ import numpy as np
 
 from packq.backends import Backend
 from packq.core import bits as B
-from packq.formats import awq
+from packq.formats import awq, gptq
 from packq.formats import compressed_tensors as ct
 
 _U = np.uint32
@@ -329,6 +329,39 @@ def _nibble_reorder(order: tuple[int, ...], default: int) -> Callable[..., np.nd
     return run
 
 
+def _grouped(q: np.ndarray, z: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The core's ``dequantize_grouped``: (q - z) * s rounded once to the scales' dtype. float16 is computed in
+    float32 and rounded at the end: (q - z) * s is exact in float32 (a 4-bit integer times an 11-bit
+    significand), so the one rounding gives the float16 product's bits, without NumPy's slow float16 loops."""
+    *lead, k, n = q.shape
+    groups = scales.shape[-2]
+    work = np.float32 if scales.dtype == np.float16 else scales.dtype
+    qg = q.reshape(*lead, groups, k // groups, n)
+    w = np.subtract(qg, z[..., :, None, :], dtype=np.int16).astype(work)
+    w *= scales[..., :, None, :].astype(work)
+    return w.reshape(*lead, k, n).astype(scales.dtype, copy=False)
+
+
+def dequantize_awq(_: Any, qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The core's AWQ dequantization with the byte-plane unpack (int16 values: (q - z) is the same integer)."""
+    q = B.apply_order(xp, unpack_as(xp, qweight, "column", 4, np.int16, False), "column", tuple(awq.REVERSE_AWQ_PACK_ORDER))
+    z = B.apply_order(xp, unpack_as(xp, qzeros, "column", 4, np.int16, False), "column", tuple(awq.REVERSE_AWQ_PACK_ORDER))
+    return _grouped(q, z, scales)
+
+
+def dequantize_gptq(_: Any, qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
+                    bits: int, zeros: str) -> np.ndarray:
+    """The core's GPTQ dequantization with the byte-plane unpack."""
+    q = unpack_as(xp, qweight, "row", bits, np.int16, False)
+    z = unpack_as(xp, qzeros, "column", bits, np.int16, False)
+    if zeros == "v1":
+        z = (z + 1) & np.int16((1 << bits) - 1)
+    if g_idx is None:
+        return _grouped(q, z, scales)
+    idx = g_idx.astype(np.int32)
+    return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -339,6 +372,7 @@ def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
 class NumpyBackend(Backend):
     name = "numpy"
     fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack,
+                  gptq.dequantize_awq: dequantize_awq, gptq.dequantize_gptq: dequantize_gptq,
                   awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
                   awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
                   ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq)}

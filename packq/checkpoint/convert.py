@@ -387,6 +387,10 @@ def _units(job: Job, f: Reader, items, entries) -> list[_Unit]:
             stored = name if m is None else m.names[name.rsplit(".", 1)[-1]]
             units.append(_Unit(i, entry[3], copy=(stored, 0)))
             continue
+        pieces = job.output.pieces(job, f, m, action)
+        if pieces is not None:
+            units += [_Unit(i, nbytes, make=make) for nbytes, make in pieces]
+            continue
         stream = job.output.stream(job, m, action)
         if stream is None:
             units.append(_Unit(i, entry[3], make=functools.partial(_tensor, job, f, name, action, m)))

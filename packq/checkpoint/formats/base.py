@@ -88,6 +88,10 @@ class CheckpointFormat:
         """Put this format's quantization_config (or none) into a copy of the source's config.json."""
         raise NotImplementedError
 
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[tuple[int, Callable[[], np.ndarray]]] | None:
+        """An output tensor made in pieces written one after another: (bytes, maker) each; None: made whole."""
+        return None
+
     def stream(self, job: Job, m: Module, action: str) -> Stream | None:
         """Where an output tensor is made row block by row block from one stored tensor, how; else None."""
         return None

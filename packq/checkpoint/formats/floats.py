@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +28,10 @@ def to_float(w: np.ndarray, dtype: str) -> np.ndarray:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
+#: a float weight is made in blocks of output rows of about this many bytes of float32 work
+BLOCK_BYTES = 16 << 20
+
+
 class Float(CheckpointFormat):
     read = False
     act_order = True
@@ -42,14 +49,48 @@ class Float(CheckpointFormat):
     def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
         return self.dtype, (*m.lead, m.n, m.k)
 
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[tuple[int, Callable[[], np.ndarray]]]:
+        """The weight in blocks of output rows (source columns) and, for stacked experts, expert by expert: the
+        module's packed tensors are read once, on the first block, and dropped after the last, so memory
+        holds them and one block's float32 work, never the whole float tensor."""
+        experts, item = math.prod(m.lead), 4 if self.dtype == "F32" else 2
+        width = m.n if m.n % 32 else max(32, BLOCK_BYTES // (4 * m.k) // 32 * 32)  # whole words at every width
+        blocks = [(e, n0, min(m.n, n0 + width)) for e in range(experts) for n0 in range(0, m.n, width)]
+        arrays: dict[str, np.ndarray] = {}
+
+        def block(i: int) -> np.ndarray:
+            e, n0, n1 = blocks[i]
+            if not arrays:
+                arrays.update({p: v.reshape(-1, *v.shape[-2:]) if v.ndim >= 2 else v
+                               for p, v in module_arrays(job.ckpt, m.prefix).items()})
+            try:
+                return self._block(job, m, {p: v[e] if v.ndim == 3 else v for p, v in arrays.items()}, n0, n1)
+            finally:
+                if i == len(blocks) - 1:
+                    arrays.clear()
+
+        return [((n1 - n0) * m.k * item, functools.partial(block, i)) for i, (e, n0, n1) in enumerate(blocks)]
+
+    def _block(self, job: Job, m: Module, a: dict[str, np.ndarray], n0: int, n1: int) -> np.ndarray:
+        """Output rows [n0, n1) of one (expert's) weight: its columns n0..n1 dequantized, transposed."""
+        if job.ckpt.format.method == "awq":
+            cols = {"qweight": slice(n0 // 8, n1 // 8), "qzeros": slice(n0 // 8, n1 // 8), "scales": slice(n0, n1)}
+        else:
+            cols = {"qweight": slice(n0, n1), "qzeros": slice(m.words(n0), m.words(n1)), "scales": slice(n0, n1)}
+        part = {p: v[..., cols[p]] if p in cols else v for p, v in a.items()}
+        return self._dequantize(job, m, part)
+
     def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        return self._dequantize(job, m, module_arrays(job.ckpt, m.prefix))
+
+    def _dequantize(self, job: Job, m: Module, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Computed in the scales' dtype, as engines compute them: one rounding of the exact (q - z) * s
         (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
         that bfloat16 output rounds the float16 product, and float32 holds it exactly.
         """
         import packq
 
-        a = {part: job.convert.to_backend(v) for part, v in module_arrays(job.ckpt, m.prefix).items()}
+        a = {part: job.convert.to_backend(np.ascontiguousarray(v)) for part, v in arrays.items()}
         try:
             if job.ckpt.format.method == "awq":
                 w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
