@@ -35,6 +35,22 @@ ROWS, WORDS, ZWORDS = 2, 128, 1024
 
 
 @triton.jit
+def _zeros(zsrc, zdst, block, zwords, offset, ZW: tl.constexpr, TO_GPTQ: tl.constexpr):
+    """Zero-point words keep their place; nibble u takes nibble REVERSE_AWQ_PACK_ORDER[u] (to GPTQ) or
+    AWQ_PACK_ORDER[u] (to AWQ) of the same word, plus ``offset`` modulo 16."""
+    idx = block.to(tl.int64) * ZW + tl.arange(0, ZW)
+    mask = idx < zwords
+    word = tl.load(zsrc + idx, mask=mask, other=0)
+    acc = tl.zeros((ZW,), dtype=tl.int32)
+    for u in tl.static_range(8):
+        if TO_GPTQ:
+            acc |= (((word >> (((u >> 1) | ((u & 1) << 2)) * 4)) + offset) & 15) << (4 * u)
+        else:
+            acc |= (((word >> (((u % 4) * 2 + u // 4) * 4)) + offset) & 15) << (4 * u)
+    tl.store(zdst + idx, acc, mask=mask)
+
+
+@triton.jit
 def _awq_to_gptq(src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
                  ROWS: tl.constexpr, CW: tl.constexpr, ZW: tl.constexpr):
     """Weights: tile (ROWS groups of 8 AWQ rows) x CW words -> ROWS GPTQ rows x 8 CW columns, in registers."""
@@ -55,14 +71,7 @@ def _awq_to_gptq(src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
         tl.store(dst + g[:, None].to(tl.int64) * (c * 8) + col[None, :], y,
                  mask=(g[:, None] < groups) & (col[None, :] < c * 8))
     else:
-        # (names differ from the branch above: Triton types each name once across both branches)
-        zidx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
-        zmask = zidx < zwords
-        zword = tl.load(zsrc + zidx, mask=zmask, other=0)
-        zacc = tl.zeros((ZW,), dtype=tl.int32)
-        for u in tl.static_range(8):
-            zacc |= (((zword >> (((u >> 1) | ((u & 1) << 2)) * 4)) + offset) & 15) << (4 * u)
-        tl.store(zdst + zidx, zacc, mask=zmask)
+        _zeros(zsrc, zdst, pid - w_programs, zwords, offset, ZW, True)
 
 
 @triton.jit
@@ -83,13 +92,7 @@ def _gptq_to_awq(src, dst, zsrc, zdst, groups, c, zwords, w_programs, offset,
             acc |= ((w >> shift) & 15) << (4 * s)
         tl.store(dst + r.to(tl.int64) * c + j, acc, mask=mask)
     else:
-        zidx = (pid - w_programs).to(tl.int64) * ZW + tl.arange(0, ZW)
-        zmask = zidx < zwords
-        zword = tl.load(zsrc + zidx, mask=zmask, other=0)
-        zacc = tl.zeros((ZW,), dtype=tl.int32)
-        for u in tl.static_range(8):
-            zacc |= (((zword >> (((u % 4) * 2 + u // 4) * 4)) + offset) & 15) << (4 * u)
-        tl.store(zdst + zidx, zacc, mask=zmask)
+        _zeros(zsrc, zdst, pid - w_programs, zwords, offset, ZW, False)
 
 
 #: to AWQ: AWQ rows x words per program
