@@ -44,8 +44,19 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1].strip("'<>")
 
 
+#: array type -> whether it is an array (array-api-compat asks every library it knows: microseconds a call)
+_ARRAY_TYPES: dict[type, bool] = {}
+
+
+def _is_array(x: Any) -> bool:
+    known = _ARRAY_TYPES.get(type(x))
+    if known is None:
+        known = _ARRAY_TYPES[type(x)] = bool(array_api_compat.is_array_api_obj(x)) and hasattr(x, "ndim")
+    return known
+
+
 def array(x: Any, name: str, min_ndim: int = 2) -> None:
-    if not array_api_compat.is_array_api_obj(x) or not hasattr(x, "ndim"):
+    if not _is_array(x):
         raise TypeError(f"{name} must be an array (NumPy, JAX, torch or another array API library), got {type(x).__name__}")
     if x.ndim < min_ndim:
         what = "(..., rows, columns)" if min_ndim == 2 else f"{min_ndim}"
