@@ -17,7 +17,7 @@ BITS = (2, 3, 4, 8)
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in x.shape)
+    return tuple(map(int, x.shape))
 
 
 def dtype_name(dtype: Any) -> str:

@@ -17,6 +17,7 @@ is never imported here) and returns:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,30 +67,31 @@ def _is_jax(x: Any) -> bool:
     return jax is not None and isinstance(x, jax.Array)
 
 
+#: array type -> its library's name, as types are seen (the checks cost microseconds a call)
+_LIBRARIES: dict[type, str] = {}
+
+
 def _library(x: Any) -> str:
-    if _is_jax(x):
-        return "jax"
-    return type(x).__module__.split(".")[0]
+    library = _LIBRARIES.get(type(x))
+    if library is None:
+        library = _LIBRARIES[type(x)] = "jax" if _is_jax(x) else type(x).__module__.split(".")[0]
+    return library
 
 
 def for_arrays(**arrays: Any) -> Backend:
     """The backend for these named inputs (None entries ignored); all must share one library."""
-    present = {name: a for name, a in arrays.items() if a is not None}
-    libraries = {name: _library(a) for name, a in present.items()}
-    if len(set(libraries.values())) > 1:
-        got = ", ".join(f"{name}: {type(present[name]).__name__} ({lib})" for name, lib in libraries.items())
-        raise TypeError(f"{' and '.join(present)} must come from the same array library, got {got}")
+    libraries = {name: _library(a) for name, a in arrays.items() if a is not None}
     library = next(iter(libraries.values()))
-    if library == "jax":
-        from packq.backends import jax as jax_backend
+    if any(lib != library for lib in libraries.values()):
+        got = ", ".join(f"{name}: {type(arrays[name]).__name__} ({lib})" for name, lib in libraries.items())
+        raise TypeError(f"{' and '.join(libraries)} must come from the same array library, got {got}")
+    backend = _BACKENDS.get(library)
+    if backend is None and library in ("jax", "numpy", "torch"):  # imported on first use only
+        backend = _BACKENDS[library] = importlib.import_module(f"packq.backends.{library}").BACKEND
+    if backend is not None:
+        return backend
+    return Backend(array_api_compat.array_namespace(*(arrays[name] for name in libraries)))
 
-        return jax_backend.BACKEND
-    if library == "numpy":
-        from packq.backends import numpy as numpy_backend
 
-        return numpy_backend.BACKEND
-    if library == "torch":
-        from packq.backends import torch as torch_backend
-
-        return torch_backend.BACKEND
-    return Backend(array_api_compat.array_namespace(*present.values()))
+#: library name -> its backend, once imported
+_BACKENDS: dict[str, Backend] = {}
