@@ -378,3 +378,21 @@ def test_small_conversions_do_not_load_numba(tmp_path):
             f"convert_checkpoint({str(EXAMPLE)!r}, {str(tmp_path / 'out')!r}, for_engine='tgi', verify=True); "
             "assert 'numba' not in sys.modules, 'numba was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("route", ["awq->gptq", "gptq->awq"])
+def test_weights_streamed_in_small_blocks_write_the_same_bytes(tmp_path, monkeypatch, route):
+    """AWQ <-> GPTQ weights are written block by block (here every block one unit of rows): the bytes
+    cannot depend on the block size."""
+    from packq.checkpoint.formats import base
+
+    src, to = EXAMPLE, "gptq"
+    if route == "gptq->awq":
+        src, to = tmp_path / "v2", "awq"
+        convert_checkpoint(EXAMPLE, src, checkpoint_format="gptq_v2")
+    convert_checkpoint(src, tmp_path / "whole", to=to, checkpoint_format="gptq_v2" if to == "gptq" else None)
+    monkeypatch.setattr(base, "CHUNK_BYTES", 1)  # 8 AWQ rows (one GPTQ row), or one GPTQ row, per block
+    convert_checkpoint(src, tmp_path / "blocks", to=to, checkpoint_format="gptq_v2" if to == "gptq" else None,
+                       verify=True)
+    for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "blocks" / shard.name).read_bytes()

@@ -29,7 +29,7 @@ from packq.backends.numpy import deferred_kernels
 from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
 from packq.checkpoint.folder import INDEX, SIDECARS, open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
-from packq.checkpoint.formats.base import CheckpointFormat
+from packq.checkpoint.formats.base import CheckpointFormat, Piece
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.model import Checkpoint, Module, act_order, module_array, stored_to_canonical
 from packq.checkpoint.progress import Progress
@@ -40,8 +40,6 @@ from packq.formats.engines import FIELD, WORD
 
 #: quantized weights from which ``packq convert`` loads numba's kernels (on a thread, the ufuncs converting meanwhile)
 KERNELS_FROM_BYTES = 4 << 30
-#: AWQ <-> GPTQ weights are converted and written in blocks of about this many bytes (whole rows)
-CHUNK_BYTES = 8 << 20
 #: converted pieces may wait to be written up to this many times the largest piece (a block, or a whole
 #: tensor where the target does not stream): at least one converts ahead of the one being written
 LOOKAHEAD = 2
@@ -208,7 +206,7 @@ def convert_checkpoint(
         a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
         downloaded; this needs ``packq[hub]``.
     to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32"}
-        Target format (:data:`packq.checkpoint.registry.TARGETS`); the source is AWQ gemm, GPTQ
+        Target format (:data:`packq.checkpoint.formats.TARGETS`); the source is AWQ gemm, GPTQ
         or compressed-tensors pack-quantized. AWQ holds 4-bit weights without act-order, and
         compressed-tensors holds no act-order either; the float targets hold the dequantized
         weights in torch's (N, K) orientation.
@@ -331,7 +329,7 @@ def convert_checkpoint(
             job.output.config(job, config)
             write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
             for name in SIDECARS:  # engines read these before config.json: they must state the new format too
-                if (ckpt.root / name).exists() and getattr(job.output, "sidecars", False):  # (others drop them)
+                if (ckpt.root / name).exists() and job.output.sidecars:  # (others drop them)
                     sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
                     write_durable(tmp / name, sidecar.encode())
             if ckpt.index is not None:
@@ -369,49 +367,18 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@dataclass
-class _Unit:
-    """One piece of an output tensor: converted bytes (``make``) or a byte range of a stored tensor copied by the kernel."""
-
-    entry: int  #: the output tensor's index in the shard
-    nbytes: int
-    make: Callable[[], np.ndarray] | None = None
-    copy: tuple[str, int] | None = None  #: (stored tensor, byte offset)
-
-
-def _units(job: Job, f: Reader, items, entries) -> list[_Unit]:
-    """The pieces of a shard's output tensors in file order: whole tensors, or row blocks where the target streams."""
-    units = []
+def _units(job: Job, f: Reader, items, entries) -> list[tuple[int, Piece]]:
+    """The pieces of a shard's output tensors in file order, each with its output tensor's index in the shard."""
+    units: list[tuple[int, Piece]] = []
     for i, ((name, action, m), entry) in enumerate(zip(items, entries)):
-        if action == "copy":
+        if action == "copy":  # not a module's tensor, or a module's part kept under its name
             stored = name if m is None else m.names[name.rsplit(".", 1)[-1]]
-            units.append(_Unit(i, entry[3], copy=(stored, 0)))
-            continue
-        pieces = job.output.pieces(job, f, m, action)
-        if pieces is not None:
-            units += [_Unit(i, nbytes, make=make) for nbytes, make in pieces]
-            continue
-        stream = job.output.stream(job, m, action)
-        if stream is None:
-            units.append(_Unit(i, entry[3], make=functools.partial(_tensor, job, f, name, action, m)))
-            continue
-        stored = m.names[stream.part]
-        info = f.tensors[stored]
-        if stream.convert is None:  # the stored bytes as they are
-            units.append(_Unit(i, entry[3], copy=(stored, 0)))
-            continue
-        row_bytes = 4 * info.shape[-1]  # packed int32 words
-        rows = info.nbytes // row_bytes
-        step = max(stream.unit, CHUNK_BYTES // row_bytes // stream.unit * stream.unit)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            make = functools.partial(_block, stream.convert, f, stored, r0, r1)
-            units.append(_Unit(i, (r1 - r0) * row_bytes, make=make))
+            pieces = [Piece(entry[3], copy=(stored, 0))]
+        else:
+            pieces = job.output.pieces(job, f, m, action) or [
+                Piece(entry[3], make=functools.partial(_tensor, job, f, name, action, m))]
+        units += [(i, piece) for piece in pieces]
     return units
-
-
-def _block(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int) -> np.ndarray:
-    return convert(f.rows(name, r0, r1))
 
 
 def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> SafetensorsWriter:
@@ -425,34 +392,34 @@ def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress
         pending: dict[int, Future[np.ndarray]] = {}
         # converted pieces waiting to be written take at most LOOKAHEAD times the largest piece, so that
         # the next large one converts while smaller ones are written, and memory stays bounded
-        budget, nxt = LOOKAHEAD * max((u.nbytes for u in units if u.make is not None), default=0), 0
+        budget, nxt = LOOKAHEAD * max((p.nbytes for _, p in units if p.make is not None), default=0), 0
 
         def fill() -> None:
             nonlocal nxt
             while nxt < len(units):
-                u = units[nxt]
-                if u.make is not None:
-                    if pending and sum(units[j].nbytes for j in pending) + u.nbytes > budget:
+                piece = units[nxt][1]
+                if piece.make is not None:
+                    if pending and sum(units[j][1].nbytes for j in pending) + piece.nbytes > budget:
                         return
-                    pending[nxt] = pool.submit(u.make)
+                    pending[nxt] = pool.submit(piece.make)
                 nxt += 1
 
         writer = SafetensorsWriter(path, entries, f.metadata)
         try:
             fill()
-            for k, u in enumerate(units):
-                if k == 0 or units[k - 1].entry != u.entry:
-                    writer.start(entries[u.entry][0], entries[u.entry][3])
-                if u.copy is not None:
-                    writer.append_copy(f, u.copy[0], u.copy[1], u.nbytes)
+            for k, (i, piece) in enumerate(units):
+                if k == 0 or units[k - 1][0] != i:
+                    writer.start(entries[i][0], entries[i][3])
+                if piece.copy is not None:
+                    writer.append_copy(f, piece.copy[0], piece.copy[1], piece.nbytes)
                 else:
                     data = pending.pop(k).result()
                     fill()  # the next pieces convert while this one is written
                     writer.append(data)
                     del data
-                if k + 1 == len(units) or units[k + 1].entry != u.entry:
+                if k + 1 == len(units) or units[k + 1][0] != i:
                     writer.end()
-                bar.update(u.nbytes)
+                bar.update(piece.nbytes)
             writer.finish()
             return writer
         except BaseException:

@@ -9,6 +9,7 @@ they call live in the array-API core (``packq.formats``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.model import Checkpoint, Format, Module, module_array
+from packq.checkpoint.model import Checkpoint, Format, Module, module_array, stored_to_canonical
 from packq.checkpoint.safetensors import Reader, SafetensorsFile, TensorInfo
 from packq.core import bits as B
 from packq.errors import CheckpointError
@@ -28,6 +29,20 @@ if TYPE_CHECKING:
 
 #: (stored name, action): one output tensor of a module
 Output = tuple[str, str]
+
+
+#: AWQ <-> GPTQ weights are converted and written in blocks of about this many bytes (whole rows)
+CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One piece of an output tensor, written after the piece before it: converted bytes (``make``), or a
+    byte range of a stored tensor of the shard being written (``copy``), which the kernel copies."""
+
+    nbytes: int
+    make: Callable[[], np.ndarray] | None = None
+    copy: tuple[str, int] | None = None  #: (stored tensor, byte offset)
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class CheckpointFormat:
     written: ClassVar[bool] = True
     act_order: ClassVar[bool] = False  #: can hold GPTQ act-order (a g_idx that is not arange(K) // group_size)
     why_not_act_order: ClassVar[str] = ""
+    #: rewrite quantize_config.json / quant_config.json too (engines read them before config.json); else drop them
+    sidecars: ClassVar[bool] = False
 
     # ------------------------------------------------------------ reading
     def recognises(self, q: dict[str, Any]) -> bool:
@@ -88,12 +105,9 @@ class CheckpointFormat:
         """Put this format's quantization_config (or none) into a copy of the source's config.json."""
         raise NotImplementedError
 
-    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[tuple[int, Callable[[], np.ndarray]]] | None:
-        """An output tensor made in pieces written one after another: (bytes, maker) each; None: made whole."""
-        return None
-
-    def stream(self, job: Job, m: Module, action: str) -> Stream | None:
-        """Where an output tensor is made row block by row block from one stored tensor, how; else None."""
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[Piece] | None:
+        """An output tensor made in pieces written one after another, so that memory holds a few pieces, not
+        whole tensors; None: made whole by :meth:`tensor`."""
         return None
 
     def result_weights(self, job: Job, result: Checkpoint, prefix: str) -> np.ndarray:
@@ -152,8 +166,7 @@ class QweightFormat(CheckpointFormat):
     """AWQ and GPTQ: every module stores ``qweight``, ``qzeros``, ``scales`` and perhaps ``g_idx``."""
 
     PARTS = ("qweight", "qzeros", "scales", "g_idx")
-    #: rewrite quantize_config.json / quant_config.json too: engines read them before config.json
-    sidecars: ClassVar[bool] = True
+    sidecars = True
 
     def dims(self, qweight: tuple[int, ...], values: int, words: int) -> tuple[int, int]:
         """(K, N) from qweight's last two dimensions."""
@@ -232,6 +245,27 @@ class QweightFormat(CheckpointFormat):
 
     def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
         # stored transposed (compressed-tensors): moved bit for bit
-        from packq.checkpoint.model import stored_to_canonical
-
         return stored_to_canonical(m, "scales", f.array_bits(m.names["scales"]))
+
+    def stream(self, job: Job, m: Module, action: str) -> Stream | None:
+        """Where an output tensor is made row block by row block from one stored tensor, how; else None."""
+        return None
+
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[Piece] | None:
+        stream = self.stream(job, m, action)
+        if stream is None:
+            return None
+        name = m.names[stream.part]
+        info = f.tensors[name]
+        if stream.convert is None:  # the stored bytes as they are
+            return [Piece(info.nbytes, copy=(name, 0))]
+        row_bytes = 4 * info.shape[-1]  # packed int32 words
+        rows = info.nbytes // row_bytes
+        step = max(stream.unit, CHUNK_BYTES // row_bytes // stream.unit * stream.unit)
+        return [Piece((min(rows, r0 + step) - r0) * row_bytes,
+                      make=functools.partial(_rows, stream.convert, f, name, r0, min(rows, r0 + step)))
+                for r0 in range(0, rows, step)]
+
+
+def _rows(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int) -> np.ndarray:
+    return convert(f.rows(name, r0, r1))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packq.checkpoint.formats.base import CheckpointFormat, Output, module_arrays
+from packq.checkpoint.formats.base import CheckpointFormat, Output, Piece, module_arrays
 from packq.checkpoint.model import Module
 from packq.checkpoint.safetensors import Reader, SafetensorsFile
 from packq.errors import CheckpointError
@@ -37,7 +36,6 @@ class Float(CheckpointFormat):
     act_order = True
     recognised_by = "no quantization_config"
     module = "weight (N, K)"
-    sidecars: ClassVar[bool] = False
 
     def __init__(self, name: str, dtype: str) -> None:
         self.name, self.dtype = name, dtype  # type: ignore[misc]
@@ -49,7 +47,7 @@ class Float(CheckpointFormat):
     def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
         return self.dtype, (*m.lead, m.n, m.k)
 
-    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[tuple[int, Callable[[], np.ndarray]]]:
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[Piece]:
         """The weight in blocks of output rows (source columns) and, for stacked experts, expert by expert: the
         module's packed tensors are read once, on the first block, and dropped after the last, so memory
         holds them and one block's float32 work, never the whole float tensor."""
@@ -69,7 +67,7 @@ class Float(CheckpointFormat):
                 if i == len(blocks) - 1:
                     arrays.clear()
 
-        return [((n1 - n0) * m.k * item, functools.partial(block, i)) for i, (e, n0, n1) in enumerate(blocks)]
+        return [Piece((n1 - n0) * m.k * item, make=functools.partial(block, i)) for i, (e, n0, n1) in enumerate(blocks)]
 
     def _block(self, job: Job, m: Module, a: dict[str, np.ndarray], n0: int, n1: int) -> np.ndarray:
         """Output rows [n0, n1) of one (expert's) weight: its columns n0..n1 dequantized, transposed."""
