@@ -27,7 +27,7 @@ import packq
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.model import Checkpoint, Module, act_order
-from packq.checkpoint.safetensors import DTYPES, TensorInfo
+from packq.checkpoint.safetensors import DTYPES, Reader, TensorInfo
 from packq.checkpoint.zeros import analyse, check_v1_readable
 from packq.core.bits import layout as word_layout
 from packq.errors import CheckpointError
@@ -166,15 +166,15 @@ class _Loader:
     def __init__(self, ckpt: Checkpoint, layout: str, rule, dtype: Any, convention: str) -> None:
         self.ckpt, self.layout, self.rule, self.dtype, self.convention = ckpt, layout, rule, dtype, convention
         self.bytes_read = 0
-        self.module_of = {name: m for m in ckpt.modules.values() for name in m.names.values()}
+        #: stored tensor -> (its module, its part)
+        self.module_of = {name: (m, part) for m in ckpt.modules.values() for part, name in m.names.items()}
         self.where = {name: shard for shard in ckpt.shards.values() for name in shard.tensors}
 
     # ------------------------------------------------------------------ plan and checks
-    def _module_sharding(self, m: Module) -> tuple[Sharding, bool]:
-        """The module's sharding as given for its first output, and whether the source takes it transposed."""
+    def _module_sharding(self, m: Module) -> Sharding:
+        """The module's sharding, as given for its first output (in the output's orientation)."""
         first = OUTPUTS[self.layout][0]
-        shape = self._output_shape(m, first)
-        return self.rule(f"{m.prefix}.{first}", shape), self.layout == "compressed-tensors"
+        return self.rule(f"{m.prefix}.{first}", self._output_shape(m, first))
 
     def _output_shape(self, m: Module, part: str) -> tuple[int, ...]:
         lead, k, n, g = m.lead, m.k, m.n, m.groups
@@ -192,14 +192,13 @@ class _Loader:
         reads = []
         for shard in self.ckpt.shards.values():
             for name, info in shard.tensors.items():
-                m = self.module_of.get(name)
-                if m is None or self.layout == "source":
+                if name not in self.module_of or self.layout == "source":
                     reads.append((name, info, self.rule(name, info.shape), (1, 1)))
                     continue
-                part = next(p for p, n in m.names.items() if n == name)
+                m, part = self.module_of[name]
                 if part == "shape":
                     continue
-                s, transposed = self._module_sharding(m)
+                s = self._module_sharding(m)
                 units = (1, 1)
                 _, words = word_layout(m.bits)
                 if part == "qweight" and m.infos["qweight"].shape[-2] != m.k:  # GPTQ-packed rows (K*b/32)
@@ -209,6 +208,7 @@ class _Loader:
                 if m.transposed:
                     units = units[::-1]
                 # the module's sharding is in its outputs' orientation; the stored tensor may be transposed
+                transposed = self.layout == "compressed-tensors"  # outputs transposed from GPTQ's layout
                 reads.append((name, info, _like(s, len(info.shape), transposed != m.transposed), units))
         return reads
 
@@ -216,10 +216,13 @@ class _Loader:
         """Refuse, before any read, a sharding that splits a tensor unevenly or cuts a word or a group."""
         self.plan = self._reads()
         for name, info, s, units in self.plan:
+            if DTYPES[info.dtype][0] is None and info.dtype not in _JAX_DTYPES:
+                raise CheckpointError(f"{self.where[name].path}: {name!r} has dtype {info.dtype}, which packq does "
+                                      "not load into JAX")
             _check_split(name, info.shape, s, units)
         if self.layout != "source":
             for m in self.ckpt.modules.values():
-                s, _ = self._module_sharding(m)
+                s = self._module_sharding(m)
                 for part in OUTPUTS[self.layout]:
                     shape = self._output_shape(m, part)
                     _check_split(f"{m.prefix}.{part}", shape, _like(s, len(shape)), (1, 1))
@@ -231,9 +234,7 @@ class _Loader:
         hands each device its block from it: replicated devices share one read, and no process reads
         another's share."""
         shard = self.where[name]
-        np_name = DTYPES[info.dtype][0]
-        if np_name is None and info.dtype not in _JAX_DTYPES:
-            raise CheckpointError(f"{shard.path}: {name!r} has dtype {info.dtype}, which packq does not load into JAX")
+        np_name = DTYPES[info.dtype][0]  # (a dtype JAX cannot take was refused by check())
         dt = np.dtype(np_name).newbyteorder("<") if np_name else np.dtype(_JAX_DTYPES[info.dtype])
         shape = info.shape
 
@@ -243,8 +244,7 @@ class _Loader:
         local = [bounds(ix) for ix in sharding.addressable_devices_indices_map(shape).values()]
         box = tuple((min(b[d][0] for b in local), max(b[d][1] for b in local)) for d in range(len(shape)))
         with shard.open() as f:
-            self._reader = f
-            data = self._read_block(shard, info, dt, box) if local else None
+            data = self._read_block(f, info, dt, box) if local else None
 
             def block(index: tuple[slice, ...] | None) -> np.ndarray:
                 assert data is not None
@@ -252,7 +252,7 @@ class _Loader:
 
             return jax.make_array_from_callback(shape, sharding, block)
 
-    def _read_block(self, shard, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...]) -> np.ndarray:
+    def _read_block(self, f: Reader, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...]) -> np.ndarray:
         """The block ``key`` ((start, stop) per dimension) of a stored tensor: whole rows in one read each run of
         rows, else each row's segment; only these bytes are read."""
         shape, item = info.shape, dt.itemsize
@@ -260,7 +260,7 @@ class _Loader:
         if out.size == 0:
             return out
         if not shape:
-            self._pread(info.begin, out.reshape(-1).view(np.uint8).data)
+            self._pread(f, info, info.begin, out.reshape(-1).view(np.uint8).data)
             return out
         strides = [math.prod(shape[i + 1 :]) * item for i in range(len(shape))]
         # the innermost dimensions read whole make one contiguous run per outer index
@@ -272,20 +272,13 @@ class _Loader:
         pos = 0
         for outer in itertools.product(*(range(a, b) for a, b in key[: inner - 1])):
             offset = info.begin + sum(i * s for i, s in zip(outer, strides)) + key[inner - 1][0] * strides[inner - 1]
-            self._pread(offset, flat[pos : pos + run_len].data)
+            self._pread(f, info, offset, flat[pos : pos + run_len].data)
             pos += run_len
         return out
 
-    def _pread(self, offset: int, view: memoryview) -> None:
-        f = self._reader
-        data_start = f.file.data_start
-        start = data_start + offset
-        while view.nbytes:
-            got = os.preadv(f._fd, [view], start)
-            if not got:
-                raise CheckpointError(f"{f.path}: truncated while reading")
-            self.bytes_read += got
-            view, start = view[got:], start + got
+    def _pread(self, f: Reader, info: TensorInfo, offset: int, view: memoryview) -> None:
+        f.read_into(offset, view, info.name)
+        self.bytes_read += view.nbytes
 
     # ------------------------------------------------------------------ converting
     def run(self) -> dict[str, jax.Array]:
@@ -301,7 +294,7 @@ class _Loader:
 
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
         p, fmt = m.prefix, self.ckpt.format
-        s, _ = self._module_sharding(m)
+        s = self._module_sharding(m)
         a = {part: stored[name] for part, name in m.names.items() if name in stored}
         if m.transposed:  # compressed-tensors: GPTQ v2's tensors transposed; each device transposes its shard
             a = {part: (jnp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}

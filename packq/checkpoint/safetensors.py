@@ -204,14 +204,18 @@ class Reader:
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes, read with positioned reads into fresh memory."""
         buf = np.empty(t.nbytes, np.uint8)
-        view, offset = buf.data, self.file.data_start + t.begin
+        self.read_into(t.begin, buf.data, t.name)
+        return buf
+
+    def read_into(self, offset: int, view: memoryview, name: str) -> None:
+        """Fill ``view`` with the bytes at ``offset`` of the data section (which tensor ``name`` holds)."""
+        offset += self.file.data_start
         while view.nbytes:  # pread: no shared file position, so threads may read at once
             with io_errors(self.path):
                 got = os.preadv(self._fd, [view], offset)
             if not got:
-                raise CheckpointError(f"{self.path}: truncated while reading {t.name!r}")
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
             view, offset = view[got:], offset + got
-        return buf
 
     def copy_to(self, name: str, out: Any, offset: int = 0, nbytes: int | None = None) -> None:
         """Append the tensor's bytes (``nbytes`` from ``offset``; all by default) to the unbuffered file ``out``,

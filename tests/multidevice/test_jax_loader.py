@@ -101,7 +101,8 @@ def test_int4_and_dequantized_are_the_unpacked_and_dequantized_source(mesh):
     assert "model.embed_tokens.weight" in deq and f"{prefix}.qweight" not in deq
 
 
-def test_stacked_experts_shard_along_the_expert_axis(tmp_path, mesh):
+def _experts(folder: Path, extra: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+    """A stacked-experts AWQ checkpoint (4 experts, K 256, N 64, 2 groups), plus ``extra`` (name: (dtype, bytes))."""
     from packq.checkpoint.safetensors import SafetensorsWriter
 
     rng = np.random.default_rng(0)
@@ -109,13 +110,19 @@ def test_stacked_experts_shard_along_the_expert_axis(tmp_path, mesh):
     t = {"m.experts.qweight": rng.integers(-(2**31), 2**31, (e, k, n // 8), dtype=np.int64).astype(np.int32),
          "m.experts.qzeros": rng.integers(-(2**31), 2**31, (e, g, n // 8), dtype=np.int64).astype(np.int32),
          "m.experts.scales": rng.random((e, g, n)).astype(np.float16)}
-    tmp_path.joinpath("config.json").write_text(json.dumps({"quantization_config": {
+    folder.joinpath("config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "awq", "bits": 4, "group_size": k // g, "version": "gemm"}}))
-    w = SafetensorsWriter(tmp_path / "model.safetensors", [(n_, {np.int32: "I32", np.float16: "F16"}[a.dtype.type],
-                                                          a.shape, a.nbytes) for n_, a in t.items()], {})
-    for name, a in t.items():
+    entries = [(n_, {np.int32: "I32", np.float16: "F16"}[a.dtype.type], a.shape, a.nbytes) for n_, a in t.items()]
+    entries += [(n_, dtype, a.shape, a.nbytes) for n_, (dtype, a) in (extra or {}).items()]
+    w = SafetensorsWriter(folder / "model.safetensors", entries, {})
+    for name, a in [*t.items(), *((n_, a) for n_, (_, a) in (extra or {}).items())]:
         w.write(name, a)
     w.close()
+    return t
+
+
+def test_stacked_experts_shard_along_the_expert_axis(tmp_path, mesh):
+    t = _experts(tmp_path)
     got = packq.jax.load(tmp_path, layout="gptq", shardings={r".*": NamedSharding(mesh, P("y", None, "x"))})
     qw = got["m.experts.qweight"]
     assert qw.sharding.spec == P("y", None, "x") and {s.data.shape for s in qw.addressable_shards} == {(1, 32, 32)}
@@ -153,6 +160,12 @@ def test_wrong_layout_and_bad_rules_are_one_clear_error(tmp_path, no_reads):
         packq.jax.load(EXAMPLE, shardings=lambda name, shape: "rows")
     with pytest.raises(ValueError, match="dtype applies to layout 'dequantized'"):
         packq.jax.load(EXAMPLE, layout="gptq", dtype=jnp.float32)
+
+
+def test_a_dtype_jax_cannot_hold_is_refused_before_reading(tmp_path, no_reads):
+    _experts(tmp_path, {"m.router.scale": ("F8_E8M0", np.zeros(4, np.uint8))})
+    with pytest.raises(CheckpointError, match=r"'m.router.scale' has dtype F8_E8M0, which packq does not load into JAX"):
+        packq.jax.load(tmp_path)
 
 
 def test_missing_tensor_and_corrupt_shard_are_refused_before_reading(tmp_path, no_reads):
