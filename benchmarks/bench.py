@@ -92,6 +92,42 @@ def jax_ms(fn, arg, repeat: int = 50) -> float:
     return statistics.median(means)
 
 
+def cuda_ms(fn, repeat: int = 50) -> float:
+    """Median milliseconds of single calls between CUDA events: the host's launch included, the GPU idle meanwhile."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def back_to_back(fn, repeat: int = 100) -> float:
+    """Mean of back-to-back calls with one wait (median of 5): the device time once a launch is shorter than the kernel."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    means = []
+    for _ in range(5):
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        end.synchronize()
+        means.append(start.elapsed_time(end) / repeat)
+    return statistics.median(means)
+
+
 def seed_weight(torch, qweight):
     """The seed's weight path (LoRAX fast_awq_to_gptq without the zeros)."""
     from make_fixtures import REVERSE_AWQ_PACK_ORDER, seed_apply_order, seed_pack, seed_unpack
@@ -181,35 +217,6 @@ def gpu() -> list[dict]:
 
     dev = torch.device("cuda")
     rows = []
-
-    def cuda_ms(fn, repeat=50):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeat):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    def back_to_back(fn, repeat=100):
-        """Mean of back-to-back calls with one wait: the device time once a launch is shorter than the kernel."""
-        for _ in range(5):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        means = []
-        for _ in range(5):
-            start.record()
-            for _ in range(repeat):
-                fn()
-            end.record()
-            end.synchronize()
-            means.append(start.elapsed_time(end) / repeat)
-        return statistics.median(means)
 
     warm = torch.empty(1 << 28, dtype=torch.uint8, device=dev)  # bring the GPU to its clocks before timing
     t_end = time.perf_counter() + 2

@@ -9,32 +9,19 @@ of 100 calls with one wait, the device time once a launch is shorter than the ke
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+from bench import back_to_back as b2b  # noqa: E402
+from bench import cuda_ms as ms  # noqa: E402
+
 import packq  # noqa: E402
 from packq.backends import triton_kernels as tk  # noqa: E402
 from packq.formats import awq  # noqa: E402
-
-
-def ms(fn, repeat=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -59,23 +46,6 @@ def main() -> None:
             tk.NUM_WARPS, tk.AWQ_ROWS, tk.AWQ_WORDS = warps, rows, cols
             assert np.array_equal(to_a()[0].cpu().numpy(), qw)
             print(f"  to AWQ  warps={warps} rows={rows:3d} words={cols:5d}: {ms(to_a):.4f} ms, b2b {b2b(to_a):.4f}")
-
-
-def b2b(fn, repeat=100):
-    """Mean of back-to-back calls, one wait: the device time once launches are shorter than the kernel."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) / repeat)
-    return statistics.median(out)
 
 
 if __name__ == "__main__":

@@ -331,8 +331,9 @@ def _nibble_reorder(order: tuple[int, ...], default: int) -> Callable[..., np.nd
 
 def _grouped(q: np.ndarray, z: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The core's ``dequantize_grouped``: (q - z) * s rounded once to the scales' dtype. float16 is computed in
-    float32 and rounded at the end: (q - z) * s is exact in float32 (a 4-bit integer times an 11-bit
-    significand), so the one rounding gives the float16 product's bits, without NumPy's slow float16 loops."""
+    float32 and rounded at the end: (q - z) * s is exact in float32 (an integer of at most 9 bits times an
+    11-bit significand), so the one rounding gives the float16 product's bits, without NumPy's slow float16
+    loops."""
     *lead, k, n = q.shape
     groups = scales.shape[-2]
     work = np.float32 if scales.dtype == np.float16 else scales.dtype
