@@ -91,7 +91,7 @@ class TorchBackend(Backend):
             fused = kernels.fused(calls)
             if fused is not None:
                 return fused
-        return tuple(self.run(fn, *arrays, **static) for fn, arrays, static in calls)
+        return super().run_all(calls)
 
     def _on_cpu(self, fn: Callable[..., Any], arrays: tuple[Any, ...], static: dict[str, Any]) -> Any:
         np_static = _numpy_static(static)

@@ -87,7 +87,21 @@ def load(
         For an unknown layout, a layout the checkpoint cannot take, or a sharding that splits a
         tensor unevenly, cuts a packed word or a quantization group; before anything is read.
     CheckpointError
-        For anything wrong with the checkpoint (missing tensors, corrupt headers), before anything is read.
+        For anything wrong with the checkpoint (missing tensors, corrupt headers, a dtype JAX cannot
+        hold), before anything is read.
+
+    Examples
+    --------
+    >>> import pathlib, jax.numpy as jnp, packq, packq.jax
+    >>> example = pathlib.Path(packq.__file__).parent.parent / "examples" / "tiny-llama-awq"
+    >>> stats = {}
+    >>> w = packq.jax.load(example, layout="int4", stats=stats)
+    >>> up = "model.layers.0.mlp.up_proj"
+    >>> w[f"{up}.weight"].shape, w[f"{up}.weight"].dtype == jnp.uint4, w[f"{up}.zeros"].shape
+    ((256, 768), True, (2, 768))
+    >>> from packq.checkpoint.folder import open_checkpoint
+    >>> stats["bytes_read"] == open_checkpoint(example).total_bytes()  # every tensor's bytes, read once
+    True
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
