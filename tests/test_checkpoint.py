@@ -289,7 +289,7 @@ def test_act_order_gptq_refused_to_awq(src, tmp_path, capsys):
 # ---------------------------------------------------------------- fault test
 SLOW = """
 import sys, time
-import packq.checkpoint.convert as c
+import packq.checkpoint.containers.folder as c
 real = c._tensor
 def slow(*a, **k):
     time.sleep(0.05)

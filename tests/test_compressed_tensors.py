@@ -108,7 +108,7 @@ def test_act_order_is_refused_as_the_library_refuses_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("action", ["ct_zeros", "ct_weight", "ct_scale", "ct_shape"])
 def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, action):
-    import packq.checkpoint.convert as c
+    import packq.checkpoint.containers.folder as c
     from packq.checkpoint.formats import FORMATS
 
     real = FORMATS[CT].tensor

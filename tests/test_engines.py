@@ -311,7 +311,7 @@ def test_for_is_refused_where_it_means_nothing(tmp_path):
 
 @pytest.mark.parametrize("engine", ["transformers", "tgi"])
 def test_verify_catches_a_wrong_zero_point(tmp_path, monkeypatch, engine):
-    import packq.checkpoint.convert as c
+    import packq.checkpoint.containers.folder as c
 
     real = c._tensor
 

@@ -130,7 +130,7 @@ def test_float_targets_refuse_what_means_nothing(tmp_path, capsys):
 
 
 def test_verify_catches_a_wrong_float(tmp_path, monkeypatch):
-    import packq.checkpoint.convert as c
+    import packq.checkpoint.containers.folder as c
     from packq.checkpoint.formats.floats import Float
 
     real = Float._dequantize

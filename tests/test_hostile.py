@@ -490,7 +490,7 @@ def test_disk_full_injected(ckpt, tmp_path, capsys, monkeypatch):
             raise F.CheckpointError(F.describe(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)), path))
         real(path, data)
 
-    monkeypatch.setattr("packq.checkpoint.convert.write_durable", full)
+    monkeypatch.setattr("packq.checkpoint.containers.folder.write_durable", full)
     code, err = run_cli(["convert", str(ckpt), str(tmp_path / "dst")], capsys)
     assert_refused(code, err, tmp_path / "dst", "No space left on device")
 
@@ -533,7 +533,7 @@ def test_every_file_and_folder_is_fsynced(ckpt, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ races and kills
 SLOW = """
 import os, sys, time
-import packq.checkpoint.convert as c
+import packq.checkpoint.containers.folder as c
 import packq.checkpoint.files as files
 real = c._tensor
 def slow(*a, **k):
@@ -663,7 +663,7 @@ def test_stale_partial_of_a_killed_run_is_cleared_whatever_pid_is_alive(ckpt, tm
 
 def test_a_running_conversion_is_not_disturbed_by_a_second(ckpt, tmp_path):
     dst = tmp_path / "dst"
-    a = _started(tmp_path, "convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.1")
+    a = _started(tmp_path, "convert", str(ckpt), str(dst), PACKQ_TEST_DELAY="0.5")  # slow enough for b to start under load
     b = _spawn("convert", str(ckpt), str(dst), "--force")
     code_b, err_b = b.wait(60), b.communicate()[1]
     assert code_b == 2 and "another packq conversion is writing it" in err_b

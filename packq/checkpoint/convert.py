@@ -1,52 +1,40 @@
 """Convert a whole checkpoint on disk between AWQ, GPTQ, compressed-tensors and float: streamed, verified, atomic.
 
 The source is opened and checked completely (config, index, every shard
-header, every quantized module's shapes) before anything is written. The
-result is built in a hidden folder beside DST and renamed into place only
-when complete, so DST either does not exist or is a finished checkpoint.
-Tensors are read and converted one at a time, and the others are copied by
-the kernel (copy_file_range): memory stays bounded by the largest tensor.
+header, every quantized module's shapes), and the target's container plans
+the whole output (every name, header and file), before anything is written.
+The result is built in a hidden folder (or file) beside DST and renamed into
+place only when complete, so DST either does not exist or is a finished
+checkpoint. The source and target formats say what tensors mean
+(``packq.checkpoint.formats``), the container how they sit on disk
+(``packq.checkpoint.containers``); tensors are converted piece by piece and
+the others copied by the kernel, so memory stays bounded by the largest tensor.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import signal
-import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from packq import backends
 from packq.backends.numpy import deferred_kernels
-from packq.checkpoint.files import Destination, copy_durable, io_errors, write_durable
-from packq.checkpoint.folder import INDEX, SIDECARS, open_checkpoint
+from packq.checkpoint.containers import CONTAINERS
+from packq.checkpoint.files import Destination
+from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
-from packq.checkpoint.formats.base import CheckpointFormat, Piece
 from packq.checkpoint.hub import resolve
-from packq.checkpoint.model import Checkpoint, Module, act_order, module_array, stored_to_canonical
+from packq.checkpoint.job import Converter, Job
+from packq.checkpoint.model import act_order
 from packq.checkpoint.progress import Progress
-from packq.checkpoint.safetensors import Reader, SafetensorsFile, SafetensorsWriter, header_for
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.errors import CheckpointError
 from packq.formats.engines import FIELD, WORD
 
 #: quantized weights from which ``packq convert`` loads numba's kernels (on a thread, the ufuncs converting meanwhile)
 KERNELS_FROM_BYTES = 4 << 30
-#: converted pieces may wait to be written up to this many times the largest piece (a block, or a whole
-#: tensor where the target does not stream): at least one converts ahead of the one being written
-LOOKAHEAD = 2
-
-#: bytes per element of the dtypes packq writes
-ITEMSIZE = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
-
 
 def _check_paths(src: Path, dst: Path) -> None:
     s, d = src.resolve(), dst.resolve()
@@ -56,130 +44,6 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise CheckpointError(f"DST {dst} is inside SRC {src}; choose a folder outside the source")
     if d in s.parents:
         raise CheckpointError(f"SRC {src} is inside DST {dst}; replacing DST would destroy the source")
-
-
-def _extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
-    """Every other file of SRC to copy as it is: (path in DST, path in SRC, size), checked up front.
-
-    Regular files are copied, and symlinks to regular files (anywhere, as in a
-    Hugging Face cache snapshot) are copied as the files they point to; real
-    sub-folders are walked. A FIFO, device, socket, dangling or looping link,
-    or a link to a folder is refused, so a copy can neither block nor run on.
-    """
-    skip = {"config.json", INDEX, *SIDECARS, *ckpt.shards}
-    out: list[tuple[Path, Path, int]] = []
-
-    def walk(folder: Path, rel: Path) -> None:
-        with io_errors(folder):
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        for entry in entries:
-            if folder == ckpt.root and entry.name in skip:
-                continue
-            path = Path(entry.path)
-            with io_errors(path):
-                if entry.is_dir(follow_symlinks=False):
-                    walk(path, rel / entry.name)
-                    continue
-                st = os.stat(path)  # follows links: ENOENT for a dangling one, ELOOP for a loop
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a link to a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
-                raise CheckpointError(f"{path}: is {kind}; packq copies regular files and real folders only")
-            out.append((rel / entry.name, path, st.st_size))
-
-    walk(ckpt.root, Path())
-    return out
-
-
-@dataclass
-class Job:
-    """What one conversion decided before writing anything."""
-
-    ckpt: Checkpoint
-    to: str
-    convert: Converter
-    target: Target  # to GPTQ: format, v1 convention, rebias; to AWQ: the source's format
-    read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
-    symmetric: bool = False  # to compressed-tensors: every zero-point is 2**(bits-1), so none are stored
-
-    @property
-    def source(self) -> CheckpointFormat:
-        return FORMATS[self.ckpt.format.kind]
-
-    @property
-    def output(self) -> CheckpointFormat:
-        return FORMATS[self.to]
-
-    def read(self, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
-        """A module's qweight or qzeros in the AWQ or GPTQ layout: from ``f`` (the shard being written) when
-        it holds it, else from its own shard; made where the source stores none (symmetric zeros)."""
-        if f is not None and part in m.names and f.path == self.ckpt.shards[m.files[part]].path:
-            return stored_to_canonical(m, part, f.array(m.names[part]))
-        return module_array(self.ckpt, m, part)
-
-    @property
-    def gptq_format(self) -> str | None:
-        """The checkpoint_format of the GPTQ side: the one written, or the one read; None without one."""
-        if self.to == "gptq":
-            return self.target.checkpoint_format
-        return self.ckpt.format.checkpoint_format if self.ckpt.format.method == "gptq" else None
-
-    @property
-    def v1_zeros(self) -> str | None:
-        """How the GPTQ side stores v1 zeros ("field" or "word"), written or read; None for v2."""
-        if self.gptq_format != "gptq":
-            return None
-        if self.to == "gptq":
-            return self.target.convention
-        return WORD if self.read_word else FIELD
-
-
-class Converter:
-    """Per-tensor conversions on one backend; NumPy arrays in, NumPy arrays out."""
-
-    def __init__(self, backend: str) -> None:
-        if backend == "numpy":
-            self.be = backends.for_arrays(x=np.zeros(1))
-            self.to_backend: Callable[[np.ndarray], Any] = lambda a: a
-        elif backend == "jax":
-            try:
-                import jax.numpy as jnp
-            except ImportError:
-                raise CheckpointError("backend 'jax' needs JAX: pip install 'packq[jax]'") from None
-            self.be = backends.for_arrays(x=jnp.zeros(1))
-            self.to_backend = jnp.asarray
-        else:
-            raise CheckpointError(f"backend must be 'numpy' or 'jax', got {backend!r}")
-
-    def __call__(self, fn: Callable[..., Any], words: np.ndarray, **static: Any) -> np.ndarray:
-        if words.dtype == np.uint32:
-            words = words.view(np.int32)
-        return np.asarray(self.be.run(fn, self.to_backend(words), **static))
-
-
-def _plan(job: Job) -> dict[str, list[tuple[str, str, Module | None]]]:
-    """For every shard, the output tensors in order: (name, action, module or None), as the target format makes them."""
-    by_tensor = {name: (m, p) for m in job.ckpt.modules.values() for p, name in m.names.items()}
-    plan: dict[str, list[tuple[str, str, Module | None]]] = {}
-    for fname, shard in job.ckpt.shards.items():
-        out: list[tuple[str, str, Module | None]] = []
-        for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
-            module, part = by_tensor.get(t.name, (None, None))
-            if module is None or part is None:
-                out.append((t.name, "copy", None))
-                continue
-            out += [(f"{module.prefix}.{name}", action, module) for name, action in job.output.outputs(job, module, part)]
-        plan[fname] = out
-    return plan
-
-
-def _out_entry(job: Job, shard: SafetensorsFile, name: str, action: str, m: Module | None):
-    """(name, dtype, shape, nbytes) of an output tensor, known before any conversion."""
-    if action == "copy":  # a tensor kept as it is: not a module's, or a module's part under the same name
-        t = shard.tensors[name if m is None else m.names[name.rsplit(".", 1)[-1]]]
-        return name, t.dtype, t.shape, t.nbytes
-    assert m is not None
-    dtype, shape = job.output.entry(job, m, action)
-    return name, dtype, shape, ITEMSIZE[dtype] * int(np.prod(shape))
 
 
 def convert_checkpoint(
@@ -289,57 +153,28 @@ def convert_checkpoint(
     check_v1_readable(ckpt, report)
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
     read_word = report.convention == WORD and fmt == "gptq"
+    source, output = FORMATS[ckpt.format.kind], FORMATS[to]
     if to == "gptq":
-        job = Job(ckpt, to, convert, plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact), read_word)
+        target = plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact)
     else:  # to AWQ, compressed-tensors or a float dtype
-        job = Job(ckpt, to, convert, Target(fmt), read_word, symmetric=report.symmetric)
+        target = Target(fmt)
+    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric)
     checkpoint_format = job.gptq_format
-    plan = _plan(job)
-    entries = {f: [_out_entry(job, ckpt.shards[f], *item) for item in items] for f, items in plan.items()}
-    for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
-        header_for(es, ckpt.shards[fname].metadata, dst / fname)
-    extra = _extra_files(ckpt)
+    container = CONTAINERS[output.container]
+    plan = container.plan(job, dst)  # every output name, header and file decided and checked: nothing written yet
 
-    bar = Progress(sum(e[3] for es in entries.values() for e in es), "converting", progress)
+    bar = Progress(plan.nbytes, "converting", progress)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once
     # loaded, 2 cores); until it is loaded, or on small ones, the ufuncs convert
     large = sum(m.infos["qweight"].nbytes for m in ckpt.modules.values()) > KERNELS_FROM_BYTES
     try:
-        with Destination(dst, force) as out, deferred_kernels(load=large):
-            tmp = out.tmp
-            # each shard is fsynced on a thread of its own while the next one is written
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-fsync") as syncer:
-                synced = []
-                try:
-                    for fname, items in plan.items():
-                        writer = _write_shard(job, fname, items, entries[fname], tmp / fname, bar)
-                        synced.append(syncer.submit(writer.close))
-                finally:  # every file closed before DST is committed or cleared; the first error raised
-                    for fut in synced:
-                        fut.exception()
-                for fut in synced:
-                    fut.result()
-            for rel, path, size in extra:
-                if len(rel.parts) > 1:
-                    with io_errors(tmp / rel.parent):
-                        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
-                copy_durable(path, tmp / rel, size)
-            config = json.loads(json.dumps(ckpt.config))
-            job.output.config(job, config)
-            write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-            for name in SIDECARS:  # engines read these before config.json: they must state the new format too
-                if (ckpt.root / name).exists() and job.output.sidecars:  # (others drop them)
-                    sidecar = json.dumps(config["quantization_config"], indent=2) + "\n"
-                    write_durable(tmp / name, sidecar.encode())
-            if ckpt.index is not None:
-                _write_index(ckpt, tmp, entries)
+        with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(load=large):
+            container.write(job, plan, out.tmp, bar)
             bar.close()
-            verified: bool | None
+            verified: bool | None = None
             if verify:
-                verified = _verify(job, tmp, progress)
-            else:
-                verified = None
+                verified = _verify(job, container, plan, out.tmp, progress)
             out.commit()
     finally:
         bar.close()
@@ -349,8 +184,8 @@ def convert_checkpoint(
         "src": str(given), "resolved": str(src), "dst": str(dst), "from": ckpt.format.name, "to": to,
         "checkpoint_format": checkpoint_format if to == "gptq" else None, "backend": backend,
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
-        "tensors_in": ckpt.tensor_count(), "tensors_out": sum(len(e) for e in entries.values()),
-        "bytes_in": ckpt.total_bytes(), "bytes_out": sum(e[3] for es in entries.values() for e in es),
+        "tensors_in": ckpt.tensor_count(), "tensors_out": plan.tensors,
+        "bytes_in": ckpt.total_bytes(), "bytes_out": plan.nbytes,
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
@@ -367,84 +202,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _units(job: Job, f: Reader, items, entries) -> list[tuple[int, Piece]]:
-    """The pieces of a shard's output tensors in file order, each with its output tensor's index in the shard."""
-    units: list[tuple[int, Piece]] = []
-    for i, ((name, action, m), entry) in enumerate(zip(items, entries)):
-        if action == "copy":  # not a module's tensor, or a module's part kept under its name
-            stored = name if m is None else m.names[name.rsplit(".", 1)[-1]]
-            pieces = [Piece(entry[3], copy=(stored, 0))]
-        else:
-            pieces = job.output.pieces(job, f, m, action) or [
-                Piece(entry[3], make=functools.partial(_tensor, job, f, name, action, m))]
-        units += [(i, piece) for piece in pieces]
-    return units
-
-
-def _write_shard(job: Job, fname: str, items, entries, path: Path, bar: Progress) -> SafetensorsWriter:
-    """Write one output shard, piece by piece; later pieces convert on a worker thread while earlier ones are written.
-
-    Returns the writer with every tensor written and the file not yet fsynced: the caller syncs it
-    while the next shard is written (``SafetensorsWriter.close``), or aborts it.
-    """
-    with job.ckpt.shards[fname].open() as f, ThreadPoolExecutor(max_workers=1) as pool:
-        units = _units(job, f, items, entries)
-        pending: dict[int, Future[np.ndarray]] = {}
-        # converted pieces waiting to be written take at most LOOKAHEAD times the largest piece, so that
-        # the next large one converts while smaller ones are written, and memory stays bounded
-        budget, nxt = LOOKAHEAD * max((p.nbytes for _, p in units if p.make is not None), default=0), 0
-
-        def fill() -> None:
-            nonlocal nxt
-            while nxt < len(units):
-                piece = units[nxt][1]
-                if piece.make is not None:
-                    if pending and sum(units[j][1].nbytes for j in pending) + piece.nbytes > budget:
-                        return
-                    pending[nxt] = pool.submit(piece.make)
-                nxt += 1
-
-        writer = SafetensorsWriter(path, entries, f.metadata)
-        try:
-            fill()
-            for k, (i, piece) in enumerate(units):
-                if k == 0 or units[k - 1][0] != i:
-                    writer.start(entries[i][0], entries[i][3])
-                if piece.copy is not None:
-                    writer.append_copy(f, piece.copy[0], piece.copy[1], piece.nbytes)
-                else:
-                    data = pending.pop(k).result()
-                    fill()  # the next pieces convert while this one is written
-                    writer.append(data)
-                    del data
-                if k + 1 == len(units) or units[k + 1][0] != i:
-                    writer.end()
-                bar.update(piece.nbytes)
-            writer.finish()
-            return writer
-        except BaseException:
-            for fut in pending.values():
-                fut.cancel()
-            writer.abort()
-            raise
-
-
-def _tensor(job: Job, f: Reader, name: str, action: str, m: Module) -> np.ndarray:
-    """The output tensor ``name``, made by the target format."""
-    return job.output.tensor(job, f, m, action)
-
-
-def _write_index(ckpt: Checkpoint, tmp: Path, entries: dict[str, list[tuple]]) -> None:
-    assert ckpt.index is not None
-    index = json.loads(json.dumps(ckpt.index))
-    index.setdefault("metadata", {})["total_size"] = sum(e[3] for es in entries.values() for e in es)
-    index["weight_map"] = {e[0]: fname for fname, es in entries.items() for e in es}
-    write_durable(tmp / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-
-
 # ------------------------------------------------------------------ verify
-def _verify(job: Job, out: Path, progress: bool | None) -> bool:
-    """The target format compares every module of the result with the source, with a progress bar."""
+def _verify(job: Job, container: Any, plan: Any, out: Path, progress: bool | None) -> bool:
+    """The target's container reads the result back and compares every module with the source, with a progress bar."""
     bar = Progress(len(job.ckpt.modules), "verifying", progress)
 
     def each(check: Callable[[str], None]) -> None:
@@ -452,6 +212,6 @@ def _verify(job: Job, out: Path, progress: bool | None) -> bool:
             check(prefix)
             bar.update(1)
 
-    job.output.verify(job, out, each)
+    container.verify(job, plan, out, each)
     bar.close()
     return True

@@ -191,20 +191,21 @@ def remove(path: Path) -> None:
 
 
 class Destination:
-    """An exclusive claim on DST, and the hidden folder its result is built in.
+    """An exclusive claim on DST, and the hidden folder (or, ``single_file``, file) its result is built in.
 
-    Use as a context manager; call :meth:`commit` once the hidden folder
-    (``tmp``) is complete. Leaving the block without commit removes it.
+    Use as a context manager; call :meth:`commit` once the hidden folder or file
+    (``tmp``) is complete. Leaving the block without commit removes it. For a
+    single file, ``tmp`` is a path that does not exist yet: the caller creates it.
     """
 
     #: set to False (tests) to use the two-rename fallback instead of renameat2
     use_renameat2 = True
 
-    def __init__(self, dst: Path, force: bool) -> None:
+    def __init__(self, dst: Path, force: bool, *, single_file: bool = False) -> None:
         name = dst.name
         if name in ("", ".", ".."):
-            raise CheckpointError(f"DST must name a folder to create, got {str(dst)!r}")
-        self.dst, self.force = dst, force
+            raise CheckpointError(f"DST must name a {'file' if single_file else 'folder'} to create, got {str(dst)!r}")
+        self.dst, self.force, self.single_file = dst, force, single_file
         self.parent = dst.parent
         # short fixed names, whatever DST's length: a 255-byte DST name still fits
         tag = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
@@ -226,7 +227,8 @@ class Destination:
                     remove(stale)
                 if _exists(self.dst) and not self.force:
                     raise CheckpointError(f"DST {self.dst} already exists; pass --force (force=True) to replace it")
-                self.tmp.mkdir()
+                if not self.single_file:
+                    self.tmp.mkdir()
         except BaseException:
             self._release()
             raise
@@ -263,8 +265,8 @@ class Destination:
             self._fd = None
 
     def commit(self) -> None:
-        """Put the complete hidden folder in place as DST: one atomic rename where the system allows."""
-        fsync_tree(self.tmp)
+        """Put the complete hidden folder or file in place as DST: one atomic rename where the system allows."""
+        fsync_tree(self.tmp)  # (a single file was fsynced by its writer: nothing to walk)
         fsync_dir(self.parent)
         with io_errors(self.dst):
             if not _exists(self.dst):

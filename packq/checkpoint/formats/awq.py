@@ -16,7 +16,7 @@ from packq.errors import CheckpointError
 from packq.formats import awq
 
 if TYPE_CHECKING:
-    from packq.checkpoint.convert import Job
+    from packq.checkpoint.job import Job
 
 
 def awq_weights(a: dict[str, np.ndarray]) -> np.ndarray:

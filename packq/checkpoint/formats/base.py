@@ -3,8 +3,11 @@
 A format reads (recognises its config, finds and checks each module's tensors, dequantizes a
 module as its producers meant it) and writes (the tensors a module becomes, their headers, the
 tensors themselves, the config block, how to read the result back to verify it). The conversion
-(``packq.checkpoint.convert``) only asks the source and the target formats; the tensor relayouts
-they call live in the array-API core (``packq.formats``).
+(``packq.checkpoint.convert``) only asks the source and the target formats, and the target's
+container (``packq.checkpoint.containers``: a safetensors folder, a GGUF file) says how the tensors
+sit on disk; the tensor relayouts they call live in the array-API core (``packq.formats``). Formats
+import neither the containers nor the conversion: what a conversion decided comes in as a
+:class:`~packq.checkpoint.job.Job`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from packq.errors import CheckpointError
 from packq.formats.gptq import dequantize_grouped
 
 if TYPE_CHECKING:
-    from packq.checkpoint.convert import Job
+    from packq.checkpoint.job import Job
 
 #: (stored name, action): one output tensor of a module
 Output = tuple[str, str]
@@ -69,6 +72,8 @@ class CheckpointFormat:
     why_not_act_order: ClassVar[str] = ""
     #: rewrite quantize_config.json / quant_config.json too (engines read them before config.json); else drop them
     sidecars: ClassVar[bool] = False
+    #: the container the format is written in (a name in ``packq.checkpoint.containers.CONTAINERS``)
+    container: ClassVar[str] = "safetensors"
 
     # ------------------------------------------------------------ reading
     def recognises(self, q: dict[str, Any]) -> bool:
@@ -116,9 +121,7 @@ class CheckpointFormat:
 
     def verify(self, job: Job, out: Path, check_each) -> None:
         """Compare every module of the result in ``out`` with the source, bit for bit; raise on the first difference."""
-        from packq.checkpoint.folder import open_checkpoint
-
-        result = open_checkpoint(out)
+        result = job.open(out)
 
         def check(prefix: str) -> None:
             got = self.result_weights(job, result, prefix)

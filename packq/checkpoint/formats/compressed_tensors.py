@@ -23,7 +23,7 @@ from packq.formats import awq
 from packq.formats import compressed_tensors as ct
 
 if TYPE_CHECKING:
-    from packq.checkpoint.convert import Job
+    from packq.checkpoint.job import Job
 
 NAME = "compressed-tensors"
 #: stored tensor -> the GPTQ part it holds (transposed); weight_shape is checked

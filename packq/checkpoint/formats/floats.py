@@ -16,7 +16,7 @@ from packq.errors import CheckpointError
 from packq.formats.engines import WORD
 
 if TYPE_CHECKING:
-    from packq.checkpoint.convert import Job
+    from packq.checkpoint.job import Job
 
 
 def to_float(w: np.ndarray, dtype: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from packq.formats import awq, gptq
 from packq.formats.engines import ENGINES, FIELD, WORD, read_v1
 
 if TYPE_CHECKING:
-    from packq.checkpoint.convert import Job
+    from packq.checkpoint.job import Job
 
 
 # ---------------------------------------------------------------- reading a GPTQ-layout source's zeros
