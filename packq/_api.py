@@ -8,13 +8,16 @@ e.g. the experts of a mixture-of-experts layer).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
+
+from numpy import dtype as np_dtype
 
 from packq import _validate as V
 from packq import backends
 from packq.core import bits as B
-from packq.formats import awq, gptq
+from packq.formats import awq, gptq, mlx
 from packq.formats import compressed_tensors as ct
 from packq.formats.awq import AWQ_PACK_ORDER, REVERSE_AWQ_PACK_ORDER
 
@@ -22,12 +25,17 @@ __all__ = [
     "AWQ_PACK_ORDER",
     "REVERSE_AWQ_PACK_ORDER",
     "apply_order",
+    "awq_to_mlx",
     "compressed_tensors_to_gptq",
+    "compressed_tensors_to_mlx",
     "dequantize_awq",
     "dequantize_gptq",
+    "dequantize_mlx",
     "fast_awq_to_gptq",
     "gptq_to_awq",
     "gptq_to_compressed_tensors",
+    "gptq_to_mlx",
+    "mlx_to_gptq",
     "pack",
     "unpack",
     "zeros_v1_to_v2",
@@ -659,3 +667,338 @@ def compressed_tensors_to_gptq(
         )
     be = backends.for_arrays(weight_packed=weight_packed, weight_zero_point=weight_zero_point, weight_scale=weight_scale)
     return be.run(ct.to_gptq, _words_in(be, weight_packed), _words_in(be, weight_zero_point), weight_scale)
+
+
+# ------------------------------------------------------------------ MLX affine
+def _mlx_dtype(be: backends.Backend, dtype: Any) -> Any:
+    """The float dtype (a name, or any library's dtype) as the input's own library's dtype."""
+    name = "float32" if dtype is None else dtype if isinstance(dtype, str) else V.dtype_name(dtype)
+    if name not in mlx.DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 (MLX's scales and biases), got {name!r}")
+    native = getattr(be.xp, name, None)
+    if native is None and name == "bfloat16" and be.name in ("numpy", "jax", "torch"):
+        native = dtype if not isinstance(dtype, str) else None
+        if native is None and be.name == "numpy":
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise TypeError("dtype bfloat16 on NumPy arrays needs ml_dtypes (pip install ml_dtypes)") from None
+            native = np_dtype(ml_dtypes.bfloat16)
+        elif native is None:
+            native = importlib.import_module("jax.numpy" if be.name == "jax" else "torch").bfloat16
+    if native is None:
+        raise TypeError(f"dtype must be a float dtype that {_library_name(be)} computes with, got {name}")
+    return native
+
+
+def _check_group_size(k: int, groups: int) -> None:
+    g = k // groups
+    if g not in mlx.GROUP_SIZES:
+        got = f"one group over all K = {k} (per-channel)" if groups == 1 else f"{g} ({groups} groups of K = {k})"
+        raise ValueError(f"the group size must be one MLX's affine mode has ({', '.join(map(str, mlx.GROUP_SIZES))}), got {got}")
+
+
+def gptq_to_mlx(qweight: Array, qzeros: Array, scales: Array, *, bits: int = 4, dtype: Any = None) -> tuple[Array, Array, Array]:
+    """GPTQ tensors with v2 zeros to MLX's affine ``nn.QuantizedLinear`` (weight, scales, biases).
+
+    MLX packs each output row's K values from the lowest bits up as one little-endian bit stream,
+    as GPTQ packs each column's: ``weight`` is qweight transposed, bit for bit, at every width.
+    ``biases`` are -scales * z, computed in float32 and rounded once to ``dtype``.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K * bits / 32, N)
+    qzeros : array of int32 or uint32, shape (..., G, N * bits / 32)
+        v2 zeros (z itself; checkpoint_format "gptq_v2"); convert v1 with :func:`zeros_v1_to_v2`
+        in the convention its producer wrote.
+    scales : array of float, shape (..., G, N)
+    bits : {2, 3, 4, 8}
+    dtype : {"float32", "float16", "bfloat16"} or a dtype, optional
+        MLX's scales and biases. Default float32: from float16 or bfloat16 scales, -s * z and
+        MLX's s * q + b are then exact on every MLX backend, so MLX computes exactly
+        (q - z) * s. float16/bfloat16 are MLX's faster form, where MLX's arithmetic rounds
+        (see :func:`dequantize_mlx`). bfloat16 on NumPy needs ml_dtypes.
+
+    Returns
+    -------
+    weight : int32, (..., N, K * bits / 32)
+        MLX stores it as uint32: the same bits (``.view(np.uint32)``).
+    scales, biases : ``dtype``, (..., N, G)
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of the right kind, or ``dtype`` is not a float dtype of its library.
+    ValueError
+        For shapes that do not fit together at ``bits``, or a group size MLX lacks (it has 32, 64, 128).
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight = np.arange(4 * 8, dtype=np.int32).reshape(4, 8)        # K = 32, N = 8
+    >>> qzeros = np.full((1, 1), 0x88888888 - 2**32, dtype=np.int32)   # every z = 8
+    >>> w, s, b = packq.gptq_to_mlx(qweight, qzeros, np.full((1, 8), 0.5, np.float16))
+    >>> w.shape, bool((w == qweight.T).all()), s.dtype, b[0, 0]
+    ((8, 4), True, dtype('float32'), np.float32(-4.0))
+    """
+    bits = V.bits(bits)
+    k = _check_gptq_pair(qweight, qzeros, bits)
+    _check_scales(scales, V.shape_of(qzeros)[-2], V.shape_of(qweight)[-1], qweight, "qweight")
+    _check_group_size(k, V.shape_of(qzeros)[-2])
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)
+    return be.run(mlx.from_gptq, _words_in(be, qweight), _words_in(be, qzeros), scales, bits=bits, dtype=_mlx_dtype(be, dtype))
+
+
+def awq_to_mlx(qweight: Array, qzeros: Array, scales: Array, *, dtype: Any = None) -> tuple[Array, Array, Array]:
+    """AWQ gemm tensors to MLX's affine (weight, scales, biases): AWQ's interleave undone, then as :func:`gptq_to_mlx`.
+
+    Parameters
+    ----------
+    qweight : array of int32 or uint32, shape (..., K, N/8)
+    qzeros : array of int32 or uint32, shape (..., G, N/8)
+    scales : array of float, shape (..., G, N)
+    dtype : {"float32", "float16", "bfloat16"} or a dtype, optional
+        As for :func:`gptq_to_mlx`; default float32 (exact on every MLX backend).
+
+    Returns
+    -------
+    weight : int32, (..., N, K/8)
+    scales, biases : ``dtype``, (..., N, G)
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fast_awq_to_gptq` and :func:`gptq_to_mlx` raise them.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> qweight = np.full((32, 1), 0x75316420, dtype=np.int32)  # AWQ order of columns 0..7, K = 32
+    >>> qzeros = np.full((1, 1), 0x22222222, dtype=np.int32)
+    >>> w, s, b = packq.awq_to_mlx(qweight, qzeros, np.full((1, 8), 0.5, np.float16))
+    >>> w.shape, [hex(x) for x in w.view(np.uint32)[:3, 0]], b[:3, 0]
+    ((8, 4), ['0x0', '0x11111111', '0x22222222'], array([-1., -1., -1.], dtype=float32))
+    >>> packq.dequantize_mlx(w, s, b, bits=4)[:3, 0]  # (q - z) * s for q = 0, 1, 2
+    array([-1. , -0.5,  0. ], dtype=float32)
+    """
+    _check_awq_pair(qweight, qzeros, 4)
+    w, z = V.shape_of(qweight), V.shape_of(qzeros)
+    _check_scales(scales, z[-2], w[-1] * 8, qweight, "qweight")
+    _check_group_size(w[-2], z[-2])
+    be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales)
+    return be.run(mlx.from_awq, _words_in(be, qweight), _words_in(be, qzeros), scales, dtype=_mlx_dtype(be, dtype))
+
+
+def compressed_tensors_to_mlx(
+    weight_packed: Array, weight_zero_point: Array | None, weight_scale: Array, *, bits: int = 4, dtype: Any = None
+) -> tuple[Array, Array, Array]:
+    """compressed-tensors ``pack-quantized`` tensors to MLX's affine (weight, scales, biases).
+
+    ``weight_packed`` (N, K*b/32) is already MLX's weight, bit for bit; the zero points
+    (N*b/32, G), packed along N, are unpacked and become biases -s * z as in :func:`gptq_to_mlx`.
+
+    Parameters
+    ----------
+    weight_packed : array of int32 or uint32, shape (..., N, K * bits / 32)
+    weight_zero_point : array of int32 or uint32, shape (..., N * bits / 32, G), or None
+        None for a symmetric scheme (no zero points stored: every one is 2**(bits-1)).
+    weight_scale : array of float, shape (..., N, G)
+    bits : {2, 3, 4, 8}
+    dtype : {"float32", "float16", "bfloat16"} or a dtype, optional
+        As for :func:`gptq_to_mlx`; default float32.
+
+    Returns
+    -------
+    weight : int32, (..., N, K * bits / 32)
+    scales, biases : ``dtype``, (..., N, G)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong kind or shape, or a group size MLX lacks.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> wp = np.arange(8 * 4, dtype=np.int32).reshape(8, 4)   # N = 8, K = 32
+    >>> w, s, b = packq.compressed_tensors_to_mlx(wp, None, np.full((8, 1), 0.25, np.float16), dtype="float16")
+    >>> bool((w == wp).all()), b.dtype, float(b[0, 0])
+    (True, dtype('float16'), -2.0)
+    """
+    bits = V.bits(bits)
+    V.words(weight_packed, "weight_packed")
+    V.array(weight_scale, "weight_scale")
+    V.floating(weight_scale, "weight_scale")
+    wp, ws = V.shape_of(weight_packed), V.shape_of(weight_scale)
+    n_values, n_words = B.layout(bits)
+    if len(ws) != len(wp) or ws[:-1] != wp[:-1] or wp[-1] % n_words or wp[-2] % n_values:
+        raise ValueError(
+            f"weight_packed (..., N, K * {bits} / 32) and weight_scale (..., N, G) must share N and their leading "
+            f"dimensions, with N a multiple of {n_values} and K * {bits} / 32 of {n_words}, got shapes {wp!r} and {ws!r}"
+        )
+    k, groups = wp[-1] * n_values // n_words, ws[-1]
+    if groups == 0 or k % groups:
+        raise ValueError(f"weight_scale must have G columns with G dividing K = {k}, got shape {ws!r}")
+    _check_group_size(k, groups)
+    if weight_zero_point is not None:
+        V.words(weight_zero_point, "weight_zero_point")
+        zp = V.shape_of(weight_zero_point)
+        if zp != (*wp[:-2], wp[-2] * n_words // n_values, groups):
+            raise ValueError(f"weight_zero_point must have shape {(*wp[:-2], wp[-2] * n_words // n_values, groups)!r}, "
+                             f"got shape {zp!r}")
+    be = backends.for_arrays(weight_packed=weight_packed, weight_zero_point=weight_zero_point, weight_scale=weight_scale)
+    zero = None if weight_zero_point is None else _words_in(be, weight_zero_point)
+    return be.run(mlx.from_compressed_tensors, _words_in(be, weight_packed), zero, weight_scale, bits=bits,
+                  dtype=_mlx_dtype(be, dtype))
+
+
+def _check_mlx(weight: Array, scales: Array, biases: Array, bits: int) -> tuple[int, int, int]:
+    """Check MLX (weight, scales, biases) shapes; return (N, K, G)."""
+    V.words(weight, "weight")
+    for x, name in ((scales, "scales"), (biases, "biases")):
+        V.array(x, name)
+        V.floating(x, name)
+    w, s, b = V.shape_of(weight), V.shape_of(scales), V.shape_of(biases)
+    n_values, n_words = B.layout(bits)
+    if s != b or len(s) != len(w) or s[:-1] != w[:-1]:
+        raise ValueError(f"scales and biases must both have shape (..., N, G) with weight's (..., N), got shapes "
+                         f"{w!r}, {s!r} and {b!r}")
+    if w[-1] % n_words:
+        raise ValueError(f"weight must have a multiple of {n_words} columns ({_period(bits)}), got shape {w!r}")
+    k = w[-1] * n_values // n_words
+    if s[-1] == 0 or k % s[-1]:
+        raise ValueError(f"scales must have G columns with G dividing K = {k}, got shape {s!r}")
+    return w[-2], k, s[-1]
+
+
+def mlx_to_gptq(weight: Array, scales: Array, biases: Array, *, bits: int = 4, dtype: Any = None) -> tuple[Array, Array, Array]:
+    """MLX's affine (weight, scales, biases) back to GPTQ with v2 zeros, where that loses nothing.
+
+    The exact inverse of :func:`gptq_to_mlx`: qweight is weight transposed, and the zero-points are
+    z = -biases / scales, which must be integers in [0, 2**bits) such that the biases are exactly
+    what :func:`gptq_to_mlx` writes for them; where they are not (MLX's own ``mx.quantize`` writes
+    biases that are no multiple of the scales), this raises instead of rounding.
+
+    Parameters
+    ----------
+    weight : array of int32 or uint32, shape (..., N, K * bits / 32)
+    scales, biases : arrays of float, shape (..., N, G)
+    bits : {2, 3, 4, 8}
+    dtype : {"float32", "float16", "bfloat16"} or a dtype, optional
+        The GPTQ scales' dtype; default: the scales' own. Narrowing must be exact.
+
+    Returns
+    -------
+    qweight : int32, (..., K * bits / 32, N)
+    qzeros : int32, (..., G, N * bits / 32)
+        v2 zeros; :func:`zeros_v2_to_v1` gives v1.
+    scales : ``dtype``, (..., G, N)
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of the right kind.
+    ValueError
+        For shapes that do not fit, or (concrete arrays) biases that are not -scales * z for
+        integer zero-points z in [0, 2**bits), or scales that ``dtype`` does not hold exactly.
+        Inside ``jax.jit`` the values cannot be read, and are not checked.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> rng = np.random.default_rng(0)
+    >>> qweight = rng.integers(-2**31, 2**31, (8, 16)).astype(np.int32)  # K = 64, N = 16
+    >>> qzeros = rng.integers(-2**31, 2**31, (1, 2)).astype(np.int32)
+    >>> scales = rng.random((1, 16)).astype(np.float16)
+    >>> back = packq.mlx_to_gptq(*packq.gptq_to_mlx(qweight, qzeros, scales), dtype="float16")
+    >>> all(a.tobytes() == b.tobytes() for a, b in zip(back, (qweight, qzeros, scales)))
+    True
+    """
+    bits = V.bits(bits)
+    n, k, groups = _check_mlx(weight, scales, biases, bits)
+    be = backends.for_arrays(weight=weight, scales=scales, biases=biases)
+    out_dtype = _mlx_dtype(be, dtype if dtype is not None else V.dtype_name(scales.dtype))
+    qweight, qzeros, gscales = be.run(mlx.to_gptq, _words_in(be, weight), scales, biases, bits=bits, dtype=out_dtype)
+    if be.is_concrete(scales) and be.is_concrete(biases):
+        xp = be.xp
+        z = be.run(mlx.zero_points_of, scales, biases, bits=bits)
+        again = be.run(mlx.biases_of, scales, z, dtype=biases.dtype)
+        bad = int(xp.sum(xp.astype(again != biases, xp.int32)))
+        if bad:
+            raise ValueError(
+                f"biases must be -scales * z for integer zero-points z in [0, {(1 << bits) - 1}] to convert to GPTQ "
+                f"without loss; {bad} of the {n * groups} (row, group) pairs are not"
+            )
+        if dtype is not None and V.dtype_name(out_dtype) != V.dtype_name(scales.dtype):
+            back = xp.astype(xp.astype(scales, out_dtype), scales.dtype)
+            lost = int(xp.sum(xp.astype(back != scales, xp.int32)))
+            if lost:
+                raise ValueError(f"dtype {V.dtype_name(out_dtype)} must hold the scales exactly; {lost} of them round")
+    return qweight, qzeros, gscales
+
+
+def dequantize_mlx(weight: Any, scales: Any, biases: Any, *, bits: int = 4, arithmetic: str = "cpu") -> Any:
+    """MLX's affine weights w = scales * q + biases, computed as MLX computes them on one of its backends (NumPy).
+
+    ``"cpu"`` reproduces mlx's CPU backend bit for bit (``mx.dequantize``, checked against mlx 0.32.4):
+    q * scales rounded to the scales' dtype, then + biases, rounded again. ``"metal"`` reproduces what
+    mlx's Metal kernels compute (read in mlx's ``quantized.h``): scales * q + biases in float32, rounded
+    once to the scales' dtype. With float32 scales and biases the two agree. Count the weights a
+    conversion changes by comparing with the source's own dequantization.
+
+    Parameters
+    ----------
+    weight : NumPy array of int32 or uint32, shape (..., N, K * bits / 32)
+    scales, biases : NumPy arrays of float16, bfloat16 (ml_dtypes) or float32, shape (..., N, G)
+    bits : {2, 3, 4, 8}
+    arithmetic : {"cpu", "metal"}
+
+    Returns
+    -------
+    NumPy array of the scales' dtype, shape (..., N, K)
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a NumPy array of the right dtype, or scales and biases differ in dtype.
+    ValueError
+        For shapes that do not fit, or an unknown ``arithmetic``.
+
+    Examples
+    --------
+    >>> import numpy as np, packq
+    >>> w = np.full((1, 4), 0x99999999, dtype=np.uint32)                # K = 32 values q = 9
+    >>> s = np.full((1, 1), 0.1, np.float16)                            # 0.0999755859375
+    >>> b = -8 * s                                                      # z = 8: -8 * s is exact
+    >>> float(s[0, 0])                                                  # (q - z) * s, the source's weight
+    0.0999755859375
+    >>> float(packq.dequantize_mlx(w, s, b)[0, 0])                      # CPU: 9 * s rounds first
+    0.10009765625
+    >>> float(packq.dequantize_mlx(w, s, b, arithmetic="metal")[0, 0])  # Metal: float32, rounded once
+    0.0999755859375
+    >>> float(packq.dequantize_mlx(w, s.astype(np.float32), b.astype(np.float32))[0, 0])  # float32: exact
+    0.0999755859375
+    """
+    import numpy as np
+
+    for x, name in ((weight, "weight"), (scales, "scales"), (biases, "biases")):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array (dequantize_mlx reproduces MLX's arithmetic in NumPy), "
+                            f"got {type(x).__name__}")
+    bits = V.bits(bits)
+    _check_mlx(weight, scales, biases, bits)
+    if arithmetic not in mlx.ARITHMETIC:
+        raise ValueError(f"arithmetic must be 'cpu' or 'metal', got {arithmetic!r}")
+    name = V.dtype_name(scales.dtype)
+    if V.dtype_name(biases.dtype) != name:
+        raise TypeError(f"scales and biases must have the same dtype (MLX computes in it), got {name} and "
+                        f"{V.dtype_name(biases.dtype)}")
+    be = backends.for_arrays(weight=weight)
+    q = np.asarray(be.run(B.unpack, _words_in(be, weight), direction="column", bits=bits)).astype(np.int16)
+    if name == "bfloat16":  # widened through the bits: no ml_dtypes arithmetic needed
+        def wide(x: np.ndarray) -> np.ndarray:
+            return (x.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+        w = mlx.dequantize(q, wide(scales), wide(biases), name, arithmetic)
+        return (w.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(scales.dtype)
+    return mlx.dequantize(q, scales, biases, name, arithmetic)

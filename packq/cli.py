@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPTQ zero storage: gptq = z - 1 (v1), gptq_v2 = z; default: what --for loads exactly, else gptq")
     c.add_argument("--allow-inexact", action="store_true",
                    help="with --for: write even where no encoding is exact in that engine, and report the error")
+    c.add_argument("--mlx-scales", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="--to mlx: dtype of the scales and biases (default float32: exact on every MLX backend); "
+                        "float16/bfloat16 run faster in MLX, and packq reports how many weights MLX then computes differently")
     c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
     c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
     c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
@@ -63,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_convert(s: dict[str, Any]) -> None:
-    target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm",
+    target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm", "mlx": "MLX affine",
               "compressed-tensors": "compressed-tensors pack-quantized"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
     print(f"converted {s['from']} -> {target}{engine}")
@@ -74,10 +77,22 @@ def _print_convert(s: dict[str, Any]) -> None:
               f"largest weight error {s['max_weight_error']:.6g}")
     print(f"  {s['modules']} quantized modules in {s['shards']} shard(s); "
           f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
+    if "mlx" in s:
+        _print_mlx(s["mlx"])
     if s["verified"]:
-        reader = s["for"] or "packq"
+        reader = "MLX's CPU and Metal arithmetic" if "mlx" in s else s["for"] or "packq"
         print(f"  verified: every module dequantizes, as {reader} reads it, to the same bits as the source")
     print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
+
+
+def _print_mlx(x: dict[str, Any]) -> None:
+    print(f"  MLX scales and biases: {x['scales']} ({_size(x['scales_biases_bytes'])}; source scales {x['source_dtype']})")
+    for backend, n in x["differing"].items():
+        share = f" ({100 * n / x['weights']:.2g}%)" if n else ""
+        verdict = "exact: every weight as the source's" if not n else (
+            f"{n} of {x['weights']} weights{share} differ from the source's, in {len(x['modules_differing'][backend])} modules")
+        print(f"    {'Metal' if backend == 'metal' else 'CPU':<5} {verdict}")
+    print(f"    {x['note']}")
 
 
 def _print_inspect(s: dict[str, Any]) -> None:
@@ -108,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                 v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
-                revision=args.revision,
+                revision=args.revision, mlx_scales=args.mlx_scales,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         elif args.command == "formats":

@@ -60,6 +60,7 @@ def convert_checkpoint(
     for_engine: str | None = None,
     allow_inexact: bool = False,
     revision: str | None = None,
+    mlx_scales: str | None = None,
 ) -> dict[str, Any]:
     """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
 
@@ -69,11 +70,12 @@ def convert_checkpoint(
         The source model folder (never written) and the folder to create. SRC may also be
         a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
         downloaded; this needs ``packq[hub]``.
-    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32"}
+    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32", "mlx"}
         Target format (:data:`packq.checkpoint.formats.TARGETS`); the source is AWQ gemm, GPTQ
         or compressed-tensors pack-quantized. AWQ holds 4-bit weights without act-order, and
         compressed-tensors holds no act-order either; the float targets hold the dequantized
-        weights in torch's (N, K) orientation.
+        weights in torch's (N, K) orientation; "mlx" writes MLX's affine layout for mlx-lm
+        (``packq.checkpoint.formats.mlx``).
     checkpoint_format : {"gptq", "gptq_v2"}, optional
         GPTQ zero storage to write when ``to="gptq"``: "gptq" (v1, z - 1) or
         "gptq_v2" (z). Default: what ``for_engine`` loads exactly, else v1.
@@ -100,6 +102,10 @@ def convert_checkpoint(
         Show a progress bar; default: when standard error is a terminal.
     revision : str, optional
         The branch, tag or commit of a Hub repo id.
+    mlx_scales : {"float32", "float16", "bfloat16"}, optional
+        To MLX: the dtype of the scales and biases. Default float32, exact on every MLX
+        backend; float16/bfloat16 are MLX's faster form, where MLX's arithmetic rounds: the
+        summary's ``mlx`` counts, per backend, the weights that then differ from the source's.
     v1_zeros : {"field", "word"}, optional
         How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
         transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
@@ -147,6 +153,8 @@ def convert_checkpoint(
         )
     _check_paths(src, dst)
     convert = Converter(backend)
+    if mlx_scales is not None and to != "mlx":
+        raise CheckpointError(f"--mlx-scales is the dtype of an MLX result's scales; converting to {to} takes none")
     if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
     report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
@@ -158,7 +166,9 @@ def convert_checkpoint(
         target = plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact)
     else:  # to AWQ, compressed-tensors or a float dtype
         target = Target(fmt)
-    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric)
+    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric,
+              options={"mlx_scales": mlx_scales, "allow_inexact": allow_inexact})
+    output.prepare(job)  # what only the target decides (MLX: its scales' dtype, what each backend computes)
     checkpoint_format = job.gptq_format
     container = CONTAINERS[output.container]
     plan = container.plan(job, dst)  # every output name, header and file decided and checked: nothing written yet
@@ -189,6 +199,7 @@ def convert_checkpoint(
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        **output.summary(job),
     }
 
 

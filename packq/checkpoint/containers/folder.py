@@ -34,7 +34,7 @@ from packq.errors import CheckpointError
 LOOKAHEAD = 2
 
 #: bytes per element of the dtypes packq writes
-ITEMSIZE = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
+ITEMSIZE = {"I32": 4, "U32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
 
 #: one output tensor: (name, action, the module it comes from or None)
 Item = tuple[str, str, "Module | None"]

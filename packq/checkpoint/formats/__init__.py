@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from packq.checkpoint.formats import awq, compressed_tensors, floats, gptq
+from packq.checkpoint.formats import awq, compressed_tensors, floats, gptq, mlx
 from packq.checkpoint.formats.base import CheckpointFormat
 
 FORMATS: dict[str, CheckpointFormat] = {
-    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS]
+    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS, mlx.FORMAT]
 }
 
 #: the ``--to`` choices

@@ -94,6 +94,14 @@ class CheckpointFormat:
         raise NotImplementedError
 
     # ------------------------------------------------------------ writing
+    def prepare(self, job: Job) -> None:
+        """Decide, before anything is written, what only this target decides (into ``job.state``); raise
+        CheckpointError to refuse. Most targets decide nothing here."""
+
+    def summary(self, job: Job) -> dict[str, Any]:
+        """What this target adds to the conversion's summary."""
+        return {}
+
     def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
         """The tensors the source module ``m``'s ``part`` (qweight, qzeros, scales, g_idx, shape) becomes."""
         raise NotImplementedError

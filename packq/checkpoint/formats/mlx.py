@@ -1,0 +1,269 @@
+"""MLX affine, as mlx-lm loads it: per module ``weight`` uint32 (N, K*b/32), ``scales`` and ``biases`` (N, K/G).
+
+The weight is GPTQ's qweight transposed, bit for bit (compressed-tensors' weight_packed as it is; AWQ's
+interleave undone first); biases are -s * z. Exact by default: float32 scales and biases, in which
+s * z and s * q are exact for float16 and bfloat16 scales, so every MLX backend computes (q - z) * s
+exactly. ``--mlx-scales float16|bfloat16`` writes MLX's faster form, where MLX's arithmetic rounds:
+packq counts, per backend, the weights that then differ from the source's (``packq.formats.mlx``).
+
+config.json gets ``"quantization": {"group_size", "bits", "mode": "affine"}`` and loses the Hugging
+Face ``quantization_config``, without which mlx-lm does not take its own (lossy) AWQ/GPTQ path.
+Tensors keep their Hugging Face names, which is what mlx-lm's models read; mixture-of-experts
+families whose ``sanitize`` stacks quantized experts themselves (MOE_FAMILIES) keep one module per
+expert, others are refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from packq.backends.numpy import BACKEND as numpy_backend
+from packq.checkpoint.formats.base import CheckpointFormat, Output, Piece, dequantize, module_arrays
+from packq.checkpoint.formats.gptq import source_zero_points
+from packq.checkpoint.model import Module
+from packq.checkpoint.safetensors import Reader, SafetensorsFile
+from packq.core import bits as B
+from packq.errors import CheckpointError
+from packq.formats import awq
+from packq.formats import mlx as M
+from packq.formats.compressed_tensors import swap
+
+if TYPE_CHECKING:
+    from packq.checkpoint.job import Job
+
+NAME = "mlx"
+#: --mlx-scales -> the safetensors dtype written
+STORED = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+SOURCE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+#: mixture-of-experts model types whose mlx-lm ``sanitize`` stacks per-expert ``weight``, ``scales`` and ``biases``
+#: into its ``switch_mlp`` (read in mlx-lm 0.32.2's models/*.py; mixtral loaded in tests/test_mlx_real.py). Others
+#: (qwen3_moe among them) stack only float weights, so their quantized experts must arrive stacked.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+#: mlx-lm reads the weights of ``model*.safetensors`` only
+SHARDS = "model*.safetensors"
+#: the weights MLX computes are counted in blocks of about this many elements
+BLOCK = 1 << 22
+SHOWN = 5
+
+
+def form_note(dtype: str, source: str) -> str:
+    """In a few words, where the form ``dtype`` (scales and biases) of ``source`` scales is exact and what it costs."""
+    if dtype == "float32" and source != "float32":
+        return ("exact on every MLX backend (s * z and s * q are exact in float32); these layers compute in "
+                "float32 and their scales and biases take twice the bytes of float16 ones")
+    if dtype == "float32":
+        return "float32 source scales: MLX rounds s * q and s * z in float32, as the source's engines do not"
+    return (f"{dtype}: MLX's CPU rounds s * q before adding the bias; Metal computes s * q + b in float32 and rounds "
+            "once, exact wherever -s * z is exact in that dtype (symmetric sources: z = 2**(bits-1))")
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+class MLX(CheckpointFormat):
+    name = NAME
+    title = "MLX affine (mlx-lm)"
+    recognised_by = 'config.json "quantization": {"group_size", "bits", "mode": "affine"} (written, not read)'
+    module = "weight (N, K*b/32) uint32, scales (N, K/G), biases (N, K/G)"
+    read = False
+    act_order = False
+    why_not_act_order = "MLX's affine mode groups consecutive input features and has no g_idx"
+
+    # ------------------------------------------------------------ before writing
+    def prepare(self, job: Job) -> None:
+        """Refuse what MLX cannot hold, then decide the scales' dtype and count, per backend, the weights MLX
+        would compute differently from the source's (all before anything is written)."""
+        ckpt, fmt = job.ckpt, job.ckpt.format
+        if fmt.group_size not in M.GROUP_SIZES:
+            got = "-1 (one group over all input features, per-channel)" if fmt.group_size == -1 else str(fmt.group_size)
+            raise CheckpointError(f"{ckpt.root}: group size {got}: MLX's affine mode has group sizes "
+                                  f"{', '.join(map(str, M.GROUP_SIZES))} only")
+        stacked = next((p for p, m in ckpt.modules.items() if m.lead), None)
+        if stacked is not None:
+            raise CheckpointError(f"{ckpt.root}: {stacked} stores experts stacked in one tensor "
+                                  f"{ckpt.modules[stacked].infos['qweight'].shape}; packq writes MLX modules one per "
+                                  "expert, as Hugging Face checkpoints store them")
+        model_type = str(ckpt.config.get("model_type", ""))
+        experts = [p for p in ckpt.modules if ".experts." in p]
+        if experts and model_type not in MOE_FAMILIES:
+            raise CheckpointError(
+                f"{ckpt.root}: model_type {model_type!r} has quantized experts ({experts[0]}, ...), which mlx-lm's "
+                f"sanitize for it does not stack (it stacks float weights only); packq writes quantized experts for "
+                f"{', '.join(MOE_FAMILIES)}, whose sanitize stacks them")
+        odd = [f for f in ckpt.shards if not fnmatch.fnmatch(f, SHARDS)]
+        if odd:
+            raise CheckpointError(f"{ckpt.root}: shard {odd[0]} is not named {SHARDS}, the only files mlx-lm's loader "
+                                  "reads; rename the shards (and the index's weight_map)")
+        dtype = job.options.get("mlx_scales") or "float32"
+        if dtype not in STORED:
+            raise CheckpointError(f"mlx_scales must be float32, float16 or bfloat16, got {dtype!r}")
+        sources = {SOURCE_DTYPES[m.infos["scales"].dtype] for m in ckpt.modules.values()}
+        if len(sources) != 1:
+            raise CheckpointError(f"{ckpt.root}: scales of several dtypes ({', '.join(sorted(sources))}); packq writes "
+                                  "one MLX form for all modules")
+        source = sources.pop()
+        plan: dict[str, Any] = {"scales": dtype, "source_dtype": source, "modules": {},
+                                "weights": sum(math.prod(m.lead) * m.n * m.k for m in ckpt.modules.values())}
+        if not (dtype == "float32" and source != "float32"):  # else exact by construction: nothing to count
+            plan["modules"] = {p: c for p, c in ((p, self.differences(job, m, dtype)) for p, m in ckpt.modules.items())
+                               if any(c.values())}
+        job.options["mlx_plan"] = plan
+        wrong = plan["modules"]
+        if wrong and job.options.get("mlx_scales") is None and not job.options.get("allow_inexact"):
+            total = {b: sum(c[b] for c in wrong.values()) for b in M.ARITHMETIC}
+            raise CheckpointError(
+                f"{ckpt.root}: float32 scales: MLX's float32 arithmetic rounds s * q and s * z, so {total['cpu']} "
+                f"weights in {len(wrong)} modules ({_names(list(wrong))}) would differ from the source's; pass "
+                "--allow-inexact to write them anyway")
+
+    def differences(self, job: Job, m: Module, dtype: str) -> dict[str, int]:
+        """How many of a module's weights MLX computes differently from the source's, per backend, for scales and
+        biases in ``dtype``: each rounded to the source's dtype and compared (+0 and -0 alike)."""
+        source = SOURCE_DTYPES[m.infos["scales"].dtype]
+        counts = dict.fromkeys(M.ARITHMETIC, 0)
+        a = module_arrays(job.ckpt, m.prefix)  # matrices: stacked experts are refused
+        width = max(32, BLOCK // m.k // 32 * 32) if m.n % 32 == 0 else m.n  # whole words at every width
+        for n0 in range(0, m.n, width):
+            q, z, s = _canonical(job, m, _columns(job, m, a, n0, min(m.n, n0 + width)))
+            want = _zero_alike(M.round_to(dequantize(q, z, s, None), source))
+            scales, biases = self.scales_biases(s, z, dtype)
+            for arithmetic in M.ARITHMETIC:
+                got = M.dequantize(swap(np, q), scales, biases, dtype, arithmetic)
+                counts[arithmetic] += int(np.count_nonzero(_zero_alike(M.round_to(got, source)) != swap(np, want)))
+        return counts
+
+    @staticmethod
+    def scales_biases(s: np.ndarray, z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """MLX's scales and biases (..., N, G) from canonical scales and zero-points (..., G, N), holding ``dtype``
+        values (bfloat16 as float32): -s * z computed in float32 (exact from float16/bfloat16 scales), rounded once."""
+        s32 = s.astype(np.float32)
+        return (np.ascontiguousarray(swap(np, M.round_to(s32, dtype))),
+                np.ascontiguousarray(swap(np, M.round_to(-(s32 * z.astype(np.float32)), dtype))))
+
+    # ------------------------------------------------------------ writing
+    def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
+        if part == "qweight":  # compressed-tensors' symmetric scheme stores no zero points: biases follow the weight
+            return [("weight", "mlx_weight")] + ([] if "qzeros" in m.names else [("biases", "mlx_biases")])
+        if part == "qzeros":
+            return [("biases", "mlx_biases")]
+        if part == "scales":
+            return [("scales", "mlx_scales")]
+        return []  # g_idx (checked trivial: act-order is refused) and weight_shape (checked)
+
+    def entry(self, job: Job, m: Module, action: str) -> tuple[str, tuple[int, ...]]:
+        if action == "mlx_weight":
+            return "U32", (m.n, m.words(m.k))
+        return STORED[job.options["mlx_plan"]["scales"]], (m.n, m.groups)
+
+    def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[Piece] | None:
+        if action == "mlx_weight" and m.transposed:  # compressed-tensors' weight_packed is MLX's weight, byte for byte
+            return [Piece(f.tensors[m.names["qweight"]].nbytes, copy=(m.names["qweight"], 0))]
+        return None
+
+    def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
+        if action == "mlx_weight":
+            words = job.read(m, "qweight", f).view(np.int32)  # GPTQ's layout, or AWQ's
+            if job.ckpt.format.method == "awq":
+                words = job.convert(awq.weight_to_gptq, words)
+            return np.ascontiguousarray(swap(np, words)).view(np.uint32)
+        q, z, s = _canonical(job, m, module_arrays(job.ckpt, m.prefix), weights=False)
+        scales, biases = self.scales_biases(s, z, job.options["mlx_plan"]["scales"])
+        return _stored(scales if action == "mlx_scales" else biases, job.options["mlx_plan"]["scales"])
+
+    def config(self, job: Job, config: dict[str, Any]) -> None:
+        config.pop("quantization_config", None)
+        text = config.get("text_config")
+        if isinstance(text, dict):
+            text.pop("quantization_config", None)  # mlx-lm looks there too
+        fmt = job.ckpt.format
+        config["quantization"] = {"group_size": fmt.group_size, "bits": fmt.bits, "mode": "affine"}
+
+    def summary(self, job: Job) -> dict[str, Any]:
+        plan = job.options["mlx_plan"]
+        wrong = plan["modules"]
+        per = {b: sum(c[b] for c in wrong.values()) for b in M.ARITHMETIC}
+        scale_bytes = sum(2 * m.n * m.groups for m in job.ckpt.modules.values()) * np.dtype(
+            "float32" if plan["scales"] == "float32" else "float16").itemsize
+        return {"mlx": {"scales": plan["scales"], "source_dtype": plan["source_dtype"], "weights": plan["weights"],
+                        "differing": per, "exact": {b: per[b] == 0 for b in M.ARITHMETIC},
+                        "modules_differing": {b: sorted(p for p, c in wrong.items() if c[b]) for b in M.ARITHMETIC},
+                        "scales_biases_bytes": scale_bytes, "note": form_note(plan["scales"], plan["source_dtype"])}}
+
+    # ------------------------------------------------------------ verifying
+    def verify(self, job: Job, out: Path, check_each) -> None:
+        """Every module's written weight, scales and biases dequantized as MLX's CPU and Metal compute them, rounded to
+        the source's dtype, against the source's weights: bit for bit where packq said the form is exact, and
+        differing in exactly the counted weights where it said it is not."""
+        where = {name: shard for shard in map(SafetensorsFile, sorted(out.glob("*.safetensors"))) for name in shard.tensors}
+        plan = job.options["mlx_plan"]
+        dtype = plan["scales"]
+
+        def read(name: str) -> np.ndarray:
+            with where[name].open() as f:
+                if where[name].tensors[name].dtype == "BF16":
+                    return f.floats(name)
+                return f.array(name)
+
+        def check(prefix: str) -> None:
+            m = job.ckpt.modules[prefix]
+            source = SOURCE_DTYPES[m.infos["scales"].dtype]
+            try:
+                weight, scales, biases = (read(f"{prefix}.{p}") for p in ("weight", "scales", "biases"))
+            except KeyError as e:
+                raise CheckpointError(f"verification failed: {e.args[0]} was not written") from None
+            if weight.dtype != np.uint32 or weight.shape != (m.n, m.words(m.k)) or scales.shape != (m.n, m.groups):
+                raise CheckpointError(f"verification failed: {prefix}'s MLX tensors have the wrong dtype or shape")
+            want = _zero_alike(M.round_to(swap(np, job.source.weights(job, prefix)), source))
+            q = np.asarray(numpy_backend.run(B.unpack, weight.view(np.int32), direction="column", bits=m.bits))
+            for arithmetic in M.ARITHMETIC:
+                got = _zero_alike(M.round_to(M.dequantize(q.astype(np.int16), scales, biases, dtype, arithmetic), source))
+                differ = int(np.count_nonzero(got != want))
+                if differ != plan["modules"].get(prefix, {}).get(arithmetic, 0):
+                    raise CheckpointError(f"verification failed: {prefix} dequantizes in MLX ({arithmetic}) to {differ} "
+                                          "weights unlike the source's, not as packq counted")
+
+        check_each(check)
+
+
+def _columns(job: Job, m: Module, a: dict[str, np.ndarray], n0: int, n1: int) -> dict[str, np.ndarray]:
+    """A module's arrays for output features (source columns) n0..n1, whole packed words."""
+    if job.ckpt.format.method == "awq":
+        cols = {"qweight": slice(n0 // 8, n1 // 8), "qzeros": slice(n0 // 8, n1 // 8), "scales": slice(n0, n1)}
+    else:
+        cols = {"qweight": slice(n0, n1), "qzeros": slice(m.words(n0), m.words(n1)), "scales": slice(n0, n1)}
+    return {p: v[..., cols[p]] if p in cols else v for p, v in a.items()}
+
+
+def _canonical(job: Job, m: Module, a: dict[str, np.ndarray], weights: bool = True):
+    """(q (K, n), z (G, n), s (G, n)) of a module's arrays: the values, the zero-points read as the producer wrote
+    them, the scales as floats (bfloat16 as float32); q is None unless ``weights``."""
+    if job.ckpt.format.method == "awq":
+        q = np.asarray(numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))).astype(np.int16) if weights else None
+        z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
+    else:
+        q = (np.asarray(numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=m.bits))
+             .astype(np.int16) if weights else None)
+        z = source_zero_points(job, a["qzeros"])
+    return q, z, a["scales"]
+
+
+def _zero_alike(x: np.ndarray) -> np.ndarray:
+    """Float bits with -0 as +0: both compute alike in a matmul."""
+    bits = np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}")
+    return np.where(x == 0, 0, bits)
+
+
+def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Values held as float32 (bfloat16 values) or in ``dtype``, as the bytes the file stores."""
+    if dtype == "bfloat16":
+        return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+FORMAT = MLX()
