@@ -929,6 +929,17 @@ def mlx_to_gptq(weight: Array, scales: Array, biases: Array, *, bits: int = 4, d
                 f"biases must be -scales * z for integer zero-points z in [0, {(1 << bits) - 1}] to convert to GPTQ "
                 f"without loss; {bad} of the {n * groups} (row, group) pairs are not"
             )
+        # in a narrow dtype two zero-points may round to one bias (bfloat16 at 8 bits): then z is not determined
+        ambiguous = 0
+        for step in (-1, 1):
+            other = xp.clip(z + step, 0, (1 << bits) - 1)
+            same = (other != z) & (be.run(mlx.biases_of, scales, other, dtype=biases.dtype) == biases)
+            ambiguous += int(xp.sum(xp.astype(same, xp.int32)))
+        if ambiguous:
+            raise ValueError(
+                f"biases must determine the zero-points: in {V.dtype_name(biases.dtype)}, {ambiguous} (row, group) "
+                "biases are -scales * z for two neighbouring z, so GPTQ's (q - z) * s would be a guess"
+            )
         if dtype is not None and V.dtype_name(out_dtype) != V.dtype_name(scales.dtype):
             back = xp.astype(xp.astype(scales, out_dtype), scales.dtype)
             lost = int(xp.sum(xp.astype(back != scales, xp.int32)))
