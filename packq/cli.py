@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     i.add_argument("--json", action="store_true", help="print a machine-readable summary")
     i.add_argument("--v1-zeros", choices=["field", "word"], default=None, help="as for convert")
+    i.add_argument("--mlx", action="store_true",
+                   help="read every weight and say, per MLX form and module, what MLX's CPU and Metal compute")
     return p
 
 
@@ -79,7 +81,10 @@ def _print_convert(s: dict[str, Any]) -> None:
           f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
     if "mlx" in s:
         _print_mlx(s["mlx"])
-    if s["verified"]:
+    if s["verified"] and "mlx" in s and any(s["mlx"]["differing"].values()):
+        print("  verified: the written tensors, dequantized as MLX's CPU and Metal compute them, give the source's "
+              "weights but for exactly the weights counted above")
+    elif s["verified"]:
         reader = "MLX's CPU and Metal arithmetic" if "mlx" in s else s["for"] or "packq"
         print(f"  verified: every module dequantizes, as {reader} reads it, to the same bits as the source")
     print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
@@ -111,6 +116,18 @@ def _print_inspect(s: dict[str, Any]) -> None:
         verdict = "unknown" if e["exact"] is None else "exact" if e["exact"] else f"WRONG in {e['pairs']} pairs"
         where = f" ({', '.join(e['modules'][:3])}{', ...' if len(e['modules']) > 3 else ''})" if e["modules"] else ""
         print(f"    {name:<13} {verdict}{where}: {e['note']}")
+    if "mlx" in s:
+        x = s["mlx"]
+        if "refused" in x:
+            print(f"  MLX (--to mlx): refused: {x['refused']}")
+            return
+        print(f"  MLX (--to mlx), weights MLX computes differently from the source's, of {x['weights']}:")
+        for form in ("float32", "float16", "bfloat16"):
+            f = x[form]
+            worst = sorted(f["modules"].items(), key=lambda kv: -kv[1]["cpu"])[:3]
+            where = ", ".join(f"{p} {c['cpu']}/{c['metal']}" for p, c in worst if c["cpu"] or c["metal"])
+            print(f"    --mlx-scales {form:<8}: CPU {f['differing']['cpu']}, Metal {f['differing']['metal']}"
+                  + (f" (most: {where})" if where else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from packq.checkpoint import inspect_checkpoint
 
-            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros, revision=args.revision)
+            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros, revision=args.revision, mlx=args.mlx)
             print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
     except CheckpointError as e:
         print(f"packq: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ from packq.checkpoint.zeros import analyse
 
 
 def inspect_checkpoint(
-    src: str | os.PathLike[str], *, v1_zeros: str | None = None, revision: str | None = None
+    src: str | os.PathLike[str], *, v1_zeros: str | None = None, revision: str | None = None, mlx: bool = False
 ) -> dict[str, Any]:
     """Describe a quantized checkpoint folder without changing it.
 
@@ -24,7 +24,9 @@ def inspect_checkpoint(
     gets wrong and in which modules. A GPTQ v1 source is read in its producer's
     convention (``meta.quantizer``) or ``v1_zeros``; where that is unknown and
     matters, ``v1_ambiguous`` lists the modules. SRC may be a Hub repo id, as for
-    :func:`convert_checkpoint`.
+    :func:`convert_checkpoint`. With ``mlx``, every weight is read (slower) and ``mlx`` says, per
+    MLX form (the scales' and biases' dtype) and per module, how many weights MLX's CPU and Metal
+    arithmetic compute differently from the source's (what ``--to mlx --mlx-scales`` would write).
 
     Raises
     ------
@@ -48,6 +50,7 @@ def inspect_checkpoint(
             by_dtype[t.dtype] += 1
             bytes_by_dtype[t.dtype] += t.nbytes
     zeros = analyse(ckpt, v1_zeros)
+    extra = {"mlx": _mlx_forms(ckpt, zeros)} if mlx else {}
     return {
         "path": str(src), "format": ckpt.format.name, "method": ckpt.format.container or ckpt.format.method,
         "bits": ckpt.format.bits,
@@ -55,5 +58,30 @@ def inspect_checkpoint(
         "tensors": ckpt.tensor_count(), "bytes": ckpt.total_bytes(),
         "tensors_by_dtype": dict(sorted(by_dtype.items())), "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
         "zero_point_0": zeros.zero0, "zero_points": zeros.total, "zero_point_0_modules": zeros.zero0_modules,
-        "v1_zeros": zeros.convention, "v1_ambiguous": zeros.ambiguous, "engines": zeros.engines,
+        "v1_zeros": zeros.convention, "v1_ambiguous": zeros.ambiguous, "engines": zeros.engines, **extra,
     }
+
+
+def _mlx_forms(ckpt: Any, zeros: Any) -> dict[str, Any]:
+    """Per MLX form and module, the weights MLX's CPU and Metal arithmetic compute differently from the source's."""
+    from packq.checkpoint.convert import Converter, Job
+    from packq.checkpoint.formats.mlx import FORMAT, SOURCE_DTYPES, form_note
+    from packq.checkpoint.model import act_order
+    from packq.checkpoint.zeros import Target
+    from packq.formats import mlx as M
+    from packq.formats.engines import WORD
+
+    if ckpt.format.group_size not in M.GROUP_SIZES:
+        return {"refused": f"group size {ckpt.format.group_size}: MLX has {', '.join(map(str, M.GROUP_SIZES))}"}
+    if ckpt.format.method == "gptq" and act_order(ckpt):
+        return {"refused": "act-order: MLX's affine mode has no g_idx"}
+    fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
+    job = Job(ckpt, "mlx", Converter("numpy"), Target(fmt), zeros.convention == WORD and fmt == "gptq")
+    source = SOURCE_DTYPES[next(iter(ckpt.modules.values())).infos["scales"].dtype]
+    out: dict[str, Any] = {}
+    for dtype in M.DTYPES:
+        modules = {p: FORMAT.differences(job, m, dtype) for p, m in ckpt.modules.items()}
+        out[dtype] = {"differing": {b: sum(c[b] for c in modules.values()) for b in M.ARITHMETIC},
+                      "modules": modules, "note": form_note(dtype, source)}
+    out["weights"] = sum(m.n * m.k for m in ckpt.modules.values())
+    return out

@@ -39,6 +39,8 @@ def route(source: str, target: str) -> str:
         notes.append("`--for ENGINE`")
     if target == "awq" and source != "awq":
         notes.append("4-bit")
+    if target == "mlx":
+        notes.append("group size 32, 64, 128")
     if source == "gptq" and not FORMATS[target].act_order:
         notes.append("no act-order")
     return "yes" + (f" ({'; '.join(notes)})" if notes else "")
