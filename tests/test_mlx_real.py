@@ -76,3 +76,18 @@ def test_mlx_loaders_now(tmp_path):
     out = tmp_path / "mlx_loaders.json"
     subprocess.run([python, script, "load", "--work", work, "--out", str(out)], check=True)
     check(json.loads(out.read_text()))
+
+
+def test_committed_encodings_say_what_docs_mlx_says():
+    """scripts/mlx_encodings.py: which encodings MLX computes exactly, on its CPU (measured) and Metal (its arithmetic)."""
+    r = json.loads((REPO / "benchmarks" / "results" / "mlx_encodings.json").read_text())
+    assert r["mlx"] == "0.32.4"
+    for kind, c in r["cases"].items():
+        f = c["forms"]
+        assert f["float32"]["cpu_differing"] == f["float32"]["metal_differing"] == 0, kind
+        for name in ("float16", "5-bit", "8-bit"):  # the CPU rounds s * q in float16: never exact
+            assert f[name]["cpu_differing"] > c["weights"] // 4, (kind, name)
+        for name in ("5-bit", "8-bit"):  # bias -2**(b-1) * s is exact in float16: Metal is
+            assert f[name]["metal_differing"] == 0, (kind, name)
+    assert r["cases"]["symmetric"]["forms"]["float16"]["metal_differing"] == 0
+    assert r["cases"]["asymmetric"]["forms"]["float16"]["metal_differing"] > 0
