@@ -56,7 +56,7 @@ def form_note(dtype: str, source: str) -> str:
     if dtype == "float32" and source != "float32":
         return ("exact on every MLX backend (s * z and s * q are exact in float32). At run time these layers compute "
                 "in float32, and their scales and biases take 64/G bits per weight instead of 32/G (4.5 bits per "
-                "weight at 4-bit group 128, not 4.25); measured on an x86 CPU, mlx's float32 matmul was 25-50x "
+                "weight at 4-bit group 128, not 4.25); measured on an x86 CPU, mlx's float32 matmul was 30-60x "
                 "faster than its float16 one (docs/mlx.md); on Metal float16 moves half the activation bytes")
     if dtype == "float32":
         return "float32 source scales: MLX rounds s * q and s * z in float32, as the source's engines do not"
