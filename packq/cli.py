@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
                    help="GPTQ zero storage: gptq = z - 1 (v1), gptq_v2 = z; default: what --for loads exactly, else gptq")
     c.add_argument("--allow-inexact", action="store_true",
-                   help="with --for: write even where no encoding is exact in that engine, and report the error")
+                   help="with --for: write even where no encoding is exact in that engine, and report the error; "
+                        "--to mlx: write float32-scale sources, which MLX's float32 arithmetic rounds")
     c.add_argument("--mlx-scales", choices=["float32", "float16", "bfloat16"], default=None,
                    help="--to mlx: dtype of the scales and biases (default float32: exact on every MLX backend); "
                         "float16/bfloat16 run faster in MLX, and packq reports how many weights MLX then computes differently")

@@ -226,3 +226,32 @@ def test_inspect_says_what_each_mlx_form_computes(tmp_path):
     s = convert_checkpoint(EXAMPLE, tmp_path / "m", to="mlx", mlx_scales="float16")
     assert s["mlx"]["differing"] == forms["float16"]["differing"]
     assert main(["inspect", str(EXAMPLE), "--mlx"]) == 0
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_non_finite_scales_are_counted_not_assumed_exact(tmp_path, capsys, bad):
+    """A corrupt source (an infinite or NaN scale): float32 is no longer exact by construction; packq counts and refuses."""
+    from safetensors.numpy import load_file
+
+    src = _gptq(tmp_path)
+    t = load_file(str(src / "model.safetensors"))
+    t["model.layers.0.mlp.up_proj.scales"][0, 3] = bad
+    save_file(t, str(src / "model.safetensors"))
+    code, dst = _refused(tmp_path, src, "--verify")
+    err = capsys.readouterr().err
+    if np.isnan(bad):  # NaN * q + NaN is NaN where the source's (q - z) * NaN is: the same weights
+        assert code == 0 and dst.exists()
+    else:  # inf * q - inf * z is NaN where the source's (q - z) * inf is +-inf
+        assert code == 2 and err.count("\n") == 1 and "would differ" in err and not dst.exists()
+
+
+def test_scales_of_several_dtypes_are_refused(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    src = _gptq(tmp_path, modules=("a.up_proj", "b.up_proj"))
+    t = load_file(str(src / "model.safetensors"))
+    t["b.up_proj.scales"] = t["b.up_proj.scales"].astype(np.float32)
+    save_file(t, str(src / "model.safetensors"))
+    code, dst = _refused(tmp_path, src)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "several dtypes" in err and not dst.exists()

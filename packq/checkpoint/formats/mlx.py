@@ -25,13 +25,12 @@ import numpy as np
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.formats.base import CheckpointFormat, Output, Piece, dequantize, module_arrays
 from packq.checkpoint.formats.gptq import source_zero_points
-from packq.checkpoint.model import Module
+from packq.checkpoint.model import Module, module_array
 from packq.checkpoint.safetensors import Reader, SafetensorsFile
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
 from packq.formats import mlx as M
-from packq.formats.compressed_tensors import swap
 
 if TYPE_CHECKING:
     from packq.checkpoint.job import Job
@@ -112,9 +111,11 @@ class MLX(CheckpointFormat):
         source = sources.pop()
         plan: dict[str, Any] = {"scales": dtype, "source_dtype": source, "modules": {},
                                 "weights": sum(math.prod(m.lead) * m.n * m.k for m in ckpt.modules.values())}
-        if not (dtype == "float32" and source != "float32"):  # else exact by construction: nothing to count
-            plan["modules"] = {p: c for p, c in ((p, self.differences(job, m, dtype)) for p, m in ckpt.modules.items())
-                               if any(c.values())}
+        # float32 from float16/bfloat16 scales is exact by construction wherever the products stay finite: only
+        # modules with non-finite or huge scales (a corrupt source) are counted then; every module otherwise
+        count = [p for p, m in ckpt.modules.items() if not (dtype == "float32" and source != "float32" and _tame(job, m))]
+        plan["modules"] = {p: c for p, c in ((p, self.differences(job, ckpt.modules[p], dtype)) for p in count)
+                           if any(c.values())}
         job.options["mlx_plan"] = plan
         wrong = plan["modules"]
         if wrong and job.options.get("mlx_scales") is None and not job.options.get("allow_inexact"):
@@ -136,8 +137,8 @@ class MLX(CheckpointFormat):
             want = _zero_alike(M.round_to(dequantize(q, z, s, None), source))
             scales, biases = self.scales_biases(s, z, dtype)
             for arithmetic in M.ARITHMETIC:
-                got = M.dequantize(swap(np, q), scales, biases, dtype, arithmetic)
-                counts[arithmetic] += int(np.count_nonzero(_zero_alike(M.round_to(got, source)) != swap(np, want)))
+                got = M.dequantize(_swap(q), scales, biases, dtype, arithmetic)
+                counts[arithmetic] += int(np.count_nonzero(_zero_alike(M.round_to(got, source)) != _swap(want)))
         return counts
 
     @staticmethod
@@ -145,8 +146,8 @@ class MLX(CheckpointFormat):
         """MLX's scales and biases (..., N, G) from canonical scales and zero-points (..., G, N), holding ``dtype``
         values (bfloat16 as float32): -s * z computed in float32 (exact from float16/bfloat16 scales), rounded once."""
         s32 = s.astype(np.float32)
-        return (np.ascontiguousarray(swap(np, M.round_to(s32, dtype))),
-                np.ascontiguousarray(swap(np, M.round_to(-(s32 * z.astype(np.float32)), dtype))))
+        return (np.ascontiguousarray(_swap(M.round_to(s32, dtype))),
+                np.ascontiguousarray(_swap(M.round_to(-(s32 * z.astype(np.float32)), dtype))))
 
     # ------------------------------------------------------------ writing
     def outputs(self, job: Job, m: Module, part: str) -> list[Output]:
@@ -173,8 +174,9 @@ class MLX(CheckpointFormat):
             words = job.read(m, "qweight", f).view(np.int32)  # GPTQ's layout, or AWQ's
             if job.ckpt.format.method == "awq":
                 words = job.convert(awq.weight_to_gptq, words)
-            return np.ascontiguousarray(swap(np, words)).view(np.uint32)
-        q, z, s = _canonical(job, m, module_arrays(job.ckpt, m.prefix), weights=False)
+            return np.ascontiguousarray(_swap(words)).view(np.uint32)
+        parts = {"qzeros": module_array(job.ckpt, m, "qzeros"), "scales": module_array(job.ckpt, m, "scales", floats=True)}
+        q, z, s = _canonical(job, m, parts, weights=False)
         scales, biases = self.scales_biases(s, z, job.options["mlx_plan"]["scales"])
         return _stored(scales if action == "mlx_scales" else biases, job.options["mlx_plan"]["scales"])
 
@@ -221,7 +223,7 @@ class MLX(CheckpointFormat):
                 raise CheckpointError(f"verification failed: {e.args[0]} was not written") from None
             if weight.dtype != np.uint32 or weight.shape != (m.n, m.words(m.k)) or scales.shape != (m.n, m.groups):
                 raise CheckpointError(f"verification failed: {prefix}'s MLX tensors have the wrong dtype or shape")
-            want = _zero_alike(M.round_to(swap(np, job.source.weights(job, prefix)), source))
+            want = _zero_alike(M.round_to(_swap(job.source.weights(job, prefix)), source))
             q = np.asarray(numpy_backend.run(B.unpack, weight.view(np.int32), direction="column", bits=m.bits))
             for arithmetic in M.ARITHMETIC:
                 got = _zero_alike(M.round_to(M.dequantize(q.astype(np.int16), scales, biases, dtype, arithmetic), source))
@@ -253,6 +255,16 @@ def _canonical(job: Job, m: Module, a: dict[str, np.ndarray], weights: bool = Tr
              .astype(np.int16) if weights else None)
         z = source_zero_points(job, a["qzeros"])
     return q, z, a["scales"]
+
+
+def _tame(job: Job, m: Module) -> bool:
+    """Whether a module's scales are finite and small enough that s * q and s * z cannot overflow float32."""
+    s = module_array(job.ckpt, m, "scales", floats=True).astype(np.float32)
+    return bool(np.isfinite(s).all()) and float(np.abs(s).max(initial=0.0)) < 2.0 ** (127 - m.bits)
+
+
+def _swap(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
 
 
 def _zero_alike(x: np.ndarray) -> np.ndarray:
