@@ -933,7 +933,8 @@ def mlx_to_gptq(weight: Array, scales: Array, biases: Array, *, bits: int = 4, d
         ambiguous = 0
         for step in (-1, 1):
             other = xp.clip(z + step, 0, (1 << bits) - 1)
-            same = (other != z) & (be.run(mlx.biases_of, scales, other, dtype=biases.dtype) == biases)
+            # (a scale of 0 makes every z alike: (q - z) * 0 is 0 whatever z is, so none is a guess there)
+            same = (other != z) & (scales != 0) & (be.run(mlx.biases_of, scales, other, dtype=biases.dtype) == biases)
             ambiguous += int(xp.sum(xp.astype(same, xp.int32)))
         if ambiguous:
             raise ValueError(

@@ -119,6 +119,7 @@ def _module(draw, bits: int, lead: tuple[int, ...] = ()):
     z = rng.integers(0, 1 << bits, (*lead, k // g, n))
     kind = draw(st.sampled_from(["float16", "bfloat16"]))
     s32 = (rng.random((*lead, k // g, n)) * draw(st.sampled_from([1e-3, 1e-2, 1.0, 100.0]))).astype(np.float32)
+    s32 = np.maximum(s32, np.float32(2**-14))  # no scale of 0, where z would be anything (and no subnormals)
     if kind == "float16":
         s = s32.astype(np.float16)
     else:

@@ -71,12 +71,18 @@ def from_compressed_tensors(xp: Namespace, weight_packed: Array, weight_zero_poi
 
 
 def zero_points_of(xp: Namespace, scales: Array, biases: Array, bits: int) -> Array:
-    """The integer zero-points z = -biases / scales, rounded, in [0, 2**bits) (0 where a scale is 0)."""
+    """The integer zero-points z in [0, 2**bits) whose bias -s * z (rounded to the biases' dtype) is ``biases``: -b / s
+    rounded, or its neighbour where that one's bias is the one stored (a narrow dtype can round -b / s past z);
+    0 where a scale is 0."""
     s, b = xp.astype(scales, xp.float32), xp.astype(biases, xp.float32)
     zero = s == 0
     z = xp.round(-b / xp.where(zero, xp.ones_like(s), s))
-    z = xp.clip(xp.where(zero, xp.zeros_like(z), z), 0, (1 << bits) - 1)
-    return xp.astype(z, xp.int32)
+    z = xp.astype(xp.clip(xp.where(zero, xp.zeros_like(z), z), 0, (1 << bits) - 1), xp.int32)
+    for step in (-1, 1):
+        other = xp.clip(z + step, 0, (1 << bits) - 1)
+        better = (biases_of(xp, scales, z, biases.dtype) != biases) & (biases_of(xp, scales, other, biases.dtype) == biases)
+        z = xp.where(better, other, z)
+    return z
 
 
 def to_gptq(xp: Namespace, weight: Array, scales: Array, biases: Array, bits: int, dtype: Any) -> tuple[Array, Array, Array]:
