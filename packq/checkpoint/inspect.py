@@ -64,8 +64,9 @@ def inspect_checkpoint(
 
 def _mlx_forms(ckpt: Any, zeros: Any) -> dict[str, Any]:
     """Per MLX form and module, the weights MLX's CPU and Metal arithmetic compute differently from the source's."""
-    from packq.checkpoint.convert import Converter, Job
+    from packq.checkpoint.formats import FORMATS
     from packq.checkpoint.formats.mlx import FORMAT, SOURCE_DTYPES, form_note
+    from packq.checkpoint.job import Converter, Job
     from packq.checkpoint.model import act_order
     from packq.checkpoint.zeros import Target
     from packq.formats import mlx as M
@@ -76,7 +77,8 @@ def _mlx_forms(ckpt: Any, zeros: Any) -> dict[str, Any]:
     if ckpt.format.method == "gptq" and act_order(ckpt):
         return {"refused": "act-order: MLX's affine mode has no g_idx"}
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
-    job = Job(ckpt, "mlx", Converter("numpy"), Target(fmt), zeros.convention == WORD and fmt == "gptq")
+    job = Job(ckpt, "mlx", Converter("numpy"), Target(fmt), FORMATS[ckpt.format.kind], FORMAT, open_checkpoint,
+              zeros.convention == WORD and fmt == "gptq")
     source = SOURCE_DTYPES[next(iter(ckpt.modules.values())).infos["scales"].dtype]
     out: dict[str, Any] = {}
     for dtype in M.DTYPES:
