@@ -51,6 +51,9 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 
+# "--for" stays two hyphens and quotes stay straight: the pages are full of options and code
+smartquotes = False
+
 html_theme = "alabaster"
 html_title = f"packq {release}"
 html_theme_options = {"description": "Packed integer formats of quantized LLM weights, exact and framework-neutral.",

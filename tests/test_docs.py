@@ -110,21 +110,35 @@ def test_a_stale_table_is_caught():
     assert all(body == fresh for _, body, fresh in generate.blocks(generate.regenerate(corrupted)))
 
 
+def doctests() -> list[tuple[str, str]]:
+    """The doctest blocks: ``pycon``, and ``python`` blocks written as sessions (as the README's are)."""
+    return fenced("pycon") + [(page, body) for page, body in fenced("python") if body.startswith(">>> ")]
+
+
+def scripts() -> list[tuple[str, str]]:
+    """The ``python`` blocks that are scripts."""
+    return [(page, body) for page, body in fenced("python") if not body.startswith(">>> ")]
+
+
 def test_every_page_is_tested_by_pytest():
-    """The pycon blocks run only because pytest collects docs/*.md as doctests: keep that configured."""
+    """The doctest blocks run only because pytest collects docs/**/*.md as doctests: keep that configured."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "docs" in config["testpaths"] and "--doctest-glob=*.md" in config["addopts"].split()
-    for page, body in fenced("pycon"):
+    assert len(doctests()) >= 10
+    for page, body in doctests():
         assert body.lstrip().startswith(">>> ") and body.endswith("\n\n"), (
-            f"{page}: a pycon block must be a doctest ending in a blank line (else ``` is read as output)")
+            f"{page}: a doctest block must start with >>> and end in a blank line (else ``` is read as output)")
 
 
 def test_every_example_block_is_one_that_runs():
+    """Blocks are doctests, scripts, packq sessions, or installs/builds; text and JSON only show what is so."""
     kinds = {m["lang"] for p in generate.pages() for m in FENCE.finditer(p.read_text())}
-    assert kinds <= {"pycon", "python", "console", "bash", "text", "{toctree}", "{eval-rst}", "{py:data}"}, kinds
+    shown = {"text", "json"}
+    assert kinds <= {"pycon", "python", "console", "bash", *shown, "{toctree}", "{eval-rst}", "{py:data}"}, kinds
     for page, body in fenced("bash"):
         for line in body.splitlines():
-            assert INSTALLS.match(line), f"{page}: a bash block that CI does not run: {line}"
+            assert INSTALLS.match(line), f"{page}: a bash block that CI does not run (a packq command goes in a " \
+                                         f"console block as '$ packq ...'): {line}"
 
 
 def _in_a_folder_with_the_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +224,7 @@ def run_python(blocks: list[tuple[str, str]]) -> subprocess.CompletedProcess[str
 
 def test_python_examples_run_on_8_devices():
     """Each ``python`` block is a script (its asserts are its checks), run from the repository root."""
-    blocks = fenced("python")
+    blocks = scripts()
     assert len(blocks) >= 2
     run = run_python(blocks)
     assert run.returncode == 0, run.stdout + run.stderr
