@@ -24,7 +24,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -120,10 +119,9 @@ def scripts() -> list[tuple[str, str]]:
     return [(page, body) for page, body in fenced("python") if not body.startswith(">>> ")]
 
 
-def test_every_page_is_tested_by_pytest():
+def test_every_page_is_tested_by_pytest(pytestconfig):
     """The doctest blocks run only because pytest collects docs/**/*.md as doctests: keep that configured."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert "docs" in config["testpaths"] and "--doctest-glob=*.md" in config["addopts"].split()
+    assert "docs" in pytestconfig.getini("testpaths") and "--doctest-glob=*.md" in pytestconfig.getini("addopts")
     assert len(doctests()) >= 10
     for page, body in doctests():
         assert body.lstrip().startswith(">>> ") and body.endswith("\n\n"), (

@@ -191,7 +191,8 @@ def conventions_markdown() -> str:
     --------
     >>> from packq.formats.engines import conventions_markdown
     >>> print(conventions_markdown().splitlines()[0])
-    - **field** reads a stored field f as (f + 1) mod 2**bits, each field on its own; writes a zero-point z as (z - 1) mod 2**bits, each field on its own.
+    - **field** reads a stored field f as (f + 1) mod 2**bits, each field on its own;
+      writes a zero-point z as (z - 1) mod 2**bits, each field on its own.
     """
     lines = []
     for name, (reads, writes) in CONVENTIONS.items():
