@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("src", metavar="SRC", help="model folder, or a Hugging Face Hub repo id (org/name)")
     i.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     i.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    i.add_argument("--v1-zeros", choices=["field", "word"], default=None, help="as for convert")
+    i.add_argument("--v1-zeros", choices=["field", "word"], default=None,
+                   help="how a GPTQ v1 source stored zero-points of 0 (as for convert); default: from the producer's metadata")
     return p
 
 
