@@ -191,14 +191,14 @@ def conventions_markdown() -> str:
     --------
     >>> from packq.formats.engines import conventions_markdown
     >>> print(conventions_markdown().splitlines()[0])
-    - **field** reads a stored field f as (f + 1) mod 2**bits, each field on its own;
-      writes a zero-point z as (z - 1) mod 2**bits, each field on its own.
+    - **field** reads a stored field f as (f + 1) mod 2\\*\\*bits, each field on its own;
+      writes a zero-point z as (z - 1) mod 2\\*\\*bits, each field on its own.
     """
     lines = []
     for name, (reads, writes) in CONVENTIONS.items():
         said = [f"reads a stored field f as {reads}" if reads != "-" else "",
                 f"writes a zero-point z as {writes}" if writes != "-" else ""]
-        lines.append(f"- **{name}** " + "; ".join(x for x in said if x) + ".\n")
+        lines.append(f"- **{name}** " + "; ".join(x for x in said if x).replace("*", "\\*") + ".\n")  # 2**bits, not bold
     return "".join(lines)
 
 
