@@ -29,13 +29,75 @@ def _size(n: int) -> str:
     return str(n)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs kept as written: their example lines must stay one command each."""
+
+
+# The help texts. Each epilog's lines that start with "packq " are commands that tests/test_docs.py runs from
+# a folder holding examples/, and the documentation's command-line reference prints them: keep them runnable.
+_TOP = """\
+Exact conversion of quantized LLM checkpoints, for the engine that will load them.
+
+packq reads a Hugging Face checkpoint (a folder, or a Hub repo id) quantized as AWQ,
+GPTQ (v1 or v2) or compressed-tensors, and writes it in another format or as float
+weights, bit-exactly and streamed, in the zero-point encoding that the engine named
+by --for computes exactly; where no encoding is exact it says so before writing."""
+_TOP_EXAMPLES = """\
+examples:
+  packq convert examples/tiny-llama-awq tiny-llama-gptq --for transformers --verify
+  packq inspect examples/tiny-llama-awq
+  packq formats
+
+Run 'packq COMMAND --help' for a command's options; the full manual is the
+documentation site under docs/ (built with 'python -m sphinx -W -b html docs docs/_build/html')."""
+_CONVERT = """\
+Convert the checkpoint SRC to the format --to names (default: gptq), into DST.
+
+The whole source is checked first (config, index, every shard header, every
+module's shapes); then one tensor at a time is converted, unquantized tensors and
+other files are copied byte for byte (quantization configs rewritten), and memory
+stays bounded by the largest tensor.
+SRC is never written; DST appears only when complete (atomically, fsynced).
+GPTQ v1 is read differently by engines once a zero-point is 0: --for ENGINE
+writes what that engine computes exactly, and convert refuses, before writing,
+what no encoding can give it exactly (unless --allow-inexact). Errors are one
+line on stderr and exit status 2, with nothing written."""
+_CONVERT_EXAMPLES = """\
+examples:
+  # GPTQ that transformers (and GPTQModel, vLLM) load exactly, checked bit for bit
+  packq convert examples/tiny-llama-awq tiny-llama-gptq --for transformers --verify
+  # GPTQ v1 written per field, for TGI and LoRAX
+  packq convert examples/tiny-llama-awq tiny-llama-tgi --for tgi
+  # compressed-tensors pack-quantized, vLLM's native format
+  packq convert examples/tiny-llama-awq tiny-llama-ct --to compressed-tensors --verify
+  # dequantized float16 weights, one rounding of (q - z) * s
+  packq convert examples/tiny-llama-awq tiny-llama-f16 --to float16 --json"""
+_FORMATS = """\
+Print, as a Markdown table, every checkpoint format packq reads and the --to
+targets it converts each to (the table in README.md is this output)."""
+_FORMATS_EXAMPLES = """\
+examples:
+  packq formats"""
+_INSPECT = """\
+Describe the checkpoint SRC: its format, quantized modules, tensors and sizes,
+the (group, column) zero-points equal to 0, and, for every engine packq knows,
+whether it computes the checkpoint's zero-points exactly (an AWQ source: as GPTQ
+v1 written per field), and where not, how many pairs in which modules. Reads
+only; SRC may be a folder or a Hugging Face Hub repo id."""
+_INSPECT_EXAMPLES = """\
+examples:
+  packq inspect examples/tiny-llama-awq
+  packq inspect examples/tiny-llama-awq --json"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="packq", description="Exact conversion of quantized LLM checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert an AWQ checkpoint folder to GPTQ (or GPTQ to AWQ)")
-    c.add_argument("src", help="source model folder (never written), or a Hugging Face Hub repo id (org/name)")
+    p = argparse.ArgumentParser(prog="packq", description=_TOP, epilog=_TOP_EXAMPLES, formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("convert", help="convert a quantized checkpoint to another format, or to float, exactly",
+                       description=_CONVERT, epilog=_CONVERT_EXAMPLES, formatter_class=_Formatter)
+    c.add_argument("src", metavar="SRC", help="source model folder (never written), or a Hugging Face Hub repo id (org/name)")
     c.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
-    c.add_argument("dst", help="folder to create; it appears only when complete")
+    c.add_argument("dst", metavar="DST", help="folder to create; it appears only when complete")
     c.add_argument("--to", choices=list(TARGETS), default="gptq",
                    help="target format (default: gptq); float16/bfloat16/float32 write dequantized weights")
     c.add_argument("--for", dest="for_engine", metavar="ENGINE", choices=LOADERS, default=None,
@@ -57,12 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--v1-zeros", choices=["field", "word"], default=None,
                    help="how a GPTQ v1 source stored zero-points of 0: word = GPTQModel/transformers (whole-word "
                         "subtraction), field = per field (TGI, LoRAX, packq); default: from the producer's metadata")
-    sub.add_parser("formats", help="print the checkpoint formats and the routes between them (Markdown)")
-    i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
-    i.add_argument("src", help="model folder, or a Hugging Face Hub repo id (org/name)")
+    sub.add_parser("formats", help="print the checkpoint formats and the routes between them (Markdown)",
+                   description=_FORMATS, epilog=_FORMATS_EXAMPLES, formatter_class=_Formatter)
+    i = sub.add_parser("inspect", help="describe a quantized checkpoint and which engines read its zero-points exactly",
+                       description=_INSPECT, epilog=_INSPECT_EXAMPLES, formatter_class=_Formatter)
+    i.add_argument("src", metavar="SRC", help="model folder, or a Hugging Face Hub repo id (org/name)")
     i.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     i.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    i.add_argument("--v1-zeros", choices=["field", "word"], default=None, help="as for convert")
+    i.add_argument("--v1-zeros", choices=["field", "word"], default=None,
+                   help="how a GPTQ v1 source stored zero-points of 0 (as for convert); default: from the producer's metadata")
     i.add_argument("--mlx", action="store_true",
                    help="read every weight and say, per MLX form and module, what MLX's CPU and Metal compute")
     return p

@@ -1,4 +1,5 @@
-"""The README's JAX example runs: a tiny Llama forward pass on weights from packq.jax.load equals NumPy."""
+"""The JAX example (examples/jax_llama.py, shown in docs/guide/jax.md) runs: a tiny Llama forward pass on weights
+from packq.jax.load equals NumPy."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The run itself (scripts/real_loaders.py) needs gptqmodel and transformers, too heavy for CI: it is
 opt-in (``pytest --real-loaders``, in an environment that has them). The results of the last run are
 committed in benchmarks/results/real_loaders.json; the first test checks what they say, so that the
-evidence in the repository cannot silently stop meaning what the README claims.
+evidence in the repository cannot silently stop meaning what the documentation claims (docs/engines.md).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check(report: dict) -> None:
     assert refused["packq_exit"] == 2 and "--for ENGINE" in refused["packq_said"]
 
 
-def test_committed_results_say_what_the_readme_says():
+def test_committed_results_say_what_the_docs_say():
     check(json.loads(RESULTS.read_text()))
 
 

@@ -126,3 +126,94 @@ def producer_convention(quantization_config: dict, sidecar: dict | None) -> str 
         if "autogptq" in producers or "auto_gptq" in producers:
             return "or"
     return None
+
+
+
+#: each v1 convention: how it reads a stored field f, and how it writes a zero-point z, as the docs' legend says it
+CONVENTIONS = {
+    FIELD: ("(f + 1) mod 2**bits, each field on its own", "(z - 1) mod 2**bits, each field on its own"),
+    WORD: ("the v1 word + 0x11111111 (at 4 bits) as one 32-bit add: a stored 15 carries into the next field",
+           "the v2 word - 0x11111111 as one 32-bit subtraction: a zero-point of 0 borrows from the next field"),
+    UNMASKED: ("f + 1 with no modulo: a stored 15 reads as 16, so a zero-point of 0 cannot be stored", "-"),
+    "or": ("-", "(z - 1) cast to uint32 and OR-ed in: a zero-point of 0 sets every higher field of its word"),
+}
+
+
+def _writes_for(engine: Engine, bits: int = 4) -> str:
+    """What ``--for NAME`` writes at ``bits``, in the words of the engines table."""
+    checkpoint_format, convention = engine.target(bits)
+    if checkpoint_format == "gptq_v2":
+        return "`gptq_v2`"
+    if engine.v1_convention(bits) == UNMASKED:
+        return "v1 per field, zero-point-0 pairs rebiased to q + 1, z + 1; refused where one holds a 15"
+    return "v1 per field" if convention == FIELD else "v1 in whole words"
+
+
+def table_markdown() -> str:
+    """The engines table of the documentation, generated from :data:`ENGINES`.
+
+    One row per engine: the name ``--for`` takes, the convention in which it
+    reads GPTQ v1 zero-points, whether it reads ``gptq_v2`` exactly, the
+    convention of the v1 checkpoints it writes, and what
+    ``packq convert --for NAME`` writes for it (4-bit).
+
+    Returns
+    -------
+    str
+        A Markdown table, one line per row, ending in a newline.
+
+    Examples
+    --------
+    >>> from packq.formats.engines import table_markdown
+    >>> print(table_markdown().splitlines()[0])
+    | engine | `--for` | reads GPTQ v1 | reads `gptq_v2` | writes v1 | `--for` writes (4-bit) |
+    """
+    rows = ["| engine | `--for` | reads GPTQ v1 | reads `gptq_v2` | writes v1 | `--for` writes (4-bit) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for e in ENGINES.values():
+        loads = e.reads_v1 is not None
+        reads_v1 = "—" if not loads else e.reads_v1 if e.v1_convention(3) == e.reads_v1 else \
+            f"{e.reads_v1} ({e.v1_convention(3)} at 3 bits)"
+        rows.append(f"| {e.title} | {f'`{e.name}`' if loads else '—'} | {reads_v1} | {'exact' if e.reads_v2 else 'no'} "
+                    f"| {e.writes_v1 or '—'} | {_writes_for(e) if loads else '—'} |")
+    return "\n".join(rows) + "\n"
+
+
+def conventions_markdown() -> str:
+    """The legend of :func:`table_markdown`: what each v1 convention reads and writes, from :data:`CONVENTIONS`.
+
+    Returns
+    -------
+    str
+        One Markdown list item per convention, ending in a newline.
+
+    Examples
+    --------
+    >>> from packq.formats.engines import conventions_markdown
+    >>> print(conventions_markdown().splitlines()[0])
+    - **field** reads a stored field f as (f + 1) mod 2\\*\\*bits, each field on its own;
+      writes a zero-point z as (z - 1) mod 2\\*\\*bits, each field on its own.
+    """
+    lines = []
+    for name, (reads, writes) in CONVENTIONS.items():
+        said = [f"reads a stored field f as {reads}" if reads != "-" else "",
+                f"writes a zero-point z as {writes}" if writes != "-" else ""]
+        lines.append(f"- **{name}** " + "; ".join(x for x in said if x).replace("*", "\\*") + ".\n")  # 2**bits, not bold
+    return "".join(lines)
+
+
+def sources_markdown() -> str:
+    """Where each entry of :data:`ENGINES` comes from: a Markdown list generated from the table itself.
+
+    Returns
+    -------
+    str
+        One ``- **title**: source`` line per engine, ending in a newline.
+
+    Examples
+    --------
+    >>> from packq.formats.engines import sources_markdown
+    >>> sources_markdown().startswith("- **transformers")
+    True
+    """
+    return "".join(f"- **{e.title}**: {e.source}\n" for e in ENGINES.values())
