@@ -47,6 +47,7 @@ class FolderPlan:
     items: dict[str, list[Item]]  #: shard file name -> its output tensors in file order
     entries: dict[str, list[Entry]]  #: shard file name -> their header entries
     extra: list[tuple[Path, Path, int]]  #: other files: (path in DST, path in SRC, size)
+    config: dict  #: config.json as written, its quantization_config the target's (made, or refused, up front)
 
 
 def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
@@ -74,7 +75,7 @@ def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
                 st = os.stat(path)  # follows links: ENOENT for a dangling one, ELOOP for a loop
             if not stat.S_ISREG(st.st_mode):
                 kind = "a link to a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
-                raise CheckpointError(f"{path}: is {kind}; packq copies regular files and real folders only")
+                raise CheckpointError(f"{str(path)!r}: is {kind}; packq copies regular files and real folders only")
             out.append((rel / entry.name, path, st.st_size))
 
     walk(ckpt.root, Path())
@@ -90,7 +91,10 @@ class SafetensorsFolder(Container):
         entries = {f: [self._entry(job, job.ckpt.shards[f], *item) for item in its] for f, its in items.items()}
         for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
             header_for(es, job.ckpt.shards[fname].metadata, dst / fname)
-        detail = FolderPlan(items, entries, extra_files(job.ckpt))
+        extra = extra_files(job.ckpt)
+        config = json.loads(json.dumps(job.ckpt.config))
+        job.output.config(job, config)  # a config the target cannot state is refused here, not after the shards
+        detail = FolderPlan(items, entries, extra, config)
         return Plan(sum(len(e) for e in entries.values()), sum(e[3] for es in entries.values() for e in es), detail)
 
     @staticmethod
@@ -140,8 +144,7 @@ class SafetensorsFolder(Container):
                     (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
             copy_durable(path, tmp / rel, size)
         ckpt = job.ckpt
-        config = json.loads(json.dumps(ckpt.config))
-        job.output.config(job, config)
+        config = p.config
         write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         for name in SIDECARS:  # engines read these before config.json: they must state the new format too
             if (ckpt.root / name).exists() and job.output.sidecars:  # (others drop them)
@@ -214,6 +217,7 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                     writer.end()
                 bar.update(piece.nbytes)
             writer.finish()
+            f.check_unchanged()  # every byte read came from the shard as its header was checked
             return writer
         except BaseException:
             for fut in pending.values():
