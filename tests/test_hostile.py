@@ -687,3 +687,337 @@ def test_no_file_descriptor_is_left_open(ckpt, tmp_path):
         inspect_checkpoint(tmp_path / f"d{i}")
         assert main(["convert", str(ckpt), str(tmp_path / f"d{i}")]) == 2  # refused: exists
     assert open_fds() == before
+
+
+# ================================================================== issue 19: hostile input, round 3
+def examples(quick: int, thorough: int) -> settings:
+    """A property's example count: ``quick`` by default, ``thorough`` under --thorough (whose profile asks
+    2000; these properties run whole conversions or processes, so they take fewer)."""
+    many = settings.default.max_examples >= 2000
+    return settings(MUTATION, max_examples=thorough if many else quick)
+
+
+def make_gptq(tmp_path: Path, *extra: str) -> Path:
+    """The tiny checkpoint converted to GPTQ (v1 unless ``extra`` says otherwise)."""
+    src = make_checkpoint(tmp_path / "awq-src")
+    out = tmp_path / "gptq-src"
+    assert main(["convert", str(src), str(out), *extra]) == 0
+    return out
+
+
+def make_ct(tmp_path: Path) -> Path:
+    src = make_checkpoint(tmp_path / "awq-src-ct")
+    out = tmp_path / "ct-src"
+    assert main(["convert", str(src), str(out), "--to", "compressed-tensors"]) == 0
+    return out
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a shard (bf16 as uint16, restored by _save)."""
+    header, _ = read_header(path)
+    with safe_open(str(path), "np") as f:
+        return {k: (f.get_tensor(k) if header[k]["dtype"] != "BF16" else None) for k in f.keys()}
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a shard with ``edit(tensors)`` applied; BF16 tensors kept as their raw bits."""
+    header, data = read_header(path)
+    raw = {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], np.uint16).reshape(v["shape"])
+           for k, v in header.items() if k != "__metadata__" and v["dtype"] == "BF16"}
+    tensors = {k: v for k, v in _tensors(path).items() if v is not None}
+    tensors.update(raw)
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    bf16 = [k for k in raw if k in tensors]
+    if bf16:
+        _edit_header(path, lambda h: [h[k].update(dtype="BF16") for k in bf16])
+
+
+def _set_quant(ckpt: Path, **values) -> None:
+    _config(ckpt, lambda c: c["quantization_config"].update(values))
+
+
+# ------------------------------------------------------------------ 8. headers as serde_json reads them
+RAW_CASES.update({
+    "lone-leading-surrogate-name": lambda h, d: (json.dumps(h).replace('"model.embed.weight"', '"model.embed\\ud800"')
+                                                 .encode(), d),
+    "lone-trailing-surrogate-name": lambda h, d: (json.dumps(h).replace('"model.embed.weight"', '"\\udc00model.embed"')
+                                                  .encode(), d),
+    "minus-zero-offset": lambda h, d: (json.dumps(h).replace('"data_offsets": [0, ', '"data_offsets": [-0, ', 1).encode(), d),
+    "float-offset": lambda h, d: (json.dumps(h).replace('"data_offsets": [0, ', '"data_offsets": [0.0, ', 1).encode(), d),
+})
+
+#: number literals where the reference wants a usize, and how JSON texts them
+LITERALS = st.sampled_from(["8", "-0", "0", "-0.0", "8.0", "8e0", "0.8e1", "08", "+8", "8.", "1e400", "-8",
+                            str(2**64 - 1), str(2**64), "18446744073709551616e0", " 8", "8 "]) \
+    | st.integers(-(2**66), 2**66).map(str)
+
+
+def _one_tensor_shard(path: Path, header_text: str, nbytes: int = 8) -> None:
+    raw = header_text.encode("utf-8", "surrogatepass")
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * nbytes)
+
+
+def _packq_opens(path: Path) -> dict | None:
+    from packq.checkpoint.safetensors import SafetensorsFile
+    from packq.errors import CheckpointError
+
+    try:
+        return SafetensorsFile(path).tensors
+    except CheckpointError:
+        return None
+
+
+@settings(MUTATION)
+@given(dim=LITERALS, begin=LITERALS, end=LITERALS, which=st.sampled_from(["dim", "begin", "end"]))
+def test_header_numbers_are_read_as_the_reference_reads_them(tmp_path_factory, dim, begin, end, which):
+    """Each number of an entry given as a drawn literal: packq accepts exactly what the safetensors library does."""
+    parts = {"dim": "8", "begin": "0", "end": "8"}
+    parts[which] = {"dim": dim, "begin": begin, "end": end}[which]
+    path = tmp_path_factory.mktemp("lit") / "x.safetensors"
+    _one_tensor_shard(path, '{"t":{"dtype":"U8","shape":[%s],"data_offsets":[%s,%s]}}' % (parts["dim"], parts["begin"],
+                                                                                         parts["end"]))
+    assert (_packq_opens(path) is not None) == reference_opens(path), parts
+
+
+@settings(MUTATION)
+@given(name=st.text(st.characters(exclude_categories=()), max_size=6), ascii_only=st.booleans())
+def test_header_names_are_read_as_the_reference_reads_them(tmp_path_factory, name, ascii_only):
+    """Any name (lone surrogates, controls, NUL included), escaped or raw: the same verdict, the same name."""
+    path = tmp_path_factory.mktemp("name") / "x.safetensors"
+    _one_tensor_shard(path, '{%s:{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}' % json.dumps(name, ensure_ascii=ascii_only))
+    ours = _packq_opens(path)
+    assert (ours is not None) == reference_opens(path), repr(name)
+    if ours is not None:
+        with safe_open(str(path), "np") as f:
+            assert list(ours) == list(f.keys())
+
+
+# ------------------------------------------------------------------ 9. every declared value checked for type
+CONFIG_TYPE_CASES = {  # (source kind, quantization_config edit, fragment of the one line)
+    "gptq-bits-float": ("gptq", {"bits": 4.0}, "bits must be one of 2, 3, 4, 8, got 4.0"),
+    "gptq-bits-true": ("gptq", {"bits": True}, "bits must be one of 2, 3, 4, 8, got true"),
+    "gptq-bits-string": ("gptq", {"bits": "4"}, 'got "4"'),
+    "gptq-group-size-float": ("gptq", {"group_size": 64.0}, "group_size must be a positive integer or -1, got 64.0"),
+    "gptq-desc-act-int": ("gptq", {"desc_act": 0}, "desc_act must be true or false, got 0"),
+    "gptq-checkpoint-format-int": ("gptq", {"checkpoint_format": 1}, "checkpoint_format must be a string, got 1"),
+    "gptq-lm-head-string": ("gptq", {"lm_head": "false"}, 'lm_head must be true or false, got "false"'),
+    "gptq-sym-int": ("gptq", {"sym": 1}, "sym must be true or false, got 1"),
+    "gptq-dynamic-list": ("gptq", {"dynamic": []}, "dynamic must be an object, got []"),
+    "gptq-dynamic-bits": ("gptq", {"dynamic": {"+:.*q$": {"bits": 8}}}, "sets bits 8 for some modules"),
+    "gptq-dynamic-bits-float": ("gptq", {"dynamic": {"+:.*q$": {"bits": 4.0}}}, "sets bits 4.0 for some modules"),
+    "gptq-dynamic-bad-regex": ("gptq", {"dynamic": {"-:(": {}}}, "is not a regular expression"),
+    "gptq-not-convert-string": ("gptq", {"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
+    "awq-bits-float": ("awq", {"bits": 4.0}, "bits is 4.0; AWQ gemm is 4-bit only"),
+    "awq-bits-true": ("awq", {"bits": True}, "bits is true"),
+    "awq-zero-point-int": ("awq", {"zero_point": 1}, "zero_point must be true or false, got 1"),
+    "awq-version-int": ("awq", {"version": 1}, "version must be a string, got 1"),
+    "awq-not-convert-ints": ("awq", {"modules_to_not_convert": [1]}, "modules_to_not_convert must be a list of strings"),
+}
+CT_TYPE_CASES = {  # compressed-tensors: the weights block of its one config group
+    "ct-num-bits-float": ({"num_bits": 4.0}, "weights.num_bits must be an integer, got 4.0"),
+    "ct-num-bits-true": ({"num_bits": True}, "weights.num_bits must be an integer, got true"),
+    "ct-symmetric-string": ({"symmetric": "false"}, 'weights.symmetric must be true or false, got "false"'),
+    "ct-group-size-float": ({"group_size": 64.0}, "with group_size 64.0"),
+    "ct-dynamic-int": ({"dynamic": 0}, "weights.dynamic must be true or false or a string, got 0"),
+}
+
+
+def _source(kind: str, tmp_path: Path) -> Path:
+    return {"awq": lambda: make_checkpoint(tmp_path / "src"), "gptq": lambda: make_gptq(tmp_path),
+            "ct": lambda: make_ct(tmp_path)}[kind]()
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_TYPE_CASES) + sorted(CT_TYPE_CASES))
+def test_declared_values_of_the_wrong_json_type_are_one_line(tmp_path, capsys, case):
+    if case in CT_TYPE_CASES:
+        src, (edit, fragment) = make_ct(tmp_path), CT_TYPE_CASES[case]
+        _config(src, lambda c: c["quantization_config"]["config_groups"]["config_group_0"]["weights"].update(edit))
+    else:
+        kind, edit, fragment = CONFIG_TYPE_CASES[case]
+        src = _source(kind, tmp_path)
+        _set_quant(src, **edit)
+    for args in (["convert", str(src), str(tmp_path / "dst"), "--verify", "--to", "float16"], ["inspect", str(src)]):
+        code, err = run_cli(args, capsys)
+        assert_refused(code, err, tmp_path / "dst", fragment)
+
+
+#: how a drawn value may stand for a key: exactly these JSON types (bool is not int, float is not int)
+_KEY_TYPES = {"awq": {"bits": int, "group_size": int, "zero_point": bool, "version": str},
+              "gptq": {"bits": int, "group_size": int, "desc_act": bool, "sym": bool, "lm_head": bool, "checkpoint_format": str}}
+_KEYS = sorted({*_KEY_TYPES["awq"], *_KEY_TYPES["gptq"], "true_sequential", "damp_percent"})
+SCALARS = st.none() | st.booleans() | st.integers(-3, 300) | st.floats(-3, 300) | st.sampled_from([4.0, 64.0, 1.0, 0.0, -1.0]) \
+    | st.text(max_size=4) | st.sampled_from(["4", "64", "gptq", "gptq_v2", "gemm", "true"]) | st.lists(st.integers(0, 8), max_size=2)
+
+
+@examples(quick=15, thorough=300)
+@given(data=st.data(), kind=st.sampled_from(["awq", "gptq"]))
+def test_declared_json_values_of_every_type(tmp_path_factory, data, kind, capsys):
+    """Any JSON value for a config key: converted only where its type is the key's own; else one line, never a traceback."""
+    tmp = tmp_path_factory.mktemp("t")
+    src = _source(kind, tmp)
+    key = data.draw(st.sampled_from(_KEYS))
+    value = data.draw(SCALARS)
+    _set_quant(src, **{key: value})
+    code, err = convert_and_check(src, tmp / "dst", capsys, *(["--to", "float16"] if kind == "gptq" else []))
+    want = _KEY_TYPES[kind].get(key, object)  # keys the format does not read may hold anything
+    if code == 0 and value is not None and want is not object:
+        assert type(value) is want, f"{key}: {value!r} ({type(value).__name__}) was accepted as {want.__name__}"
+    code, err = run_cli(["inspect", str(src)], capsys)
+    assert code in (0, 2) and (code == 0 or err.count("\n") == 1), err
+
+
+def test_g_idx_of_floats_or_out_of_range_is_one_line(tmp_path, capsys):
+    src = make_gptq(tmp_path)
+    shard = src / SHARDS[0]
+    good = _tensors(shard)["model.layers.0.q.g_idx"]
+    _rewrite(shard, lambda t: t.update({"model.layers.0.q.g_idx": good.astype(np.float32)}))
+    for args in (["convert", str(src), str(tmp_path / "dst"), "--verify"], ["inspect", str(src)]):
+        assert_refused(*run_cli(args, capsys), tmp_path / "dst", "g_idx must be int32 (or int64) of shape (128,)")
+    bad = good.copy()
+    bad[5] = 2  # the module has 2 groups: 0 and 1
+    _rewrite(shard, lambda t: t.update({"model.layers.0.q.g_idx": bad}))
+    for to in ("gptq", "float16", "awq"):
+        for verify in ([], ["--verify"]):
+            code, err = convert_and_check(src, tmp_path / "dst", capsys, "--to", to, "--checkpoint-format", "gptq_v2",
+                                          *verify) if to == "gptq" else convert_and_check(src, tmp_path / "dst", capsys,
+                                                                                         "--to", to, *verify)
+            assert_refused(code, err, tmp_path / "dst", "'model.layers.0.q.g_idx'[5] is 2; the module has 2 groups")
+
+
+def test_the_jax_loader_refuses_what_convert_refuses(tmp_path):
+    jax_load = pytest.importorskip("packq.jax").load
+    from packq.errors import CheckpointError
+
+    src = make_gptq(tmp_path)
+    _set_quant(src, bits=4.0)
+    with pytest.raises(CheckpointError, match="bits must be one of 2, 3, 4, 8, got 4.0"):
+        jax_load(src, layout="gptq")
+    _set_quant(src, bits=4)
+    shard = src / SHARDS[0]
+    _rewrite(shard, lambda t: t.update({"model.layers.0.q.g_idx": t["model.layers.0.q.g_idx"].astype(np.float32)}))
+    with pytest.raises(CheckpointError, match="g_idx must be int32"):
+        jax_load(src, layout="gptq")
+
+
+# ------------------------------------------------------------------ 5. an AWQ source with a g_idx
+def test_awq_with_a_nontrivial_g_idx_is_refused_and_a_trivial_one_kept(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "src")
+    trivial = np.arange(128, dtype=np.int32) // 64
+    _rewrite(src / SHARDS[0], lambda t: t.update({"model.layers.0.q.g_idx": trivial}))
+    _index(src, lambda i: i["weight_map"].update({"model.layers.0.q.g_idx": SHARDS[0]}))
+    assert convert_and_check(src, tmp_path / "ok", capsys)[0] == 0
+    assert np.array_equal(_tensors(tmp_path / "ok" / SHARDS[0])["model.layers.0.q.g_idx"], trivial)
+    _rewrite(src / SHARDS[0], lambda t: t.update({"model.layers.0.q.g_idx": trivial[::-1].copy()}))
+    for to in ("gptq", "compressed-tensors", "float16"):
+        code, err = convert_and_check(src, tmp_path / "dst", capsys, "--to", to)
+        assert_refused(code, err, tmp_path / "dst", "AWQ has no act-order, but 'model.layers.0.q.g_idx' is not arange")
+
+
+# ------------------------------------------------------------------ 6. configs the output would contradict
+def _add_module(root: Path, prefix: str, shard: str = SHARDS[1]) -> None:
+    """Another AWQ module (K=128, N=64, group 64) in ``shard``."""
+    rng = np.random.default_rng(1)
+    zeros = rng.integers(1, 16, (2, 8, 8), dtype=np.uint32) << (4 * np.arange(8, dtype=np.uint32))
+    _rewrite(root / shard, lambda t: t.update({
+        f"{prefix}.qweight": rng.integers(0, 2**32, (128, 8), dtype=np.uint64).astype(np.uint32).view(np.int32),
+        f"{prefix}.qzeros": np.bitwise_or.reduce(zeros, axis=-1).view(np.int32),
+        f"{prefix}.scales": rng.random((2, 64)).astype(np.float16)}))
+    _index(root, lambda i: i["weight_map"].update({f"{prefix}.{p}": shard for p in ("qweight", "qzeros", "scales")}))
+
+
+def test_a_quantized_lm_head_is_stated_in_every_target_config(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "src")
+    _add_module(src, "lm_head")
+    assert convert_and_check(src, tmp_path / "g", capsys)[0] == 0
+    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert q["lm_head"] is True
+    assert convert_and_check(src, tmp_path / "c", capsys, "--to", "compressed-tensors")[0] == 0
+    q = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert "lm_head" not in q["ignore"] and "lm_head.weight_packed" in _tensors(tmp_path / "c" / SHARDS[1])
+    # GPTQ -> GPTQ keeps it; GPTQ -> AWQ cannot state it
+    assert convert_and_check(tmp_path / "g", tmp_path / "g2", capsys, "--checkpoint-format", "gptq_v2")[0] == 0
+    assert json.loads((tmp_path / "g2" / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    assert_refused(*convert_and_check(tmp_path / "g", tmp_path / "a", capsys, "--to", "awq"), tmp_path / "a",
+                   "lm_head is quantized, and AWQ loaders")
+    # a GPTQ config contradicting its tensors: lm_head false with lm_head stored quantized, true without
+    _set_quant(tmp_path / "g", lm_head=False)
+    assert_refused(*run_cli(["inspect", str(tmp_path / "g")], capsys), tmp_path / "a", "says lm_head false, but")
+    without = make_gptq(tmp_path / "plain")
+    _set_quant(without, lm_head=True)
+    assert_refused(*convert_and_check(without, tmp_path / "x", capsys), tmp_path / "x",
+                   "says lm_head true, but the checkpoint stores no quantized lm_head")
+
+
+def test_gptqmodel_dynamic_overrides_are_kept_or_refused(tmp_path, capsys):
+    src = make_gptq(tmp_path)
+    dynamic = {"-:.*embed.*": {}, "+:.*layers\\.0\\..*": {"bits": 4, "group_size": 64}}
+    _set_quant(src, dynamic=dynamic)
+    assert convert_and_check(src, tmp_path / "v2", capsys, "--checkpoint-format", "gptq_v2")[0] == 0
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]["dynamic"] == dynamic
+    assert convert_and_check(src, tmp_path / "c", capsys, "--to", "compressed-tensors")[0] == 0
+    ignore = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "re:.*embed.*" in ignore
+    assert_refused(*convert_and_check(src, tmp_path / "a", capsys, "--to", "awq"), tmp_path / "a",
+                   "AWQ's modules_to_not_convert cannot state")
+    _set_quant(src, dynamic={"-:.*layers\\.0\\.q": {}})  # excludes a module that is stored quantized
+    assert_refused(*convert_and_check(src, tmp_path / "d", capsys), tmp_path / "d",
+                   "dynamic excludes '-:.*layers\\\\.0\\\\.q' from quantization, but 'model.layers.0.q' is stored quantized")
+
+
+def test_ignore_and_modules_to_not_convert_must_not_name_a_quantized_module(tmp_path, capsys):
+    ct = make_ct(tmp_path)
+    _config(ct, lambda c: c["quantization_config"].update(ignore=["lm_head", "re:.*layers.0.k"]))
+    assert_refused(*convert_and_check(ct, tmp_path / "d", capsys, "--to", "awq"), tmp_path / "d",
+                   "ignores 're:.*layers.0.k', but 'model.layers.0.k' is stored packed")
+    src = make_checkpoint(tmp_path / "src")
+    _set_quant(src, modules_to_not_convert=["layers.0.q"])
+    assert_refused(*convert_and_check(src, tmp_path / "d", capsys, "--to", "compressed-tensors"), tmp_path / "d",
+                   "modules_to_not_convert lists 'layers.0.q', but 'model.layers.0.q' is stored quantized")
+    _set_quant(src, modules_to_not_convert=["visual"])  # names no quantized module: carried over
+    assert convert_and_check(src, tmp_path / "c", capsys, "--to", "compressed-tensors")[0] == 0
+    assert "re:.*visual.*" in json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]["ignore"]
+
+
+# ------------------------------------------------------------------ 7. float outputs that overflow; no warnings
+def _big_scales(src: Path, value: float = 1e5) -> None:
+    """bfloat16 scales of ``value`` in module q: its weights overflow float16."""
+    bits = (np.float32(value).view(np.uint32) >> 16).astype(np.uint16)
+    _rewrite(src / SHARDS[0], lambda t: t.update({"model.layers.0.q.scales": np.full((2, 64), bits, np.uint16)}))
+    _edit_header(src / SHARDS[0], lambda h: h["model.layers.0.q.scales"].update(dtype="BF16"))
+
+
+def test_float_overflow_is_refused_unless_allowed(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "src")
+    _big_scales(src)
+    code, err = convert_and_check(src, tmp_path / "f16", capsys, "--to", "float16")
+    assert_refused(code, err, tmp_path / "f16", "dequantized weights are not finite in float16",
+                   "'model.layers.0.q'", "the largest magnitude is 1.4976e+06", "--allow-overflow")
+    n = int(err.split("': ")[1].split()[0])
+    assert 0 < n <= 128 * 64
+    assert convert_and_check(src, tmp_path / "f16", capsys, "--to", "float16", "--allow-overflow")[0] == 0
+    w = _tensors(tmp_path / "f16" / SHARDS[0])["model.layers.0.q.weight"]
+    assert np.count_nonzero(~np.isfinite(w)) == n  # the count is the output's
+    for to in ("bfloat16", "float32"):  # wide enough: no refusal
+        assert convert_and_check(src, tmp_path / to, capsys, "--to", to)[0] == 0
+
+
+NO_WARNINGS = """
+import sys
+from packq.cli import main
+src, out = sys.argv[1], sys.argv[2]
+for i, args in enumerate([[], ["--to", "float16", "--allow-overflow"], ["--to", "bfloat16"], ["--to", "float32"],
+                          ["--to", "compressed-tensors"], ["--for", "exllamav2"], ["--backend", "jax", "--to", "float16",
+                          "--allow-overflow"]]):
+    assert main(["convert", src, f"{out}/{i}", "--verify", "--no-progress", *args]) == 0, args
+assert main(["inspect", src]) == 0
+"""
+
+
+def test_successful_runs_write_nothing_to_stderr(tmp_path):
+    """No warning (NumPy's overflow, JAX's, anyone's) reaches stderr when a run succeeds, overflow allowed included."""
+    src = make_checkpoint(tmp_path / "src")
+    _big_scales(src)
+    (tmp_path / "out").mkdir()
+    r = subprocess.run([sys.executable, "-c", NO_WARNINGS, str(src), str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -283,7 +283,7 @@ class QweightFormat(CheckpointFormat):
         for pattern in exclusions(fmt):
             hit = next((p for p in modules if _matches(pattern, p)), None)
             if hit is not None:
-                raise CheckpointError(f"{str(root)!r}: dynamic excludes '-:{pattern}' from quantization, but {hit!r} "
+                raise CheckpointError(f"{str(root)!r}: dynamic excludes {'-:' + pattern!r} from quantization, but {hit!r} "
                                       "is stored quantized")
         return modules
 
