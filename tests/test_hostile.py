@@ -775,8 +775,8 @@ def test_header_numbers_are_read_as_the_reference_reads_them(tmp_path_factory, d
     parts = {"dim": "8", "begin": "0", "end": "8"}
     parts[which] = {"dim": dim, "begin": begin, "end": end}[which]
     path = tmp_path_factory.mktemp("lit") / "x.safetensors"
-    _one_tensor_shard(path, '{"t":{"dtype":"U8","shape":[%s],"data_offsets":[%s,%s]}}' % (parts["dim"], parts["begin"],
-                                                                                         parts["end"]))
+    _one_tensor_shard(path, '{"t":{"dtype":"U8","shape":[' + parts["dim"] + '],"data_offsets":[' + parts["begin"] + ","
+                      + parts["end"] + "]}}")
     assert (_packq_opens(path) is not None) == reference_opens(path), parts
 
 
@@ -785,7 +785,7 @@ def test_header_numbers_are_read_as_the_reference_reads_them(tmp_path_factory, d
 def test_header_names_are_read_as_the_reference_reads_them(tmp_path_factory, name, ascii_only):
     """Any name (lone surrogates, controls, NUL included), escaped or raw: the same verdict, the same name."""
     path = tmp_path_factory.mktemp("name") / "x.safetensors"
-    _one_tensor_shard(path, '{%s:{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}' % json.dumps(name, ensure_ascii=ascii_only))
+    _one_tensor_shard(path, "{" + json.dumps(name, ensure_ascii=ascii_only) + ':{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}')
     ours = _packq_opens(path)
     assert (ours is not None) == reference_opens(path), repr(name)
     if ours is not None:
