@@ -115,13 +115,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     except KeyboardInterrupt as e:
-        committed, dst = getattr(e, "committed", False), getattr(e, "dst", None)
+        dst = getattr(e, "dst", None)
+        committed = getattr(e, "committed", False) or (dst is not None and _was_committed(dst))
         done = f"; DST {dst!r} was already complete" if committed and dst else "; nothing was written"
         _error(f"interrupted{done}", prefix="packq: ")
         return 130
     finally:
-        if from_start in (signal.SIG_DFL, None):
+        if argv is None:  # the program itself: its work is done and reported; a signal now would only turn the
+            for s in (signal.SIGINT, signal.SIGTERM):  # exit status of a finished run into a kill (at shutdown)
+                signal.signal(s, signal.SIG_IGN)
+        elif from_start in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, from_start or signal.SIG_DFL)
+
+
+def _was_committed(dst: str) -> bool:
+    from packq.checkpoint.guards import was_committed
+
+    return was_committed(dst)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -180,7 +190,7 @@ def _render(fn: Any, summary: dict[str, Any]) -> str:
 
 def _run(argv: Sequence[str] | None) -> int:
     from packq.checkpoint.files import describe
-    from packq.checkpoint.guards import resources
+    from packq.checkpoint.guards import forget_commit, resources
     from packq.errors import CheckpointError
 
     args = _parser().parse_args(argv)
@@ -189,6 +199,7 @@ def _run(argv: Sequence[str] | None) -> int:
             if args.command == "convert":
                 from packq.checkpoint import convert_checkpoint
 
+                forget_commit(args.dst)  # (a DST this process converted before: not this run's commit)
                 try:
                     summary = convert_checkpoint(
                         args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
@@ -196,11 +207,11 @@ def _run(argv: Sequence[str] | None) -> int:
                         v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
                         revision=args.revision, allow_overflow=args.allow_overflow,
                     )
-                except KeyboardInterrupt as e:
+                    text = json.dumps(summary, indent=2) + "\n" if args.json else _render(_print_convert, summary)
+                    _emit(text, summary["dst"])
+                except KeyboardInterrupt as e:  # report whether DST was put in place before it came
                     e.dst = os.path.abspath(args.dst)  # type: ignore[attr-defined]
                     raise
-                text = json.dumps(summary, indent=2) + "\n" if args.json else _render(_print_convert, summary)
-                _emit(text, summary["dst"])
             elif args.command == "formats":
                 from packq.checkpoint.formats import table_markdown
 

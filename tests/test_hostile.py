@@ -1021,3 +1021,428 @@ def test_successful_runs_write_nothing_to_stderr(tmp_path):
     (tmp_path / "out").mkdir()
     r = subprocess.run([sys.executable, "-c", NO_WARNINGS, str(src), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+# ------------------------------------------------------------------ 1, 2. one planner sees every output name
+#: (target args, the stray source tensor beside module model.layers.0.q whose name the target writes)
+COLLISIONS = [(["--to", "float16"], "weight"), (["--to", "compressed-tensors"], "weight_packed"),
+              (["--to", "compressed-tensors"], "weight_scale"), (["--to", "compressed-tensors"], "weight_shape")]
+
+
+@pytest.mark.parametrize("args, part", COLLISIONS)
+def test_an_output_name_a_source_tensor_already_has_is_refused(tmp_path, capsys, args, part):
+    src = make_checkpoint(tmp_path / "src")
+    stray = f"model.layers.0.q.{part}"
+    _rewrite(src / SHARDS[1], lambda t: t.update({stray: np.zeros(4, np.float16)}))
+    _index(src, lambda i: i["weight_map"].update({stray: SHARDS[1]}))
+    code, err = convert_and_check(src, tmp_path / "dst", capsys, *args)
+    assert_refused(code, err, tmp_path / "dst", f"the output tensor {stray!r} would be written twice",
+                   "the quantized module 'model.layers.0.q'", f"the source tensor {stray!r} kept as it is")
+
+
+@examples(quick=10, thorough=200)
+@given(data=st.data())
+def test_colliding_names_are_refused_and_others_converted(tmp_path_factory, data, capsys):
+    """A stray tensor named like anything a target may write for some module: refused exactly when the name collides."""
+    tmp = tmp_path_factory.mktemp("c")
+    src = make_checkpoint(tmp / "src")
+    module = data.draw(st.sampled_from(["model.layers.0.q", "model.layers.0.k", "model.layers.0", "model.embed"]))
+    part = data.draw(st.sampled_from(["weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                                      "g_idx", "bias", "qweight2"]))
+    args = data.draw(st.sampled_from([["--to", "float16"], ["--to", "compressed-tensors"], []]))
+    stray = f"{module}.{part}"
+    if stray == "model.embed.weight":
+        return  # the source's own tensor
+    shard = data.draw(st.sampled_from(SHARDS))
+    _rewrite(src / shard, lambda t: t.update({stray: np.zeros(4, np.int32)}))
+    _index(src, lambda i: i["weight_map"].update({stray: shard}))
+    writes = {"--to float16": {"weight"}, "--to compressed-tensors": {"weight_packed", "weight_scale", "weight_zero_point",
+                                                                     "weight_shape"}, "": {"g_idx"}}[" ".join(args)]
+    collides = module in ("model.layers.0.q", "model.layers.0.k") and part in writes
+    code, err = convert_and_check(src, tmp / "dst", capsys, *args)
+    assert (code == 2 and "would be written twice" in err) == collides, err
+    if code == 0:
+        assert_loads_in_safetensors(tmp / "dst")
+
+
+def test_model_safetensors_beside_an_index_is_refused(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "src")
+    shutil.copy(src / SHARDS[0], src / "model.safetensors")
+    for args in (["convert", str(src), str(tmp_path / "dst")], ["inspect", str(src)]):
+        assert_refused(*run_cli(args, capsys), tmp_path / "dst", "holds both model.safetensors and "
+                       "model.safetensors.index.json", "which is the model is ambiguous")
+    (src / "model.safetensors").rename(src / "extra.safetensors")  # any other top-level weights file, too
+    assert_refused(*convert_and_check(src, tmp_path / "dst", capsys), tmp_path / "dst",
+                   "extra.safetensors", "not a shard of this checkpoint")
+    (src / "extra.safetensors").unlink()
+    (src / "sub").mkdir()
+    shutil.copy(src / SHARDS[0], src / "sub" / "x.safetensors")  # below the top folder no engine loads it: copied
+    assert convert_and_check(src, tmp_path / "dst", capsys)[0] == 0
+    assert (tmp_path / "dst" / "sub" / "x.safetensors").read_bytes() == (src / "sub" / "x.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------ 3. SRC's links resolved against DST
+def _snapshot(src: Path, into: Path) -> Path:
+    """``src`` as a Hugging Face cache snapshot: every file a link into ``into``/blobs."""
+    snap = src.parent / "snapshot"
+    (into / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir()
+    for f in sorted(src.iterdir()):
+        blob = into / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(blob)
+    return snap
+
+
+def _read_through_links(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_src_linking_into_dst_is_refused_before_force_replaces_it(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "src")
+    dst = tmp_path / "dst"
+    snap = _snapshot(src, dst)  # DST holds the blobs SRC's files link to
+    before, dst_before = _read_through_links(snap), tree_hash(dst)
+    code, err = run_cli(["convert", str(snap), str(dst), "--force"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is a link to" in err and "inside DST" in err, err
+    assert _read_through_links(snap) == before and tree_hash(dst) == dst_before
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+@examples(quick=10, thorough=150)
+@given(data=st.data())
+def test_link_layouts(tmp_path_factory, data, capsys):
+    """Each SRC file a link into DST, into a folder outside, or a plain file: refused exactly when one links into DST."""
+    tmp = tmp_path_factory.mktemp("l")
+    src = make_checkpoint(tmp / "src")
+    dst, outside = tmp / "dst", tmp / "outside"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old DST")
+    outside.mkdir()
+    snap = tmp / "snap"
+    snap.mkdir()
+    into_dst = False
+    for f in sorted(src.iterdir()):
+        how = data.draw(st.sampled_from(["file", "outside", "dst", "dst-via-outside"]), label=f.name)
+        if how == "file":
+            shutil.copy(f, snap / f.name)
+            continue
+        home = dst if how in ("dst", "dst-via-outside") else outside
+        shutil.copy(f, home / f.name)
+        if how == "dst-via-outside":  # a chain: SRC -> outside -> DST
+            (outside / f"via-{f.name}").symlink_to(home / f.name)
+            (snap / f.name).symlink_to(outside / f"via-{f.name}")
+        else:
+            (snap / f.name).symlink_to(home / f.name)
+        into_dst = into_dst or home == dst
+    before = _read_through_links(snap)
+    code, err = run_cli(["convert", str(snap), str(dst), "--force"], capsys)
+    assert _read_through_links(snap) == before, "SRC changed"
+    assert code == (2 if into_dst else 0), err
+    if code == 2:
+        assert err.count("\n") == 1 and "inside DST" in err and (dst / "old.txt").exists()
+    else:
+        assert_loads_in_safetensors(dst)
+    assert not list(tmp.glob(".packq-*"))
+
+
+# ------------------------------------------------------------------ 4. a shard rewritten while it is read
+@pytest.mark.parametrize("to", ["gptq", "float16", "compressed-tensors"])
+def test_a_shard_rewritten_in_place_during_the_read_is_refused(ckpt, tmp_path, capsys, monkeypatch, to):
+    """Same size, same inode, new bytes, mid-conversion: refused, never a torn DST (the old DST stays)."""
+    import packq.checkpoint.containers.folder as folder
+
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst), "--to", to]) == 0
+    old = tree_hash(dst)
+    real = folder._write_shard
+    done = []
+
+    def rewriting(job, fname, *a, **k):
+        if not done:
+            time.sleep(0.02)  # past the file system's timestamp granularity
+            path = job.ckpt.shards[fname].path
+            raw = bytearray(path.read_bytes())
+            raw[-1] ^= 0xFF
+            with open(path, "r+b") as f:  # in place: same inode, same size
+                f.write(raw)
+            done.append(fname)
+        return real(job, fname, *a, **k)
+
+    monkeypatch.setattr(folder, "_write_shard", rewriting)
+    code, err = run_cli(["convert", str(ckpt), str(dst), "--to", to, "--force"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "changed on disk while packq was reading it" in err, err
+    assert tree_hash(dst) == old and not list(tmp_path.glob(".packq-*"))
+
+
+def test_a_copied_file_rewritten_during_the_copy_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    from packq.checkpoint import files
+
+    real = files.copy_bytes
+
+    def rewriting(src_fd, out, offset, count, where):
+        real(src_fd, out, offset, count, where)
+        if str(where).endswith("tokenizer.json"):
+            time.sleep(0.02)
+            with open(where, "r+b") as f:
+                f.write(b"[]")
+    monkeypatch.setattr(files, "copy_bytes", rewriting)
+    assert_refused(*run_cli(["convert", str(ckpt), str(tmp_path / "dst")], capsys), tmp_path / "dst",
+                   "tokenizer.json", "changed on disk while packq was copying it")
+
+
+# ------------------------------------------------------------------ 10. resources that run out
+def test_out_of_memory_is_one_line_saying_how_much(ckpt, tmp_path, capsys, monkeypatch):
+    import packq.checkpoint.containers.folder as folder
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(folder, "_tensor", no_memory)
+    assert_refused(*run_cli(["convert", str(ckpt), str(tmp_path / "dst")], capsys), tmp_path / "dst",
+                   "out of memory; the largest tensor, 'model.layers.0.q.qweight', needs 4.1 KB")
+
+
+def test_no_thread_to_start_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    import threading
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert_refused(*run_cli(["convert", str(ckpt), str(tmp_path / "dst")], capsys), tmp_path / "dst",
+                   "cannot start a thread (can't start new thread)")
+
+
+def test_a_real_memory_limit_is_one_line(ckpt, tmp_path):
+    """ulimit -v below what one module needs, set in the child once imported: a 4096 x 4096 module to float32."""
+    big = tmp_path / "big"
+    shutil.copytree(ckpt, big)
+    rng = np.random.default_rng(2)
+    _rewrite(big / SHARDS[1], lambda t: t.update({
+        "model.big.qweight": rng.integers(-2**31, 2**31, (4096, 512), dtype=np.int64).astype(np.int32),
+        "model.big.qzeros": np.full((64, 512), 0x11111111, np.int32),
+        "model.big.scales": np.ones((64, 4096), np.float16)}))
+    _set_quant(big, group_size=64)
+    _index(big, lambda i: i["weight_map"].update({f"model.big.{p}": SHARDS[1] for p in ("qweight", "qzeros", "scales")}))
+    code = ("import resource, sys; from packq.cli import main; import packq.checkpoint.convert; "
+            "import numpy as np; np.zeros(1) + 1; "
+            "vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024; "
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (40 << 20), resource.RLIM_INFINITY)); "
+            f"sys.exit(main(['convert', {str(big)!r}, {str(tmp_path / 'dst')!r}, '--to', 'float32']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PACKQ_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "out of memory" in r.stderr or "cannot start a thread" in r.stderr, r.stderr
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".packq-*"))
+
+
+# ------------------------------------------------------------------ 11. reporting never fails a finished run
+def test_a_summary_that_cannot_be_printed_does_not_fail_the_conversion(ckpt, tmp_path):
+    dst = tmp_path / "dst"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "packq", "convert", str(ckpt), str(dst)], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and "is complete, but its summary could not be printed (No space left" in r.stderr
+    assert_loads_in_safetensors(dst)
+    odd = tmp_path / "dst-\u00e9\udcff"  # not ASCII, not even UTF-8: printed with escapes, never an error
+    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(ckpt), os.fsencode(odd), "--json"], capture_output=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii:strict"})
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert json.loads(r.stdout)["dst"].endswith("dst-\u00e9\udcff")
+    r = subprocess.run([sys.executable, "-m", "packq", "convert", str(ckpt), os.fsencode(odd), "--force"], capture_output=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii:strict"})
+    assert r.returncode == 0 and b"\\xe9\\udcff" in r.stdout and r.stderr == b"", r
+
+
+# ------------------------------------------------------------------ 12. signals at every moment
+SIGNALLED = """
+import os, sys, time
+sys.path.insert(0, os.environ["PACKQ_TEST_REPO"])
+stage = os.environ.get("PACKQ_TEST_STAGE", "")
+if stage == "imports":  # a slow NumPy import, after main() has started
+    import importlib.abc
+    class Slow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "numpy":
+                sys.meta_path.remove(self)
+                print("ready", flush=True)
+                time.sleep(5)
+            return None
+    sys.meta_path.insert(0, Slow())
+from packq.cli import main
+if stage != "imports":
+    import packq.checkpoint.folder as folder, packq.checkpoint.containers.folder as cf, packq.checkpoint.files as files
+    if stage == "open":
+        real_open = folder.open_checkpoint
+        def slow_open(*a, **k):
+            print("ready", flush=True)
+            time.sleep(5)
+            return real_open(*a, **k)
+        folder.open_checkpoint = slow_open
+        import packq.checkpoint.convert as c, packq.checkpoint.inspect as i
+        c.open_checkpoint = i.open_checkpoint = slow_open
+    delay = float(os.environ.get("PACKQ_TEST_DELAY", "0"))
+    real_tensor = cf._tensor
+    def slow_tensor(*a, **k):
+        time.sleep(delay)
+        return real_tensor(*a, **k)
+    cf._tensor = slow_tensor
+    if stage == "cleanup":  # a slow removal of the hidden folder: the second signal lands in it
+        real_remove = files.remove
+        def slow_remove(path):
+            if str(path).endswith(".partial") and path.exists():
+                print("cleaning", flush=True)
+                time.sleep(1)
+            return real_remove(path)
+        files.remove = slow_remove
+    if stage == "random":  # the test's clock starts once this harness has imported what it patches
+        print("ready", flush=True)
+sys.argv[0] = "packq"
+sys.exit(main())  # as the program runs it: argv from sys.argv
+"""
+
+
+def _signalled(*args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SIGNALLED, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PACKQ_TEST_REPO": str(REPO), **env})
+
+
+@pytest.mark.parametrize("stage, command", [("imports", "convert"), ("open", "convert"), ("open", "inspect"),
+                                            ("imports", "inspect")])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_any_write_is_one_line(ckpt, tmp_path, stage, command, sig):
+    args = ["convert", str(ckpt), str(tmp_path / "dst")] if command == "convert" else ["inspect", str(ckpt)]
+    p = _signalled(*args, PACKQ_TEST_STAGE=stage)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err == "packq: interrupted; nothing was written\n", err
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".packq-*"))
+
+
+def test_a_second_signal_during_cleanup_leaves_nothing(ckpt, tmp_path):
+    p = _signalled("convert", str(ckpt), str(tmp_path / "dst"), PACKQ_TEST_STAGE="cleanup", PACKQ_TEST_DELAY="0.3")
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".packq-*.partial")) and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    assert p.stdout.readline() == "cleaning\n"
+    p.send_signal(signal.SIGINT)  # lands while the hidden folder is being removed
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "packq: interrupted; nothing was written\n", err
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".packq-*"))
+
+
+@examples(quick=4, thorough=60)
+@given(delay=st.floats(0, 2.5), sig=st.sampled_from([signal.SIGINT, signal.SIGTERM]), force=st.booleans())
+def test_signals_at_random_moments(tmp_path_factory, delay, sig, force):
+    """Whenever the signal lands (imports, analysis, writing, commit, cleanup): exit 0 with DST complete, or 130 with
+    one line and DST as it was; never a traceback, never a hidden folder left behind."""
+    tmp = tmp_path_factory.mktemp("s")
+    src = make_checkpoint(tmp / "src")
+    dst = tmp / "dst"
+    if force:
+        assert main(["convert", str(src), str(dst), "--checkpoint-format", "gptq_v2"]) == 0
+    old = tree_hash(dst) if force else None
+    p = _signalled("convert", str(src), str(dst), "--force", PACKQ_TEST_DELAY="0.02", PACKQ_TEST_STAGE="random")
+    assert p.stdout.readline() == "ready\n"
+    time.sleep(delay)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode in (0, 130), err
+    if p.returncode == 130:
+        assert err.count("\n") == 1 and err.startswith("packq: interrupted"), err
+        if "already complete" in err:  # the signal came while DST was committed: it is the new one
+            assert_loads_in_safetensors(dst)
+        elif force:
+            assert tree_hash(dst) == old
+        else:
+            assert not dst.exists()
+    else:
+        assert err == "" and _fingerprint(dst) == "gptq"
+        assert_loads_in_safetensors(dst)
+    assert not list(tmp.glob(".packq-*"))
+
+
+# ------------------------------------------------------------------ 13. --force over a DST that cannot be removed
+def test_force_over_a_dst_that_cannot_be_removed_fails_before_commit(ckpt, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    stuck = dst / "stuck"  # a read-only mount below DST: nothing under it can be removed, even by root
+    _mount_tmpfs(stuck, "size=1m")
+    (stuck / "f").write_text("x")
+    r = subprocess.run(["mount", "-o", "remount,ro", str(stuck)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    old = tree_hash(dst)
+    try:
+        code, err = run_cli(["convert", str(ckpt), str(dst), "--force", "--checkpoint-format", "gptq_v2"], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"DST {str(dst)!r} cannot be replaced: {str(stuck)} is not writable" in err and "nothing was changed" in err
+        assert tree_hash(dst) == old and not list(tmp_path.glob(".packq-*"))
+    finally:
+        subprocess.run(["umount", str(stuck)], capture_output=True)
+
+
+def test_force_over_another_users_dst_is_refused_naming_absolute_paths(ckpt, tmp_path, capsys, monkeypatch):
+    """As a user without write permission on a sub-folder of DST (simulated: the tests may run as root)."""
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    (dst / "sub").mkdir()
+    (dst / "sub" / "f").write_text("x")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(dst / "sub") else real(p, mode, **k))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["convert", str(ckpt), "dst", "--force"], capsys)  # a relative DST: messages are absolute
+    assert code == 2 and f"{str(dst / 'sub')} is not writable by this user" in err and f"DST {str(dst)!r}" in err, err
+    assert (dst / "sub" / "f").exists() and not list(tmp_path.glob(".packq-*"))
+
+
+def test_an_old_dst_that_resists_removal_after_commit_is_an_error_naming_it(ckpt, tmp_path, capsys, monkeypatch):
+    from packq.checkpoint import files
+
+    dst = tmp_path / "dst"
+    assert main(["convert", str(ckpt), str(dst)]) == 0
+    monkeypatch.setattr(files, "unremovable", lambda root: None)  # the check passes, the removal then fails
+    real = files.remove
+
+    def failing(path):
+        if str(path).endswith(".partial") and path.exists():
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path / "sub"))
+        return real(path)
+
+    monkeypatch.setattr(files, "remove", failing)
+    code, err = run_cli(["convert", str(ckpt), str(dst), "--force", "--checkpoint-format", "gptq_v2"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is the complete new checkpoint, but the old one could not be fully removed" in err
+    assert str(tmp_path) in err and "Permission denied" in err
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    monkeypatch.setattr(files, "remove", real)
+    assert main(["convert", str(ckpt), str(dst), "--force"]) == 0  # the next run clears what was left
+    assert not list(tmp_path.glob(".packq-*"))
+
+
+# ------------------------------------------------------------------ 14. names that would split the line
+@examples(quick=15, thorough=300)
+@given(name=st.text(st.characters(codec="utf-8"), min_size=1, max_size=8), where=st.sampled_from(["tensor", "folder"]))
+def test_every_error_is_one_line_whatever_the_names(tmp_path_factory, name, where, capsys):
+    """Newlines, carriage returns and other controls in file or tensor names: quoted, so the error stays one line."""
+    tmp = tmp_path_factory.mktemp("q")
+    if where == "folder":
+        if "/" in name or name in (".", "..") or "\0" in name:
+            return
+        src = make_checkpoint(tmp / name)
+        _config(src, lambda c: c["quantization_config"].update(bits=5))  # any refusal names SRC
+        fragment = repr(str(src))
+    else:
+        src = make_checkpoint(tmp / "src")
+        stray = f"model.{name}.qweight"  # a module with only a qweight: refused, naming it
+        _rewrite(src / SHARDS[1], lambda t: t.update({stray: np.zeros((128, 8), np.int32)}))
+        _index(src, lambda i: i["weight_map"].update({stray: SHARDS[1]}))
+        fragment = repr(f"model.{name}")
+    code, err = run_cli(["convert", str(src), str(tmp / "dst")], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.endswith("\n"), err
+    shown = fragment.encode("utf-8", "backslashreplace").decode()
+    assert shown in err or fragment in err, (fragment, err)

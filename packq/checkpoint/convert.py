@@ -156,7 +156,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
     given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
     where = str(src)
-    with resources(where, _largest(ckpt)):
+    with resources(repr(where), _largest(ckpt)):
         if not route(ckpt.format.kind, to):
             raise CheckpointError(f"{where!r}: is {ckpt.format.name} already; choose another --to")
         if to == "awq" and ckpt.format.bits != 4:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from packq.checkpoint.guards import Interrupted, deferred_signals
+from packq.checkpoint.guards import Interrupted, deferred_signals, record_commit
 from packq.errors import CheckpointError
 
 try:
@@ -349,6 +349,7 @@ class Destination:
                 os.rename(self.tmp, self.dst)
         fsync_dir(self.parent)
         self.committed = True
+        record_commit(self.dst)
         # the old DST: under the hidden tmp name after an exchange, else .old
         for old in (self.tmp, self.old):
             try:

@@ -7,6 +7,7 @@ must be is each format's own (``packq.checkpoint.formats``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,11 @@ def open_checkpoint(root: Path) -> Checkpoint:
     if (root / INDEX).exists():
         index = _load_json(root / INDEX, "the shard index")
         names = _check_index(root / INDEX, index)
+        if os.path.lexists(root / SINGLE) and SINGLE not in names:
+            # transformers loads model.safetensors first, other loaders the index's shards: two checkpoints
+            raise CheckpointError(
+                f"{str(root)!r}: holds both {SINGLE} and {INDEX}, which names other shards; transformers reads "
+                f"{SINGLE} and other engines the index, so which is the model is ambiguous: remove one")
     elif (root / SINGLE).exists():
         names = [SINGLE]
     else:

@@ -62,6 +62,23 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.committed = signum, committed
 
 
+#: DSTs this process has put in place, so that a signal arriving after a commit (while the summary is made or
+#: printed) is reported as what it is: an interruption of a run whose DST is complete
+_COMMITTED: set[str] = set()
+
+
+def record_commit(dst: Path) -> None:
+    _COMMITTED.add(os.path.abspath(dst))
+
+
+def forget_commit(dst: str | Path) -> None:
+    _COMMITTED.discard(os.path.abspath(dst))
+
+
+def was_committed(dst: str | Path) -> bool:
+    return os.path.abspath(dst) in _COMMITTED
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packq.checkpoint.containers.base import Container, Plan
+from packq.checkpoint.containers.base import Container, Plan, unique_outputs
 from packq.checkpoint.files import copy_durable, io_errors, write_durable
 from packq.checkpoint.folder import INDEX, SIDECARS
 from packq.checkpoint.formats.base import Piece
@@ -50,6 +50,12 @@ class FolderPlan:
     config: dict  #: config.json as written, its quantization_config the target's (made, or refused, up front)
 
 
+def _origin(name: str, action: str, m: Module | None) -> str:
+    if m is None:
+        return f"the source tensor {name!r} kept as it is"
+    return f"the {action} tensor of the quantized module {m.prefix!r}"
+
+
 def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
     """Every other file of SRC to copy as it is: (path in DST, path in SRC, size), checked up front.
 
@@ -68,6 +74,13 @@ def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
             if folder == ckpt.root and entry.name in skip:
                 continue
             path = Path(entry.path)
+            if folder == ckpt.root and entry.name.endswith(".safetensors"):
+                # engines load weights from the top folder (transformers model.safetensors first, vLLM every
+                # *.safetensors without an index): copied unconverted, it would be read under the new config
+                raise CheckpointError(
+                    f"{str(path)!r}: a safetensors file that is not a shard of this checkpoint (not in the index); "
+                    "packq would copy it unconverted beside the converted shards, where engines may load it; "
+                    "move or remove it")
             with io_errors(path):
                 if entry.is_dir(follow_symlinks=False):
                     walk(path, rel / entry.name)
@@ -88,6 +101,8 @@ class SafetensorsFolder(Container):
     # ------------------------------------------------------------ planning
     def plan(self, job: Job, dst: Path) -> Plan:
         items = self._items(job)
+        unique_outputs(job.ckpt.root, ((name, _origin(name, action, m)) for its in items.values()
+                                       for name, action, m in its))
         entries = {f: [self._entry(job, job.ckpt.shards[f], *item) for item in its] for f, its in items.items()}
         for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
             header_for(es, job.ckpt.shards[fname].metadata, dst / fname)
