@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -1446,3 +1447,12 @@ def test_every_error_is_one_line_whatever_the_names(tmp_path_factory, name, wher
     assert code == 2 and err.count("\n") == 1 and err.endswith("\n"), err
     shown = fragment.encode("utf-8", "backslashreplace").decode()
     assert shown in err or fragment in err, (fragment, err)
+
+
+def test_the_readme_guarantees_name_tests_that_exist():
+    """Every test the README's guarantees section cites is defined, so the section cannot cite what was removed."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### What `packq convert` guarantees"):readme.index("`packq inspect` prints the format")]
+    cited = set(re.findall(r"`(test_\w+)`", section))
+    defined = set(re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_hostile.py").read_text(), re.M))
+    assert len(cited) >= 20 and cited <= defined, sorted(cited - defined)
