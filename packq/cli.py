@@ -109,23 +109,29 @@ def _print_inspect(s: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from_start = signal.getsignal(signal.SIGTERM)
-    if from_start in (signal.SIG_DFL, None):  # SIGTERM ends the run as Ctrl-C does, before any import
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    ours = False
+    try:  # the first statement: a signal from here on is reported in one line
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # SIGTERM ends it as Ctrl-C does
+            signal.signal(signal.SIGTERM, _interrupt)
+            ours = True
         return _run(argv)
     except KeyboardInterrupt as e:
-        dst = getattr(e, "dst", None)
-        committed = getattr(e, "committed", False) or (dst is not None and _was_committed(dst))
-        done = f"; DST {dst!r} was already complete" if committed and dst else "; nothing was written"
-        _error(f"interrupted{done}", prefix="packq: ")
+        quiet = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # one line, once
+        try:
+            dst = getattr(e, "dst", None)
+            committed = getattr(e, "committed", False) or (dst is not None and _was_committed(dst))
+            done = f"; DST {dst!r} was already complete" if committed and dst else "; nothing was written"
+            _error(f"interrupted{done}", prefix="packq: ")
+        finally:
+            for s, handler in quiet.items():
+                signal.signal(s, handler)
         return 130
     finally:
         if argv is None:  # the program itself: its work is done and reported; a signal now would only turn the
             for s in (signal.SIGINT, signal.SIGTERM):  # exit status of a finished run into a kill (at shutdown)
                 signal.signal(s, signal.SIG_IGN)
-        elif from_start in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, from_start or signal.SIG_DFL)
+        elif ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _was_committed(dst: str) -> bool:
@@ -169,7 +175,8 @@ def _emit(text: str, dst: str) -> None:
         sys.stdout.flush()
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        _error(f"DST {dst!r} is complete, but its summary could not be printed ({why})", prefix="packq: warning: ")
+        what = f"DST {dst!r} is complete, but its summary" if dst else "the output"
+        _error(f"{what} could not be printed ({why})", prefix="packq: warning: ")
         try:  # the interpreter flushes stdout at exit: let that find nothing left to fail on
             fd = os.open(os.devnull, os.O_WRONLY)
             os.dup2(fd, sys.stdout.fileno())

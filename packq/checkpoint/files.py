@@ -267,23 +267,30 @@ class Destination:
     def __enter__(self) -> Destination:
         if not self.parent.is_dir():
             raise CheckpointError(f"DST's parent folder {str(self.parent)!r} does not exist")
-        with io_errors(self.parent):
-            self._claim()
-        try:
+        # signals wait while the claim is taken and the hidden folder made: one landing between the mkdir and
+        # the block that owns the folder would otherwise leave it behind; delivered once it is owned or gone
+        with deferred_signals() as deferred:
             with io_errors(self.parent):
-                if self.old.exists() and not _exists(self.dst):
-                    os.rename(self.old, self.dst)  # a fallback --force run died between its two renames
-                for stale in (self.tmp, self.old):  # left by a run that was killed: we hold the claim now
-                    remove(stale)
-                if _exists(self.dst) and not self.force:
-                    raise CheckpointError(f"DST {str(self.dst)!r} already exists; pass --force (force=True) to replace it")
-            self.check_replaceable()  # before any work: an old DST that could not be removed is refused now
-            if not self.single_file:
+                self._claim()
+            try:
                 with io_errors(self.parent):
-                    self.tmp.mkdir()
-        except BaseException:
-            self._release()
-            raise
+                    if self.old.exists() and not _exists(self.dst):
+                        os.rename(self.old, self.dst)  # a fallback --force run died between its two renames
+                    for stale in (self.tmp, self.old):  # left by a run that was killed: we hold the claim now
+                        remove(stale)
+                    if _exists(self.dst) and not self.force:
+                        raise CheckpointError(f"DST {str(self.dst)!r} already exists; pass --force (force=True) to replace it")
+                self.check_replaceable()  # before any work: an old DST that could not be removed is refused now
+                if not self.single_file:
+                    with io_errors(self.parent):
+                        self.tmp.mkdir()
+                if deferred.received:
+                    raise Interrupted(deferred.received[0])
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    remove(self.tmp)
+                self._release()
+                raise
         return self
 
     def _claim(self) -> None:
