@@ -126,6 +126,8 @@ def _unpack_dtype(be: backends.Backend, bits: int, dtype: Any) -> tuple[Any, boo
     kind, _, width = name.partition("int")
     if kind not in ("", "u") or not width.isdigit():
         raise TypeError(f"dtype must be an integer dtype, got {name}")
+    if width not in ("2", "4", "8", "16", "32", "64"):  # "int99": a name no library has
+        raise TypeError(f"dtype must be an integer dtype of 2, 4, 8, 16, 32 or 64 bits, got {name}")
     wrap = name == f"int{bits}"
     if not wrap and int(width) < bits + (kind == ""):
         raise ValueError(f"dtype must hold {bits}-bit values 0..{(1 << bits) - 1} (or be int{bits}), got {name}")

@@ -40,6 +40,8 @@ _NAMES: dict[Any, str] = {}
 def _dtype_name(dtype: Any) -> str:
     if type(dtype).__module__.startswith("numpy"):  # a NumPy dtype, either byte order: ">i4" is int32
         return str(dtype.name)
+    if isinstance(dtype, type):  # a Python or NumPy scalar type: bool, int, np.int32
+        return dtype.__name__
     # numpy scalar types: "<class 'numpy.int32'>"; torch: "torch.int32"; array_api_strict: "array_api_strict.int32"
     return str(dtype).rsplit(".", 1)[-1].strip("'<>")
 
@@ -58,6 +60,9 @@ def _is_array(x: Any) -> bool:
 def array(x: Any, name: str, min_ndim: int = 2) -> None:
     if not _is_array(x):
         raise TypeError(f"{name} must be an array (NumPy, JAX, torch or another array API library), got {type(x).__name__}")
+    layout = getattr(x, "layout", None)  # torch: sparse layouts have no strided memory to read
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{name} must be a dense array (a strided torch tensor), got layout {layout}; call .to_dense() first")
     if x.ndim < min_ndim:
         what = "(..., rows, columns)" if min_ndim == 2 else f"{min_ndim}"
         raise ValueError(f"{name} must have at least {min_ndim} dimensions {what}, got shape {shape_of(x)!r}")

@@ -2,24 +2,29 @@
 
 Errors in what was asked (a missing folder, a corrupt file, a format packq
 does not convert) print one line and exit with status 2, with nothing written.
+
+Only the standard library is imported before :func:`main` has installed its signal handler: SIGTERM and
+SIGINT end a run in one line (exit 130) from the first moment, during NumPy's import, the checkpoint's
+analysis and ``inspect`` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from packq.checkpoint.files import describe
-from packq.checkpoint.formats import TARGETS
-from packq.errors import CheckpointError
-from packq.formats.engines import ENGINES
 
-#: engines that load GPTQ checkpoints: the names --for takes
-LOADERS = [name for name, e in ENGINES.items() if e.reads_v1 is not None]
+def _loaders() -> list[str]:
+    """The engines that load GPTQ checkpoints: the names --for takes."""
+    from packq.formats.engines import ENGINES
 
+    return [name for name, e in ENGINES.items() if e.reads_v1 is not None]
 
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -91,6 +96,9 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from packq.checkpoint.formats import TARGETS
+
+    LOADERS = _loaders()
     p = argparse.ArgumentParser(prog="packq", description=_TOP, epilog=_TOP_EXAMPLES, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("convert", help="convert a quantized checkpoint to another format, or to float, exactly",
@@ -113,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                         "float16/bfloat16 run faster in MLX, and packq reports how many weights MLX then computes differently")
     c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
     c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
+    c.add_argument("--allow-overflow", action="store_true",
+                   help="to a float dtype: write even where weights overflow it (they become inf); default: refuse")
     c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
     c.add_argument("--json", action="store_true", help="print a machine-readable summary")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
@@ -133,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_convert(s: dict[str, Any]) -> None:
+def _print_convert(s: dict[str, Any]) -> None:  # (print is _render's: see _emit)
     target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm", "mlx": "MLX affine",
               "compressed-tensors": "compressed-tensors pack-quantized"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
@@ -153,7 +163,7 @@ def _print_convert(s: dict[str, Any]) -> None:
     elif s["verified"]:
         reader = "MLX's CPU and Metal arithmetic" if "mlx" in s else s["for"] or "packq"
         print(f"  verified: every module dequantizes, as {reader} reads it, to the same bits as the source")
-    print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
+    print(f"  wrote {s['dst']!r} in {s['seconds']:.2f} s ({s['backend']} backend)")
 
 
 def _print_mlx(x: dict[str, Any]) -> None:
@@ -167,7 +177,7 @@ def _print_mlx(x: dict[str, Any]) -> None:
 
 
 def _print_inspect(s: dict[str, Any]) -> None:
-    print(f"{s['path']}: {s['format']}")
+    print(f"{s['path']!r}: {s['format']}")
     print(f"  {s['quantized_modules']} quantized modules; {s['tensors']} tensors in {s['shards']} shard(s), "
           f"{_size(s['bytes'])}")
     print("  " + ", ".join(f"{d}: {n} ({_size(s['bytes_by_dtype'][d])})" for d, n in s["tensors_by_dtype"].items()))
@@ -197,36 +207,131 @@ def _print_inspect(s: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ours = False
+    try:  # the first statement: a signal from here on is reported in one line
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # SIGTERM ends it as Ctrl-C does
+            signal.signal(signal.SIGTERM, _interrupt)
+            ours = True
+        return _run(argv)
+    except KeyboardInterrupt as e:
+        quiet = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # one line, once
+        try:
+            dst = getattr(e, "dst", None)
+            committed = getattr(e, "committed", False) or (dst is not None and _was_committed(dst))
+            done = f"; DST {dst!r} was already complete" if committed and dst else "; nothing was written"
+            _error(f"interrupted{done}", prefix="packq: ")
+        finally:
+            for s, handler in quiet.items():
+                signal.signal(s, handler)
+        return 130
+    finally:
+        if argv is None:  # the program itself: its work is done and reported; a signal now would only turn the
+            for s in (signal.SIGINT, signal.SIGTERM):  # exit status of a finished run into a kill (at shutdown)
+                signal.signal(s, signal.SIG_IGN)
+        elif ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _was_committed(dst: str) -> bool:
+    from packq.checkpoint.guards import was_committed
+
+    return was_committed(dst)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+#: C0 controls and DEL: printed as escapes, so that no file or tensor name can split the line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _error(message: str, prefix: str = "packq: error: ") -> None:
+    """One line on stderr, whatever the message holds (names are quoted where made; this is the last net)."""
+    line = _CONTROL.sub(lambda m: repr(m.group())[1:-1], prefix + message)
+    enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+    line = line.encode(enc, "backslashreplace").decode(enc, "replace")
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr itself is gone: the exit status still says it
+        pass
+
+
+def _emit(text: str, dst: str) -> None:
+    """Print a finished conversion's summary.
+
+    The summary is printed after DST is committed, and a failure to print it (a full device, a closed
+    pipe) never turns the finished conversion into an error: the exit status reports the conversion, which
+    is complete. Printing before the commit would be worse: a commit that then failed (a full disk at the
+    last fsync) would leave a summary saying "wrote DST" beside an error. The text is made before the
+    write and encoded so that no name can fail to encode.
+    """
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    text = text.encode(enc, "backslashreplace").decode(enc, "replace")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        what = f"DST {dst!r} is complete, but its summary" if dst else "the output"
+        _error(f"{what} could not be printed ({why})", prefix="packq: warning: ")
+        try:  # the interpreter flushes stdout at exit: let that find nothing left to fail on
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _render(fn: Any, summary: dict[str, Any]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(summary)
+    return buf.getvalue()
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from packq.checkpoint.files import describe
+    from packq.checkpoint.guards import forget_commit, resources
+    from packq.errors import CheckpointError
+
     args = _parser().parse_args(argv)
     try:
-        if args.command == "convert":
-            from packq.checkpoint import convert_checkpoint
+        with resources(f"packq {args.command}"):
+            if args.command == "convert":
+                from packq.checkpoint import convert_checkpoint
 
-            summary = convert_checkpoint(
-                args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
-                verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
-                v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
-                revision=args.revision, mlx_scales=args.mlx_scales,
-            )
-            print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
-        elif args.command == "formats":
-            from packq.checkpoint.formats import table_markdown
+                forget_commit(args.dst)  # (a DST this process converted before: not this run's commit)
+                try:
+                    summary = convert_checkpoint(
+                        args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
+                        verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
+                        v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
+                        revision=args.revision, allow_overflow=args.allow_overflow, mlx_scales=args.mlx_scales,
+                    )
+                    text = json.dumps(summary, indent=2) + "\n" if args.json else _render(_print_convert, summary)
+                    _emit(text, summary["dst"])
+                except KeyboardInterrupt as e:  # report whether DST was put in place before it came
+                    e.dst = os.path.abspath(args.dst)  # type: ignore[attr-defined]
+                    raise
+            elif args.command == "formats":
+                from packq.checkpoint.formats import table_markdown
 
-            print(table_markdown(), end="")
-        else:
-            from packq.checkpoint import inspect_checkpoint
+                _emit(table_markdown(), "")
+            else:
+                from packq.checkpoint import inspect_checkpoint
 
-            summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros, revision=args.revision, mlx=args.mlx)
-            print(json.dumps(summary, indent=2)) if args.json else _print_inspect(summary)
+                summary = inspect_checkpoint(args.src, v1_zeros=args.v1_zeros, revision=args.revision, mlx=args.mlx)
+                _emit(json.dumps(summary, indent=2) + "\n" if args.json else _render(_print_inspect, summary), "")
     except CheckpointError as e:
-        print(f"packq: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:  # the library names files in its errors; this is the last net
-        print(f"packq: error: {describe(e, getattr(args, 'dst', args.src))}", file=sys.stderr)
+        _error(describe(e, getattr(args, "dst", args.src)))
         return 2
-    except KeyboardInterrupt:
-        print("packq: interrupted; nothing was written", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -121,7 +121,7 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, action):
         return out
 
     monkeypatch.setattr(FORMATS[CT], "tensor", wrong)
-    with pytest.raises(c.CheckpointError, match="verification failed: model.layers.0.mlp.down_proj"):
+    with pytest.raises(c.CheckpointError, match="verification failed: 'model.layers.0.mlp.down_proj"):
         convert_checkpoint(EXAMPLE, tmp_path / "x", to=CT, verify=True)
 
 

@@ -323,7 +323,7 @@ def test_verify_catches_a_wrong_zero_point(tmp_path, monkeypatch, engine):
         return out
 
     monkeypatch.setattr(c, "_tensor", one_zero_off)
-    with pytest.raises(c.CheckpointError, match=r"verification failed: model.layers.1.mlp.up_proj dequantizes"):
+    with pytest.raises(c.CheckpointError, match=r"verification failed: 'model.layers.1.mlp.up_proj' dequantizes"):
         convert_checkpoint(EXAMPLE, tmp_path / "x", for_engine=engine, verify=True)
     assert not (tmp_path / "x").exists()
 

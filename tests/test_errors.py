@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -207,3 +208,51 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "packq").rglob("__init__.py")}
     assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
+
+
+# ------------------------------------------------------------------ issue 19, item 17: errors that name the argument
+@pytest.mark.parametrize("dtype, message", [
+    ("int99", "dtype must be an integer dtype of 2, 4, 8, 16, 32 or 64 bits, got int99"),
+    (bool, "dtype must be an integer dtype, got bool"),
+    (np.bool_, "dtype must be an integer dtype, got bool"),
+    (int, "dtype must be an integer dtype, got int"),
+    ("float32", "dtype must be an integer dtype, got float32"),
+])
+def test_unpack_dtype_errors_name_it(dtype, message):
+    for name in [b for b in BACKENDS if b != "jax-traced"]:
+        lib = Lib(name)
+        with pytest.raises(TypeError) as info:
+            lib.call(packq.unpack, lib.asarray(W8), dtype=dtype)
+        assert str(info.value) == message, f"{name}: {info.value}"
+
+
+def test_sparse_torch_tensor_is_refused_by_name():
+    torch = pytest.importorskip("torch")
+    sparse = torch.zeros((8, 8), dtype=torch.int32).to_sparse()
+    with pytest.raises(TypeError, match=r"^qmatrix must be a dense array \(a strided torch tensor\), got layout "
+                                        r"torch.sparse_coo; call .to_dense\(\) first$"):
+        packq.unpack(sparse)
+    with pytest.raises(TypeError, match="^imatrix must be a dense array"):
+        packq.pack(torch.zeros((8, 8), dtype=torch.int8).to_sparse())
+
+
+def test_jax_inputs_on_two_devices_are_refused_by_name():
+    """Committed JAX arrays on different devices: a ValueError naming both, not an XLA internal error."""
+    code = """
+import jax, jax.numpy as jnp, packq
+a, b = jax.devices()[:2]
+q = jax.device_put(jnp.zeros((128, 8), jnp.int32), a)
+z = jax.device_put(jnp.zeros((1, 8), jnp.int32), b)
+try:
+    packq.fast_awq_to_gptq(q, z)
+except ValueError as e:
+    assert str(e) == f"qweight and qzeros must be on the same device(s), got qweight on {a}, qzeros on {b}", str(e)
+    print("refused:", e)
+else:
+    raise SystemExit("not refused")
+w, _ = packq.fast_awq_to_gptq(q, jax.device_put(z, a))  # the same device: converts
+assert w.devices() == {a}
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "refused: qweight and qzeros" in r.stdout, r.stdout + r.stderr

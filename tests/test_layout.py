@@ -20,7 +20,8 @@ LAYERS = [
     ("packq._validate", "packq.backends"),  # which library runs the core and the formats, with fast paths
     ("packq._api", "packq"),  # the public functions (packq/__init__.py is "packq")
     ("packq.checkpoint.safetensors", "packq.checkpoint.files", "packq.checkpoint.progress", "packq.checkpoint.hub",
-     "packq.checkpoint.model", "packq.checkpoint.zeros", "packq.checkpoint.job"),  # checkpoint I/O and what a job is
+     "packq.checkpoint.model", "packq.checkpoint.zeros", "packq.checkpoint.job", "packq.checkpoint.guards"),  # checkpoint
+    # I/O, what a job is, the guards a conversion runs under
     ("packq.checkpoint.formats",),  # what a checkpoint format's tensors mean
     ("packq.checkpoint.folder",),  # reading a Hugging Face folder (asks the formats which one it is)
     ("packq.checkpoint.containers",),  # how converted tensors sit on disk

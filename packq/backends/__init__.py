@@ -85,12 +85,36 @@ def for_arrays(**arrays: Any) -> Backend:
     if any(lib != library for lib in libraries.values()):
         got = ", ".join(f"{name}: {type(arrays[name]).__name__} ({lib})" for name, lib in libraries.items())
         raise TypeError(f"{' and '.join(libraries)} must come from the same array library, got {got}")
+    if len(libraries) > 1 and library in ("jax", "torch"):
+        _same_devices({name: arrays[name] for name in libraries}, library)
     backend = _BACKENDS.get(library)
     if backend is None and library in ("jax", "numpy", "torch"):  # imported on first use only
         backend = _BACKENDS[library] = importlib.import_module(f"packq.backends.{library}").BACKEND
     if backend is not None:
         return backend
     return Backend(array_api_compat.array_namespace(*(arrays[name] for name in libraries)))
+
+
+def _devices(x: Any, library: str) -> Any:
+    """Where an array lives: a JAX array's set of devices (None for a tracer: jit places it), a torch tensor's device."""
+    if library == "torch":
+        return x.device
+    try:
+        return frozenset(x.devices())
+    except Exception:  # a tracer inside jit, or an array without placement: nothing to compare
+        return None
+
+
+def _same_devices(arrays: dict[str, Any], library: str) -> None:
+    """Inputs on different devices would fail inside the library (a JAX internal error); refuse them by name."""
+    where = {name: _devices(a, library) for name, a in arrays.items()}
+    placed = {name: d for name, d in where.items() if d is not None}
+    if len(set(placed.values())) > 1:
+        def show(d: Any) -> str:
+            return str(d) if library == "torch" else ", ".join(sorted(map(str, d)))
+
+        got = ", ".join(f"{name} on {show(d)}" for name, d in placed.items())
+        raise ValueError(f"{' and '.join(placed)} must be on the same device(s), got {got}")
 
 
 #: library name -> its backend, once imported

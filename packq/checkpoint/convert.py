@@ -14,7 +14,6 @@ the others copied by the kernel, so memory stays bounded by the largest tensor.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +24,10 @@ from packq.checkpoint.containers import CONTAINERS
 from packq.checkpoint.files import Destination
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
+from packq.checkpoint.guards import check_reads_against_dst, files_of, resources, terminating
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.job import Converter, Job
-from packq.checkpoint.model import act_order
+from packq.checkpoint.model import act_order_module
 from packq.checkpoint.progress import Progress
 from packq.checkpoint.zeros import Target, analyse, check_v1_readable, plan_gptq
 from packq.errors import CheckpointError
@@ -39,11 +39,11 @@ KERNELS_FROM_BYTES = 4 << 30
 def _check_paths(src: Path, dst: Path) -> None:
     s, d = src.resolve(), dst.resolve()
     if d == s:
-        raise CheckpointError(f"DST {dst} is SRC itself; choose a new folder")
+        raise CheckpointError(f"DST {str(dst)!r} is SRC itself; choose a new folder")
     if s in d.parents:
-        raise CheckpointError(f"DST {dst} is inside SRC {src}; choose a folder outside the source")
+        raise CheckpointError(f"DST {str(dst)!r} is inside SRC {str(src)!r}; choose a folder outside the source")
     if d in s.parents:
-        raise CheckpointError(f"SRC {src} is inside DST {dst}; replacing DST would destroy the source")
+        raise CheckpointError(f"SRC {str(src)!r} is inside DST {str(dst)!r}; replacing DST would destroy the source")
 
 
 def convert_checkpoint(
@@ -60,6 +60,7 @@ def convert_checkpoint(
     for_engine: str | None = None,
     allow_inexact: bool = False,
     revision: str | None = None,
+    allow_overflow: bool = False,
     mlx_scales: str | None = None,
 ) -> dict[str, Any]:
     """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
@@ -102,6 +103,10 @@ def convert_checkpoint(
         Show a progress bar; default: when standard error is a terminal.
     revision : str, optional
         The branch, tag or commit of a Hub repo id.
+    allow_overflow : bool
+        To a float dtype: write even where dequantized weights do not fit it (they become infinite, or
+        stay NaN where the source's scales are); by default such a conversion is refused, with the count
+        and the largest magnitude, before DST is put in place.
     mlx_scales : {"float32", "float16", "bfloat16"}, optional
         To MLX: the dtype of the scales and biases. Default float32, exact on every MLX
         backend; float16/bfloat16 are MLX's faster form, where MLX's arithmetic rounds: the
@@ -132,6 +137,20 @@ def convert_checkpoint(
     >>> s["modules"], s["tensors_in"], s["tensors_out"], s["checkpoint_format"], s["verified"]
     (14, 49, 63, 'gptq_v2', True)
     """
+    with terminating():  # SIGTERM, like Ctrl-C, cleans up and reports, from the first read on
+        return _convert(src, dst, to=to, checkpoint_format=checkpoint_format, backend=backend, verify=verify,
+                        force=force, progress=progress, v1_zeros=v1_zeros, for_engine=for_engine,
+                        allow_inexact=allow_inexact, revision=revision, allow_overflow=allow_overflow)
+
+
+def _largest(ckpt: Any) -> tuple[str, int]:
+    t = max((t for s in ckpt.shards.values() for t in s.tensors.values()), key=lambda t: t.nbytes)
+    return t.name, t.nbytes
+
+
+def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, backend: str, verify: bool, force: bool,
+             progress: bool | None, v1_zeros: str | None, for_engine: str | None, allow_inexact: bool,
+             revision: str | None, allow_overflow: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
@@ -142,56 +161,65 @@ def convert_checkpoint(
         raise CheckpointError(f"v1_zeros must be 'field' or 'word', got {v1_zeros!r}")
     given, src = src, resolve(src, revision)
     ckpt = open_checkpoint(src)
-    if not route(ckpt.format.kind, to):
-        raise CheckpointError(f"{src}: is {ckpt.format.name} already; choose another --to")
-    if to == "awq" and ckpt.format.bits != 4:
-        raise CheckpointError(f"{src}: is {ckpt.format.name}; AWQ gemm holds 4-bit weights only")
-    if ckpt.format.method == "gptq" and not FORMATS[to].act_order and act_order(ckpt):
-        raise CheckpointError(
-            f"{src}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
-            f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
-        )
-    _check_paths(src, dst)
-    convert = Converter(backend)
-    if mlx_scales is not None and to != "mlx":
-        raise CheckpointError(f"--mlx-scales is the dtype of an MLX result's scales; converting to {to} takes none")
-    if to != "gptq" and for_engine is not None:
-        raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
-    report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
-    check_v1_readable(ckpt, report)
-    fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
-    read_word = report.convention == WORD and fmt == "gptq"
-    source, output = FORMATS[ckpt.format.kind], FORMATS[to]
-    if to == "gptq":
-        target = plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact)
-    else:  # to AWQ, compressed-tensors or a float dtype
-        target = Target(fmt)
-    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric,
-              options={"mlx_scales": mlx_scales, "allow_inexact": allow_inexact})
-    output.prepare(job)  # what only the target decides (MLX: its scales' dtype, what each backend computes)
-    checkpoint_format = job.gptq_format
-    container = CONTAINERS[output.container]
-    plan = container.plan(job, dst)  # every output name, header and file decided and checked: nothing written yet
+    where = str(src)
+    with resources(repr(where), _largest(ckpt)):
+        if not route(ckpt.format.kind, to):
+            raise CheckpointError(f"{where!r}: is {ckpt.format.name} already; choose another --to")
+        if to == "awq" and ckpt.format.bits != 4:
+            raise CheckpointError(f"{where!r}: is {ckpt.format.name}; AWQ gemm holds 4-bit weights only")
+        # every g_idx is read and checked now (integers naming groups), before anything is written
+        ordered = act_order_module(ckpt)
+        if ordered is not None and ckpt.format.method == "awq":
+            raise CheckpointError(
+                f"{where!r}: AWQ has no act-order, but {ordered + '.g_idx'!r} is not arange(K) // group_size: AWQ "
+                "loaders ignore it, GPTQ ones would honour it, so which weights it holds is ambiguous; remove it")
+        if ckpt.format.method == "gptq" and not FORMATS[to].act_order and (ckpt.format.desc_act or ordered):
+            raise CheckpointError(
+                f"{where!r}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
+                f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
+            )
+        _check_paths(src, dst)
+        convert = Converter(backend)
+        if mlx_scales is not None and to != "mlx":
+            raise CheckpointError(f"--mlx-scales is the dtype of an MLX result's scales; converting to {to} takes none")
+        if to != "gptq" and for_engine is not None:
+            raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
+        report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
+        check_v1_readable(ckpt, report)
+        fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
+        read_word = report.convention == WORD and fmt == "gptq"
+        source, output = FORMATS[ckpt.format.kind], FORMATS[to]
+        if to == "gptq":
+            target = plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact)
+        else:  # to AWQ, compressed-tensors or a float dtype
+            target = Target(fmt)
+        job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric,
+                  options={"mlx_scales": mlx_scales, "allow_inexact": allow_inexact})
+        output.prepare(job)  # what only the target decides (MLX: its scales' dtype, what each backend computes)
+        checkpoint_format = job.gptq_format
+        container = CONTAINERS[output.container]
+        # every output name, header and file decided and checked, and every file SRC's plan reads resolved
+        # against DST: nothing written yet
+        plan = container.plan(job, dst)
+        check_reads_against_dst(files_of(ckpt.root), dst, Destination.hidden(dst))
 
-    bar = Progress(plan.nbytes, "converting", progress)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
-    # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once
-    # loaded, 2 cores); until it is loaded, or on small ones, the ufuncs convert
-    large = sum(m.infos["qweight"].nbytes for m in ckpt.modules.values()) > KERNELS_FROM_BYTES
-    try:
-        with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(load=large):
-            container.write(job, plan, out.tmp, bar)
+        bar = Progress(plan.nbytes, "converting", progress)
+        # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once
+        # loaded, 2 cores); until it is loaded, or on small ones, the ufuncs convert
+        large = sum(m.infos["qweight"].nbytes for m in ckpt.modules.values()) > KERNELS_FROM_BYTES
+        try:
+            with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(load=large):
+                container.write(job, plan, out.tmp, bar)
+                job.overflow.check(where, to, allow_overflow)  # a float target of infinities is no conversion
+                bar.close()
+                verified: bool | None = None
+                if verify:
+                    verified = _verify(job, container, plan, out.tmp, progress)
+                out.commit()
+        finally:
             bar.close()
-            verified: bool | None = None
-            if verify:
-                verified = _verify(job, container, plan, out.tmp, progress)
-            out.commit()
-    finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return {
-        "src": str(given), "resolved": str(src), "dst": str(dst), "from": ckpt.format.name, "to": to,
+        "src": str(given), "resolved": str(src), "dst": str(out.dst), "from": ckpt.format.name, "to": to,
         "checkpoint_format": checkpoint_format if to == "gptq" else None, "backend": backend,
         "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
         "tensors_in": ckpt.tensor_count(), "tensors_out": plan.tensors,
@@ -199,18 +227,9 @@ def convert_checkpoint(
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        "overflowed": job.overflow.count,
         **output.summary(job),
     }
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ------------------------------------------------------------------ verify

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from packq.checkpoint.guards import Interrupted, deferred_signals, record_commit
 from packq.errors import CheckpointError
 
 try:
@@ -46,7 +47,7 @@ _AT_FDCWD = -100
 def describe(e: OSError, where: Path | str) -> str:
     """One line for an OSError: the file it concerns and the cause."""
     name = e.filename if e.filename is not None else where
-    return f"{name}: {e.strerror or e}"
+    return f"{str(name)!r}: {e.strerror or e}"
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ def open_regular(path: Path) -> int:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-            raise CheckpointError(f"{path}: is {kind}, not a regular file")
+            raise CheckpointError(f"{str(path)!r}: is {kind}, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -83,7 +84,7 @@ def read_regular(path: Path, limit: int) -> bytes:
         try:
             size = os.fstat(fd).st_size
             if size > limit:
-                raise CheckpointError(f"{path}: {size} bytes, more than the {limit} packq reads for a JSON file")
+                raise CheckpointError(f"{str(path)!r}: {size} bytes, more than the {limit} packq reads for a JSON file")
             return os.pread(fd, size, 0)
         finally:
             os.close(fd)
@@ -103,12 +104,12 @@ def copy_bytes(src_fd: int, out: BinaryIO, offset: int, count: int, where: Path 
                 raise
             break  # another file system, an old kernel: read and write instead
         if n == 0:
-            raise CheckpointError(f"{where}: truncated while reading (ended {count} bytes early)")
+            raise CheckpointError(f"{str(where)!r}: truncated while reading (ended {count} bytes early)")
         offset, count = offset + n, count - n
     while count:
         data = os.pread(src_fd, min(count, 1 << 24), offset)
         if not data:
-            raise CheckpointError(f"{where}: truncated while reading (ended {count} bytes early)")
+            raise CheckpointError(f"{str(where)!r}: truncated while reading (ended {count} bytes early)")
         view = memoryview(data)
         while view.nbytes:
             view = view[out.write(view) :]
@@ -131,11 +132,14 @@ def copy_durable(src: Path, dst: Path, size: int) -> None:
     try:
         st = os.fstat(fd)
         if st.st_size != size:
-            raise CheckpointError(f"{src}: changed while converting ({size} bytes when checked, {st.st_size} now)")
+            raise CheckpointError(f"{str(src)!r}: changed while converting ({size} bytes when checked, {st.st_size} now)")
         with io_errors(dst), open(dst, "xb", buffering=0) as out:
             copy_bytes(fd, out, 0, size, src)
             os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
             os.fsync(out.fileno())
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            raise CheckpointError(f"{str(src)!r}: changed on disk while packq was copying it; run again once nothing writes it")
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
         os.close(fd)
@@ -183,11 +187,47 @@ def _libc() -> Any:
 
 
 def remove(path: Path) -> None:
-    """Remove a file, link or folder tree, whatever is there; nothing if absent."""
+    """Remove a file, link or folder tree, whatever is there; nothing if absent.
+
+    An OSError names the absolute path of the entry that could not be removed (rmtree's own names the
+    entry relative to its folder).
+    """
+    def failed(func: Any, where: str, info: Any) -> None:
+        e = info[1]
+        if isinstance(e, FileNotFoundError):
+            return
+        raise OSError(e.errno, e.strerror, os.path.abspath(where)) from None
+
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
     elif path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=failed)
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+def unremovable(root: Path) -> str | None:
+    """Why the folder tree ``root`` could not be removed by this process, if it could not: checked before a
+    --force conversion commits, so that it fails with the old DST in place rather than leave it half removed.
+
+    Removing an entry needs write and search permission on its folder, and in a sticky folder ownership of
+    the entry (or the folder); a folder read-only to us, or another user's, is found here. (An immutable
+    attribute or a read-only mount below DST is not visible this way; :meth:`Destination.commit` reports it.)
+    """
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    for folder, dirs, names in os.walk(root, onerror=_raise):
+        if not (dirs or names):
+            continue
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{os.path.abspath(folder)} is not writable by this user, so its entries cannot be removed"
+        st = os.stat(folder, follow_symlinks=False)
+        if uid not in (None, 0) and st.st_mode & stat.S_ISVTX and st.st_uid != uid:
+            for name in dirs + names:
+                if os.stat(os.path.join(folder, name), follow_symlinks=False).st_uid != uid:
+                    return f"{os.path.abspath(os.path.join(folder, name))} belongs to another user in a sticky folder"
+    return None
 
 
 class Destination:
@@ -205,33 +245,52 @@ class Destination:
         name = dst.name
         if name in ("", ".", ".."):
             raise CheckpointError(f"DST must name a {'file' if single_file else 'folder'} to create, got {str(dst)!r}")
+        dst = Path(os.path.abspath(dst))  # messages name absolute paths; links are not followed
         self.dst, self.force, self.single_file = dst, force, single_file
         self.parent = dst.parent
-        # short fixed names, whatever DST's length: a 255-byte DST name still fits
-        tag = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-        self.lock_path = self.parent / f".packq-{tag}.lock"
-        self.tmp = self.parent / f".packq-{tag}.partial"
-        self.old = self.parent / f".packq-{tag}.old"
+        self.lock_path = self.parent / f".packq-{self._tag(dst)}.lock"
+        self.tmp, self.old = self.hidden(dst)
         self._fd: int | None = None
+
+    @staticmethod
+    def _tag(dst: Path) -> str:
+        # short fixed names, whatever DST's length: a 255-byte DST name still fits
+        return hashlib.sha256(os.fsencode(dst.name)).hexdigest()[:16]
+
+    @classmethod
+    def hidden(cls, dst: Path) -> tuple[Path, Path]:
+        """The hidden folders beside DST that a conversion builds in and replaces: (partial, old)."""
+        dst = Path(os.path.abspath(dst))
+        tag = cls._tag(dst)
+        return dst.parent / f".packq-{tag}.partial", dst.parent / f".packq-{tag}.old"
 
     def __enter__(self) -> Destination:
         if not self.parent.is_dir():
-            raise CheckpointError(f"DST's parent folder {self.parent} does not exist")
-        with io_errors(self.parent):
-            self._claim()
-        try:
+            raise CheckpointError(f"DST's parent folder {str(self.parent)!r} does not exist")
+        # signals wait while the claim is taken and the hidden folder made: one landing between the mkdir and
+        # the block that owns the folder would otherwise leave it behind; delivered once it is owned or gone
+        with deferred_signals() as deferred:
             with io_errors(self.parent):
-                if self.old.exists() and not _exists(self.dst):
-                    os.rename(self.old, self.dst)  # a fallback --force run died between its two renames
-                for stale in (self.tmp, self.old):  # left by a run that was killed: we hold the claim now
-                    remove(stale)
-                if _exists(self.dst) and not self.force:
-                    raise CheckpointError(f"DST {self.dst} already exists; pass --force (force=True) to replace it")
+                self._claim()
+            try:
+                with io_errors(self.parent):
+                    if self.old.exists() and not _exists(self.dst):
+                        os.rename(self.old, self.dst)  # a fallback --force run died between its two renames
+                    for stale in (self.tmp, self.old):  # left by a run that was killed: we hold the claim now
+                        remove(stale)
+                    if _exists(self.dst) and not self.force:
+                        raise CheckpointError(f"DST {str(self.dst)!r} already exists; pass --force (force=True) to replace it")
+                self.check_replaceable()  # before any work: an old DST that could not be removed is refused now
                 if not self.single_file:
-                    self.tmp.mkdir()
-        except BaseException:
-            self._release()
-            raise
+                    with io_errors(self.parent):
+                        self.tmp.mkdir()
+                if deferred.received:
+                    raise Interrupted(deferred.received[0])
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    remove(self.tmp)
+                self._release()
+                raise
         return self
 
     def _claim(self) -> None:
@@ -244,7 +303,7 @@ class Destination:
             except BlockingIOError:
                 os.close(fd)
                 raise CheckpointError(
-                    f"DST {self.dst}: another packq conversion is writing it now (it holds {self.lock_path}); "
+                    f"DST {str(self.dst)!r}: another packq conversion is writing it now (it holds {str(self.lock_path)!r}); "
                     "wait for it to finish, or choose another DST"
                 ) from None
             # the last holder unlinks the lock file on release: make sure ours is still the one at that path
@@ -264,8 +323,28 @@ class Destination:
             os.close(self._fd)
             self._fd = None
 
+    def check_replaceable(self) -> None:
+        """With --force over an existing DST: refuse now, with the old DST in place, if it could not be
+        removed once replaced (a read-only sub-folder, another user's files)."""
+        if not (self.force and _exists(self.dst)) or self.dst.is_symlink() or not self.dst.is_dir():
+            return
+        try:
+            why = unremovable(self.dst)
+        except OSError as e:
+            why = describe(e, self.dst)
+        if why is not None:
+            raise CheckpointError(f"DST {str(self.dst)!r} cannot be replaced: {why}; nothing was changed")
+
     def commit(self) -> None:
-        """Put the complete hidden folder or file in place as DST: one atomic rename where the system allows."""
+        """Put the complete hidden folder or file in place as DST: one atomic rename where the system allows.
+
+        Raises CheckpointError, DST then being the complete new folder or file, if the old one cannot be removed.
+        """
+        self.check_replaceable()
+        # from here to the end of cleanup, SIGINT and SIGTERM wait: neither the exchange nor the removal of
+        # the old folder is cut short (a second Ctrl-C would leave half a folder); raised in __exit__
+        self._deferral = contextlib.ExitStack()
+        self._deferred = self._deferral.enter_context(deferred_signals())
         fsync_tree(self.tmp)  # (a single file was fsynced by its writer: nothing to walk)
         fsync_dir(self.parent)
         with io_errors(self.dst):
@@ -276,15 +355,34 @@ class Destination:
                 os.rename(self.dst, self.old)
                 os.rename(self.tmp, self.dst)
         fsync_dir(self.parent)
-        with contextlib.suppress(OSError):  # the old DST: under the hidden tmp name after an exchange, else .old
-            remove(self.old)
+        self.committed = True
+        record_commit(self.dst)
+        # the old DST: under the hidden tmp name after an exchange, else .old
+        for old in (self.tmp, self.old):
+            try:
+                remove(old)
+            except OSError as e:
+                raise CheckpointError(
+                    f"DST {str(self.dst)!r} is the complete new checkpoint, but the old one could not be fully "
+                    f"removed: {describe(e, old)}; what is left of it is in {str(old)!r}") from None
 
-    def __exit__(self, *exc: Any) -> None:
+    committed = False
+    _deferral: contextlib.ExitStack | None = None
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        if self._deferral is None:  # not committing: the cleanup after a failure or a first signal
+            self._deferral = contextlib.ExitStack()
+            self._deferred = self._deferral.enter_context(deferred_signals())
         try:
-            with contextlib.suppress(OSError):
-                remove(self.tmp)
+            if not self.committed:
+                with contextlib.suppress(OSError):
+                    remove(self.tmp)
         finally:
             self._release()
+            self._deferral.close()
+            self._deferral = None
+        if self._deferred.received and kind is None:  # a signal came while committing: report it now
+            raise Interrupted(self._deferred.received[0], committed=self.committed)
 
 
 def _exists(path: Path) -> bool:

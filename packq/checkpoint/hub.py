@@ -29,7 +29,7 @@ def resolve(src: str | os.PathLike[str], revision: str | None = None) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
         raise CheckpointError(
-            f"{src}: no such folder; to read it as a Hugging Face Hub repo id, install packq[hub] (huggingface_hub)"
+            f"{str(src)!r}: no such folder; to read it as a Hugging Face Hub repo id, install packq[hub] (huggingface_hub)"
         ) from None
     where = f"{src}@{revision}" if revision else str(src)
     try:
@@ -38,7 +38,7 @@ def resolve(src: str | os.PathLike[str], revision: str | None = None) -> Path:
         except LocalEntryNotFoundError:
             if constants.HF_HUB_OFFLINE:
                 raise CheckpointError(
-                    f"{where}: not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                    f"{str(where)!r}: not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                     "while HF_HUB_OFFLINE is set"
                 ) from None
             folder = snapshot_download(str(src), revision=revision)
@@ -46,5 +46,5 @@ def resolve(src: str | os.PathLike[str], revision: str | None = None) -> Path:
         raise
     except Exception as e:  # the Hub's own errors: unknown repo or revision, no network, no access
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{where}: cannot resolve it on the Hugging Face Hub: {type(e).__name__}: {first}") from None
+        raise CheckpointError(f"{str(where)!r}: cannot resolve it on the Hugging Face Hub: {type(e).__name__}: {first}") from None
     return Path(folder)

@@ -7,6 +7,7 @@ so that neither imports the conversion.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,48 @@ class Converter:
         return np.asarray(self.be.run(fn, self.to_backend(words), **static))
 
 
+def _finite_mask(out: np.ndarray, dtype: str) -> np.ndarray:
+    """Which elements of a :func:`to_float` result are finite (bfloat16: by its exponent bits)."""
+    if dtype == "bfloat16":
+        return (out & np.uint16(0x7F80)) != np.uint16(0x7F80)
+    return np.isfinite(out)
+
+
+class Overflow:
+    """Dequantized weights that are not finite in the float target: counted per block as they are made,
+    the conversion refused (before DST is put in place) unless asked, with the count and the largest
+    magnitude, so that a checkpoint of infinities never passes as a conversion."""
+
+    def __init__(self) -> None:
+        self.count = 0  # weights not finite in the output
+        self.largest = 0.0  # the largest magnitude among the weights as computed (before the cast)
+        self.modules: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, prefix: str, computed: np.ndarray, out: np.ndarray, dtype: str) -> None:
+        finite = _finite_mask(out, dtype)
+        if finite.all():
+            return
+        bad = int(finite.size - np.count_nonzero(finite))
+        with np.errstate(invalid="ignore"):
+            wide = np.abs(np.asarray(computed, dtype=np.float64))
+        largest = float(np.nanmax(wide)) if np.isfinite(wide).any() or np.isinf(wide).any() else float("nan")
+        with self._lock:
+            self.count += bad
+            self.largest = max(self.largest, largest) if largest == largest else self.largest
+            if prefix not in self.modules:
+                self.modules.append(prefix)
+
+    def check(self, where: str, target: str, allowed: bool) -> None:
+        if not self.count or allowed:
+            return
+        shown = ", ".join(map(repr, self.modules[:3])) + (f" and {len(self.modules) - 3} more" if len(self.modules) > 3 else "")
+        raise CheckpointError(
+            f"{where!r}: {self.count} dequantized weights are not finite in {target} (in {len(self.modules)} modules: "
+            f"{shown}; the largest magnitude is {self.largest:.6g}); choose a wider float dtype (float32), or pass "
+            "--allow-overflow (allow_overflow=True) to write them as infinities")
+
+
 @dataclass
 class Job:
     """What one conversion decided before writing anything."""
@@ -64,6 +107,8 @@ class Job:
     symmetric: bool = False  # to compressed-tensors: every zero-point is 2**(bits-1), so none are stored
     #: target-specific options (``--gguf-type``, ``--mlx-scales``, ...), as the target format defines them
     options: dict[str, Any] = field(default_factory=dict)
+    #: float targets: weights that came out not finite, counted as they are made, refused before commit
+    overflow: Overflow = field(default_factory=lambda: Overflow())
 
     def read(self, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
         """A module's qweight or qzeros in the AWQ or GPTQ layout: from ``f`` (the shard being written) when

@@ -16,6 +16,7 @@ import numpy as np
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.safetensors import SafetensorsFile, TensorInfo
 from packq.core.bits import layout, pack
+from packq.errors import CheckpointError
 
 BITS = (2, 3, 4, 8)
 
@@ -104,7 +105,20 @@ def module_array(ckpt: Checkpoint, m: Module, part: str, *, floats: bool = False
         return np.asarray(numpy_backend.run(pack, half, direction="column", bits=m.bits))
     with ckpt.shards[m.files[part]].open() as f:
         a = f.floats(m.names[part]) if floats else f.array(m.names[part])
+    if part == "g_idx":
+        check_g_idx(ckpt, m, a)
     return stored_to_canonical(m, part, a)
+
+
+def check_g_idx(ckpt: Checkpoint, m: Module, g: np.ndarray) -> None:
+    """A g_idx names, for each of the K input rows, one of the module's groups: integers in [0, groups)."""
+    if g.dtype.kind not in "iu":  # the header check refuses other dtypes; this guards every other reader
+        raise CheckpointError(f"{str(ckpt.root)!r}: {m.prefix + '.g_idx'!r} is {g.dtype}; it must hold integer group numbers")
+    if g.size and (int(g.min()) < 0 or int(g.max()) >= m.groups):
+        bad = int(np.flatnonzero((g < 0) | (g >= m.groups))[0])
+        raise CheckpointError(
+            f"{str(ckpt.root)!r}: {m.prefix + '.g_idx'!r}[{bad}] is {int(g[bad])}; the module has {m.groups} groups, so every "
+            f"entry must be in [0, {m.groups})")
 
 
 def stored_to_canonical(m: Module, part: str, a: np.ndarray) -> np.ndarray:

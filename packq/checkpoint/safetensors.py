@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,18 +71,55 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _integer(literal: str) -> int | float:
+    # serde_json reads "-0" as the float -0.0 (a negative literal whose value is not negative), so the
+    # reference refuses it where it wants an integer; Python's json would give the int 0
+    return -0.0 if literal == "-0" else int(literal)
+
+
+#: a \\u escape of a UTF-16 surrogate: only these can leave a lone surrogate in a decoded string
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(node: Any) -> str | None:
+    """The first string (key or value) holding a lone UTF-16 surrogate, which serde_json refuses."""
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if any("\ud800" <= c <= "\udfff" for c in x):
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
 def loads_strict(raw: bytes | str) -> Any:
-    """JSON as the reference (serde_json) reads it: UTF-8, no NaN/Infinity, no duplicate keys.
+    """JSON as the reference (serde_json) reads it: UTF-8, no NaN/Infinity, no duplicate keys, no lone
+    surrogate escapes (``"\\ud800"``), and ``-0`` a float, not an integer.
 
     Raises ValueError (also for nesting too deep to parse), never anything else.
     """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_int=_integer)
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):  # a pair decodes to one character; a lone half stays a surrogate
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            raise ValueError(f"the string {bad!r} holds a lone UTF-16 surrogate escape, which is not Unicode text")
+    return value
+
+
+def identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must stay the same while a file is read: which file, its size, and its last write."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _is_usize(v: Any) -> bool:
@@ -97,24 +135,24 @@ class SafetensorsFile:
             fd = open_regular(self.path)
             try:
                 st = os.fstat(fd)
-                self._identity = (st.st_dev, st.st_ino, st.st_size)
+                self._identity = identity(st)
                 header_bytes = self._read_header(fd, st.st_size)
             finally:
                 os.close(fd)
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
+            raise CheckpointError(f"{str(self.path)!r}: cannot read: {e.strerror or e}") from None
         try:
             header = loads_strict(header_bytes)
         except ValueError as e:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object: {e})") from None
+            raise CheckpointError(f"{str(self.path)!r}: corrupt safetensors header (not a JSON object: {e})") from None
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object: {type(header).__name__})")
+            raise CheckpointError(f"{str(self.path)!r}: corrupt safetensors header (not a JSON object: {type(header).__name__})")
         data_size = st.st_size - self.data_start
         meta = header.pop("__metadata__", None)
         if meta is None:
             meta = {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+            raise CheckpointError(f"{str(self.path)!r}: corrupt safetensors header (__metadata__ must map strings to strings)")
         self.metadata: dict[str, str] = meta
         self.tensors: dict[str, TensorInfo] = {name: self._entry(name, entry) for name, entry in header.items()}
         # the reference loader's validate(): sorted by offsets, each starts where the last ended
@@ -122,37 +160,37 @@ class SafetensorsFile:
         for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
             if t.begin != pos:
                 what = "overlaps the tensor before it" if t.begin < pos else f"leaves a gap of {t.begin - pos} bytes before it"
-                raise CheckpointError(f"{self.path}: corrupt safetensors header: {t.name!r} at [{t.begin}, {t.end}) {what}")
+                raise CheckpointError(f"{str(self.path)!r}: corrupt safetensors header: {t.name!r} at [{t.begin}, {t.end}) {what}")
             pos = t.end
         if pos != data_size:
             raise CheckpointError(
-                f"{self.path}: truncated or padded safetensors file: the header describes "
+                f"{str(self.path)!r}: truncated or padded safetensors file: the header describes "
                 f"{pos} data bytes, the file holds {data_size}"
             )
 
     def _read_header(self, fd: int, size: int) -> bytes:
         raw = os.pread(fd, 8, 0)
         if len(raw) < 8:
-            raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
+            raise CheckpointError(f"{str(self.path)!r}: truncated safetensors file ({size} bytes, no header length)")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER:
             raise CheckpointError(
-                f"{self.path}: safetensors header of {n} bytes is larger than the {MAX_HEADER} bytes the "
+                f"{str(self.path)!r}: safetensors header of {n} bytes is larger than the {MAX_HEADER} bytes the "
                 "safetensors library reads (corrupt, or not a safetensors file)"
             )
         if 8 + n > size:
-            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (length {n}, file of {size} bytes)")
+            raise CheckpointError(f"{str(self.path)!r}: corrupt or truncated safetensors header (length {n}, file of {size} bytes)")
         self.data_start = 8 + n
         header = os.pread(fd, n, 8)
         if len(header) != n:
-            raise CheckpointError(f"{self.path}: truncated while reading the header")
+            raise CheckpointError(f"{str(self.path)!r}: truncated while reading the header")
         return header
 
     def _entry(self, name: str, entry: Any) -> TensorInfo:
         def bad(why: str) -> CheckpointError:
             text = json.dumps(entry)
             text = text if len(text) <= 200 else text[:200] + "..."
-            return CheckpointError(f"{self.path}: corrupt safetensors header entry for {name!r}: {why} (got {text})")
+            return CheckpointError(f"{str(self.path)!r}: corrupt safetensors header entry for {name!r}: {why} (got {text})")
 
         if not isinstance(entry, dict):
             raise bad("expected an object with dtype, shape and data_offsets")
@@ -189,17 +227,30 @@ class Reader:
         try:
             self._fd = open_regular(file.path)
         except OSError as e:
-            raise CheckpointError(f"{file.path}: cannot read: {e.strerror or e}") from None
-        st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino, st.st_size) != file._identity:
+            raise CheckpointError(f"{str(file.path)!r}: cannot read: {e.strerror or e}") from None
+        try:
+            self.check_unchanged()
+        except BaseException:
             os.close(self._fd)
-            raise CheckpointError(f"{file.path}: changed on disk while packq was reading it")
+            raise
+
+    def check_unchanged(self) -> None:
+        """Refuse a file replaced or rewritten since its header was read: same file (device, inode), same
+        size, and no write since (modification and change times, in nanoseconds). Checked at every open
+        and after the last read, so that bytes read in between come from the file as it was checked."""
+        if identity(os.fstat(self._fd)) != self.file._identity:
+            raise CheckpointError(f"{str(self.path)!r}: changed on disk while packq was reading it; run again once "
+                                  "nothing writes it")
 
     def __enter__(self) -> Reader:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        os.close(self._fd)
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            if kind is None:  # every read done: were they all of the file as it was checked?
+                self.check_unchanged()
+        finally:
+            os.close(self._fd)
 
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes, read with positioned reads into fresh memory."""
@@ -214,7 +265,7 @@ class Reader:
             with io_errors(self.path):
                 got = os.preadv(self._fd, [view], offset)
             if not got:
-                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+                raise CheckpointError(f"{str(self.path)!r}: truncated while reading {name!r}")
             view, offset = view[got:], offset + got
 
     def copy_to(self, name: str, out: Any, offset: int = 0, nbytes: int | None = None) -> None:
@@ -240,7 +291,7 @@ class Reader:
         t = self.tensors[name]
         np_dtype = DTYPES[t.dtype][0]
         if np_dtype is None:
-            raise CheckpointError(f"{self.path}: {name!r} has dtype {t.dtype}, which packq passes through but does not compute on")
+            raise CheckpointError(f"{str(self.path)!r}: {name!r} has dtype {t.dtype}, which packq passes through but does not compute on")
         return self._read(t).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
 
     def floats(self, name: str) -> np.ndarray:
@@ -273,7 +324,7 @@ def header_for(entries: Iterable[Entry], metadata: dict[str, str], where: Path |
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
     if len(raw) > MAX_HEADER:
         raise CheckpointError(
-            f"{where}: the converted header would be {len(raw)} bytes, more than the {MAX_HEADER} bytes the "
+            f"{str(where)!r}: the converted header would be {len(raw)} bytes, more than the {MAX_HEADER} bytes the "
             "safetensors library reads; split the source into more shards first"
         )
     return struct.pack("<Q", len(raw)) + raw
@@ -310,7 +361,7 @@ class SafetensorsWriter:
     def append(self, data: np.ndarray) -> None:
         view = np.ascontiguousarray(data).data.cast("B")
         if view.nbytes > self._left:
-            raise AssertionError(f"{self.path}: {view.nbytes} bytes given where {self._left} remained")
+            raise AssertionError(f"{str(self.path)!r}: {view.nbytes} bytes given where {self._left} remained")
         with io_errors(self.path):
             self._write_all(view)
         self._left -= view.nbytes
@@ -318,14 +369,14 @@ class SafetensorsWriter:
     def append_copy(self, source: Reader, name: str, offset: int, nbytes: int) -> None:
         """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``, copied by the kernel."""
         if nbytes > self._left:
-            raise AssertionError(f"{self.path}: {nbytes} bytes given where {self._left} remained")
+            raise AssertionError(f"{str(self.path)!r}: {nbytes} bytes given where {self._left} remained")
         with io_errors(self.path):
             source.copy_to(name, self._file, offset, nbytes)
         self._left -= nbytes
 
     def end(self) -> None:
         if self._left:
-            raise AssertionError(f"{self.path}: {self._left} bytes of the tensor were not written")
+            raise AssertionError(f"{str(self.path)!r}: {self._left} bytes of the tensor were not written")
 
     def write(self, name: str, data: np.ndarray) -> None:
         self.start(name, np.ascontiguousarray(data).nbytes)
@@ -341,7 +392,7 @@ class SafetensorsWriter:
     def finish(self) -> None:
         """Check that every declared tensor was written."""
         if self._next != len(self.entries):
-            raise AssertionError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
+            raise AssertionError(f"{str(self.path)!r}: {len(self.entries) - self._next} tensors were not written")
 
     def close(self) -> None:
         """fsync and close the complete file (the file is closed even where the fsync fails)."""

@@ -107,11 +107,11 @@ def check_v1_readable(ckpt: Checkpoint, report: ZeroReport) -> None:
     if report.convention == "or":
         why = ("it was written by AutoGPTQ, whose packer ORs a zero-point of 0 into every higher field of its "
                "word, so those fields' zero-points are lost")
-        raise CheckpointError(f"{ckpt.root}: GPTQ v1 zero-points cannot be read exactly: {why}")
+        raise CheckpointError(f"{str(ckpt.root)!r}: GPTQ v1 zero-points cannot be read exactly: {why}")
     names = list(report.ambiguous)
     shown = ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
     raise CheckpointError(
-        f"{ckpt.root}: GPTQ v1 stores zero-points of 0 as 15, which engines read in two ways "
+        f"{str(ckpt.root)!r}: GPTQ v1 stores zero-points of 0 as 15, which engines read in two ways "
         f"({sum(report.ambiguous.values())} (group, column) pairs in {len(names)} modules differ: {shown}), and "
         "nothing in the checkpoint says which its producer used; pass --v1-zeros word (written by GPTQModel or "
         "transformers) or --v1-zeros field (written per field: TGI, LoRAX, the seed's code, packq)"
@@ -151,7 +151,7 @@ def plan_gptq(
             exact = [n for n, e in report.engines.items() if e["exact"]]
             wrong = [n for n, e in report.engines.items() if not e["exact"]]
             raise CheckpointError(
-                f"{ckpt.root}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
+                f"{str(ckpt.root)!r}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
                 f"({_names(report.zero0_modules)}); GPTQ v1 stores them as 15, which engines read differently "
                 f"(exact: {', '.join(exact)}; wrong: {', '.join(wrong)}). Pass --for ENGINE ({', '.join(LOADERS)}) "
                 "to write what that engine reads exactly, or --checkpoint-format gptq_v2"
@@ -171,13 +171,13 @@ def plan_gptq(
         return target
     if ckpt.format.bits != 4:
         raise CheckpointError(
-            f"{ckpt.root}: {report.zero0} zero-points of 0, which {e.title} reads as {1 << ckpt.format.bits}; "
+            f"{str(ckpt.root)!r}: {report.zero0} zero-points of 0, which {e.title} reads as {1 << ckpt.format.bits}; "
             f"packq rebiases them at 4 bits only, and this checkpoint is {ckpt.format.bits}-bit; choose an engine "
             "that reads them exactly"
         )
     if ckpt.format.method == "gptq" and act_order(ckpt):
         raise CheckpointError(
-            f"{ckpt.root}: {report.zero0} zero-points of 0, which {e.title} reads as 16; rebiasing them needs "
+            f"{str(ckpt.root)!r}: {report.zero0} zero-points of 0, which {e.title} reads as 16; rebiasing them needs "
             "contiguous groups, and this GPTQ source is act-order; choose an engine that reads them exactly"
         )
     # a stored 15 reads as 16: move zero-0 pairs to z = 1 where every q of the pair is <= 14
@@ -196,7 +196,7 @@ def plan_gptq(
             target.max_error = max(target.max_error, _engine_error(ckpt, prefix, qweight, np.asarray(new_zeros)))
     if target.inexact and not allow_inexact:
         raise CheckpointError(
-            f"{ckpt.root}: {sum(target.inexact.values())} (group, column) pairs with zero-point 0 hold a 15, so no "
+            f"{str(ckpt.root)!r}: {sum(target.inexact.values())} (group, column) pairs with zero-point 0 hold a 15, so no "
             f"GPTQ v1 encoding is exact in {e.title} (it reads a stored 15 as 16): modules {_names(target.inexact)} "
             f"(largest weight error there {target.max_error:.6g}); {target.rebiased} other pairs could be rebiased. "
             "Pass --allow-inexact to write it anyway, or choose an engine that reads them exactly"

@@ -9,10 +9,12 @@ into the hidden file or folder that :class:`~packq.checkpoint.files.Destination`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
     from packq.checkpoint.job import Job
@@ -50,3 +52,16 @@ class Container:
     def verify(self, job: Job, plan: Plan, tmp: Path, check_each: Callable[[Callable[[str], None]], None]) -> None:
         """Read the written output back and compare every module with the source, bit for bit; raise on the first difference."""
         job.output.verify(job, tmp, check_each)
+
+
+def unique_outputs(where: Path | str, outputs: Iterable[tuple[str, str]]) -> None:
+    """Refuse two output tensors of one name, before anything is written: (name, what makes it) for every
+    output. A source tensor named as one the target writes for a module (a stray ``<module>.weight`` beside
+    a quantized module converted to float) would otherwise give a header naming it twice, or a gap."""
+    seen: dict[str, str] = {}
+    for name, origin in outputs:
+        if name in seen:
+            raise CheckpointError(
+                f"{str(where)!r}: the output tensor {name!r} would be written twice, as {seen[name]} and as "
+                f"{origin}; rename or remove the source tensor")
+        seen[name] = origin

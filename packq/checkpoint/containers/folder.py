@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packq.checkpoint.containers.base import Container, Plan
+from packq.checkpoint.containers.base import Container, Plan, unique_outputs
 from packq.checkpoint.files import copy_durable, io_errors, write_durable
 from packq.checkpoint.folder import INDEX, SIDECARS
 from packq.checkpoint.formats.base import Piece
@@ -47,6 +47,13 @@ class FolderPlan:
     items: dict[str, list[Item]]  #: shard file name -> its output tensors in file order
     entries: dict[str, list[Entry]]  #: shard file name -> their header entries
     extra: list[tuple[Path, Path, int]]  #: other files: (path in DST, path in SRC, size)
+    config: dict  #: config.json as written, its quantization_config the target's (made, or refused, up front)
+
+
+def _origin(name: str, action: str, m: Module | None) -> str:
+    if m is None:
+        return f"the source tensor {name!r} kept as it is"
+    return f"the {action} tensor of the quantized module {m.prefix!r}"
 
 
 def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
@@ -67,6 +74,13 @@ def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
             if folder == ckpt.root and entry.name in skip:
                 continue
             path = Path(entry.path)
+            if folder == ckpt.root and entry.name.endswith(".safetensors"):
+                # engines load weights from the top folder (transformers model.safetensors first, vLLM every
+                # *.safetensors without an index): copied unconverted, it would be read under the new config
+                raise CheckpointError(
+                    f"{str(path)!r}: a safetensors file that is not a shard of this checkpoint (not in the index); "
+                    "packq would copy it unconverted beside the converted shards, where engines may load it; "
+                    "move or remove it")
             with io_errors(path):
                 if entry.is_dir(follow_symlinks=False):
                     walk(path, rel / entry.name)
@@ -74,7 +88,7 @@ def extra_files(ckpt: Checkpoint) -> list[tuple[Path, Path, int]]:
                 st = os.stat(path)  # follows links: ENOENT for a dangling one, ELOOP for a loop
             if not stat.S_ISREG(st.st_mode):
                 kind = "a link to a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
-                raise CheckpointError(f"{path}: is {kind}; packq copies regular files and real folders only")
+                raise CheckpointError(f"{str(path)!r}: is {kind}; packq copies regular files and real folders only")
             out.append((rel / entry.name, path, st.st_size))
 
     walk(ckpt.root, Path())
@@ -87,10 +101,15 @@ class SafetensorsFolder(Container):
     # ------------------------------------------------------------ planning
     def plan(self, job: Job, dst: Path) -> Plan:
         items = self._items(job)
+        unique_outputs(job.ckpt.root, ((name, _origin(name, action, m)) for its in items.values()
+                                       for name, action, m in its))
         entries = {f: [self._entry(job, job.ckpt.shards[f], *item) for item in its] for f, its in items.items()}
         for fname, es in entries.items():  # refuse now, not after writing, a header packq could not read back
             header_for(es, job.ckpt.shards[fname].metadata, dst / fname)
-        detail = FolderPlan(items, entries, extra_files(job.ckpt))
+        extra = extra_files(job.ckpt)
+        config = json.loads(json.dumps(job.ckpt.config))
+        job.output.config(job, config)  # a config the target cannot state is refused here, not after the shards
+        detail = FolderPlan(items, entries, extra, config)
         return Plan(sum(len(e) for e in entries.values()), sum(e[3] for es in entries.values() for e in es), detail)
 
     @staticmethod
@@ -140,8 +159,7 @@ class SafetensorsFolder(Container):
                     (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
             copy_durable(path, tmp / rel, size)
         ckpt = job.ckpt
-        config = json.loads(json.dumps(ckpt.config))
-        job.output.config(job, config)
+        config = p.config
         write_durable(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         for name in SIDECARS:  # engines read these before config.json: they must state the new format too
             if (ckpt.root / name).exists() and job.output.sidecars:  # (others drop them)
@@ -214,6 +232,7 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                     writer.end()
                 bar.update(piece.nbytes)
             writer.finish()
+            f.check_unchanged()  # every byte read came from the shard as its header was checked
             return writer
         except BaseException:
             for fut in pending.values():

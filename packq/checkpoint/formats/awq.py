@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.formats.base import QweightFormat, Stream, dequantize, group_size, module_arrays
+from packq.checkpoint.formats.base import (
+    QweightFormat,
+    Stream,
+    declared,
+    dequantize,
+    exclusions,
+    group_size,
+    is_int,
+    json_text,
+    module_arrays,
+    quantized_lm_head,
+    strings,
+)
 from packq.checkpoint.formats.gptq import v2_zeros
 from packq.checkpoint.model import Checkpoint, Format, Module
 from packq.checkpoint.safetensors import Reader
@@ -38,17 +50,18 @@ class AWQ(QweightFormat):
 
     def read_config(self, q: dict[str, Any], where: Path) -> Format:
         bits = q.get("bits", q.get("w_bit"))
-        if bits != 4 or isinstance(bits, bool):
-            raise CheckpointError(f"{where}: bits is {bits!r}; AWQ gemm is 4-bit only")
+        if not is_int(bits) or bits != 4:
+            raise CheckpointError(f"{str(where)!r}: bits is {json_text(bits)}; AWQ gemm is 4-bit only")
         g = group_size(q, where, "group_size", "q_group_size")
-        version = str(q.get("version", "gemm")).lower()
+        version = declared(q, where, "version", str, "gemm").lower()
         if version != "gemm":
             raise CheckpointError(
-                f"{where}: AWQ version {version!r} is not supported; packq converts the 'gemm' layout "
+                f"{str(where)!r}: AWQ version {version!r} is not supported; packq converts the 'gemm' layout "
                 f"(qweight (K, N/8) packed along N)"
             )
-        if q.get("zero_point", True) is not True:
-            raise CheckpointError(f"{where}: AWQ with zero_point false (no qzeros) is not supported")
+        if declared(q, where, "zero_point", bool, True) is not True:
+            raise CheckpointError(f"{str(where)!r}: AWQ with zero_point false (no qzeros) is not supported")
+        strings(q, where, "modules_to_not_convert")
         return Format("awq", 4, g, raw=q)
 
     def dims(self, qweight: tuple[int, ...], values: int, words: int) -> tuple[int, int]:
@@ -76,6 +89,15 @@ class AWQ(QweightFormat):
     def config(self, job: Job, config: dict[str, Any]) -> None:
         q = {"quant_method": "awq", "bits": 4, "group_size": job.ckpt.format.group_size, "zero_point": True,
              "version": "gemm"}
+        if quantized_lm_head(job.ckpt.modules):  # AWQ loaders keep lm_head a float Linear (transformers always)
+            raise CheckpointError(
+                f"{str(job.ckpt.root)!r}: lm_head is quantized, and AWQ loaders (transformers, vLLM) keep lm_head in float: "
+                "no AWQ checkpoint states a quantized lm_head; convert to gptq or compressed-tensors")
+        if exclusions(job.ckpt.format):  # regular expressions; AWQ's modules_to_not_convert are substrings
+            raise CheckpointError(
+                f"{str(job.ckpt.root)!r}: GPTQModel's dynamic leaves modules unquantized by regular expression "
+                f"({', '.join(repr('-:' + p) for p in exclusions(job.ckpt.format))}), which AWQ's "
+                "modules_to_not_convert cannot state; convert to gptq or compressed-tensors")
         if job.ckpt.format.raw.get("modules_to_not_convert"):
             q["modules_to_not_convert"] = job.ckpt.format.raw["modules_to_not_convert"]
         config["quantization_config"] = q

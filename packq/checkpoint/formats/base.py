@@ -134,7 +134,7 @@ class CheckpointFormat:
         def check(prefix: str) -> None:
             got = self.result_weights(job, result, prefix)
             if got.tobytes() != job.source.weights(job, prefix).tobytes() and prefix not in job.target.inexact:
-                raise CheckpointError(f"verification failed: {prefix} dequantizes differently after conversion")
+                raise CheckpointError(f"verification failed: {prefix!r} dequantizes differently after conversion")
 
         check_each(check)
 
@@ -159,18 +159,101 @@ def fields(qzeros: np.ndarray, bits: int) -> np.ndarray:
 
 def dequantize(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> np.ndarray:
     """(q - z) * s in the scales' dtype; with a g_idx, each row in its own group (act-order)."""
-    if g_idx is None:
-        return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
-    idx = g_idx.astype(np.int64)
-    return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+    with np.errstate(over="ignore", invalid="ignore"):  # as engines compute it, infinities included (no warning)
+        if g_idx is None:
+            return np.asarray(dequantize_grouped(numpy_backend.xp, q, z, scales))
+        idx = g_idx.astype(np.int64)
+        return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
+# ---------------------------------------------------------------- what a config declares, checked for type
+# JSON's types are not Python's: 4.0 == 4 and True == 1 in Python, but a config that writes "bits": 4.0 or
+# "bits": true is not one that says 4 (engines written in other languages, or strict schemas, refuse it or
+# read something else). Every value a format reads from a config goes through one of these.
+_ABSENT = object()
+
+
+def is_int(v: Any) -> bool:
+    """A JSON integer (not a float such as 4.0, not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def declared(q: dict[str, Any], where: Path, key: str, kind: type | tuple[type, ...], default: Any = _ABSENT,
+             *, choices: tuple[Any, ...] | None = None, alias: str | None = None, label: str = "") -> Any:
+    """``q[key]`` (or ``q[alias]``) checked to be of JSON type ``kind`` (int excludes booleans and floats) and,
+    if given, one of ``choices``; ``default`` where absent (or null); CheckpointError naming it otherwise."""
+    value = q.get(key, _ABSENT)
+    if value is _ABSENT and alias is not None:
+        key, value = alias, q.get(alias, _ABSENT)
+    if value is _ABSENT or value is None:
+        if default is not _ABSENT:
+            return default
+        raise CheckpointError(f"{str(where)!r}: {label}{key} is missing")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = any(is_int(value) if k is int else isinstance(value, k) for k in kinds)
+    if not ok or (choices is not None and value not in choices):
+        names = {int: "an integer", bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+        want = " or ".join(names.get(k, k.__name__) for k in kinds)
+        if choices is not None:
+            want = "one of " + ", ".join(json_text(c) for c in choices)
+        raise CheckpointError(f"{str(where)!r}: {label}{key} must be {want}, got {json_text(value)}")
+    return value
+
+
+def json_text(value: Any) -> str:
+    """A value as JSON writes it (4.0, true, "4"), cut to 80 characters: what the file said, not Python's repr."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def strings(q: dict[str, Any], where: Path, key: str, label: str = "") -> list[str]:
+    """A list of strings (absent or null: empty)."""
+    value = declared(q, where, key, list, [], label=label)
+    if not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{str(where)!r}: {label}{key} must be a list of strings, got {json_text(value)}")
+    return value
 
 
 def group_size(q: dict[str, Any], where: Path, *keys: str) -> int:
     """A config's group size (under the first of ``keys`` present): positive, or -1 for one group over K."""
     g = next((q[k] for k in keys if k in q), None)
-    if not isinstance(g, int) or isinstance(g, bool) or (g <= 0 and g != -1):
-        raise CheckpointError(f"{where}: group_size must be a positive integer or -1, got {g!r}")
+    if not is_int(g) or (g <= 0 and g != -1):
+        raise CheckpointError(f"{str(where)!r}: group_size must be a positive integer or -1, got {json_text(g)}")
     return g
+
+
+def quantized_lm_head(modules: dict[str, Module]) -> bool:
+    """Whether the checkpoint stores its output projection (``lm_head``) quantized."""
+    return any(p.rsplit(".", 1)[-1] == "lm_head" for p in modules)
+
+
+def not_converted(root: Path, fmt: Format, modules: dict[str, Module]) -> None:
+    """A ``modules_to_not_convert`` entry names modules left in float (transformers: a substring of the name);
+    one that matches a module stored quantized contradicts the tensors, and a target's config written from
+    it (compressed-tensors' ``ignore``) would leave that module unquantized."""
+    for entry in fmt.raw.get("modules_to_not_convert") or []:
+        hit = next((p for p in modules if entry in p), None)
+        if hit is not None:
+            raise CheckpointError(f"{str(root)!r}: modules_to_not_convert lists {entry!r}, but {hit!r} is stored quantized")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """GPTQModel's and compressed-tensors' match of a module name against a pattern (``re.match``); a pattern
+    that is not a regular expression matches nothing (and is refused where read)."""
+    import re
+
+    try:
+        return re.match(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def exclusions(fmt: Format) -> list[str]:
+    """GPTQModel's ``dynamic`` "-:regex" entries: modules it leaves unquantized."""
+    dynamic = fmt.raw.get("dynamic") if fmt.container is None else None
+    return [p[2:] for p in (dynamic or {}) if p.startswith("-:")]
 
 
 class QweightFormat(CheckpointFormat):
@@ -195,11 +278,21 @@ class QweightFormat(CheckpointFormat):
             files = {p: where[f"{prefix}.{p}"] for p in parts if f"{prefix}.{p}" in where}
             missing = [p for p in parts[:3] if p not in files]
             if missing:
-                raise CheckpointError(f"{root}: {prefix} has {', '.join(sorted(files))} but no {' or '.join(missing)}")
+                raise CheckpointError(f"{str(root)!r}: {prefix!r} has {', '.join(sorted(files))} but no {' or '.join(missing)}")
             infos = {p: shards[f].tensors[f"{prefix}.{p}"] for p, f in files.items()}
             modules[prefix] = self._check_module(root, fmt, prefix, files, infos)
         if not modules:
-            raise CheckpointError(f"{root}: no quantized modules (no tensors named *.qweight)")
+            raise CheckpointError(f"{str(root)!r}: no quantized modules (no tensors named *.qweight)")
+        not_converted(root, fmt, modules)
+        if fmt.method == "gptq" and bool(fmt.raw.get("lm_head", False)) != quantized_lm_head(modules):
+            stored = "stores lm_head quantized" if quantized_lm_head(modules) else "stores no quantized lm_head"
+            raise CheckpointError(f"{str(root)!r}: quantization_config says lm_head {json_text(fmt.raw.get('lm_head', False))}, "
+                                  f"but the checkpoint {stored}")
+        for pattern in exclusions(fmt):
+            hit = next((p for p in modules if _matches(pattern, p)), None)
+            if hit is not None:
+                raise CheckpointError(f"{str(root)!r}: dynamic excludes {'-:' + pattern!r} from quantization, but {hit!r} "
+                                      "is stored quantized")
         return modules
 
     def _check_module(self, root: Path, fmt: Format, prefix: str, files: dict[str, str],
@@ -208,7 +301,7 @@ class QweightFormat(CheckpointFormat):
 
         def bad(why: str) -> CheckpointError:
             shapes = ", ".join(f"{p} {infos[p].shape} {infos[p].dtype}" for p in infos)
-            return CheckpointError(f"{root}: {prefix}: {why} (got {shapes}; bits {fmt.bits}, group size {fmt.group_size})")
+            return CheckpointError(f"{str(root)!r}: {prefix!r}: {why} (got {shapes}; bits {fmt.bits}, group size {fmt.group_size})")
 
         if w.dtype not in WORDS or z.dtype not in WORDS:
             raise bad("qweight and qzeros must be int32 words")
@@ -218,8 +311,8 @@ class QweightFormat(CheckpointFormat):
             raise bad("qweight, qzeros and scales must be matrices with the same leading dimensions")
         values, words = B.layout(fmt.bits)  # 32 // bits values in a word; at 3 bits, 32 values in 3 words
         k, n = self.dims(w.shape, values, words)
-        if "g_idx" in infos and infos["g_idx"].shape != (k,):
-            raise bad(f"g_idx must have shape ({k},)")
+        if "g_idx" in infos and (infos["g_idx"].shape != (k,) or infos["g_idx"].dtype not in ("I32", "I64")):
+            raise bad(f"g_idx must be int32 (or int64) of shape ({k},)")
         if 0 in w.shape:
             raise bad("qweight has no elements (K, N and every leading dimension must be positive)")
         groups = 1 if fmt.group_size == -1 else k // fmt.group_size

@@ -13,7 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packq.checkpoint.formats.base import BITS, FLOATS, WORDS, CheckpointFormat, Output, fields, module_arrays
+from packq.checkpoint.formats.base import (
+    BITS,
+    FLOATS,
+    WORDS,
+    CheckpointFormat,
+    Output,
+    declared,
+    exclusions,
+    fields,
+    is_int,
+    json_text,
+    module_arrays,
+    quantized_lm_head,
+    strings,
+)
 from packq.checkpoint.formats.gptq import gptq_weights, source_zero_points, v2_zeros
 from packq.checkpoint.model import Checkpoint, Format, Module, module_array
 from packq.checkpoint.safetensors import Reader, SafetensorsFile
@@ -33,6 +47,17 @@ MADE = {"qweight": [("weight_packed", "ct_weight"), ("weight_shape", "ct_shape")
         "qzeros": [("weight_zero_point", "ct_zeros")], "scales": [("weight_scale", "ct_scale")]}
 
 
+def ignored(entry: str, module: str) -> bool:
+    """Whether compressed-tensors' ``ignore`` entry names a module: the name itself, or "re:" and a regular
+    expression that ``re.match`` finds at its start (compressed-tensors' own ``_match_name``)."""
+    if entry.startswith("re:"):
+        try:
+            return re.match(entry[3:], module) is not None
+        except re.error:
+            return False
+    return entry == module
+
+
 class CompressedTensors(CheckpointFormat):
     name = NAME
     title = "compressed-tensors pack-quantized (2, 3, 4, 8-bit)"
@@ -47,11 +72,11 @@ class CompressedTensors(CheckpointFormat):
     def read_config(self, q: dict[str, Any], where: Path) -> Format:
         """Weight-only int, one config group: read as GPTQ v2."""
         def bad(why: str) -> CheckpointError:
-            return CheckpointError(f"{where}: compressed-tensors config: {why}")
+            return CheckpointError(f"{str(where)!r}: compressed-tensors config: {why}")
 
         if q.get("format") != "pack-quantized":
-            raise bad(f"format {q.get('format')!r}; packq reads 'pack-quantized'")
-        if q.get("quantization_status", "compressed") != "compressed":
+            raise bad(f"format {json_text(q.get('format'))}; packq reads 'pack-quantized'")
+        if declared(q, where, "quantization_status", str, "compressed") != "compressed":
             raise bad(f"quantization_status {q.get('quantization_status')!r}; packq reads 'compressed' checkpoints")
         groups = q.get("config_groups")
         if not isinstance(groups, dict) or len(groups) != 1:
@@ -62,23 +87,30 @@ class CompressedTensors(CheckpointFormat):
             raise bad("the config group has no weights")
         if scheme.get("input_activations") is not None or scheme.get("output_activations") is not None:
             raise bad("activations are quantized too; packq reads weight-only schemes")
-        if w.get("type", "int") != "int" or w.get("dynamic", False) or isinstance(w.get("num_bits"), bool) \
-                or w.get("num_bits") not in BITS:
-            raise bad(f"weights {w!r}; packq reads static 2-, 3-, 4- or 8-bit int weights")
+        label = "weights."
+        kind = declared(w, where, "type", str, "int", label=label)
+        dynamic = declared(w, where, "dynamic", (bool, str), False, label=label)
+        num_bits = declared(w, where, "num_bits", int, label=label)
+        if kind != "int" or dynamic is not False or num_bits not in BITS:
+            raise bad(f"weights {json_text(w)}; packq reads static 2-, 3-, 4- or 8-bit int weights")
         if w.get("actorder") not in (None, "weight", "static"):
             raise bad(f"actorder {w.get('actorder')!r}")
-        strategy = w.get("strategy")
+        strategy = declared(w, where, "strategy", str, None, label=label)
         if strategy == "channel":
             group_size = -1
-        elif strategy == "group" and isinstance(w.get("group_size"), int) and not isinstance(w["group_size"], bool) \
-                and w["group_size"] > 0:
+        elif strategy == "group" and is_int(w.get("group_size")) and w["group_size"] > 0:
             group_size = w["group_size"]
         else:
-            raise bad(f"strategy {strategy!r} with group_size {w.get('group_size')!r}; packq reads group and channel")
-        symmetric = w.get("symmetric", True)
-        if not isinstance(symmetric, bool):
-            raise bad(f"symmetric must be true or false, got {symmetric!r}")
-        return Format("gptq", w["num_bits"], group_size, "gptq_v2", raw=q, container=NAME, symmetric=symmetric)
+            raise bad(f"strategy {strategy!r} with group_size {json_text(w.get('group_size'))}; "
+                      "packq reads group and channel")
+        symmetric = declared(w, where, "symmetric", bool, True, label=label)
+        for entry in strings(q, where, "ignore"):
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as e:
+                    raise bad(f"ignore entry {entry!r} is not a regular expression ({e})") from None
+        return Format("gptq", num_bits, group_size, "gptq_v2", raw=q, container=NAME, symmetric=symmetric)
 
     def modules(self, root: Path, fmt: Format, shards: dict[str, SafetensorsFile],
                 where: dict[str, str]) -> dict[str, Module]:
@@ -89,14 +121,14 @@ class CompressedTensors(CheckpointFormat):
             need = ["qweight", "scales", "shape"] + ([] if fmt.symmetric else ["qzeros"])
             missing = [stored for stored, part in STORED.items() if part in need and part not in names]
             if missing:
-                raise CheckpointError(f"{root}: {prefix} has weight_packed but no {' or '.join(missing)}")
+                raise CheckpointError(f"{str(root)!r}: {prefix!r} has weight_packed but no {' or '.join(missing)}")
             files = {part: where[name] for part, name in names.items()}
             infos = {part: shards[files[part]].tensors[name] for part, name in names.items()}
             w, s, shape = infos["qweight"], infos["scales"], infos["shape"]
 
             def bad(why: str) -> CheckpointError:
                 got = ", ".join(f"{n.rsplit('.', 1)[-1]} {i.shape} {i.dtype}" for n, i in zip(names.values(), infos.values()))
-                return CheckpointError(f"{root}: {prefix}: {why} (got {got}; {fmt.bits}-bit, group size {fmt.group_size})")
+                return CheckpointError(f"{str(root)!r}: {prefix!r}: {why} (got {got}; {fmt.bits}-bit, group size {fmt.group_size})")
 
             values, words = layout(fmt.bits)
             if w.dtype not in WORDS or s.dtype not in FLOATS or shape.dtype not in ("I64", "I32"):
@@ -114,7 +146,12 @@ class CompressedTensors(CheckpointFormat):
                 raise bad(f"expected weight_zero_point {zp} int32")
             modules[prefix] = Module(prefix, files, infos, k, n, groups, names, transposed=True, bits=fmt.bits)
         if not modules:
-            raise CheckpointError(f"{root}: no quantized modules (no tensors named *.weight_packed)")
+            raise CheckpointError(f"{str(root)!r}: no quantized modules (no tensors named *.weight_packed)")
+        for entry in fmt.raw.get("ignore") or []:  # compressed-tensors leaves ignored modules unquantized
+            hit = next((p for p in modules if ignored(entry, p)), None)
+            if hit is not None:
+                raise CheckpointError(f"{str(root)!r}: compressed-tensors config ignores {entry!r}, but {hit!r} is stored "
+                                      "packed; compressed-tensors would leave it unquantized")
         return modules
 
     def weights(self, job: Job, prefix: str) -> np.ndarray:
@@ -156,7 +193,16 @@ class CompressedTensors(CheckpointFormat):
             weights["strategy"] = "channel"
         else:
             weights.update(strategy="group", group_size=fmt.group_size)
-        ignore = ["lm_head"] + [f"re:.*{re.escape(str(m))}.*" for m in fmt.raw.get("modules_to_not_convert") or []]
+        # ignore: the Linear modules left in float, and never one stored packed (compressed-tensors would then
+        # leave it unquantized): lm_head unless it is quantized, the AWQ modules_to_not_convert (checked on read
+        # to match no quantized module), GPTQModel's dynamic exclusions (both match with re.match)
+        ignore = [] if quantized_lm_head(job.ckpt.modules) else ["lm_head"]
+        ignore += [f"re:.*{re.escape(str(m))}.*" for m in fmt.raw.get("modules_to_not_convert") or []]
+        ignore += [f"re:{p}" for p in exclusions(fmt)]
+        stored = next(((e, p) for e in ignore for p in job.ckpt.modules if ignored(e, p)), None)
+        if stored is not None:
+            raise CheckpointError(f"{str(job.ckpt.root)!r}: the compressed-tensors ignore entry {stored[0]!r} would match "
+                                  f"{stored[1]!r}, which is stored packed")
         config["quantization_config"] = {
             "config_groups": {"config_group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                                  "output_activations": None, "format": "pack-quantized"}},
@@ -170,7 +216,7 @@ class CompressedTensors(CheckpointFormat):
         m = job.ckpt.modules[prefix]
         shape = module_array(result, result.modules[prefix], "shape").tolist()
         if shape != [*m.lead, m.n, m.k]:
-            raise CheckpointError(f"verification failed: {prefix}.weight_shape is {shape}")
+            raise CheckpointError(f"verification failed: {prefix + '.weight_shape'!r} is {shape}")
         return gptq_weights(module_arrays(result, prefix), lambda z: fields(z, m.bits), m.bits)
 
 

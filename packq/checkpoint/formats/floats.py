@@ -20,11 +20,16 @@ if TYPE_CHECKING:
 
 
 def to_float(w: np.ndarray, dtype: str) -> np.ndarray:
-    """float16/float32 weights as a contiguous ``dtype`` array; bfloat16 as its raw uint16 bits, rounded to nearest even."""
-    if dtype != "bfloat16":
-        return np.ascontiguousarray(w, dtype=dtype)
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    """float16/float32 weights as a contiguous ``dtype`` array; bfloat16 as its raw uint16 bits, rounded to nearest even.
+
+    A value beyond the dtype's range becomes infinite (as a cast does, without NumPy's warning: the
+    conversion counts such values itself, :class:`Overflow`).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype != "bfloat16":
+            return np.ascontiguousarray(w, dtype=dtype)
+        bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 #: a float weight is made in blocks of output rows of about this many bytes of float32 work
@@ -86,9 +91,17 @@ class Float(CheckpointFormat):
         (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
         that bfloat16 output rounds the float16 product, and float32 holds it exactly.
         """
+        a = {part: job.convert.to_backend(np.ascontiguousarray(v)) for part, v in arrays.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is counted (job.overflow), not warned
+            w = self._products(job, m, a)
+        w = np.swapaxes(np.asarray(w), -1, -2)
+        out = to_float(w, self.name)
+        job.overflow.add(m.prefix, w, out, self.name)
+        return out
+
+    def _products(self, job: Job, m: Module, a: dict[str, Any]) -> Any:
         import packq
 
-        a = {part: job.convert.to_backend(np.ascontiguousarray(v)) for part, v in arrays.items()}
         try:
             if job.ckpt.format.method == "awq":
                 w = packq.dequantize_awq(a["qweight"], a["qzeros"], a["scales"])
@@ -98,8 +111,8 @@ class Float(CheckpointFormat):
                     zeros, qzeros = "v2", packq.zeros_v1_to_v2(qzeros, bits=m.bits, convention=WORD)
                 w = packq.dequantize_gptq(a["qweight"], qzeros, a["scales"], a.get("g_idx"), bits=m.bits, zeros=zeros)
         except ValueError as e:  # g_idx values out of range, say
-            raise CheckpointError(f"{job.ckpt.root}: {m.prefix}: {e}") from None
-        return to_float(np.swapaxes(np.asarray(w), -1, -2), self.name)
+            raise CheckpointError(f"{str(job.ckpt.root)!r}: {m.prefix!r}: {e}") from None
+        return w
 
     def config(self, job: Job, config: dict[str, Any]) -> None:
         del config["quantization_config"]  # a plain checkpoint: no quantization left to state
@@ -118,7 +131,7 @@ class Float(CheckpointFormat):
                 name = f"{prefix}.weight"
                 got = f.array_bits(name) if shard.tensors[name].dtype == "BF16" else f.array(name)
             if want.shape != got.shape or want.tobytes() != got.tobytes():
-                raise CheckpointError(f"verification failed: {prefix}.weight is not the dequantized source")
+                raise CheckpointError(f"verification failed: {prefix + '.weight'!r} is not the dequantized source")
 
         check_each(check)
 

@@ -7,6 +7,7 @@ producer's convention and a v1 result written in the convention of the engine na
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,20 @@ import numpy as np
 
 from packq import __version__
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.formats.base import BITS, Output, QweightFormat, Stream, dequantize, fields, group_size, module_arrays
+from packq.checkpoint.formats.base import (
+    BITS,
+    Output,
+    QweightFormat,
+    Stream,
+    declared,
+    dequantize,
+    fields,
+    group_size,
+    json_text,
+    module_arrays,
+    quantized_lm_head,
+    strings,
+)
 from packq.checkpoint.model import Checkpoint, Format, Module, act_order, module_array
 from packq.checkpoint.safetensors import Reader
 from packq.core import bits as B
@@ -63,17 +77,34 @@ class GPTQ(QweightFormat):
         return str(q.get("quant_method", "")).lower() == "gptq"
 
     def read_config(self, q: dict[str, Any], where: Path) -> Format:
-        bits = q.get("bits", q.get("w_bit"))
-        if isinstance(bits, bool) or bits not in BITS:
-            raise CheckpointError(f"{where}: bits is {bits!r}; GPTQ packs 2, 3, 4 or 8 bits")
+        bits = declared(q, where, "bits", int, alias="w_bit", choices=BITS)
         g = group_size(q, where, "group_size", "q_group_size")
-        if not isinstance(q.get("desc_act", False), bool):
-            raise CheckpointError(f"{where}: desc_act must be true or false, got {q['desc_act']!r}")
-        fmt = str(q.get("checkpoint_format", "gptq"))
+        desc_act = declared(q, where, "desc_act", bool, False)
+        fmt = declared(q, where, "checkpoint_format", str, "gptq")
         if fmt not in ("gptq", "gptq_v2"):
-            raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2')")
-        assert isinstance(bits, int)  # checked above
-        return Format("gptq", bits, g, fmt, bool(q.get("desc_act", False)), raw=q)
+            raise CheckpointError(f"{str(where)!r}: GPTQ checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2')")
+        declared(q, where, "lm_head", bool, False)
+        declared(q, where, "sym", bool, True)
+        strings(q, where, "modules_to_not_convert")
+        dynamic = declared(q, where, "dynamic", dict, {})
+        for pattern, override in dynamic.items():  # GPTQModel's per-module overrides, "+:regex" / "-:regex"
+            if not isinstance(override, dict):
+                raise CheckpointError(f"{str(where)!r}: dynamic[{pattern!r}] must be an object, got {json_text(override)}")
+            try:
+                re.compile(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern)
+            except re.error as e:
+                raise CheckpointError(f"{str(where)!r}: dynamic key {pattern!r} is not a regular expression ({e})") from None
+            if pattern.startswith("-:"):
+                continue  # modules left unquantized: stored as float tensors, which packq copies
+            # packq reads every module at one width, group size and order: an override that changes them
+            # would be read wrongly, so it is refused; one that repeats them changes nothing
+            for key, value in (("bits", bits), ("group_size", g), ("desc_act", desc_act)):
+                if key in override and (override[key] != value or type(override[key]) is not type(value)):
+                    raise CheckpointError(
+                        f"{str(where)!r}: dynamic[{pattern!r}] sets {key} {json_text(override[key])} for some modules, "
+                        f"where the checkpoint's is {json_text(value)}; packq converts checkpoints quantized alike "
+                        "throughout")
+        return Format("gptq", bits, g, fmt, desc_act, raw=q)
 
     def dims(self, qweight: tuple[int, ...], values: int, words: int) -> tuple[int, int]:
         return qweight[-2] * values // words, qweight[-1]
@@ -153,8 +184,12 @@ class GPTQ(QweightFormat):
         }
         if fmt == "gptq":  # say how v1 zeros were written, so that any reader can know
             q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": job.target.convention}
+        if quantized_lm_head(ckpt.modules):  # GPTQModel and transformers quantize lm_head only when told so
+            q["lm_head"] = True
         if ckpt.format.raw.get("modules_to_not_convert"):
             q["modules_to_not_convert"] = ckpt.format.raw["modules_to_not_convert"]
+        if ckpt.format.method == "gptq" and ckpt.format.container is None and ckpt.format.raw.get("dynamic"):
+            q["dynamic"] = ckpt.format.raw["dynamic"]  # GPTQModel's per-module overrides: checked consistent on read
         config["quantization_config"] = q
 
     def result_weights(self, job: Job, result: Checkpoint, prefix: str) -> np.ndarray:
@@ -163,7 +198,7 @@ class GPTQ(QweightFormat):
         b = module_arrays(result, prefix)
         want = module_array(job.ckpt, m, "g_idx") if "g_idx" in m.names else np.arange(m.k) // (m.k // m.groups)
         if not np.array_equal(b["g_idx"], want):
-            raise CheckpointError(f"verification failed: {prefix}.g_idx is not the source's")
+            raise CheckpointError(f"verification failed: {prefix + '.g_idx'!r} is not the source's")
         bits = m.bits
         convention = job.target.convention
         if job.target.engine is not None:
