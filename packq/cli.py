@@ -189,7 +189,8 @@ def _print_inspect(s: dict[str, Any]) -> None:
     target = "as GPTQ v1 written per field" if s["method"] == "awq" else "as stored"
     print(f"  engines ({target}):")
     for name, e in s["engines"].items():
-        verdict = "unknown" if e["exact"] is None else "exact" if e["exact"] else f"WRONG in {e['pairs']} pairs"
+        verdict = ("unknown" if e["exact"] is None else "exact" if e["exact"] else
+                   f"WRONG in {e['pairs']} pairs" if e["pairs"] else "cannot load it")  # (no pair read wrong: not its format)
         where = f" ({', '.join(e['modules'][:3])}{', ...' if len(e['modules']) > 3 else ''})" if e["modules"] else ""
         print(f"    {name:<13} {verdict}{where}: {e['note']}")
     if "mlx" in s:

@@ -140,7 +140,8 @@ def convert_checkpoint(
     with terminating():  # SIGTERM, like Ctrl-C, cleans up and reports, from the first read on
         return _convert(src, dst, to=to, checkpoint_format=checkpoint_format, backend=backend, verify=verify,
                         force=force, progress=progress, v1_zeros=v1_zeros, for_engine=for_engine,
-                        allow_inexact=allow_inexact, revision=revision, allow_overflow=allow_overflow)
+                        allow_inexact=allow_inexact, revision=revision, allow_overflow=allow_overflow,
+                        mlx_scales=mlx_scales)
 
 
 def _largest(ckpt: Any) -> tuple[str, int]:
@@ -150,7 +151,7 @@ def _largest(ckpt: Any) -> tuple[str, int]:
 
 def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, backend: str, verify: bool, force: bool,
              progress: bool | None, v1_zeros: str | None, for_engine: str | None, allow_inexact: bool,
-             revision: str | None, allow_overflow: bool) -> dict[str, Any]:
+             revision: str | None, allow_overflow: bool, mlx_scales: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
