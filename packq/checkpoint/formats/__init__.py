@@ -42,7 +42,7 @@ def route(source: str, target: str) -> str:
     if source == "gptq" and not FORMATS[target].act_order:
         notes.append("no act-order")
     if target == "gguf":
-        notes.append("exact Q4_0/Q5_0/Q8_0 blocks; `--gguf-type`")
+        notes.append("one .gguf file; `--gguf-type`")
     return "yes" + (f" ({'; '.join(notes)})" if notes else "")
 
 
