@@ -129,7 +129,7 @@ class GGML:
 
         t = self.lib.ggml_get_type_traits(ggml_type).contents
         assert (t.type_name.decode(), t.blck_size, t.type_size) == (name.lower(), block, nbytes), "ggml's type traits moved"
-        raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # the bytes, whatever dtype the reader gave
         assert raw.size == count // block * nbytes
         if not t.to_float:  # F32: the bytes are the floats
             return raw.view("<f4").copy()

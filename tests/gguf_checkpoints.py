@@ -33,7 +33,7 @@ def bf16(a: np.ndarray) -> np.ndarray:
 
 
 def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, seed: int = 0, act_order: bool = False,
-              scale_dtype: str = "F16", fmt: str = "gptq_v2", edit=None) -> dict:
+              scale_dtype: str = "F16", fmt: str = "gptq_v2", edit=None, vocab: int = VOCAB) -> dict:
     """A 1-layer Llama GPTQ checkpoint; returns {module: (q (K, N), z (G, N), s float32 (G, N), g_idx)}."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
@@ -45,6 +45,8 @@ def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, see
             q = rng.integers(0, 1 << bits, (k, n))
             z = np.full((groups, n), 1 << (bits - 1)) if sym else rng.integers(0, 1 << bits, (groups, n))
             s = rng.uniform(0.002, 0.02, (groups, n)).astype(np.float32)
+            if name in ("self_attn.q_proj", "self_attn.k_proj"):
+                s = s * 16  # sharp attention, so that the rotary (and llama.cpp's q/k row order) matters
             s = s.astype(np.float16).astype(np.float32)  # fp16 values, whatever dtype stores them
             g_idx = (np.arange(k) // (k // groups)).astype(np.int32)
             if act_order:
@@ -57,9 +59,9 @@ def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, see
             truth[prefix] = (q, z, s, g_idx)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"model.layers.{layer}.{norm}.weight"] = bf16(1 + rng.standard_normal(HIDDEN) * 0.1)
-    tensors["model.embed_tokens.weight"] = bf16(rng.standard_normal((VOCAB, HIDDEN)))
+    tensors["model.embed_tokens.weight"] = bf16(rng.standard_normal((vocab, HIDDEN)))
     tensors["model.norm.weight"] = bf16(1 + rng.standard_normal(HIDDEN) * 0.1)
-    tensors["lm_head.weight"] = bf16(rng.standard_normal((VOCAB, HIDDEN)))
+    tensors["lm_head.weight"] = bf16(rng.standard_normal((vocab, HIDDEN)) * 0.2)
     if edit is not None:
         edit(tensors)
     root.mkdir(parents=True)
@@ -67,7 +69,7 @@ def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, see
                                                  (scale_dtype == "BF16" and n.endswith(".scales"))})
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
               "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-              "num_key_value_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+              "num_key_value_heads": HEADS, "vocab_size": vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
               "torch_dtype": "bfloat16", "tie_word_embeddings": False,
               "quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
                                       "sym": sym, "checkpoint_format": fmt,
@@ -140,3 +142,23 @@ def describe(root, config, shapes, modules):
     tensors += [GGUFTensor("output_norm.weight", ("model.norm.weight",), False, plain="f32"),
                 GGUFTensor("output.weight", ("lm_head.weight",), False)]
     return GGUFModel(arch, meta, tensors, {})
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog; packq writes GGUF files exactly, block by block, "
+        "and llama.cpp reads them back: 0123456789 Hello, World! ") * 4
+
+
+def add_tokenizer(root: Path) -> int:
+    """A small byte-level BPE tokenizer.json trained here on made-up text (no download); returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tok.get_vocab_size()
