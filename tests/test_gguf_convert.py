@@ -192,3 +192,22 @@ def test_inspect_says_which_types_hold_each_module(tmp_path, capsys):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 10)
     assert main(["inspect", str(tmp_path / "bad.gguf")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_experts_stacked_expert_by_expert(tmp_path, monkeypatch):
+    """Several modules in one GGUF tensor (MoE experts): ne = [K, N, E], expert e's rows after expert e - 1's."""
+    truth = C.make_gptq(tmp_path / "src")
+
+    def stacked(root, config, shapes, modules):
+        m = C.describe(root, config, shapes, modules)
+        experts = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+        keep = [t for t in m.tensors if t.sources[0] not in experts]
+        m.tensors = keep + [C.GGUFTensor("blk.0.ffn_gate_up_exps.weight", experts, True)]
+        return m
+
+    monkeypatch.setattr(sys.modules["packq.checkpoint.gguf_model"], "describe", stacked)
+    convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", to="gguf", verify=True)
+    t = read(tmp_path / "m.gguf")[0]["blk.0.ffn_gate_up_exps.weight"]
+    assert [int(x) for x in t.shape] == [C.HIDDEN, C.FFN, 2] and t.tensor_type.name == "Q5_0"
+    want = np.stack([exact(*truth[p]) for p in ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")])
+    assert weights_of(t).tobytes() == want.tobytes()

@@ -317,8 +317,13 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
 
 
 def _changed(w: np.ndarray, gguf_type: str) -> int:
-    back = dequantize(encode_floats(w, gguf_type), gguf_type, w.shape)
-    return int(np.count_nonzero(back.view(np.uint32) != w.view(np.uint32)))
+    """How many float32 values one rounding to ``gguf_type`` changes (bit for bit, NaN and signed zeros included)."""
+    bits = w.view(np.uint32)
+    if gguf_type == "BF16":  # round to nearest even keeps exactly the values whose low 16 bits are 0
+        return int(np.count_nonzero(bits & np.uint32(0xFFFF)))
+    with np.errstate(over="ignore"):
+        back = w.astype(np.float16).astype(np.float32)
+    return int(np.count_nonzero(back.view(np.uint32) != bits))
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:
