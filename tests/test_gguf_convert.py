@@ -211,3 +211,20 @@ def test_experts_stacked_expert_by_expert(tmp_path, monkeypatch):
     assert [int(x) for x in t.shape] == [C.HIDDEN, C.FFN, 2] and t.tensor_type.name == "Q5_0"
     want = np.stack([exact(*truth[p]) for p in ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")])
     assert weights_of(t).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpacked_in_row_blocks_the_same(tmp_path, monkeypatch, bits):
+    """Unpacking qweight in small blocks of rows gives the same integers (3-bit: periods of 3 words kept whole)."""
+    from packq.checkpoint.folder import open_checkpoint
+    from packq.checkpoint.formats import gguf as fmt
+
+    truth = C.make_gptq(tmp_path / "src", bits=bits)
+    ckpt = open_checkpoint(tmp_path / "src")
+    monkeypatch.setattr(fmt, "ROW_WORDS", 1)
+    for prefix, (q, z, s, g) in truth.items():
+        got = fmt.module_integers(ckpt, prefix)
+        assert np.array_equal(got[0], q) and np.array_equal(got[1], z), prefix
+    awq = fmt.module_integers(open_checkpoint(EXAMPLE), "model.layers.0.mlp.down_proj")[0]
+    monkeypatch.setattr(fmt, "ROW_WORDS", 1 << 20)
+    assert np.array_equal(awq, fmt.module_integers(open_checkpoint(EXAMPLE), "model.layers.0.mlp.down_proj")[0])

@@ -21,7 +21,7 @@ LAYERS = [
     ("packq._api", "packq"),  # the public functions (packq/__init__.py is "packq")
     ("packq.checkpoint.safetensors", "packq.checkpoint.files", "packq.checkpoint.progress", "packq.checkpoint.hub",
      "packq.checkpoint.model", "packq.checkpoint.zeros", "packq.checkpoint.job"),  # checkpoint I/O and what a job is
-    ("packq.checkpoint.formats",),  # what a checkpoint format's tensors mean
+    ("packq.checkpoint.formats", "packq.checkpoint.gguf_model"),  # what a checkpoint format's tensors mean
     ("packq.checkpoint.folder",),  # reading a Hugging Face folder (asks the formats which one it is)
     ("packq.checkpoint.containers",),  # how converted tensors sit on disk
     ("packq.checkpoint.convert", "packq.checkpoint.inspect", "packq.checkpoint.jax_loader", "packq.checkpoint",

@@ -60,6 +60,7 @@ def convert_checkpoint(
     for_engine: str | None = None,
     allow_inexact: bool = False,
     revision: str | None = None,
+    gguf_type: str | None = None,
 ) -> dict[str, Any]:
     """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
 
@@ -88,6 +89,8 @@ def convert_checkpoint(
         Write for ``for_engine`` even where no encoding is exact in it (a
         zero-point of 0 whose pair holds a 15, in an engine that reads a stored
         15 as 16); the summary reports the pairs and the largest weight error.
+        To GGUF: write tensors that no exact type holds (as F16, or as the
+        ``gguf_type`` asked for), reporting them and the largest weight error.
     backend : {"numpy", "jax"}
         Which backend converts the tensors.
     verify : bool
@@ -100,6 +103,12 @@ def convert_checkpoint(
         Show a progress bar; default: when standard error is a terminal.
     revision : str, optional
         The branch, tag or commit of a Hub repo id.
+    gguf_type : {"auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"}, optional
+        With ``to="gguf"`` (DST is then one file, DST.gguf): the type of every quantized tensor;
+        "auto" (the default) gives each the smallest of Q4_0, Q5_0, Q8_0 that holds it exactly. A
+        type that does not hold a tensor exactly (and a tensor no block type holds: act-order,
+        groups of 16) is refused unless ``allow_inexact``; F32 always holds the exact product, F16
+        holds what AWQ/GPTQ engines compute (one rounding of (q - z) * s to float16).
     v1_zeros : {"field", "word"}, optional
         How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
         transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
@@ -149,6 +158,8 @@ def convert_checkpoint(
     convert = Converter(backend)
     if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
+    if to != "gguf" and gguf_type is not None:
+        raise CheckpointError(f"--gguf-type is for --to gguf; converting to {to} takes none")
     report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
     check_v1_readable(ckpt, report)
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
@@ -158,7 +169,9 @@ def convert_checkpoint(
         target = plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact)
     else:  # to AWQ, compressed-tensors or a float dtype
         target = Target(fmt)
-    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric)
+    options = {"gguf_type": gguf_type, "allow_inexact": allow_inexact} if to == "gguf" else {}
+    job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric,
+              options=options)
     checkpoint_format = job.gptq_format
     container = CONTAINERS[output.container]
     plan = container.plan(job, dst)  # every output name, header and file decided and checked: nothing written yet
@@ -189,6 +202,7 @@ def convert_checkpoint(
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        **plan.summary,
     }
 
 

@@ -162,10 +162,10 @@ def _check(q: Any, z: Any, scales: Any, g_idx: Any) -> np.ndarray:
     return g_idx.astype(np.int32)
 
 
-def _np() -> Any:
-    from packq.backends.numpy import BACKEND
+def _xp() -> Any:
+    import array_api_compat.numpy as xp  # NumPy's array-API namespace, what packq's NumPy backend runs the core in
 
-    return BACKEND
+    return xp
 
 
 def _scale_bits(scales: np.ndarray, g_idx: np.ndarray, nk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +236,7 @@ def product(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray 
     ((1, 32), [-4.0, -3.5, -3.0], np.float32(3.5))
     """
     g = _check(q, z, scales, g_idx)
-    v = differences(_np().xp, q, z, g).astype(np.float32)
+    v = differences(_xp(), q, z, g).astype(np.float32)
     s = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2)
     return s * v
 
@@ -305,7 +305,7 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     (True, True)
     """
     g = _check(q, z, scales, g_idx)
-    xp = _np().xp
+    xp = _xp()
     v = differences(xp, q, z, g)
     lo, hi = block_bounds(xp, v)
     s_bits, uniform = _scale_bits(scales, g, q.shape[-2])
@@ -365,7 +365,8 @@ def encode(q: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str, g_i
         As for :func:`product`.
     gguf_type : {"Q4_0", "Q5_0", "Q8_0", "F16", "BF16", "F32"}
     backend : packq backend, optional
-        Runs the integer work (default NumPy); its results are brought back to NumPy.
+        A :class:`packq.backends.Backend` to run the integer work on (default: NumPy, directly); its
+        results are brought back to NumPy.
 
     Returns
     -------
@@ -394,13 +395,12 @@ def encode(q: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str, g_i
     t = TYPES[gguf_type]
     if not t.quantized:
         return encode_floats(product(q, z, scales, g), gguf_type)
-    be = backend or _np()
-    if be is _np():
-        v = differences(be.xp, q, z, g)
-        ints = np.asarray(block_integers(be.xp, v, gguf_type))
+    if backend is None:  # NumPy
+        xp = _xp()
+        ints = np.asarray(block_integers(xp, differences(xp, q, z, g), gguf_type))
     else:
-        v = be.run(differences, be.xp.asarray(q), be.xp.asarray(z), be.xp.asarray(g))
-        ints = np.asarray(be.run(block_integers, v, gguf_type=gguf_type))
+        v = backend.run(differences, backend.xp.asarray(q), backend.xp.asarray(z), backend.xp.asarray(g))
+        ints = np.asarray(backend.run(block_integers, v, gguf_type=gguf_type))
     s_bits, _ = _scale_bits(scales, g, q.shape[-2])
     with np.errstate(over="ignore"):
         d = s_bits.view(np.float32).astype("<f2").view(np.uint8).reshape(*s_bits.shape, 2)

@@ -11,16 +11,22 @@ expert), so memory holds one piece, never a whole tensor, let alone the model.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packq.checkpoint.files import Destination, io_errors
+from packq.checkpoint.containers.base import Container, Plan
+from packq.checkpoint.files import io_errors
 from packq.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from packq.checkpoint.job import Job
+    from packq.checkpoint.progress import Progress
 
 #: general.alignment: gguf-py's and llama.cpp's default
 ALIGNMENT = 32
@@ -45,16 +51,58 @@ class Tensor:
     pieces: Callable[[], Iterable[np.ndarray]]  #: uint8 arrays whose bytes follow each other
 
 
-class FileDestination(Destination):
-    """:class:`Destination` for one file: the hidden ``.partial`` beside DST is a file, not a folder."""
+class GGUFFile(Container):
+    """One llama.cpp GGUF file: the model planned by gguf_model, every tensor's type by the GGUF format."""
 
-    def __enter__(self) -> FileDestination:
-        if self.dst.is_dir() and not self.dst.is_symlink():
-            raise CheckpointError(f"DST {self.dst} is a folder; a GGUF file is one file: name DST.gguf")
-        super().__enter__()
-        with io_errors(self.tmp):
-            os.rmdir(self.tmp)  # claimed, cleared and created by the folder logic; the file takes its place
-        return self
+    name = "gguf"
+    single_file = True
+
+    def plan(self, job: Job, dst: Path) -> Plan:
+        """The model (gguf_model.describe: architecture, metadata, tensor names and order), then every tensor's type
+        and size (:func:`packq.checkpoint.formats.gguf.plan`, refusing inexact tensors): all before any write."""
+        from packq.checkpoint.formats import gguf as fmt
+        from packq.formats import gguf as blocks
+
+        if dst.is_dir() and not dst.is_symlink():
+            raise CheckpointError(f"DST {dst} is a folder; --to gguf writes one file: name it DST.gguf")
+        gguf = gguf_package()
+        from packq.checkpoint.gguf_model import describe
+
+        ckpt = job.ckpt
+        parts = {name for m in ckpt.modules.values() for name in m.names.values()}
+        shapes = {t.name: t.shape for s in ckpt.shards.values() for t in s.tensors.values() if t.name not in parts}
+        model = describe(ckpt.root, ckpt.config, shapes, {p: (m.k, m.n) for p, m in ckpt.modules.items()})
+        gplan = fmt.plan(ckpt, model, job.options.get("gguf_type") or "auto", bool(job.options.get("allow_inexact")),
+                         job.read_word)
+        tensors = [Tensor(p.name, blocks.TYPES[p.gguf_type].ggml, p.shape, p.nbytes,
+                          functools.partial(fmt.chunks, ckpt, p, job.read_word)) for p in gplan.tensors]
+        keys = {k for k, _, _ in model.metadata}
+        own = [(k, v, gguf.GGUFValueType.UINT32) for k, v in (("general.file_type", gplan.file_type),
+               ("general.quantization_version", gguf.GGML_QUANT_VERSION)) if k not in keys]
+        quantized = [p for p in gplan.tensors if p.census is not None]
+        weights = sum(p.census.weights for p in quantized if p.census is not None)
+        source = sum(i.nbytes for m in ckpt.modules.values() for i in m.infos.values())
+        summary = {
+            "architecture": model.arch, "gguf_type": job.options.get("gguf_type") or "auto", "types": gplan.types(),
+            "dropped": dict(model.dropped),
+            "bits_per_weight_in": round(8 * source / weights, 3) if weights else None,
+            "bits_per_weight_out": round(8 * sum(p.nbytes for p in quantized) / weights, 3) if weights else None,
+            "inexact_tensors": [p.name for p in gplan.inexact],
+            "max_weight_error": max((p.max_error for p in gplan.inexact), default=0.0),
+        }
+        return Plan(len(tensors), sum(t.nbytes for t in tensors), (model, gplan, tensors, [*model.metadata, *own]),
+                    summary)
+
+    def write(self, job: Job, plan: Plan, tmp: Path, bar: Progress) -> None:
+        model, _, tensors, metadata = plan.detail
+        write(tmp, model.arch, metadata, tensors, bar.update)
+
+    def verify(self, job: Job, plan: Plan, tmp: Path, check_each: Callable[[Callable[[str], None]], None]) -> None:
+        """Read the file back and dequantize every tensor as ggml does: the source's exact weights, bit for bit."""
+        from packq.checkpoint.formats import gguf as fmt
+
+        _, gplan, _, _ = plan.detail
+        fmt.verify(job.ckpt, gplan, tmp, job.read_word, check_each)
 
 
 def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: list[Tensor],

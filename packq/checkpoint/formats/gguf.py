@@ -13,6 +13,7 @@ byte is written; the tensors are then made one at a time, a module's in column b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ NAME = "gguf"
 CHOICES = ("auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32")
 #: a module is encoded in blocks of output rows of about this many weights (memory: a few bytes each)
 COLUMN_WEIGHTS = 1 << 22
+#: qweight is unpacked in blocks of rows of about this many words
+ROW_WORDS = 1 << 20
 #: how many tensors a refusal names before "and N more"
 SHOWN = 5
 #: safetensors dtype of a plain tensor -> the GGUF type that holds it as stored
@@ -49,21 +52,40 @@ def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """A quantized module's integer codes q (..., K, N) uint8, zero-points z (..., G, N) int16 (a GPTQ v1
     source read as its producer wrote it: ``read_word`` for GPTQModel's whole-word convention), scales
-    (..., G, N) float16 or float32 (bfloat16 widened, exactly), and its g_idx (None where absent)."""
+    (..., G, N) float16 or float32 (bfloat16 widened, exactly), and its g_idx (None where absent).
+
+    The codes are unpacked in blocks of rows into one byte each, so that memory holds the packed module,
+    its bytes and one block's int32 work, not the whole module as int32."""
     m = ckpt.modules[prefix]
     a = module_arrays(ckpt, prefix)
-    if ckpt.format.method == "awq":
-        q = numpy_backend.run(awq.unpack_awq, a["qweight"].view(np.int32))
+    words = a["qweight"].view(np.int32)
+    awq_layout = ckpt.format.method == "awq"
+    per, nwords = B.layout(m.bits)
+    unit = 1 if awq_layout else nwords  # AWQ rows are K rows; GPTQ's are packed along K, a period of nwords words
+    rows = words.shape[-2]
+    step = max(unit, ROW_WORDS // max(1, words.shape[-1]) // unit * unit)
+    lead = words.shape[:-2]
+    flat = words.reshape(-1, *words.shape[-2:])
+    q = np.empty((flat.shape[0], m.k, m.n), dtype=np.uint8)
+    for e in range(flat.shape[0]):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if awq_layout:
+                q[e, r0:r1] = numpy_backend.run(awq.unpack_awq, flat[e, r0:r1])
+            else:
+                q[e, r0 * per // nwords: r1 * per // nwords] = numpy_backend.run(
+                    B.unpack, flat[e, r0:r1], direction="row", bits=m.bits)
+    q = q.reshape(*lead, m.k, m.n)
+    if awq_layout:
         z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
     else:
-        q = numpy_backend.run(B.unpack, a["qweight"].view(np.int32), direction="row", bits=m.bits)
         stored = fields(a["qzeros"], m.bits)
         if ckpt.format.checkpoint_format == "gptq_v2":
             z = stored
         else:
             z = read_v1(stored, a["qzeros"].view(np.uint32), WORD if read_word else FIELD, m.bits)
     g_idx = a.get("g_idx")
-    return np.asarray(q).astype(np.uint8), z.astype(np.int16), a["scales"], None if g_idx is None else g_idx.astype(np.int32)
+    return q, z.astype(np.int16), a["scales"], None if g_idx is None else g_idx.astype(np.int32)
 
 
 def _columns(n: int, k: int) -> list[tuple[int, int]]:
@@ -297,35 +319,71 @@ def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
 
 
 def verify(ckpt: Checkpoint, gplan: Plan, path: Path, read_word: bool, check_each=None) -> None:
-    """Read the written file back with gguf-py's GGUFReader and dequantize every tensor as ggml does
-    (:func:`packq.formats.gguf.dequantize`): bit for bit the source's exact weights (plain tensors: their
-    values); names, types and shapes as planned. CheckpointError on the first difference."""
+    """Read the written file back and dequantize every tensor as ggml does (:func:`packq.formats.gguf.dequantize`):
+    bit for bit the source's exact weights (plain tensors: their values); names, types and shapes as planned,
+    as gguf-py's GGUFReader reads the file. CheckpointError on the first difference.
+
+    ``check_each(check)`` calls ``check(prefix)`` for every quantized module (the conversion's progress): a
+    tensor is checked with the first module it holds. The data are read by positioned reads, a piece at a time.
+    """
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
+        found = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape), int(t.data_offset)) for t in reader.tensors}
+        names = [t.name for t in reader.tensors]
+        del reader  # its memory map: the data are read piece by piece below
     except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is not what was planned
         raise CheckpointError(f"verification failed: {path}: gguf-py cannot read it back: {e}") from None
-    found = {t.name: t for t in reader.tensors}
-    if [t.name for t in reader.tensors] != [p.name for p in gplan.tensors]:
+    if names != [p.name for p in gplan.tensors]:
         raise CheckpointError(f"verification failed: {path}: its tensors are not the planned ones")
-    for p in gplan.tensors:
-        t = found[p.name]
-        ne = tuple(int(x) for x in t.shape)
-        if G.BY_GGML.get(int(t.tensor_type)) is not G.TYPES[p.gguf_type] or ne != tuple(reversed(p.shape)):
-            raise CheckpointError(f"verification failed: {p.name} is {t.tensor_type.name} {ne} in the file, "
-                                  f"planned {p.gguf_type} {tuple(reversed(p.shape))}")
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        got = G.dequantize(raw, p.gguf_type, p.shape).reshape(-1)
-        offset = 0
-        for want in _expected(ckpt, p, read_word):
-            if got[offset: offset + want.size].tobytes() != want.tobytes():
-                raise CheckpointError(f"verification failed: {p.name} does not dequantize to the source's weights")
-            offset += want.size
-        if offset != got.size:
-            raise CheckpointError(f"verification failed: {p.name} holds {got.size} weights, the source {offset}")
-        if check_each is not None:
-            check_each(p)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def one(p: Planned) -> None:
+            kind, ne, offset = found[p.name]
+            if G.BY_GGML.get(int(kind)) is not G.TYPES[p.gguf_type] or ne != tuple(reversed(p.shape)):
+                raise CheckpointError(f"verification failed: {p.name} is {kind.name} {ne} in the file, "
+                                      f"planned {p.gguf_type} {tuple(reversed(p.shape))}")
+            t, done = G.TYPES[p.gguf_type], 0
+            for want in _expected(ckpt, p, read_word):
+                nbytes = want.size // t.weights * t.nbytes
+                raw = np.frombuffer(_pread(fd, nbytes, offset), dtype=np.uint8)
+                if G.dequantize(raw, p.gguf_type, (want.size,)).tobytes() != want.tobytes():
+                    raise CheckpointError(f"verification failed: {p.name} does not dequantize to the source's weights")
+                offset, done = offset + nbytes, done + want.size
+            if done != int(np.prod(p.shape)):
+                raise CheckpointError(f"verification failed: {p.name} holds {int(np.prod(p.shape))} weights, the source {done}")
+
+        by_module = {p.tensor.sources[0]: p for p in gplan.tensors if p.tensor.quantized}
+        for p in gplan.tensors:
+            if not p.tensor.quantized:
+                one(p)
+        checked: set[str] = set()
+
+        def check(prefix: str) -> None:
+            if prefix in by_module:
+                one(by_module[prefix])
+                checked.add(prefix)
+
+        if check_each is None:
+            for prefix in ckpt.modules:
+                check(prefix)
+        else:
+            check_each(check)
+        if checked != set(by_module):
+            raise CheckpointError(f"verification failed: {len(set(by_module) - checked)} tensors were not checked")
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        got = os.pread(fd, n - len(out), offset + len(out))
+        if not got:
+            raise CheckpointError("verification failed: the GGUF file ends early")
+        out += got
+    return bytes(out)
 
 
 class GGUF(CheckpointFormat):
@@ -337,7 +395,7 @@ class GGUF(CheckpointFormat):
     module = "one tensor of GGUF blocks, ne = [K, N] (experts stacked: [K, N, E])"
     read = False
     act_order = True  # as F32 (the exact product); block types refuse it, tensor by tensor, in plan()
-    container = "gguf"
+    container = "gguf"  # packq.checkpoint.containers.gguf: one file
 
 
 FORMAT = GGUF()
