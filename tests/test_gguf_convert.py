@@ -222,7 +222,7 @@ def test_unpacked_in_row_blocks_the_same(tmp_path, monkeypatch, bits):
     truth = C.make_gptq(tmp_path / "src", bits=bits)
     ckpt = open_checkpoint(tmp_path / "src")
     monkeypatch.setattr(fmt, "ROW_WORDS", 1)
-    for prefix, (q, z, s, g) in truth.items():
+    for prefix, (q, z, _, _) in truth.items():
         got = fmt.module_integers(ckpt, prefix)
         assert np.array_equal(got[0], q) and np.array_equal(got[1], z), prefix
     awq = fmt.module_integers(open_checkpoint(EXAMPLE), "model.layers.0.mlp.down_proj")[0]
