@@ -213,6 +213,8 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
 
 def _best(c: G.Census) -> str:
     t = max(G.QUANTIZED, key=lambda t: c.exact[t])
+    if not c.exact[t]:
+        return f"none of {c.blocks} blocks exact"
     return f"at most {c.exact[t]} of {c.blocks} blocks exact, in {t}"
 
 
