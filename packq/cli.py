@@ -37,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="source model folder (never written), or a Hugging Face Hub repo id (org/name)")
     c.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
     c.add_argument("dst", help="folder to create; it appears only when complete")
-    c.add_argument("--to", choices=list(TARGETS), default="gptq",
-                   help="target format (default: gptq); float16/bfloat16/float32 write dequantized weights")
+    c.add_argument("--to", choices=list(TARGETS), default=None,
+                   help="target format (default: gguf for a DST ending in .gguf, else gptq); float16/bfloat16/float32 "
+                        "write dequantized weights, gguf one llama.cpp file")
     c.add_argument("--for", dest="for_engine", metavar="ENGINE", choices=LOADERS, default=None,
                    help=f"the engine that will load the GPTQ result ({', '.join(LOADERS)}): write the format and "
                         "zero-point encoding it computes exactly; needed for v1 when a zero-point is 0")
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from packq.checkpoint import convert_checkpoint
 
             summary = convert_checkpoint(
-                args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
+                args.src, args.dst, to=args.to or ("gguf" if args.dst.endswith(".gguf") else "gptq"), checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                 v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
                 revision=args.revision, gguf_type=args.gguf_type,

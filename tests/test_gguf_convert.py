@@ -145,6 +145,8 @@ def test_file_guarantees(tmp_path, capsys):
     assert rc == 2 and "inside SRC" in err
     rc, err = _cli(capsys, tmp_path / "src", tmp_path / "y", "--to", "gptq", "--gguf-type", "q4_0")
     assert rc == 2 and "--gguf-type is for --to gguf" in err
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "n.gguf"), "--json"]) == 0  # .gguf: --to gguf
+    assert json.loads(capsys.readouterr().out)["to"] == "gguf" and (tmp_path / "n.gguf").is_file()
 
 
 def test_verify_catches_a_wrong_block(tmp_path, monkeypatch):
