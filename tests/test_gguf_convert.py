@@ -230,3 +230,11 @@ def test_unpacked_in_row_blocks_the_same(tmp_path, monkeypatch, bits):
     awq = fmt.module_integers(open_checkpoint(EXAMPLE), "model.layers.0.mlp.down_proj")[0]
     monkeypatch.setattr(fmt, "ROW_WORDS", 1 << 20)
     assert np.array_equal(awq, fmt.module_integers(open_checkpoint(EXAMPLE), "model.layers.0.mlp.down_proj")[0])
+
+
+def test_without_the_gguf_package_one_line(tmp_path, capsys, monkeypatch):
+    C.make_gptq(tmp_path / "src")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: import raises ImportError
+    rc, err = _cli(capsys, tmp_path / "src", tmp_path / "m.gguf")
+    assert rc == 2 and err.count("\n") == 1 and "pip install 'packq[gguf]'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
