@@ -280,13 +280,16 @@ class Census:
         return self.blocks - self.exact[gguf_type]
 
 
-def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None = None) -> Census:
+def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None = None, *,
+           rounding: bool = True) -> Census:
     """Which GGUF types hold a module's weights exactly: exact blocks per quantized type, weights F16/BF16 round.
 
     Parameters
     ----------
     q, z, scales, g_idx
         As for :func:`product`.
+    rounding : bool
+        Count the weights F16 and BF16 rounding changes (most of the cost); without it they count 0.
 
     Returns
     -------
@@ -311,8 +314,10 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     s_bits, uniform = _scale_bits(scales, g, q.shape[-2])
     ok = uniform & fp16_exact(s_bits.view(np.float32))
     exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
-    w = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2) * v.astype(np.float32)
-    rounded = {"F16": _changed(w, "F16"), "BF16": _changed(w, "BF16")}
+    rounded = {"F16": 0, "BF16": 0}
+    if rounding:
+        w = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2) * v.astype(np.float32)
+        rounded = {"F16": _changed(w, "F16"), "BF16": _changed(w, "BF16")}
     return Census(int(lo.size), int(v.size), exact, rounded)
 
 

@@ -93,15 +93,16 @@ def _columns(n: int, k: int) -> list[tuple[int, int]]:
     return [(n0, min(n, n0 + width)) for n0 in range(0, n, width)]
 
 
-def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False) -> G.Census:
-    """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block)."""
+def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True) -> G.Census:
+    """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block);
+    ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0)."""
     q, z, s, g = module_integers(ckpt, prefix, read_word)
     q, z, s = (x.reshape(-1, *x.shape[-2:]) for x in (q, z, s))
     total = G.Census()
     try:
         for e in range(q.shape[0]):
             for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                total += G.census(q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], g)
+                total += G.census(q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], g, rounding=rounding)
     except ValueError as err:  # K not a multiple of 32, g_idx out of range: the module has no GGUF block form
         raise CheckpointError(f"{ckpt.root}: {prefix}: {err}") from None
     return total
@@ -178,8 +179,8 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
         m = mods[0]
         shape = (len(mods), *m.lead, m.n, m.k) if len(mods) > 1 else (*m.lead, m.n, m.k)
         census = G.Census()
-        for p in t.sources:
-            census += module_census(ckpt, p, read_word)
+        for p in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
+            census += module_census(ckpt, p, read_word, rounding=forced in ("F16", "BF16"))
         chosen = forced or census.smallest()
         if chosen is None:  # no block type holds it: F16, what AWQ/GPTQ engines compute, if the user accepts that
             p = Planned(t.name, "F16", shape, t, census, exact=False)
