@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, assert_same
 from hypothesis import given
 from hypothesis import strategies as st
 
 from packq import backends
 from packq.formats import gguf as G
-from tests.conftest import FIXTURES, assert_same
 
 GOLDEN = dict(np.load(FIXTURES / "gguf_golden.npz"))
 
@@ -234,7 +234,7 @@ def _invisible(q, z, s, g, t):
 # ---------------------------------------------------------------- ggml itself (llama-cpp-py-sync's libggml-base)
 @pytest.fixture(scope="session")
 def ggml(tmp_path_factory):
-    from tests.ggml_lib import GGML, library_dir
+    from ggml_lib import GGML, library_dir
 
     folder = library_dir(tmp_path_factory.mktemp("ggml"))
     if folder is None:
