@@ -14,6 +14,7 @@ from typing import Any
 
 from packq.checkpoint.files import describe
 from packq.checkpoint.formats import TARGETS
+from packq.checkpoint.formats.gguf import CHOICES as GGUF_CHOICES
 from packq.errors import CheckpointError
 from packq.formats.engines import ENGINES
 
@@ -44,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
                    help="GPTQ zero storage: gptq = z - 1 (v1), gptq_v2 = z; default: what --for loads exactly, else gptq")
     c.add_argument("--allow-inexact", action="store_true",
-                   help="with --for: write even where no encoding is exact in that engine, and report the error")
+                   help="with --for: write even where no encoding is exact in that engine; with --to gguf: write tensors "
+                        "no exact GGUF type holds (F16, or the --gguf-type asked for); the summary reports the error")
+    c.add_argument("--gguf-type", choices=list(GGUF_CHOICES), default=None,
+                   help="with --to gguf (DST is then one file, DST.gguf): the type of every quantized tensor; auto "
+                        "(default): the smallest of q4_0, q5_0, q8_0 that holds it exactly; f32 holds the exact product, "
+                        "f16 the one rounding AWQ/GPTQ engines compute")
     c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
     c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
     c.add_argument("--force", action="store_true", help="replace an existing DST once the new one is complete")
@@ -62,7 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_gguf(s: dict[str, Any]) -> None:
+    types = ", ".join(f"{t}: {n}" for t, n in sorted(s["types"].items()))
+    print(f"converted {s['from']} -> GGUF ({s['architecture']}; --gguf-type {s['gguf_type']})")
+    print(f"  {s['modules']} quantized modules -> {sum(s['types'].values())} quantized tensors ({types}); "
+          f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
+    if s["bits_per_weight_in"]:
+        print(f"  quantized weights: {s['bits_per_weight_in']:.3f} -> {s['bits_per_weight_out']:.3f} bits a weight")
+    if s["inexact_tensors"]:
+        print(f"  INEXACT: {len(s['inexact_tensors'])} tensors ({', '.join(s['inexact_tensors'][:3])}"
+              f"{', ...' if len(s['inexact_tensors']) > 3 else ''}); largest weight error {s['max_weight_error']:.6g}")
+    if "F16" in s["types"] or "BF16" in s["types"]:
+        print("  F16/BF16 hold (q - z) * s rounded once, as AWQ/GPTQ engines compute it; Q4_0/Q5_0/Q8_0/F32 the exact product")
+    if s["verified"]:
+        print("  verified: every tensor, read back and dequantized as ggml does, is the source's exact weights"
+              + (" (inexact ones: the rounding reported)" if s["inexact_tensors"] else ""))
+    print(f"  wrote {s['dst']} in {s['seconds']:.2f} s")
+
+
 def _print_convert(s: dict[str, Any]) -> None:
+    if s["to"] == "gguf":
+        return _print_gguf(s)
     target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm",
               "compressed-tensors": "compressed-tensors pack-quantized"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
@@ -80,7 +106,17 @@ def _print_convert(s: dict[str, Any]) -> None:
     print(f"  wrote {s['dst']} in {s['seconds']:.2f} s ({s['backend']} backend)")
 
 
+def _print_inspect_gguf(s: dict[str, Any]) -> None:
+    print(f"{s['path']}: GGUF, architecture {s['architecture']}, {s['tensors']} tensors, {_size(s['bytes'])}, "
+          f"{s['metadata_keys']} metadata keys")
+    for t, e in sorted(s["tensors_by_type"].items()):
+        bpw = 8 * e["bytes"] / e["weights"] if e["weights"] else 0
+        print(f"  {t}: {e['tensors']} tensors, {e['weights']} weights, {_size(e['bytes'])} ({bpw:.2f} bits a weight)")
+
+
 def _print_inspect(s: dict[str, Any]) -> None:
+    if s.get("format") == "GGUF":
+        return _print_inspect_gguf(s)
     print(f"{s['path']}: {s['format']}")
     print(f"  {s['quantized_modules']} quantized modules; {s['tensors']} tensors in {s['shards']} shard(s), "
           f"{_size(s['bytes'])}")
@@ -96,6 +132,16 @@ def _print_inspect(s: dict[str, Any]) -> None:
         verdict = "unknown" if e["exact"] is None else "exact" if e["exact"] else f"WRONG in {e['pairs']} pairs"
         where = f" ({', '.join(e['modules'][:3])}{', ...' if len(e['modules']) > 3 else ''})" if e["modules"] else ""
         print(f"    {name:<13} {verdict}{where}: {e['note']}")
+    g = s.get("gguf")
+    if g:
+        print(f"  GGUF (--to gguf), of {g['modules']} modules ({g['blocks']} blocks of 32 weights):")
+        for t in ("Q4_0", "Q5_0", "Q8_0"):
+            print(f"    {t:<5} holds {g[t]['modules']} modules exactly ({g[t]['blocks']} of {g['blocks']} blocks)")
+        share = {t: 100 * g[t]["weights_rounded"] / g["weights"] if g["weights"] else 0 for t in ("F16", "BF16")}
+        print(f"    F16 rounds {share['F16']:.1f}% of the weights (once, as AWQ/GPTQ engines compute in float16), "
+              f"BF16 {share['BF16']:.1f}%; F32 holds them all exactly")
+        auto = ", ".join(f"{t}: {n}" for t, n in g["auto"].items()) or "none"
+        print(f"    auto: {auto}" + (f"; no block type holds {len(g['none'])} modules" if g["none"] else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                 v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
-                revision=args.revision,
+                revision=args.revision, gguf_type=args.gguf_type,
             )
             print(json.dumps(summary, indent=2)) if args.json else _print_convert(summary)
         elif args.command == "formats":

@@ -196,6 +196,7 @@ def convert_checkpoint(
     for_engine: str | None = None,
     allow_inexact: bool = False,
     revision: str | None = None,
+    gguf_type: str | None = None,
 ) -> dict[str, Any]:
     """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
 
@@ -236,6 +237,11 @@ def convert_checkpoint(
         Show a progress bar; default: when standard error is a terminal.
     revision : str, optional
         The branch, tag or commit of a Hub repo id.
+    gguf_type : {"auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"}, optional
+        With ``to="gguf"`` (DST is then one file, DST.gguf): the type of every quantized tensor;
+        "auto" (the default) gives each the smallest of Q4_0, Q5_0, Q8_0 that holds it exactly. A
+        type that does not hold a tensor exactly is refused unless ``allow_inexact``; F32 is always
+        exact, F16 is what AWQ/GPTQ engines compute (one rounding of (q - z) * s).
     v1_zeros : {"field", "word"}, optional
         How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
         transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
@@ -285,10 +291,14 @@ def convert_checkpoint(
     convert = Converter(backend)
     if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
+    if to != "gguf" and gguf_type is not None:
+        raise CheckpointError(f"--gguf-type is for --to gguf; converting to {to} takes none")
     report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
     check_v1_readable(ckpt, report)
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
     read_word = report.convention == WORD and fmt == "gptq"
+    if FORMATS[to].container == "gguf":
+        return _convert_gguf(ckpt, given, dst, gguf_type or "auto", allow_inexact, read_word, verify, force, progress, t0)
     if to == "gptq":
         job = Job(ckpt, to, convert, plan_gptq(ckpt, report, for_engine, checkpoint_format, allow_inexact), read_word)
     else:  # to AWQ, compressed-tensors or a float dtype
@@ -354,6 +364,58 @@ def convert_checkpoint(
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _convert_gguf(ckpt: Checkpoint, given: Path, dst: Path, gguf_type: str, allow_inexact: bool, read_word: bool,
+                  verify: bool, force: bool, progress: bool | None, t0: float) -> dict[str, Any]:
+    """To one GGUF file: the model planned (gguf_model), every tensor's type decided (refusing inexact ones)
+    before any write, then the file written by the GGUF container and verified before it is put in place."""
+    from packq.checkpoint.containers import gguf as container
+    from packq.checkpoint.formats import gguf as fmt
+    from packq.formats import gguf as blocks
+
+    gguf = container.gguf_package()
+    from packq.checkpoint.gguf_model import describe
+
+    parts = {name for m in ckpt.modules.values() for name in m.names.values()}
+    shapes = {t.name: t.shape for s in ckpt.shards.values() for t in s.tensors.values() if t.name not in parts}
+    model = describe(ckpt.root, ckpt.config, shapes, {p: (m.k, m.n) for p, m in ckpt.modules.items()})
+    gplan = fmt.plan(ckpt, model, gguf_type, allow_inexact, read_word)
+    tensors = [container.Tensor(p.name, blocks.TYPES[p.gguf_type].ggml, p.shape, p.nbytes,
+                                functools.partial(fmt.chunks, ckpt, p, read_word)) for p in gplan.tensors]
+    keys = {k for k, _, _ in model.metadata}
+    own = [(k, v, gguf.GGUFValueType.UINT32) for k, v in
+           (("general.file_type", gplan.file_type), ("general.quantization_version", gguf.GGML_QUANT_VERSION)) if k not in keys]
+    bar = Progress(sum(t.nbytes for t in tensors), "converting", progress)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        with container.FileDestination(dst, force) as out:
+            container.write(out.tmp, model.arch, [*model.metadata, *own], tensors, bar.update)
+            bar.close()
+            if verify:
+                vbar = Progress(len(gplan.tensors), "verifying", progress)
+                fmt.verify(ckpt, gplan, out.tmp, read_word, lambda p: vbar.update(1))
+                vbar.close()
+            out.commit()
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    quantized = [p for p in gplan.tensors if p.census is not None]
+    weights = sum(p.census.weights for p in quantized if p.census is not None)
+    source_bytes = sum(i.nbytes for m in ckpt.modules.values() for i in m.infos.values())
+    return {
+        "src": str(given), "resolved": str(ckpt.root), "dst": str(dst), "from": ckpt.format.name, "to": "gguf",
+        "architecture": model.arch, "gguf_type": gguf_type, "types": gplan.types(),
+        "group_size": ckpt.format.group_size, "shards": len(ckpt.shards), "modules": len(ckpt.modules),
+        "tensors_in": ckpt.tensor_count(), "tensors_out": len(tensors), "dropped": dict(model.dropped),
+        "bytes_in": ckpt.total_bytes(), "bytes_out": os.path.getsize(dst),
+        "bits_per_weight_in": round(8 * source_bytes / weights, 3) if weights else None,
+        "bits_per_weight_out": round(8 * sum(p.nbytes for p in quantized) / weights, 3) if weights else None,
+        "inexact_tensors": [p.name for p in gplan.inexact],
+        "max_weight_error": max((p.max_error for p in gplan.inexact), default=0.0),
+        "verified": True if verify else None, "seconds": round(time.perf_counter() - t0, 3),
     }
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from packq.checkpoint.files import io_errors
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.hub import resolve
+from packq.checkpoint.model import Checkpoint
 from packq.checkpoint.zeros import analyse
+from packq.errors import CheckpointError
+from packq.formats.engines import WORD
 
 
 def inspect_checkpoint(
@@ -24,7 +29,9 @@ def inspect_checkpoint(
     gets wrong and in which modules. A GPTQ v1 source is read in its producer's
     convention (``meta.quantizer``) or ``v1_zeros``; where that is unknown and
     matters, ``v1_ambiguous`` lists the modules. SRC may be a Hub repo id, as for
-    :func:`convert_checkpoint`.
+    :func:`convert_checkpoint`. ``gguf`` says which GGUF types hold each module exactly (see
+    :mod:`packq.formats.gguf`; this reads every module's tensors). On a ``.gguf`` file it returns its
+    architecture, tensor types and sizes instead.
 
     Raises
     ------
@@ -40,6 +47,13 @@ def inspect_checkpoint(
     >>> info["engines"]["tgi"]["exact"], info["engines"]["exllamav2"]["exact"]
     (True, False)
     """
+    path = Path(src)
+    if path.suffix == ".gguf" or (path.is_file() and path.open("rb").read(4) == b"GGUF"):
+        from packq.checkpoint.containers.gguf import read_summary
+
+        with io_errors(path):
+            open(path, "rb").close()
+        return read_summary(path)
     ckpt = open_checkpoint(resolve(src, revision))
     by_dtype: Counter[str] = Counter()
     bytes_by_dtype: Counter[str] = Counter()
@@ -48,6 +62,7 @@ def inspect_checkpoint(
             by_dtype[t.dtype] += 1
             bytes_by_dtype[t.dtype] += t.nbytes
     zeros = analyse(ckpt, v1_zeros)
+    read_word = zeros.convention == WORD and ckpt.format.method == "gptq" and ckpt.format.checkpoint_format == "gptq"
     return {
         "path": str(src), "format": ckpt.format.name, "method": ckpt.format.container or ckpt.format.method,
         "bits": ckpt.format.bits,
@@ -56,4 +71,39 @@ def inspect_checkpoint(
         "tensors_by_dtype": dict(sorted(by_dtype.items())), "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
         "zero_point_0": zeros.zero0, "zero_points": zeros.total, "zero_point_0_modules": zeros.zero0_modules,
         "v1_zeros": zeros.convention, "v1_ambiguous": zeros.ambiguous, "engines": zeros.engines,
+        "gguf": None if zeros.ambiguous else gguf_exactness(ckpt, read_word),
     }
+
+
+def gguf_exactness(ckpt: Checkpoint, read_word: bool) -> dict[str, Any]:
+    """Which GGUF types hold each module exactly: per type, the modules and blocks (F16/BF16: weights) it holds
+    exactly; ``auto``, the modules per smallest exact block type; ``none``, the modules no block type holds."""
+    from packq.checkpoint.formats.gguf import module_census
+    from packq.formats import gguf as G
+
+    out: dict[str, Any] = {t: {"modules": 0, "blocks": 0} for t in G.QUANTIZED}
+    out.update({t: {"modules": 0, "weights_rounded": 0} for t in ("F16", "BF16")})
+    auto: Counter[str] = Counter()
+    none: list[str] = []
+    total = G.Census()
+    for prefix in ckpt.modules:
+        try:
+            c = module_census(ckpt, prefix, read_word)
+        except CheckpointError:  # K not a multiple of 32, say: no GGUF block holds it
+            none.append(prefix)
+            continue
+        total += c
+        for t in G.QUANTIZED:
+            out[t]["modules"] += c.holds(t)
+            out[t]["blocks"] += c.exact[t]
+        for t in ("F16", "BF16"):
+            out[t]["modules"] += c.holds(t)
+            out[t]["weights_rounded"] += c.rounded[t]
+        best = c.smallest()
+        if best is None:
+            none.append(prefix)
+        else:
+            auto[best] += 1
+    out.update(auto=dict(sorted(auto.items())), none=none, blocks=total.blocks, weights=total.weights,
+               modules=len(ckpt.modules))
+    return out

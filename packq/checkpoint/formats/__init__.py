@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from packq.checkpoint.formats import awq, compressed_tensors, floats, gptq
+from packq.checkpoint.formats import awq, compressed_tensors, floats, gguf, gptq
 from packq.checkpoint.formats.base import CheckpointFormat
 
 FORMATS: dict[str, CheckpointFormat] = {
-    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS]
+    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS, gguf.FORMAT]
 }
 
 #: the ``--to`` choices
@@ -41,6 +41,8 @@ def route(source: str, target: str) -> str:
         notes.append("4-bit")
     if source == "gptq" and not FORMATS[target].act_order:
         notes.append("no act-order")
+    if target == "gguf":
+        notes.append("exact Q4_0/Q5_0/Q8_0 blocks; `--gguf-type`")
     return "yes" + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -69,6 +69,8 @@ class CheckpointFormat:
     why_not_act_order: ClassVar[str] = ""
     #: rewrite quantize_config.json / quant_config.json too (engines read them before config.json); else drop them
     sidecars: ClassVar[bool] = False
+    #: how the result sits on disk: "folder" (Hugging Face safetensors) or "gguf" (one llama.cpp file)
+    container: ClassVar[str] = "folder"
 
     # ------------------------------------------------------------ reading
     def recognises(self, q: dict[str, Any]) -> bool:

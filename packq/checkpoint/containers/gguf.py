@@ -1,0 +1,146 @@
+"""The GGUF container: one file DST.gguf, built beside DST, fsynced, renamed into place.
+
+The same guarantees as the safetensors folder (``packq.checkpoint.files``): SRC is never written; DST
+is at every moment absent, the old file, or the complete new one (built as a hidden file beside it and
+put in place by one ``renameat2``); one conversion per DST (the lock file beside it); every failure one
+line. The header, metadata and tensor infos are written by gguf-py's own ``GGUFWriter`` (the ``gguf``
+package, llama.cpp's reference writer), from the sizes planned before any conversion; the tensor data
+then follows in file order, each tensor in pieces (a module in column blocks, stacked experts expert by
+expert), so memory holds one piece, never a whole tensor, let alone the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packq.checkpoint.files import Destination, io_errors
+from packq.errors import CheckpointError
+
+#: general.alignment: gguf-py's and llama.cpp's default
+ALIGNMENT = 32
+
+
+def gguf_package() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("--to gguf needs llama.cpp's gguf-py: pip install 'packq[gguf]'") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the file: its name, ggml type, shape in NumPy order (ne reversed), size, and its data in pieces."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    nbytes: int
+    pieces: Callable[[], Iterable[np.ndarray]]  #: uint8 arrays whose bytes follow each other
+
+
+class FileDestination(Destination):
+    """:class:`Destination` for one file: the hidden ``.partial`` beside DST is a file, not a folder."""
+
+    def __enter__(self) -> FileDestination:
+        if self.dst.is_dir() and not self.dst.is_symlink():
+            raise CheckpointError(f"DST {self.dst} is a folder; a GGUF file is one file: name DST.gguf")
+        super().__enter__()
+        with io_errors(self.tmp):
+            os.rmdir(self.tmp)  # claimed, cleared and created by the folder logic; the file takes its place
+        return self
+
+
+def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: list[Tensor],
+          progress: Callable[[int], None] | None = None) -> None:
+    """Write the GGUF file ``path`` (which must not exist): header, metadata in order, tensor infos, then every
+    tensor's pieces in order, each tensor aligned; fsynced before it returns."""
+    gguf = gguf_package()
+    writer = gguf.GGUFWriter(None, arch)
+    for key, value, vtype in metadata:
+        if key == gguf.Keys.General.ARCHITECTURE:
+            continue  # the writer's own first key
+        if vtype is None:
+            vtype = gguf.GGUFValueType.get_type(value)
+        sub = None
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType.get_type(value[0]) if len(value) else gguf.GGUFValueType.STRING
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in tensors:
+        byte_shape = (*t.shape[:-1], t.nbytes // max(1, int(np.prod(t.shape[:-1]))))
+        writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType(t.ggml_type))
+        if tuple(writer.tensors[-1][t.name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: {t.name}: shape {t.shape} does not fit {t.nbytes} bytes of its type")
+    with io_errors(path):
+        writer.write_header_to_file(path)
+        try:
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None
+            out = writer.fout[0]
+            _pad(out)
+            for t in tensors:
+                written = 0
+                for piece in t.pieces():
+                    data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+                    written += data.nbytes
+                    if written > t.nbytes:
+                        raise CheckpointError(f"{path}: {t.name}: more data than planned ({t.nbytes} bytes)")
+                    out.write(data)
+                    if progress is not None:
+                        progress(data.nbytes)
+                if written != t.nbytes:
+                    raise CheckpointError(f"{path}: {t.name}: {written} bytes made, {t.nbytes} planned")
+                _pad(out)
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            writer.close()
+
+
+def _pad(out: Any) -> None:
+    n = -out.tell() % ALIGNMENT
+    if n:
+        out.write(b"\0" * n)
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """What a .gguf file holds: architecture, its metadata's size, and every tensor's name, type, shape and size."""
+    gguf = gguf_package()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a GGUF file packq can read: {e}") from None
+    except Exception as e:  # noqa: BLE001 - gguf-py raises what its parser meets in a malformed file
+        raise CheckpointError(f"{path}: malformed GGUF file: {type(e).__name__}: {e}") from None
+
+    def value(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # noqa: BLE001
+            return None
+
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
+                "bytes": int(t.n_bytes)} for t in reader.tensors]
+    by_type: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        e = by_type.setdefault(t["type"], {"tensors": 0, "bytes": 0, "weights": 0})
+        e["tensors"] += 1
+        e["bytes"] += t["bytes"]
+        e["weights"] += int(np.prod(t["shape"]))
+    return {
+        "path": str(path), "format": "GGUF", "architecture": value("general.architecture"),
+        "name": value("general.name"), "file_type": value("general.file_type"),
+        "metadata_keys": len(reader.fields), "tensors": len(tensors), "bytes": os.path.getsize(path),
+        "tensors_by_type": by_type, "tensor_list": tensors,
+    }
