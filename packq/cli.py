@@ -73,7 +73,7 @@ def _print_gguf(s: dict[str, Any]) -> None:
     types = ", ".join(f"{t}: {n}" for t, n in sorted(s["types"].items()))
     print(f"converted {s['from']} -> GGUF ({s['architecture']}; --gguf-type {s['gguf_type']})")
     print(f"  {s['modules']} quantized modules -> {sum(s['types'].values())} quantized tensors ({types}); "
-          f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
+          f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['file_bytes'])}")
     if s["bits_per_weight_in"]:
         print(f"  quantized weights: {s['bits_per_weight_in']:.3f} -> {s['bits_per_weight_out']:.3f} bits a weight")
     if s["inexact_tensors"]:

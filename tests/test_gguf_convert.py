@@ -60,6 +60,7 @@ def test_auto_is_the_smallest_exact_type_and_verifies(tmp_path, bits, sym, group
     dst = tmp_path / "m.gguf"
     s = convert_checkpoint(tmp_path / "src", dst, to="gguf", verify=True)
     assert s["verified"] and s["types"] == {want: 7} and not s["inexact_tensors"]
+    assert s["file_bytes"] == dst.stat().st_size > s["bytes_out"]  # tensor data, and the file with its header
     tensors, reader = read(dst)
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["general.file_type"].contents() == {"Q4_0": 2, "Q5_0": 8, "Q8_0": 7}[want]

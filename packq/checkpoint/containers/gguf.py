@@ -96,6 +96,7 @@ class GGUFFile(Container):
     def write(self, job: Job, plan: Plan, tmp: Path, bar: Progress) -> None:
         model, _, tensors, metadata = plan.detail
         write(tmp, model.arch, metadata, tensors, bar.update)
+        plan.summary["file_bytes"] = tmp.stat().st_size  # bytes_out counts tensor data; this, the whole file
 
     def verify(self, job: Job, plan: Plan, tmp: Path, check_each: Callable[[Callable[[str], None]], None]) -> None:
         """Read the file back and dequantize every tensor as ggml does: the source's exact weights, bit for bit."""
