@@ -33,7 +33,8 @@ def bf16(a: np.ndarray) -> np.ndarray:
 
 
 def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, seed: int = 0, act_order: bool = False,
-              scale_dtype: str = "F16", fmt: str = "gptq_v2", edit=None, vocab: int = VOCAB) -> dict:
+              scale_dtype: str = "F16", fmt: str = "gptq_v2", edit=None, vocab: int = VOCAB,
+              word: bool = False) -> dict:
     """A 1-layer Llama GPTQ checkpoint; returns {module: (q (K, N), z (G, N), s float32 (G, N), g_idx)}."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
@@ -54,6 +55,10 @@ def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, see
             stored_z = z if fmt == "gptq_v2" else (z - 1) % (1 << bits)
             tensors[f"{prefix}.qweight"] = stream_pack(q.T, bits).T.copy()
             tensors[f"{prefix}.qzeros"] = stream_pack(stored_z, bits)
+            if word:  # GPTQModel's v1: one 32-bit subtraction of 0x11..1 from the v2 words (borrows cross fields)
+                ones = sum(1 << (bits * i) for i in range(32 // bits))
+                v2 = stream_pack(z, bits).view(np.uint32).astype(np.int64)
+                tensors[f"{prefix}.qzeros"] = ((v2 - ones) % (1 << 32)).astype(np.uint32).view(np.int32)
             tensors[f"{prefix}.scales"] = {"F16": s.astype(np.float16), "F32": s, "BF16": bf16(s)}[scale_dtype]
             tensors[f"{prefix}.g_idx"] = g_idx
             truth[prefix] = (q, z, s, g_idx)
@@ -73,7 +78,8 @@ def make_gptq(root: Path, bits: int = 4, group: int = 32, sym: bool = False, see
               "torch_dtype": "bfloat16", "tie_word_embeddings": False,
               "quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
                                       "sym": sym, "checkpoint_format": fmt,
-                                      "meta": {"quantizer": ["packq:0.1.0"], "packq_v1_zeros": "field"}}}
+                                      "meta": {"quantizer": ["gptqmodel:7.6.0"]} if word else
+                                      {"quantizer": ["packq:0.1.0"], "packq_v1_zeros": "field"}}}
     (root / "config.json").write_text(json.dumps(config))
     return truth
 

@@ -54,9 +54,13 @@ def exact(q, z, s, g, perm=None) -> np.ndarray:
 @pytest.mark.parametrize("bits,sym,group,fmt,want", [
     (4, True, 32, "gptq_v2", "Q4_0"), (4, False, 64, "gptq_v2", "Q5_0"), (4, False, -1, "gptq", "Q5_0"),
     (2, False, 32, "gptq_v2", "Q4_0"), (3, False, 32, "gptq", "Q4_0"), (8, True, 64, "gptq_v2", "Q8_0"),
+    (4, False, 32, "gptq-word", "Q5_0"), (2, False, 32, "gptq-word", "Q4_0"),
 ])
 def test_auto_is_the_smallest_exact_type_and_verifies(tmp_path, bits, sym, group, fmt, want):
-    truth = C.make_gptq(tmp_path / "src", bits=bits, group=group, sym=sym, fmt=fmt)
+    word = fmt == "gptq-word"  # GPTQ v1 as GPTQModel writes it: zero-points of 0 borrow across fields
+    truth = C.make_gptq(tmp_path / "src", bits=bits, group=group, sym=sym, fmt="gptq" if word else fmt, word=word)
+    if word:
+        assert any((z == 0).any() for _, z, _, _ in truth.values())
     dst = tmp_path / "m.gguf"
     s = convert_checkpoint(tmp_path / "src", dst, to="gguf", verify=True)
     assert s["verified"] and s["types"] == {want: 7} and not s["inexact_tensors"]
