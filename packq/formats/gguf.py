@@ -332,7 +332,14 @@ def _changed(w: np.ndarray, gguf_type: str) -> int:
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:
-    """float32 values rounded once to bfloat16 (nearest even; NaN kept quiet), as uint16 bits: ggml's ``fp32_to_bf16``."""
+    """float32 values rounded once to bfloat16 (nearest even; NaN kept quiet), as uint16 bits: ggml's ``fp32_to_bf16``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [hex(b) for b in bf16_bits(np.array([1.0, 1 + 2.0**-8, 1 + 3 * 2.0**-8], dtype=np.float32))]
+    ['0x3f80', '0x3f80', '0x3f82']
+    """
     n = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
     nan = (n & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     rounded = ((n.astype(np.uint64) + (0x7FFF + ((n >> np.uint32(16)) & np.uint32(1)))) >> np.uint64(16)).astype(np.uint16)
@@ -340,7 +347,14 @@ def bf16_bits(w: np.ndarray) -> np.ndarray:
 
 
 def encode_floats(w: np.ndarray, gguf_type: str) -> np.ndarray:
-    """float32 weights as the bytes of a GGUF F32, F16 or BF16 tensor (uint8, last axis times the item size)."""
+    """float32 weights as the bytes of a GGUF F32, F16 or BF16 tensor (uint8, last axis times the item size).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> encode_floats(np.array([[1.0, -2.0]], dtype=np.float32), "F16").tolist()
+    [[0, 60, 0, 192]]
+    """
     if gguf_type == "F32":
         out = np.ascontiguousarray(w, dtype="<f4")
     elif gguf_type == "F16":
