@@ -292,8 +292,10 @@ def _expected(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndar
         return
     if not t.quantized:
         for name in t.sources:
-            a = _plain_values(ckpt, name, p)
-            yield ((a.astype(np.uint32) << 16).view(np.float32) if p.stored == "BF16" else a.astype(np.float32)).reshape(-1)
+            a = _plain_values(ckpt, name, p).reshape(-1)
+            for i in range(0, a.size, COLUMN_WEIGHTS):  # in pieces: an embedding's float32 copy is not small
+                part = a[i: i + COLUMN_WEIGHTS]
+                yield (part.astype(np.uint32) << np.uint32(16)).view(np.float32) if p.stored == "BF16" else part.astype(np.float32)
         return
     for prefix in t.sources:
         q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
@@ -350,8 +352,8 @@ def verify(ckpt: Checkpoint, gplan: Plan, path: Path, read_word: bool, check_eac
             t, done = G.TYPES[p.gguf_type], 0
             for want in _expected(ckpt, p, read_word):
                 nbytes = want.size // t.weights * t.nbytes
-                raw = np.frombuffer(_pread(fd, nbytes, offset), dtype=np.uint8)
-                if G.dequantize(raw, p.gguf_type, (want.size,)).tobytes() != want.tobytes():
+                got = G.dequantize(_pread(fd, nbytes, offset), p.gguf_type, (want.size,))
+                if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):  # bit for bit
                     raise CheckpointError(f"verification failed: {p.name} does not dequantize to the source's weights")
                 offset, done = offset + nbytes, done + want.size
             if done != int(np.prod(p.shape)):
@@ -379,14 +381,15 @@ def verify(ckpt: Checkpoint, gplan: Plan, path: Path, read_word: bool, check_eac
         os.close(fd)
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        got = os.pread(fd, n - len(out), offset + len(out))
+def _pread(fd: int, n: int, offset: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint8)
+    view, done = memoryview(out), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
             raise CheckpointError("verification failed: the GGUF file ends early")
-        out += got
-    return bytes(out)
+        done += got
+    return out
 
 
 class GGUF(CheckpointFormat):
