@@ -70,11 +70,11 @@ def convert_checkpoint(
         The source model folder (never written) and the folder to create. SRC may also be
         a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
         downloaded; this needs ``packq[hub]``.
-    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32"}
+    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32", "gguf"}
         Target format (:data:`packq.checkpoint.formats.TARGETS`); the source is AWQ gemm, GPTQ
         or compressed-tensors pack-quantized. AWQ holds 4-bit weights without act-order, and
         compressed-tensors holds no act-order either; the float targets hold the dequantized
-        weights in torch's (N, K) orientation.
+        weights in torch's (N, K) orientation; "gguf" writes one llama.cpp file (docs/gguf.md).
     checkpoint_format : {"gptq", "gptq_v2"}, optional
         GPTQ zero storage to write when ``to="gptq"``: "gptq" (v1, z - 1) or
         "gptq_v2" (z). Default: what ``for_engine`` loads exactly, else v1.
