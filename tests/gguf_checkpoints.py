@@ -168,3 +168,36 @@ def add_tokenizer(root: Path) -> int:
     (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                             "tokenizer_class": "PreTrainedTokenizerFast"}))
     return tok.get_vocab_size()
+
+
+def make_from(root: Path, config: dict, shapes: dict, modules: dict, bits: int = 4, group: int = 32, seed: int = 0,
+              sym: bool = False) -> dict:
+    """A GPTQ v2 checkpoint of any architecture from (config, plain shapes, modules (K, N)) as gguf_model's tests
+    describe them; plain tensors bf16 (1-D ones near 1, as norms are), inv_freq float32. Returns the modules' truth."""
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    truth = {}
+    for prefix, (k, n) in modules.items():
+        groups = k // group
+        q = rng.integers(0, 1 << bits, (k, n))
+        z = np.full((groups, n), 1 << (bits - 1)) if sym else rng.integers(0, 1 << bits, (groups, n))
+        s = rng.uniform(0.002, 0.02, (groups, n)).astype(np.float16).astype(np.float32)
+        g = (np.arange(k) // group).astype(np.int32)
+        tensors |= {f"{prefix}.qweight": stream_pack(q.T, bits).T.copy(), f"{prefix}.qzeros": stream_pack(z, bits),
+                    f"{prefix}.scales": s.astype(np.float16), f"{prefix}.g_idx": g}
+        truth[prefix] = (q, z, s, g)
+    bf = set()
+    for name, shape in shapes.items():
+        if name.endswith("inv_freq"):
+            tensors[name] = rng.random(shape).astype(np.float32)
+            continue
+        values = 1 + rng.standard_normal(shape) * 0.1 if len(shape) == 1 else rng.standard_normal(shape) * 0.2
+        tensors[name] = bf16(values)
+        bf.add(name)
+    root.mkdir(parents=True)
+    _save(root / "model.safetensors", tensors, bf)
+    config = {**config, "torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": sym,
+        "checkpoint_format": "gptq_v2"}}
+    (root / "config.json").write_text(json.dumps(config))
+    return truth
