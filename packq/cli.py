@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from packq.checkpoint import convert_checkpoint
 
             summary = convert_checkpoint(
-                args.src, args.dst, to=args.to or ("gguf" if args.dst.endswith(".gguf") else "gptq"), checkpoint_format=args.checkpoint_format, backend=args.backend,
+                args.src, args.dst, to=args.to or ("gguf" if args.dst.endswith(".gguf") else "gptq"),
+                checkpoint_format=args.checkpoint_format, backend=args.backend,
                 verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                 v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
                 revision=args.revision, gguf_type=args.gguf_type,

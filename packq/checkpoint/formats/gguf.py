@@ -13,8 +13,9 @@ byte is written; the tensors are then made one at a time, a module's in column b
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,8 +248,9 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
     return q.reshape(-1, *q.shape[-2:]), z.reshape(-1, *z.shape[-2:]), s.reshape(-1, *s.shape[-2:]), g
 
 
-def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray]:
-    """The tensor's data in file order, in pieces: uint8 arrays (a module's rows in column blocks, expert by expert)."""
+def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+    """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
+    expert by expert, which the writer runs on worker threads, a few ahead, in order)."""
     t = p.tensor
     if t.values is not None:
         yield np.asarray(t.values, dtype="<f4").view(np.uint8)
@@ -258,7 +260,7 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
                 for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                    yield G.encode(q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
+                    yield functools.partial(G.encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
             del q, z, s
         return
     for name in t.sources:
