@@ -641,8 +641,16 @@ def _sentencepiece(w: _Recorder, root: Path, config: dict[str, Any]) -> None:
 
 def _specials(w: _Recorder, root: Path, *, load_merges: bool, n_vocab: int | None) -> None:
     """Merges, special token ids, add_bos/add_eos and the chat template: gguf-py's SpecialVocab, as llama.cpp's converter."""
+    import logging
+
     gguf = _gguf()
-    special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its notes on post-processor templates are llama.cpp converter chatter, not the user's
+    try:
+        special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    finally:
+        log.setLevel(level)
     if load_merges and not special.merges:
         raise CheckpointError(f"{root}: tokenizer.json has no merges: llama.cpp's BPE needs them")
     if not (root / "chat_template.jinja").is_file() or special.chat_template is not None:
