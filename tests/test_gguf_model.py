@@ -299,6 +299,8 @@ def test_refusals_are_one_line(bpe_root, tmp_path):
                 value(shapes)
             elif key == "modules":
                 value(modules)
+            elif value is None:
+                config.pop(key, None)
             else:
                 config[key] = value
         with pytest.raises(CheckpointError, match=match) as e:
@@ -310,6 +312,8 @@ def test_refusals_are_one_line(bpe_root, tmp_path):
     assert all(a in said for a in ARCHS)
     refused("architecture unstated", architectures=None)
     refused("norm_topk_prob = False", norm_topk_prob=False)
+    said = refused("norm_topk_prob = False", norm_topk_prob=None)
+    assert "renormalizes" in said  # absent: transformers' default (False), not llama.cpp's
     refused("mlp_only_layers", mlp_only_layers=[1])
     refused("no rms_norm_eps", rms_norm_eps=None)
     refused("experts .* config.json says 4", modules=lambda m: m.pop("model.layers.0.mlp.experts.3.up_proj"))

@@ -93,8 +93,9 @@ class Architecture:
     moe: bool = False  # experts stacked into ffn_{gate,up,down}_exps; expert counts required
     #: tokenizer_config.json's add_prefix_space written as tokenizer.ggml.add_space_prefix (LlamaModel only)
     space_prefix: bool = False
-    #: config values llama.cpp computes differently: (config key, the value llama.cpp assumes, why)
-    assumes: tuple[tuple[str, Any, str], ...] = ()
+    #: config values llama.cpp computes differently: (config key, the value llama.cpp assumes, transformers'
+    #: default where config.json omits the key, why)
+    assumes: tuple[tuple[str, Any, Any, str], ...] = ()
 
 
 _LLAMA = Architecture("LLAMA", rotary_permute=True, llama_extras=True, space_prefix=True)
@@ -109,9 +110,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3ForCausalLM": Architecture("QWEN3"),
     "Qwen3MoeForCausalLM": Architecture(
         "QWEN3MOE", hparams=_QWEN_MOE, moe=True,
-        assumes=(("norm_topk_prob", True, "llama.cpp's qwen3moe always renormalizes the top-k router weights"),
-                 ("decoder_sparse_step", 1, "llama.cpp's qwen3moe has experts in every layer"),
-                 ("mlp_only_layers", [], "llama.cpp's qwen3moe has experts in every layer"))),
+        assumes=(("norm_topk_prob", True, False, "llama.cpp's qwen3moe always renormalizes the top-k router weights"),
+                 ("decoder_sparse_step", 1, 1, "llama.cpp's qwen3moe has experts in every layer"),
+                 ("mlp_only_layers", [], [], "llama.cpp's qwen3moe has experts in every layer"))),
 }
 
 #: tensors llama.cpp's converter never writes (transformers recomputes them)
@@ -641,8 +642,16 @@ def _sentencepiece(w: _Recorder, root: Path, config: dict[str, Any]) -> None:
 
 def _specials(w: _Recorder, root: Path, *, load_merges: bool, n_vocab: int | None) -> None:
     """Merges, special token ids, add_bos/add_eos and the chat template: gguf-py's SpecialVocab, as llama.cpp's converter."""
+    import logging
+
     gguf = _gguf()
-    special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its notes on post-processor templates are llama.cpp converter chatter, not the user's
+    try:
+        special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    finally:
+        log.setLevel(level)
     if load_merges and not special.merges:
         raise CheckpointError(f"{root}: tokenizer.json has no merges: llama.cpp's BPE needs them")
     if not (root / "chat_template.jinja").is_file() or special.chat_template is not None:
@@ -729,8 +738,8 @@ def describe(root: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ..
     hf_name, arch = _architecture(config, root)
     if "text_config" in config:  # llama.cpp reads a multimodal model's text part at the top level
         config = {**config, **config["text_config"]}
-    for key, assumed, why in arch.assumes:
-        value = config.get(key, assumed)
+    for key, assumed, default, why in arch.assumes:
+        value = config.get(key, default)
         if value != assumed and not (isinstance(assumed, list) and not value):
             raise CheckpointError(f"{root}: config.json {key} = {value!r}; {why} ({hf_name} to GGUF needs {assumed!r})")
     arch_name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.arch]]
