@@ -97,6 +97,7 @@ examples:
 
 def _parser() -> argparse.ArgumentParser:
     from packq.checkpoint.formats import TARGETS
+    from packq.checkpoint.formats.gguf import CHOICES as GGUF_CHOICES
 
     LOADERS = _loaders()
     p = argparse.ArgumentParser(prog="packq", description=_TOP, epilog=_TOP_EXAMPLES, formatter_class=_Formatter)
@@ -105,20 +106,26 @@ def _parser() -> argparse.ArgumentParser:
                        description=_CONVERT, epilog=_CONVERT_EXAMPLES, formatter_class=_Formatter)
     c.add_argument("src", metavar="SRC", help="source model folder (never written), or a Hugging Face Hub repo id (org/name)")
     c.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id")
-    c.add_argument("dst", metavar="DST", help="folder to create; it appears only when complete")
-    c.add_argument("--to", choices=list(TARGETS), default="gptq",
-                   help="target format (default: gptq); float16/bfloat16/float32 write dequantized weights")
+    c.add_argument("dst", metavar="DST", help="folder (or, with --to gguf, .gguf file) to create; it appears only when complete")
+    c.add_argument("--to", choices=list(TARGETS), default=None,
+                   help="target format (default: gguf for a DST ending in .gguf, else gptq); float16/bfloat16/float32 "
+                        "write dequantized weights, gguf one llama.cpp file, mlx a folder for mlx-lm")
     c.add_argument("--for", dest="for_engine", metavar="ENGINE", choices=LOADERS, default=None,
                    help=f"the engine that will load the GPTQ result ({', '.join(LOADERS)}): write the format and "
                         "zero-point encoding it computes exactly; needed for v1 when a zero-point is 0")
     c.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
                    help="GPTQ zero storage: gptq = z - 1 (v1), gptq_v2 = z; default: what --for loads exactly, else gptq")
     c.add_argument("--allow-inexact", action="store_true",
-                   help="with --for: write even where no encoding is exact in that engine, and report the error; "
-                        "--to mlx: write float32-scale sources, which MLX's float32 arithmetic rounds")
+                   help="with --for: write even where no encoding is exact in that engine; with --to gguf: write tensors "
+                        "no exact GGUF type holds (F16, or the --gguf-type asked for); with --to mlx: write float32-scale "
+                        "sources, which MLX's float32 arithmetic rounds; the summary reports the error")
     c.add_argument("--mlx-scales", choices=["float32", "float16", "bfloat16"], default=None,
                    help="--to mlx: dtype of the scales and biases (default float32: exact on every MLX backend); "
                         "float16/bfloat16 run faster in MLX, and packq reports how many weights MLX then computes differently")
+    c.add_argument("--gguf-type", choices=list(GGUF_CHOICES), default=None,
+                   help="with --to gguf (DST is then one file, DST.gguf): the type of every quantized tensor; auto "
+                        "(default): the smallest of q4_0, q5_0, q8_0 that holds it exactly; f32 holds the exact product, "
+                        "f16 the one rounding AWQ/GPTQ engines compute")
     c.add_argument("--backend", choices=["numpy", "jax"], default="numpy", help="array backend (default: numpy)")
     c.add_argument("--verify", action="store_true", help="dequantize source and result and compare bit for bit")
     c.add_argument("--allow-overflow", action="store_true",
@@ -143,7 +150,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_gguf(s: dict[str, Any]) -> None:
+    types = ", ".join(f"{t}: {n}" for t, n in sorted(s["types"].items()))
+    print(f"converted {s['from']} -> GGUF ({s['architecture']}; --gguf-type {s['gguf_type']})")
+    print(f"  {s['modules']} quantized modules -> {sum(s['types'].values())} quantized tensors ({types}); "
+          f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['file_bytes'])}")
+    if s["bits_per_weight_in"]:
+        print(f"  quantized weights: {s['bits_per_weight_in']:.3f} -> {s['bits_per_weight_out']:.3f} bits a weight")
+    if s["inexact_tensors"]:
+        print(f"  INEXACT: {len(s['inexact_tensors'])} tensors ({', '.join(s['inexact_tensors'][:3])}"
+              f"{', ...' if len(s['inexact_tensors']) > 3 else ''}); largest weight error {s['max_weight_error']:.6g}")
+    if "F16" in s["types"] or "BF16" in s["types"]:
+        print("  F16/BF16 hold (q - z) * s rounded once, as AWQ/GPTQ engines compute it; Q4_0/Q5_0/Q8_0/F32 the exact product")
+    if s["verified"]:
+        print("  verified: every tensor, read back and dequantized as ggml does, is the source's exact weights"
+              + (" (inexact ones: the rounding reported)" if s["inexact_tensors"] else ""))
+    print(f"  wrote {s['dst']!r} in {s['seconds']:.2f} s")
+
+
 def _print_convert(s: dict[str, Any]) -> None:  # (print is _render's: see _emit)
+    if s["to"] == "gguf":
+        return _print_gguf(s)
     target = {"gptq": f"GPTQ ({s['checkpoint_format']})", "awq": "AWQ gemm", "mlx": "MLX affine",
               "compressed-tensors": "compressed-tensors pack-quantized"}.get(s["to"], f"{s['to']} weights")
     engine = f" for {s['for']}" if s["for"] else ""
@@ -176,7 +203,17 @@ def _print_mlx(x: dict[str, Any]) -> None:
     print(f"    {x['note']}")
 
 
+def _print_inspect_gguf(s: dict[str, Any]) -> None:
+    print(f"{s['path']}: GGUF, architecture {s['architecture']}, {s['tensors']} tensors, {_size(s['bytes'])}, "
+          f"{s['metadata_keys']} metadata keys")
+    for t, e in sorted(s["tensors_by_type"].items()):
+        bpw = 8 * e["bytes"] / e["weights"] if e["weights"] else 0
+        print(f"  {t}: {e['tensors']} tensors, {e['weights']} weights, {_size(e['bytes'])} ({bpw:.2f} bits a weight)")
+
+
 def _print_inspect(s: dict[str, Any]) -> None:
+    if s.get("format") == "GGUF":
+        return _print_inspect_gguf(s)
     print(f"{s['path']!r}: {s['format']}")
     print(f"  {s['quantized_modules']} quantized modules; {s['tensors']} tensors in {s['shards']} shard(s), "
           f"{_size(s['bytes'])}")
@@ -205,6 +242,16 @@ def _print_inspect(s: dict[str, Any]) -> None:
             where = ", ".join(f"{p} {c['cpu']}/{c['metal']}" for p, c in worst if c["cpu"] or c["metal"])
             print(f"    --mlx-scales {form:<8}: CPU {f['differing']['cpu']}, Metal {f['differing']['metal']}"
                   + (f" (most: {where})" if where else ""))
+    g = s.get("gguf")
+    if g:
+        print(f"  GGUF (--to gguf), of {g['modules']} modules ({g['blocks']} blocks of 32 weights):")
+        for t in ("Q4_0", "Q5_0", "Q8_0"):
+            print(f"    {t:<5} holds {g[t]['modules']} modules exactly ({g[t]['blocks']} of {g['blocks']} blocks)")
+        share = {t: 100 * g[t]["weights_rounded"] / g["weights"] if g["weights"] else 0 for t in ("F16", "BF16")}
+        print(f"    F16 rounds {share['F16']:.1f}% of the weights (once, as AWQ/GPTQ engines compute in float16), "
+              f"BF16 {share['BF16']:.1f}%; F32 holds them all exactly")
+        auto = ", ".join(f"{t}: {n}" for t, n in g["auto"].items()) or "none"
+        print(f"    auto: {auto}" + (f"; no block type holds {len(g['none'])} modules" if g["none"] else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -308,10 +355,11 @@ def _run(argv: Sequence[str] | None) -> int:
                 forget_commit(args.dst)  # (a DST this process converted before: not this run's commit)
                 try:
                     summary = convert_checkpoint(
-                        args.src, args.dst, to=args.to, checkpoint_format=args.checkpoint_format, backend=args.backend,
+                        args.src, args.dst, to=args.to or ("gguf" if args.dst.endswith(".gguf") else "gptq"),
+                        checkpoint_format=args.checkpoint_format, backend=args.backend,
                         verify=args.verify, force=args.force, progress=False if (args.no_progress or args.json) else None,
                         v1_zeros=args.v1_zeros, for_engine=args.for_engine, allow_inexact=args.allow_inexact,
-                        revision=args.revision, allow_overflow=args.allow_overflow, mlx_scales=args.mlx_scales,
+                        revision=args.revision, allow_overflow=args.allow_overflow, mlx_scales=args.mlx_scales, gguf_type=args.gguf_type,
                     )
                     text = json.dumps(summary, indent=2) + "\n" if args.json else _render(_print_convert, summary)
                     _emit(text, summary["dst"])

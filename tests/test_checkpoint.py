@@ -358,6 +358,8 @@ def test_each_format_reads_back_what_it_writes(tmp_path):
     convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
     src = open_checkpoint(v2)
     for name, f in FORMATS.items():
+        if f.container != "safetensors":  # one GGUF file: read back by tests/test_gguf_convert.py
+            continue
         out = tmp_path / name
         convert_checkpoint(v2, out, to=name, checkpoint_format="gptq_v2" if name == "gptq" else None, verify=True)
         config = json.loads((out / "config.json").read_text())

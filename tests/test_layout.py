@@ -22,7 +22,7 @@ LAYERS = [
     ("packq.checkpoint.safetensors", "packq.checkpoint.files", "packq.checkpoint.progress", "packq.checkpoint.hub",
      "packq.checkpoint.model", "packq.checkpoint.zeros", "packq.checkpoint.job", "packq.checkpoint.guards"),  # checkpoint
     # I/O, what a job is, the guards a conversion runs under
-    ("packq.checkpoint.formats",),  # what a checkpoint format's tensors mean
+    ("packq.checkpoint.formats", "packq.checkpoint.gguf_model"),  # what a checkpoint format's tensors mean
     ("packq.checkpoint.folder",),  # reading a Hugging Face folder (asks the formats which one it is)
     ("packq.checkpoint.containers",),  # how converted tensors sit on disk
     ("packq.checkpoint.convert", "packq.checkpoint.inspect", "packq.checkpoint.jax_loader", "packq.checkpoint",

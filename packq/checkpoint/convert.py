@@ -62,6 +62,7 @@ def convert_checkpoint(
     revision: str | None = None,
     allow_overflow: bool = False,
     mlx_scales: str | None = None,
+    gguf_type: str | None = None,
 ) -> dict[str, Any]:
     """Convert a quantized checkpoint folder to another format, bit-exactly (see ``packq formats``).
 
@@ -71,12 +72,12 @@ def convert_checkpoint(
         The source model folder (never written) and the folder to create. SRC may also be
         a Hugging Face Hub repo id ("org/name"), read from the local cache (offline) or
         downloaded; this needs ``packq[hub]``.
-    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32", "mlx"}
+    to : {"gptq", "awq", "compressed-tensors", "float16", "bfloat16", "float32", "mlx", "gguf"}
         Target format (:data:`packq.checkpoint.formats.TARGETS`); the source is AWQ gemm, GPTQ
         or compressed-tensors pack-quantized. AWQ holds 4-bit weights without act-order, and
         compressed-tensors holds no act-order either; the float targets hold the dequantized
         weights in torch's (N, K) orientation; "mlx" writes MLX's affine layout for mlx-lm
-        (``packq.checkpoint.formats.mlx``).
+        (``packq.checkpoint.formats.mlx``); "gguf" writes one llama.cpp file (docs/gguf.md).
     checkpoint_format : {"gptq", "gptq_v2"}, optional
         GPTQ zero storage to write when ``to="gptq"``: "gptq" (v1, z - 1) or
         "gptq_v2" (z). Default: what ``for_engine`` loads exactly, else v1.
@@ -91,6 +92,8 @@ def convert_checkpoint(
         Write for ``for_engine`` even where no encoding is exact in it (a
         zero-point of 0 whose pair holds a 15, in an engine that reads a stored
         15 as 16); the summary reports the pairs and the largest weight error.
+        To GGUF: write tensors that no exact type holds (as F16, or as the
+        ``gguf_type`` asked for), reporting them and the largest weight error.
     backend : {"numpy", "jax"}
         Which backend converts the tensors.
     verify : bool
@@ -111,6 +114,12 @@ def convert_checkpoint(
         To MLX: the dtype of the scales and biases. Default float32, exact on every MLX
         backend; float16/bfloat16 are MLX's faster form, where MLX's arithmetic rounds: the
         summary's ``mlx`` counts, per backend, the weights that then differ from the source's.
+    gguf_type : {"auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"}, optional
+        With ``to="gguf"`` (DST is then one file, DST.gguf): the type of every quantized tensor;
+        "auto" (the default) gives each the smallest of Q4_0, Q5_0, Q8_0 that holds it exactly. A
+        type that does not hold a tensor exactly (and a tensor no block type holds: act-order,
+        groups of 16) is refused unless ``allow_inexact``; F32 always holds the exact product, F16
+        holds what AWQ/GPTQ engines compute (one rounding of (q - z) * s to float16).
     v1_zeros : {"field", "word"}, optional
         How a GPTQ v1 source stored zero-points of 0: "word" as GPTQModel and
         transformers write v1 (one 32-bit subtraction of 0x11111111, borrowing),
@@ -141,7 +150,7 @@ def convert_checkpoint(
         return _convert(src, dst, to=to, checkpoint_format=checkpoint_format, backend=backend, verify=verify,
                         force=force, progress=progress, v1_zeros=v1_zeros, for_engine=for_engine,
                         allow_inexact=allow_inexact, revision=revision, allow_overflow=allow_overflow,
-                        mlx_scales=mlx_scales)
+                        mlx_scales=mlx_scales, gguf_type=gguf_type)
 
 
 def _largest(ckpt: Any) -> tuple[str, int]:
@@ -151,7 +160,8 @@ def _largest(ckpt: Any) -> tuple[str, int]:
 
 def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, backend: str, verify: bool, force: bool,
              progress: bool | None, v1_zeros: str | None, for_engine: str | None, allow_inexact: bool,
-             revision: str | None, allow_overflow: bool, mlx_scales: str | None) -> dict[str, Any]:
+             revision: str | None, allow_overflow: bool, mlx_scales: str | None,
+             gguf_type: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
@@ -185,6 +195,8 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
             raise CheckpointError(f"--mlx-scales is the dtype of an MLX result's scales; converting to {to} takes none")
         if to != "gptq" and for_engine is not None:
             raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
+        if to != "gguf" and gguf_type is not None:
+            raise CheckpointError(f"--gguf-type is for --to gguf; converting to {to} takes none")
         report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
         check_v1_readable(ckpt, report)
         fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
@@ -195,7 +207,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         else:  # to AWQ, compressed-tensors or a float dtype
             target = Target(fmt)
         job = Job(ckpt, to, convert, target, source, output, open_checkpoint, read_word, symmetric=report.symmetric,
-                  options={"mlx_scales": mlx_scales, "allow_inexact": allow_inexact})
+                  options={"mlx_scales": mlx_scales, "gguf_type": gguf_type, "allow_inexact": allow_inexact})
         output.prepare(job)  # what only the target decides (MLX: its scales' dtype, what each backend computes)
         checkpoint_format = job.gptq_format
         container = CONTAINERS[output.container]
@@ -230,6 +242,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
         "overflowed": job.overflow.count,
         **output.summary(job),
+        **plan.summary,
     }
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from packq.checkpoint.files import io_errors
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.hub import resolve
+from packq.checkpoint.model import Checkpoint
 from packq.checkpoint.zeros import analyse
+from packq.errors import CheckpointError
+from packq.formats.engines import WORD
 
 
 def inspect_checkpoint(
@@ -27,6 +32,9 @@ def inspect_checkpoint(
     :func:`convert_checkpoint`. With ``mlx``, every weight is read (slower) and ``mlx`` says, per
     MLX form (the scales' and biases' dtype) and per module, how many weights MLX's CPU and Metal
     arithmetic compute differently from the source's (what ``--to mlx --mlx-scales`` would write).
+    ``gguf`` says which GGUF types hold each module exactly (see
+    :mod:`packq.formats.gguf`; this reads every module's tensors). On a ``.gguf`` file it returns its
+    architecture, tensor types and sizes instead.
 
     Raises
     ------
@@ -42,6 +50,13 @@ def inspect_checkpoint(
     >>> info["engines"]["tgi"]["exact"], info["engines"]["exllamav2"]["exact"]
     (True, False)
     """
+    path = Path(src)
+    if path.suffix == ".gguf" or (path.is_file() and path.open("rb").read(4) == b"GGUF"):
+        from packq.checkpoint.containers.gguf import read_summary
+
+        with io_errors(path):
+            open(path, "rb").close()
+        return read_summary(path)
     ckpt = open_checkpoint(resolve(src, revision))
     by_dtype: Counter[str] = Counter()
     bytes_by_dtype: Counter[str] = Counter()
@@ -51,6 +66,7 @@ def inspect_checkpoint(
             bytes_by_dtype[t.dtype] += t.nbytes
     zeros = analyse(ckpt, v1_zeros)
     extra = {"mlx": _mlx_forms(ckpt, zeros)} if mlx else {}
+    read_word = zeros.convention == WORD and ckpt.format.method == "gptq" and ckpt.format.checkpoint_format == "gptq"
     return {
         "path": str(src), "format": ckpt.format.name, "method": ckpt.format.container or ckpt.format.method,
         "bits": ckpt.format.bits,
@@ -59,6 +75,7 @@ def inspect_checkpoint(
         "tensors_by_dtype": dict(sorted(by_dtype.items())), "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
         "zero_point_0": zeros.zero0, "zero_points": zeros.total, "zero_point_0_modules": zeros.zero0_modules,
         "v1_zeros": zeros.convention, "v1_ambiguous": zeros.ambiguous, "engines": zeros.engines, **extra,
+        "gguf": None if zeros.ambiguous else gguf_exactness(ckpt, read_word),
     }
 
 
@@ -86,4 +103,38 @@ def _mlx_forms(ckpt: Any, zeros: Any) -> dict[str, Any]:
         out[dtype] = {"differing": {b: sum(c[b] for c in modules.values()) for b in M.ARITHMETIC},
                       "modules": modules, "note": form_note(dtype, source)}
     out["weights"] = sum(m.n * m.k for m in ckpt.modules.values())
+    return out
+
+
+def gguf_exactness(ckpt: Checkpoint, read_word: bool) -> dict[str, Any]:
+    """Which GGUF types hold each module exactly: per type, the modules and blocks (F16/BF16: weights) it holds
+    exactly; ``auto``, the modules per smallest exact block type; ``none``, the modules no block type holds."""
+    from packq.checkpoint.formats.gguf import module_census
+    from packq.formats import gguf as G
+
+    out: dict[str, Any] = {t: {"modules": 0, "blocks": 0} for t in G.QUANTIZED}
+    out.update({t: {"modules": 0, "weights_rounded": 0} for t in ("F16", "BF16")})
+    auto: Counter[str] = Counter()
+    none: list[str] = []
+    total = G.Census()
+    for prefix in ckpt.modules:
+        try:
+            c = module_census(ckpt, prefix, read_word)
+        except CheckpointError:  # K not a multiple of 32, say: no GGUF block holds it
+            none.append(prefix)
+            continue
+        total += c
+        for t in G.QUANTIZED:
+            out[t]["modules"] += c.holds(t)
+            out[t]["blocks"] += c.exact[t]
+        for t in ("F16", "BF16"):
+            out[t]["modules"] += c.holds(t)
+            out[t]["weights_rounded"] += c.rounded[t]
+        best = c.smallest()
+        if best is None:
+            none.append(prefix)
+        else:
+            auto[best] += 1
+    out.update(auto=dict(sorted(auto.items())), none=none, blocks=total.blocks, weights=total.weights,
+               modules=len(ckpt.modules))
     return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.containers.folder import SafetensorsFolder
+from packq.checkpoint.containers.gguf import GGUFFile
 
-CONTAINERS: dict[str, Container] = {c.name: c for c in [SafetensorsFolder()]}
+CONTAINERS: dict[str, Container] = {c.name: c for c in [SafetensorsFolder(), GGUFFile()]}
 
 __all__ = ["CONTAINERS", "Container", "Plan"]

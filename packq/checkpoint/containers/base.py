@@ -10,7 +10,7 @@ into the hidden file or folder that :class:`~packq.checkpoint.files.Destination`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,6 +28,8 @@ class Plan:
     tensors: int  #: output tensors
     nbytes: int  #: bytes of tensor data written
     detail: Any = None  #: the container's own plan (per-file tensor lists, a GGUF layout, ...)
+    #: what the conversion's summary adds for this container (a GGUF file: its tensor types, bits a weight, ...)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class Container:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from packq.checkpoint.formats import awq, compressed_tensors, floats, gptq, mlx
+from packq.checkpoint.formats import awq, compressed_tensors, floats, gguf, gptq, mlx
 from packq.checkpoint.formats.base import CheckpointFormat
 
 FORMATS: dict[str, CheckpointFormat] = {
-    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS, mlx.FORMAT]
+    f.name: f for f in [awq.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, *floats.FORMATS, mlx.FORMAT, gguf.FORMAT]
 }
 
 #: the ``--to`` choices
@@ -43,6 +43,8 @@ def route(source: str, target: str) -> str:
         notes.append("group size 32, 64, 128")
     if source == "gptq" and not FORMATS[target].act_order:
         notes.append("no act-order")
+    if target == "gguf":
+        notes.append("one .gguf file; `--gguf-type`")
     return "yes" + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -1,0 +1,409 @@
+"""GGUF (llama.cpp) as a target: which block type holds each quantized module exactly, and its tensors' bytes.
+
+A quantized module becomes one GGUF tensor (ne = [K, N]; stacked MoE experts ne = [K, N, E]) of
+the smallest block type that holds every one of its blocks exactly (``auto``: Q4_0, Q5_0 or
+Q8_0; :mod:`packq.formats.gguf` says when a block is exact), or of the type asked for, refused
+before any write where it is not exact, unless the user accepts the inexact result. Plain tensors
+keep their values: norms as F32, the rest as stored. The model around the tensors (architecture,
+hyperparameters, tensor names and order, the q/k row permutation, expert stacking, tokenizer)
+is planned by :mod:`packq.checkpoint.gguf_model`; the file itself is written by the GGUF container
+(:mod:`packq.checkpoint.containers.gguf`). Everything is decided by :func:`plan` before the first
+byte is written; the tensors are then made one at a time, a module's in column blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from packq.backends.numpy import BACKEND as numpy_backend
+from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
+from packq.checkpoint.model import Checkpoint
+from packq.core import bits as B
+from packq.errors import CheckpointError
+from packq.formats import awq
+from packq.formats import gguf as G
+from packq.formats.engines import FIELD, WORD, read_v1
+
+if TYPE_CHECKING:
+    from packq.checkpoint.gguf_model import GGUFModel, GGUFTensor
+
+NAME = "gguf"
+#: ``--gguf-type`` choices; auto: the smallest of Q4_0, Q5_0, Q8_0 that holds a tensor exactly
+CHOICES = ("auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32")
+#: a module is encoded in blocks of output rows of about this many weights (memory: a few bytes each)
+COLUMN_WEIGHTS = 1 << 22
+#: qweight is unpacked in blocks of rows of about this many words
+ROW_WORDS = 1 << 20
+#: how many tensors a refusal names before "and N more"
+SHOWN = 5
+#: safetensors dtype of a plain tensor -> the GGUF type that holds it as stored
+PLAIN = {"F16": "F16", "BF16": "BF16", "F32": "F32"}
+#: general.file_type (llama.cpp's llama_ftype) by the type most of the quantized weights have
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "BF16": 32}
+
+
+def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A quantized module's integer codes q (..., K, N) uint8, zero-points z (..., G, N) int16 (a GPTQ v1
+    source read as its producer wrote it: ``read_word`` for GPTQModel's whole-word convention), scales
+    (..., G, N) float16 or float32 (bfloat16 widened, exactly), and its g_idx (None where absent).
+
+    The codes are unpacked in blocks of rows into one byte each, so that memory holds the packed module,
+    its bytes and one block's int32 work, not the whole module as int32."""
+    m = ckpt.modules[prefix]
+    a = module_arrays(ckpt, prefix)
+    words = a["qweight"].view(np.int32)
+    awq_layout = ckpt.format.method == "awq"
+    per, nwords = B.layout(m.bits)
+    unit = 1 if awq_layout else nwords  # AWQ rows are K rows; GPTQ's are packed along K, a period of nwords words
+    rows = words.shape[-2]
+    step = max(unit, ROW_WORDS // max(1, words.shape[-1]) // unit * unit)
+    lead = words.shape[:-2]
+    flat = words.reshape(-1, *words.shape[-2:])
+    q = np.empty((flat.shape[0], m.k, m.n), dtype=np.uint8)
+    for e in range(flat.shape[0]):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if awq_layout:
+                q[e, r0:r1] = numpy_backend.run(awq.unpack_awq, flat[e, r0:r1])
+            else:
+                q[e, r0 * per // nwords: r1 * per // nwords] = numpy_backend.run(
+                    B.unpack, flat[e, r0:r1], direction="row", bits=m.bits)
+    q = q.reshape(*lead, m.k, m.n)
+    if awq_layout:
+        z = np.asarray(numpy_backend.run(awq.unpack_awq, a["qzeros"].view(np.int32))).astype(np.int16)
+    else:
+        stored = fields(a["qzeros"], m.bits)
+        if ckpt.format.checkpoint_format == "gptq_v2":
+            z = stored
+        else:
+            z = read_v1(stored, a["qzeros"].view(np.uint32), WORD if read_word else FIELD, m.bits)
+    g_idx = a.get("g_idx")
+    return q, z.astype(np.int16), a["scales"], None if g_idx is None else g_idx.astype(np.int32)
+
+
+def _columns(n: int, k: int) -> list[tuple[int, int]]:
+    width = max(32, COLUMN_WEIGHTS // max(k, 1) // 32 * 32)
+    return [(n0, min(n, n0 + width)) for n0 in range(0, n, width)]
+
+
+def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True) -> G.Census:
+    """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block);
+    ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0)."""
+    q, z, s, g = module_integers(ckpt, prefix, read_word)
+    q, z, s = (x.reshape(-1, *x.shape[-2:]) for x in (q, z, s))
+    total = G.Census()
+    try:
+        for e in range(q.shape[0]):
+            for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
+                total += G.census(q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], g, rounding=rounding)
+    except ValueError as err:  # K not a multiple of 32, g_idx out of range: the module has no GGUF block form
+        raise CheckpointError(f"{ckpt.root}: {prefix}: {err}") from None
+    return total
+
+
+@dataclass
+class Planned:
+    """One tensor of the GGUF file, decided before writing: its type, shape and what it is made of."""
+
+    name: str
+    gguf_type: str  #: "Q4_0", "Q5_0", "Q8_0", "F16", "BF16" or "F32"
+    shape: tuple[int, ...]  #: NumPy order, the row (ne[0]) last: (N, K), (E, N, K), or a plain tensor's shape
+    tensor: GGUFTensor
+    census: G.Census | None = None  #: quantized tensors
+    exact: bool = True  #: dequantizes to the source's exact weights (plain tensors: their stored values)
+    max_error: float = 0.0  #: the largest |weight| difference where not exact
+    stored: str | None = None  #: plain tensors: the safetensors dtype
+
+    @property
+    def nbytes(self) -> int:
+        t = G.TYPES[self.gguf_type]
+        return int(np.prod(self.shape)) // t.weights * t.nbytes
+
+
+@dataclass
+class Plan:
+    """The whole file: the model's metadata and every tensor, and what the summary reports."""
+
+    model: GGUFModel
+    tensors: list[Planned]
+    requested: str
+    inexact: list[Planned] = field(default_factory=list)
+
+    @property
+    def file_type(self) -> int:
+        weights: dict[str, int] = {}
+        for p in self.tensors:
+            if p.census is not None:
+                weights[p.gguf_type] = weights.get(p.gguf_type, 0) + p.census.weights
+        return FILE_TYPE[max(weights, key=lambda t: weights[t])] if weights else 0
+
+    def types(self) -> dict[str, int]:
+        """Quantized tensors per GGUF type."""
+        out: dict[str, int] = {}
+        for p in self.tensors:
+            if p.census is not None:
+                out[p.gguf_type] = out.get(p.gguf_type, 0) + 1
+        return out
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool, read_word: bool) -> Plan:
+    """Decide every tensor's type from the module censuses; refuse (CheckpointError) before any write where the
+    requested type, or every block type, does not hold a tensor exactly and ``allow_inexact`` is not given."""
+    if gguf_type not in CHOICES:
+        raise CheckpointError(f"--gguf-type must be one of {', '.join(CHOICES)}, got {gguf_type!r}")
+    forced = None if gguf_type == "auto" else gguf_type.upper()
+    where = {t.name: (f, t) for f, shard in ckpt.shards.items() for t in shard.tensors.values()}
+    planned: list[Planned] = []
+    refused: list[str] = []
+    for t in model.tensors:
+        if t.values is not None:  # computed from config.json (Llama 3.1's rope_freqs)
+            planned.append(Planned(t.name, "F32", (len(t.values),), t))
+            continue
+        if not t.quantized:
+            planned.append(_plain(ckpt, where, t))
+            continue
+        mods = [ckpt.modules[p] for p in t.sources]
+        if len({(m.k, m.n, m.lead) for m in mods}) != 1:
+            raise CheckpointError(f"{ckpt.root}: {t.name}: the experts {_names(list(t.sources))} differ in shape")
+        m = mods[0]
+        shape = (len(mods), *m.lead, m.n, m.k) if len(mods) > 1 else (*m.lead, m.n, m.k)
+        census = G.Census()
+        for p in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
+            census += module_census(ckpt, p, read_word, rounding=forced in ("F16", "BF16"))
+        chosen = forced or census.smallest()
+        if chosen is None:  # no block type holds it: F16, what AWQ/GPTQ engines compute, if the user accepts that
+            p = Planned(t.name, "F16", shape, t, census, exact=False)
+            refused.append(f"{t.name} ({_best(census)})")
+        else:
+            p = Planned(t.name, chosen, shape, t, census, exact=census.holds(chosen))
+            if not p.exact:
+                refused.append(f"{t.name} ({census.not_exact(chosen)} of "
+                               f"{census.blocks if G.TYPES[chosen].quantized else census.weights} "
+                               f"{'blocks' if G.TYPES[chosen].quantized else 'weights'} not exact)")
+        planned.append(p)
+    inexact = [p for p in planned if not p.exact]
+    if inexact and not allow_inexact:
+        quantized = sum(1 for p in planned if p.census is not None)
+        if forced:
+            what = (f"GGUF {forced} does not hold {len(inexact)} of {quantized} quantized tensors exactly")
+            why = ("F16 and BF16 round (q - z) * s once, as AWQ/GPTQ engines compute it in float16; "
+                   if forced in ("F16", "BF16") else "")
+        else:
+            what = f"no GGUF block type (Q4_0, Q5_0, Q8_0) holds {len(inexact)} of {quantized} quantized tensors exactly"
+            why = ("a block of 32 input features needs one fp16 scale: act-order, groups smaller than 32 or scales that "
+                   "are not fp16 values have none; ")
+        raise CheckpointError(
+            f"{ckpt.root}: {what}: {_names(refused)}; {why}pass --gguf-type f32 for the exact product (32 bits a weight), "
+            f"or --allow-inexact to write {forced or 'F16 (what AWQ/GPTQ engines compute)'} anyway"
+        )
+    for p in inexact:
+        p.max_error = _max_error(ckpt, p, read_word)
+    return Plan(model, planned, gguf_type, inexact)
+
+
+def _best(c: G.Census) -> str:
+    t = max(G.QUANTIZED, key=lambda t: c.exact[t])
+    if not c.exact[t]:
+        return f"none of {c.blocks} blocks exact"
+    return f"at most {c.exact[t]} of {c.blocks} blocks exact, in {t}"
+
+
+def _plain(ckpt: Checkpoint, where: dict[str, Any], t: GGUFTensor) -> Planned:
+    infos = []
+    for name in t.sources:
+        if name not in where:
+            raise CheckpointError(f"{ckpt.root}: {t.name}: no tensor {name!r} in the checkpoint")
+        infos.append(where[name][1])
+    dtypes = {i.dtype for i in infos}
+    if len(dtypes) != 1 or len({i.shape for i in infos}) != 1:
+        raise CheckpointError(f"{ckpt.root}: {t.name}: the tensors {_names(list(t.sources))} differ in dtype or shape")
+    stored = infos[0].dtype
+    if stored not in PLAIN:
+        raise CheckpointError(f"{ckpt.root}: {t.sources[0]} has dtype {stored}; GGUF plain tensors here are F16, BF16 or F32")
+    shape = (len(infos), *infos[0].shape) if len(infos) > 1 else infos[0].shape
+    if not shape:
+        shape = (1,)
+    gguf_type = "F32" if t.plain == "f32" else PLAIN[stored]
+    return Planned(t.name, gguf_type, tuple(shape), t, stored=stored)
+
+
+# ---------------------------------------------------------------- making the bytes
+def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, read_word: bool):
+    q, z, s, g = module_integers(ckpt, prefix, read_word)
+    if perm is not None:  # whole output rows move, with their scales and zero-points
+        idx = np.asarray(perm)
+        q, z, s = q[..., idx], z[..., idx], s[..., idx]
+    return q.reshape(-1, *q.shape[-2:]), z.reshape(-1, *z.shape[-2:]), s.reshape(-1, *s.shape[-2:]), g
+
+
+def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+    """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
+    expert by expert, which the writer runs on worker threads, a few ahead, in order)."""
+    t = p.tensor
+    if t.values is not None:
+        yield np.asarray(t.values, dtype="<f4").view(np.uint8)
+        return
+    if t.quantized:
+        for prefix in t.sources:
+            q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
+            for e in range(q.shape[0]):
+                for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
+                    yield functools.partial(G.encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
+            del q, z, s
+        return
+    for name in t.sources:
+        yield _plain_bytes(ckpt, name, p)
+
+
+def _plain_values(ckpt: Checkpoint, name: str, p: Planned) -> np.ndarray:
+    """A plain tensor's stored values (bfloat16 as its uint16 bits), rows permuted where planned."""
+    shard = next(s for s in ckpt.shards.values() if name in s.tensors)
+    with shard.open() as f:
+        a = f.array_bits(name) if p.stored == "BF16" else f.array(name)
+    if p.tensor.row_perm is not None:
+        a = a[np.asarray(p.tensor.row_perm)]
+    return a
+
+
+def _plain_bytes(ckpt: Checkpoint, name: str, p: Planned) -> np.ndarray:
+    a = _plain_values(ckpt, name, p)
+    if p.gguf_type == "F32":  # norms as llama.cpp wants them; bfloat16 and float16 widen exactly
+        a = (a.astype(np.uint32) << 16).view(np.float32) if p.stored == "BF16" else a.astype(np.float32)
+        a = a.astype("<f4")
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _expected(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray]:
+    """What the tensor must dequantize to, in file order: the exact product (the intended rounding where the user
+    accepted an inexact tensor), or the plain tensor's values as float32."""
+    t = p.tensor
+    if t.values is not None:
+        yield np.asarray(t.values, dtype=np.float32)
+        return
+    if not t.quantized:
+        for name in t.sources:
+            a = _plain_values(ckpt, name, p).reshape(-1)
+            for i in range(0, a.size, COLUMN_WEIGHTS):  # in pieces: an embedding's float32 copy is not small
+                part = a[i: i + COLUMN_WEIGHTS]
+                yield (part.astype(np.uint32) << np.uint32(16)).view(np.float32) if p.stored == "BF16" else part.astype(np.float32)
+        return
+    for prefix in t.sources:
+        q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
+        for e in range(q.shape[0]):
+            for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
+                args = (q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1])
+                w = G.product(*args, g)
+                if not p.exact:
+                    w = G.dequantize(G.encode(*args, p.gguf_type, g), p.gguf_type, w.shape)
+                yield w.reshape(-1)
+
+
+def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
+    worst = 0.0
+    t = p.tensor
+    for prefix in t.sources:
+        q, z, s, g = _module_rows(ckpt, prefix, None, read_word)
+        for e in range(q.shape[0]):
+            for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
+                args = (q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1])
+                w = G.product(*args, g)
+                got = G.dequantize(G.encode(*args, p.gguf_type, g), p.gguf_type, w.shape)
+                with np.errstate(invalid="ignore"):
+                    worst = max(worst, float(np.nanmax(np.abs(got.astype(np.float64) - w.astype(np.float64)))))
+    return worst
+
+
+def verify(ckpt: Checkpoint, gplan: Plan, path: Path, read_word: bool, check_each=None) -> None:
+    """Read the written file back and dequantize every tensor as ggml does (:func:`packq.formats.gguf.dequantize`):
+    bit for bit the source's exact weights (plain tensors: their values); names, types and shapes as planned,
+    as gguf-py's GGUFReader reads the file. CheckpointError on the first difference.
+
+    ``check_each(check)`` calls ``check(prefix)`` for every quantized module (the conversion's progress): a
+    tensor is checked with the first module it holds. The data are read by positioned reads, a piece at a time.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        found = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape), int(t.data_offset)) for t in reader.tensors}
+        names = [t.name for t in reader.tensors]
+        del reader  # its memory map: the data are read piece by piece below
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is not what was planned
+        raise CheckpointError(f"verification failed: {path}: gguf-py cannot read it back: {e}") from None
+    if names != [p.name for p in gplan.tensors]:
+        raise CheckpointError(f"verification failed: {path}: its tensors are not the planned ones")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def one(p: Planned) -> None:
+            kind, ne, offset = found[p.name]
+            if G.BY_GGML.get(int(kind)) is not G.TYPES[p.gguf_type] or ne != tuple(reversed(p.shape)):
+                raise CheckpointError(f"verification failed: {p.name} is {kind.name} {ne} in the file, "
+                                      f"planned {p.gguf_type} {tuple(reversed(p.shape))}")
+            t, done = G.TYPES[p.gguf_type], 0
+            for want in _expected(ckpt, p, read_word):
+                nbytes = want.size // t.weights * t.nbytes
+                got = G.dequantize(_pread(fd, nbytes, offset), p.gguf_type, (want.size,))
+                if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):  # bit for bit
+                    raise CheckpointError(f"verification failed: {p.name} does not dequantize to the source's weights")
+                offset, done = offset + nbytes, done + want.size
+            if done != int(np.prod(p.shape)):
+                raise CheckpointError(f"verification failed: {p.name} holds {int(np.prod(p.shape))} weights, the source {done}")
+
+        by_module = {p.tensor.sources[0]: p for p in gplan.tensors if p.tensor.quantized}
+        for p in gplan.tensors:
+            if not p.tensor.quantized:
+                one(p)
+        checked: set[str] = set()
+
+        def check(prefix: str) -> None:
+            if prefix in by_module:
+                one(by_module[prefix])
+                checked.add(prefix)
+
+        if check_each is None:
+            for prefix in ckpt.modules:
+                check(prefix)
+        else:
+            check_each(check)
+        if checked != set(by_module):
+            raise CheckpointError(f"verification failed: {len(set(by_module) - checked)} tensors were not checked")
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, n: int, offset: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint8)
+    view, done = memoryview(out), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise CheckpointError("verification failed: the GGUF file ends early")
+        done += got
+    return out
+
+
+class GGUF(CheckpointFormat):
+    """The registry's entry for ``--to gguf``: written by the GGUF container, never read (yet)."""
+
+    name = NAME
+    title = "GGUF (llama.cpp: Q4_0 / Q5_0 / Q8_0, exact)"
+    recognised_by = "a .gguf file"
+    module = "one tensor of GGUF blocks, ne = [K, N] (experts stacked: [K, N, E])"
+    read = False
+    act_order = True  # as F32 (the exact product); block types refuse it, tensor by tensor, in plan()
+    container = "gguf"  # packq.checkpoint.containers.gguf: one file
+
+
+FORMAT = GGUF()
