@@ -33,7 +33,7 @@ def inspect_checkpoint(
     MLX form (the scales' and biases' dtype) and per module, how many weights MLX's CPU and Metal
     arithmetic compute differently from the source's (what ``--to mlx --mlx-scales`` would write).
     ``gguf`` says which GGUF types hold each module exactly (see
-    :mod:`packq.formats.gguf`; this reads every module's tensors). On a ``.gguf`` file it returns its
+    ``packq.formats.gguf``; this reads every module's tensors). On a ``.gguf`` file it returns its
     architecture, tensor types and sizes instead.
 
     Raises
