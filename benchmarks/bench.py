@@ -3,6 +3,8 @@
     python benchmarks/bench.py cpu [--quick]   # this machine: medians, ratios, CSV, plot
     python benchmarks/bench.py gpu             # on a CUDA machine: JAX on the GPU, seed torch on the GPU,
                                                # device-to-device copies; timed with device events
+    python benchmarks/bench.py gpu-dequant     # on a CUDA machine: dequantization (torch CUDA, JAX) against
+                                               # a device copy of its float16 output
 
 Every implementation converts the same words in one run and its result is checked against packq's
 NumPy result before it is timed. Ratios are to the plain copy of the same bytes (read once, written
@@ -261,6 +263,80 @@ def gpu() -> list[dict]:
     return rows
 
 
+def gpu_dequant() -> list[dict]:
+    """Dequantization on the GPU, float16 scales and output, group size 128: torch CUDA (Triton) and JAX, each
+    checked against NumPy first, against a device copy of the float16 output (its floor moves more bytes than
+    dequantization does: the copy reads and writes the output, dequantization reads words and writes it)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from packq.backends import jax as jax_backend
+    from packq.formats import gptq
+
+    dev, gpu = torch.device("cuda"), jax.devices("gpu")[0]
+    warm = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    t_end = time.perf_counter() + 2
+    while time.perf_counter() < t_end:
+        warm.add_(1)
+    torch.cuda.synchronize()
+    rows = []
+    rng = np.random.default_rng(0)
+    for label, (k, n) in SHAPES.items():
+        groups = k // 128
+        scales = (rng.standard_normal((groups, n)) * 0.01).astype(np.float16)
+        aw, az = raw_words(k * 7 + n, (k, n // 8)), raw_words(k + n, (groups, n // 8))
+        want = packq.dequantize_awq(aw, az, scales)
+        t_aw, t_az, t_s = (torch.from_numpy(a).to(dev) for a in (aw, az, scales))
+        j_aw, j_az, j_s = (jax.device_put(a, gpu) for a in (aw, az, scales))
+        out = torch.from_numpy(want).to(dev)
+        t: dict[str, float] = {}
+
+        def check(got, ref) -> None:
+            got = got.cpu().numpy() if hasattr(got, "cpu") else np.asarray(got)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
+
+        check(packq.dequantize_awq(t_aw, t_az, t_s), want)
+        t["copy of the float16 output (torch d2d), back to back"] = back_to_back(lambda: out.clone(), 20)
+        t["copy of the float16 output (jax, -x)"] = jax_ms(jax.jit(lambda a: -a), jax.device_put(want, gpu))
+        t["torch cuda awq (triton), back to back"] = back_to_back(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)
+        t["torch cuda awq (triton), one call"] = cuda_ms(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)
+        spread = jax.jit(lambda a, b, c: jax_backend.dequantize_awq_spread(jnp, a, b, c))
+        core = jax.jit(lambda a, b, c: gptq.dequantize_awq(jnp, a, b, c))
+        for name, f in (("jax awq eager (public call)", packq.dequantize_awq), ("jax awq spread (jit)", spread),
+                        ("jax awq core (jit)", core)):
+            check(f(j_aw, j_az, j_s), want)
+            t[name] = jax_ms(lambda a: f(a, j_az, j_s), j_aw)
+        for bits in (4, 3, 2, 8):
+            gw, gz = raw_words(k * bits + n, (k * bits // 32, n)), raw_words(k + n + bits, (groups, n * bits // 32))
+            t_gw, t_gz = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev)
+            j_gw, j_gz = jax.device_put(gw, gpu), jax.device_put(gz, gpu)
+            variants = [(None, "")] if bits != 4 else [(None, ""), (rng.permutation(np.arange(k) // 128).astype(np.int32),
+                                                                     " act-order")]
+            for g_idx, what in variants:
+                ref = packq.dequantize_gptq(gw, gz, scales, g_idx, bits=bits)
+                tg = None if g_idx is None else torch.from_numpy(g_idx).to(dev)
+                jg = None if g_idx is None else jax.device_put(g_idx, gpu)
+                check(packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), ref)
+                t[f"torch cuda gptq {bits}-bit{what} (triton), back to back"] = back_to_back(
+                    lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), 20)
+                check(packq.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits), ref)
+                t[f"jax gptq {bits}-bit{what} eager (public call)"] = jax_ms(
+                    lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg, bits=bits), j_gw)
+                if bits == 4 and g_idx is None:
+                    jcore = jax.jit(lambda a, b, c: gptq.dequantize_gptq(jnp, a, b, c, None, bits=4, zeros="v1"))
+                    check(jcore(j_gw, j_gz, j_s), ref)
+                    t["jax gptq 4-bit core (jit)"] = jax_ms(lambda a: jcore(a, j_gz, j_s), j_gw)
+        mb = want.nbytes / 1e6
+        floor = "copy of the float16 output (torch d2d), back to back"
+        print(f"{label}: float16 output {mb:.1f} MB, on {torch.cuda.get_device_name()}")
+        for impl, ms in t.items():
+            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
+                         "x_copy": round(ms / t[floor], 2), "GB_s": round(2 * mb / ms, 2)})
+            print(f"  {impl:58s} {ms:9.4f} ms  {ms / t[floor]:6.2f}x the copy")
+    return rows
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -284,17 +360,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cpu", "gpu", "cpu-jax"], help="cpu-jax: the JAX rows alone, as JSON (used by cpu)")
+    p.add_argument("mode", choices=["cpu", "gpu", "gpu-dequant", "cpu-jax"],
+                   help="cpu-jax: the JAX rows alone, as JSON (used by cpu)")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.mode == "cpu-jax":
         print(json.dumps(cpu_jax(args.quick)))
         return
-    rows = cpu(args.quick) if args.mode == "cpu" else gpu()
+    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant()
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
-    if args.mode == "gpu":
+    if args.mode.startswith("gpu"):
         import torch
 
         machine = torch.cuda.get_device_name()
@@ -304,7 +381,9 @@ def main() -> None:
         w.writerows({"machine": machine, **r} for r in rows)
     print(f"wrote {args.out / (args.mode + '.csv')}")
     try:
-        plot(rows, args.out / f"{args.mode}.png", f"AWQ -> GPTQ weight conversion ({args.mode}: {machine})")
+        what = "dequantization, float16 (GB/s: the output's bytes twice)" if args.mode == "gpu-dequant" else \
+            "AWQ -> GPTQ weight conversion"
+        plot(rows, args.out / f"{args.mode}.png", f"{what} ({args.mode}: {machine})")
         print(f"wrote {args.out / (args.mode + '.png')}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'packq[bench]')")
