@@ -307,6 +307,17 @@ def gpu_dequant() -> list[dict]:
                         ("jax awq core (jit)", core)):
             check(f(j_aw, j_az, j_s), want)
             t[name] = jax_ms(lambda a: f(a, j_az, j_s), j_aw)
+        try:  # Pallas kernels (Triton underneath), measured beside XLA's fusion
+            from packq.backends import pallas_kernels as pk
+
+            check(pk.dequantize_awq(j_aw, j_az, j_s), want)
+            t["jax awq pallas"] = jax_ms(lambda a: pk.dequantize_awq(a, j_az, j_s), j_aw)
+            gw4, gz4 = packq.fast_awq_to_gptq(aw, az)
+            j_gw4, j_gz4 = jax.device_put(gw4, gpu), jax.device_put(gz4, gpu)
+            check(pk.dequantize_gptq(j_gw4, j_gz4, j_s, bits=4, zeros="v1"), want)
+            t["jax gptq 4-bit pallas"] = jax_ms(lambda a: pk.dequantize_gptq(a, j_gz4, j_s, bits=4, zeros="v1"), j_gw4)
+        except Exception as e:  # noqa: BLE001  reported, not fatal: the XLA rows stand
+            print(f"  pallas kernels: {type(e).__name__}: {str(e)[:300]}")
         for bits in (4, 3, 2, 8):
             gw, gz = raw_words(k * bits + n, (k * bits // 32, n)), raw_words(k + n + bits, (groups, n * bits // 32))
             t_gw, t_gz = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev)

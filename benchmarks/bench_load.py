@@ -81,6 +81,7 @@ else:
     out = packq.jax.load(src, layout=mode, **kw)
 jax.block_until_ready(out)
 t_end = time.perf_counter()
+check_s = 0.0
 if mode in ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized") and os.environ.get("CHECK") == "1":
     import packq
     from packq.checkpoint.folder import open_checkpoint
@@ -108,8 +109,9 @@ if mode in ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized"
                 got = got.astype(np.uint8)
             assert got.shape == x.shape and got.tobytes() == x.tobytes(), (mode, m.prefix, part)
     events["checked_modules"] = len(sample)
+    check_s = time.perf_counter() - t_end
 nbytes = sum(s.data.nbytes for a in out.values() for s in a.addressable_shards) if out else 0
-print(json.dumps({"import_s": t_start - t0, "work_s": t_end - t_start, "array_bytes": nbytes, **events,
+print(json.dumps({"import_s": t_start - t0, "work_s": t_end - t_start, "check_s": check_s, "array_bytes": nbytes, **events,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -119,7 +121,8 @@ def child(mode: str, src: Path, platform: str, env: dict[str, str]) -> tuple[flo
     r = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), platform], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     assert r.returncode == 0, r.stderr[-3000:]
-    return wall, json.loads(r.stdout.strip().splitlines()[-1])
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    return wall - info["check_s"], info  # the check after the load is not the load's time
 
 
 def main() -> None:
@@ -139,10 +142,6 @@ def main() -> None:
         where = "8 virtual CPU devices, columns split 8 ways" if args.platform == "cpu" else "one GPU"
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
               f"largest tensor {largest_tensor / 1e6:.1f} MB; {where}; median of {args.repeat} fresh processes")
-        # correctness first: every layout checked against NumPy on a sample of modules, in this run
-        for layout in layouts:
-            _, info = child(layout, src, args.platform, {**base, "CHECK": "1"})
-            print(f"  checked layout {layout}: {info.get('checked_modules')} modules bit for bit against NumPy")
         cache = Path(tmp) / "jax-cache"
         cached = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         for layout in layouts:  # fill the cache
@@ -151,13 +150,15 @@ def main() -> None:
         info: dict[str, dict] = {}
         runs = [("start", base), ("read", base), ("read+put", base), ("flax", base)]
         runs += [(layout, base) for layout in layouts] + [(f"{layout} (cached)", cached) for layout in layouts]
-        for _ in range(args.repeat):
+        for rep in range(args.repeat):
             t = time.perf_counter()
             subprocess.run(["sh", "-c", f"cat '{src}'/* > /dev/null"], check=True)
             times.setdefault("cat", []).append(time.perf_counter() - t)
             for name, env in runs:
-                try:
-                    wall, i = child(name.split(" ")[0], src, args.platform, env)
+                try:  # the first run of each layout also checks its arrays against NumPy, after the timed load
+                    wall, i = child(name.split(" ")[0], src, args.platform, {**env, "CHECK": "1"} if rep == 0 else env)
+                    if i.get("checked_modules"):
+                        print(f"  checked {name}: {i['checked_modules']} modules bit for bit against NumPy", flush=True)
                 except AssertionError as e:
                     if name == "flax":  # safetensors missing, or its flax module
                         info[name] = {"error": str(e)[-200:]}
@@ -165,6 +166,7 @@ def main() -> None:
                     raise
                 times.setdefault(name, []).append(wall)
                 info[name] = i
+                print(f"    run {rep + 1}: {name} {wall:.2f} s, load {i['work_s']:.2f} s, {i['compiles']} compiles", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"cat SRC/* > /dev/null                     {med['cat']:6.2f} s")
         print(f"JAX's start (import jax; jax.devices())   {med['start']:6.2f} s")

@@ -65,16 +65,20 @@ def dequant() -> None:
     g, gzt, g3, gz3t = (torch.from_numpy(a).cuda() for a in (gw, gz, gw3, gz3))
     out = torch.from_numpy(want).cuda()
     print(f"dequantization 8192 x 28672 float16: copy of the output b2b {b2b(lambda: out.clone(), 20):.4f} ms")
-    for warps in (4, 8):
-        for rows, words, cols in [(32, 32, 256), (32, 64, 512), (64, 32, 256), (32, 16, 128), (64, 64, 512)]:
-            tk.DQ_WARPS, tk.DQ_ROWS, tk.DQ_WORDS, tk.DQ_COLS = warps, rows, words, cols
-            assert tk.dequantize_awq(x, z, sc).cpu().numpy().tobytes() == want.tobytes()
-            assert tk.dequantize_gptq(g, gzt, sc, None, 4, "v1").cpu().numpy().tobytes() == want.tobytes()
-            assert tk.dequantize_gptq(g3, gz3t, sc, None, 3, "v1").cpu().numpy().tobytes() == want3.tobytes()
-            print(f"  warps={warps} rows={rows} awq words={words} gptq cols={cols}: "
-                  f"awq b2b {b2b(lambda: tk.dequantize_awq(x, z, sc), 20):.4f}, "
-                  f"gptq4 b2b {b2b(lambda: tk.dequantize_gptq(g, gzt, sc, None, 4, 'v1'), 20):.4f}, "
-                  f"gptq3 b2b {b2b(lambda: tk.dequantize_gptq(g3, gz3t, sc, None, 3, 'v1'), 20):.4f} ms")
+    act = torch.from_numpy(rng.permutation(np.arange(k) // 128).astype(np.int32)).cuda()
+    want_act = packq.dequantize_gptq(gw, gz, s, act.cpu().numpy())
+    for warps, rows, words, cols in [(4, 32, 32, 256), (4, 32, 64, 512), (4, 32, 16, 128), (8, 32, 32, 256), (8, 64, 64, 512),
+                                     (2, 32, 16, 64)]:
+        tk.DQ_WARPS, tk.DQ_ROWS, tk.DQ_WORDS, tk.DQ_COLS = warps, rows, words, cols
+        assert tk.dequantize_awq(x, z, sc).cpu().numpy().tobytes() == want.tobytes()
+        assert tk.dequantize_gptq(g, gzt, sc, None, 4, "v1").cpu().numpy().tobytes() == want.tobytes()
+        assert tk.dequantize_gptq(g3, gz3t, sc, None, 3, "v1").cpu().numpy().tobytes() == want3.tobytes()
+        assert tk.dequantize_gptq(g, gzt, sc, act, 4, "v1").cpu().numpy().tobytes() == want_act.tobytes()
+        print(f"  warps={warps} rows={rows} awq words={words} gptq cols={cols}: "
+              f"awq b2b {b2b(lambda: tk.dequantize_awq(x, z, sc), 20):.4f}, "
+              f"gptq4 b2b {b2b(lambda: tk.dequantize_gptq(g, gzt, sc, None, 4, 'v1'), 20):.4f}, "
+              f"gptq3 b2b {b2b(lambda: tk.dequantize_gptq(g3, gz3t, sc, None, 3, 'v1'), 20):.4f}, "
+              f"gptq4 act-order b2b {b2b(lambda: tk.dequantize_gptq(g, gzt, sc, act, 4, 'v1'), 20):.4f} ms")
 
 
 if __name__ == "__main__":

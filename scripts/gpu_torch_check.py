@@ -69,8 +69,7 @@ def main() -> int:
 
 #: (lead, K, N, groups): layers with groups of 128 (the kernels' one-group tiles), per-channel (one group),
 #: groups of 32 and 48 (tiles across groups), stacked experts, ragged column tiles
-DQ_SHAPES = [((), 4096, 1024, 32), ((), 1024, 4096, 1), ((), 512, 768, 16), ((), 768, 544, 16), ((8,), 256, 512, 2),
-             ((2, 3), 128, 96, 4)]
+DQ_SHAPES = [((), 4096, 1024, 32), ((), 1024, 544, 1), ((), 768, 768, 16), ((8,), 256, 512, 2), ((2, 3), 128, 96, 4)]
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -118,6 +117,8 @@ def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
                 failures.append(f"{lib} {what}")
 
     for lead, k, n, groups in DQ_SHAPES:
+        print(f"dequantization {lead} {k} x {n}, {groups} groups: {checked} arrays checked so far, "
+              f"{len(failures)} failures", file=sys.stderr, flush=True)
         for dtype in DTYPES:
             s32 = (rng.standard_normal((*lead, groups, n)) * np.exp2(rng.integers(-20, 4, (*lead, groups, n))))
             s32 = s32.astype(np.float32)
@@ -135,7 +136,7 @@ def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
                 if n * bits % 32:
                     continue
                 gw, gz = words(*lead, k * bits // 32, n), words(*lead, groups, n * bits // 32)
-                for zeros in ("v1", "v2"):
+                for zeros in ("v1", "v2") if dtype == "float16" else ("v1",):
                     for act in (False, True):
                         g_idx = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32) if act else None
                         want = reference(packq.dequantize_gptq, dtype, gw, gz, scales, g_idx, bits=bits, zeros=zeros)

@@ -159,18 +159,25 @@ _compiled: dict[tuple[Any, ...], Any] = {}
 
 
 def _run(kernel: Any, grid: tuple[int], pointers: tuple[Any, ...], ints: tuple[int, ...], tiles: tuple[int, ...]) -> None:
+    rows, words, zw = tiles
+    _fast(kernel, grid, pointers, ints, {"ROWS": rows, "CW": words, "ZW": zw}, NUM_WARPS)
+
+
+def _fast(kernel: Any, grid: tuple[int, ...], pointers: tuple[Any, ...], ints: tuple[int, ...], constexprs: dict[str, Any],
+          warps: int) -> None:
     """Launch ``kernel``: the first time through Triton's ``kernel[grid](...)``, which binds and specializes
     the arguments in Python (about 30 us a call on the H200's host), then straight through the compiled
-    kernel it returned, for every launch that Triton would specialize alike."""
-    key = (kernel, pointers[0].device.index, tiles, NUM_WARPS, tuple(p.data_ptr() % 16 == 0 for p in pointers),
+    kernel it returned, for every launch that Triton would specialize alike (``constexprs`` in the kernel's
+    order, after its other arguments)."""
+    key = (kernel, pointers[0].device.index, tuple(constexprs.items()), warps,
+           tuple((p.dtype, p.data_ptr() % 16 == 0) for p in pointers),
            tuple((-(2**31) <= i < 2**31, i % 16 == 0, i == 1) for i in ints))
     compiled = _compiled.get(key)
     args = (*pointers, *ints)
     if compiled is not None:
-        compiled[(grid[0], 1, 1)](*args, *tiles)  # (the compiled kernel takes a 3-D grid)
+        compiled[(*grid, *(1,) * (3 - len(grid)))](*args, *constexprs.values())  # (the compiled kernel takes a 3-D grid)
         return
-    rows, words, zw = tiles
-    compiled = kernel[grid](*args, ROWS=rows, CW=words, ZW=zw, num_warps=NUM_WARPS)
+    compiled = kernel[grid](*args, **constexprs, num_warps=warps)
     if FAST_LAUNCH and hasattr(compiled, "function"):  # a compiled GPU kernel (the interpreter returns none)
         _compiled[key] = compiled
 
@@ -282,7 +289,15 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
         else:
             g = (rows // gsize).to(tl.int64)[:, None]
         m2 = (rows[:, None] < k) & cmask[None, :]
-        z = (_field(qz + g * nz + tl.zeros_like(cols)[None, :], cols[None, :], 1, m2, BITS) + zadd) & ((1 << BITS) - 1)
+        if BITS == 3:
+            z = _field(qz + g * nz + tl.zeros_like(cols)[None, :], cols[None, :], 1, m2, BITS)
+        else:  # each row's zero-point words loaded once, their fields spread over the columns
+            ZPER: tl.constexpr = 32 // BITS
+            zc = (pid % col_blocks) * (BN // ZPER) + tl.arange(0, BN // ZPER)
+            zw = tl.load(qz + g * nz + zc[None, :], mask=(rows[:, None] < k) & (zc[None, :] < nz), other=0)
+            zshift = (tl.arange(0, ZPER) * BITS)[None, None, :]
+            z = tl.reshape((zw[:, :, None] >> zshift) & ((1 << BITS) - 1), (BK, BN))
+        z = (z + zadd) & ((1 << BITS) - 1)
         s = tl.load(sc + g * n + cols[None, :], mask=m2, other=0)
     mask = (rows[:, None] < k) & cmask[None, :]
     _scaled(q, z, s, out, rows[:, None].to(tl.int64) * n + cols[None, :], mask)
@@ -323,7 +338,8 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
     one = gsize % DQ_ROWS == 0
     grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(c, DQ_WORDS), w.shape[0])
     with _on(qweight):
-        _dequant_awq[grid](w, z, s, out, k, c, groups, gsize, BK=DQ_ROWS, BJ=DQ_WORDS, ONE_GROUP=one, num_warps=DQ_WARPS)
+        _fast(_dequant_awq, grid, (w, z, s, out), (k, c, groups, gsize),
+              {"BK": DQ_ROWS, "BJ": DQ_WORDS, "ONE_GROUP": one}, DQ_WARPS)
     return out
 
 
@@ -343,8 +359,8 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, b
     one = g_idx is None and gsize % DQ_ROWS == 0
     grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS), w.shape[0])
     with _on(qweight):
-        _dequant_gptq[grid](w, z, s, gi, out, k, n, groups, gsize, 1 if zeros == "v1" else 0, BITS=bits, BK=DQ_ROWS,
-                            BN=DQ_COLS, ONE_GROUP=one, HAS_GIDX=g_idx is not None, num_warps=DQ_WARPS)
+        _fast(_dequant_gptq, grid, (w, z, s, gi, out), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
+              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None}, DQ_WARPS)
     return out
 
 
