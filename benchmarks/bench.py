@@ -130,6 +130,36 @@ def back_to_back(fn, repeat: int = 100) -> float:
     return statistics.median(means)
 
 
+def graph_ms(fn, calls: int = 20) -> float:
+    """Device time of one call: ``calls`` calls captured in a CUDA graph, the median of 5 replays over ``calls``.
+    The host's launch and packq's argument checks are out of it, which back-to-back timing cannot leave out
+    where a call's host time exceeds its kernel's (small layers)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
 def seed_weight(torch, qweight):
     """The seed's weight path (LoRAX fast_awq_to_gptq without the zeros)."""
     from make_fixtures import REVERSE_AWQ_PACK_ORDER, seed_apply_order, seed_pack, seed_unpack
@@ -298,6 +328,16 @@ def gpu_dequant() -> list[dict]:
 
         check(packq.dequantize_awq(t_aw, t_az, t_s), want)
         t["copy of the float16 output (torch d2d), back to back"] = back_to_back(lambda: out.clone(), 20)
+        try:  # device time alone, in CUDA graphs
+            t["copy of the float16 output (torch d2d), CUDA graph"] = graph_ms(lambda: out.clone())
+            t["torch cuda awq (triton), CUDA graph"] = graph_ms(lambda: packq.dequantize_awq(t_aw, t_az, t_s))
+            gw4, gz4 = (torch.from_numpy(a).to(dev) for a in packq.fast_awq_to_gptq(aw, az))
+            check(packq.dequantize_gptq(gw4, gz4, t_s), want)
+            t["torch cuda gptq 4-bit (triton), CUDA graph"] = graph_ms(lambda: packq.dequantize_gptq(gw4, gz4, t_s))
+            del gw4, gz4
+        except Exception as e:  # noqa: BLE001  reported; the back-to-back rows stand
+            print(f"  CUDA graph timing: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
         t["copy of the float16 output (jax, -x)"] = jax_ms(jax.jit(lambda a: -a), jax.device_put(want, gpu))
         t["torch cuda awq (triton), back to back"] = back_to_back(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)
         t["torch cuda awq (triton), one call"] = cuda_ms(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)

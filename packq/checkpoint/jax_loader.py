@@ -24,6 +24,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -329,21 +330,36 @@ class _Loader:
         planned = {name: (info, s) for name, info, s, _ in self.plan}
         if self.layout == "source":
             return {name: self._array(name, info, s) for name, (info, s) in planned.items()}
-        out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
-        for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
-            stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
-            out.update(self._module(m, stored))
-            del stored
+        # every module's conversion is known from the headers alone: compile the distinct ones on threads (XLA
+        # releases the GIL) while the bytes are read, rather than one after another at each new shape
+        jobs = {}
+        for m in self.ckpt.modules.values():
+            st, s = self._static(m), self._module_sharding(m)
+            sig = tuple(sorted((part, planned[n][0].shape, _dtype_name(planned[n][0].dtype), planned[n][1])
+                               for part, n in m.names.items() if n in planned))
+            jobs.setdefault((st, sig, s), None)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs))), thread_name_prefix="packq-compile") as pool:
+            self.executables = {key: pool.submit(_executable, *key) for key in jobs}
+            out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
+            for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
+                stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
+                out.update(self._module(m, stored))
+                del stored
         return out
 
+    def _static(self, m: Module) -> _Static:
+        fmt = self.ckpt.format
+        trivial_g = "g_idx" not in m.names or not self.act_order
+        return _Static(self.layout, fmt.method, fmt.checkpoint_format, m.bits, self.convention, m.transposed,
+                       trivial_g, None if self.dtype is None else jnp.dtype(self.dtype).name)
+
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        p, fmt = m.prefix, self.ckpt.format
+        p = m.prefix
         s = self._module_sharding(m)
         a = {part: stored[name] for part, name in m.names.items() if name in stored}
-        trivial_g = "g_idx" not in a or not self.act_order
-        static = _Static(self.layout, fmt.method, fmt.checkpoint_format, m.bits, self.convention, m.transposed,
-                         trivial_g, None if self.dtype is None else jnp.dtype(self.dtype).name)
-        res = _convert_module(static, a, s)
+        st = self._static(m)
+        job = getattr(self, "executables", {}).get((st, _signature(a), s))
+        res = _convert_module(st, a, s, job)
         if self.layout == "gptq" and "g_idx" not in a:  # as GPTQ checkpoints hold it: arange(K) // group_size
             res["g_idx"] = jax.device_put(np.arange(m.k, dtype=np.int32) // (m.k // m.groups), _like(s, 1))
         if self.layout == "compressed-tensors":
@@ -408,14 +424,48 @@ def _signature(a: dict[str, jax.Array]) -> tuple[Any, ...]:
     return tuple((part, x.shape, x.dtype.name, x.sharding) for part, x in sorted(a.items()))
 
 
-def _convert_module(st: _Static, a: dict[str, jax.Array], s: Sharding) -> dict[str, jax.Array]:
-    """``_conversion`` through one compiled function for this signature; outputs that are inputs unchanged
-    are handed on as they are."""
+def _convert_module(st: _Static, a: dict[str, jax.Array], s: Sharding, job: Future | None = None) -> dict[str, jax.Array]:
+    """``_conversion`` through one compiled function for this signature (``job``: its executable, compiled ahead);
+    outputs that are inputs unchanged are handed on as they are."""
     fn, passthrough = _compiled(st, _signature(a), s)
     out = {name: a[part] for name, part in passthrough.items()}
-    if fn is not None:
-        out.update(fn(*(x for _, x in sorted(a.items()))))
+    if fn is None:
+        return out
+    args = [x for _, x in sorted(a.items())]
+    exe = None
+    if job is not None:
+        try:
+            exe = job.result()
+        except Exception:  # noqa: BLE001  compiled ahead or not, the jitted function gives the same result (or error)
+            exe = None
+    if exe is not None:
+        try:
+            out.update(exe(*args))
+            return out
+        except (TypeError, ValueError):  # arrays laid out unlike the signature it was compiled for
+            pass
+    out.update(fn(*args))
     return out
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    np_name = DTYPES[safetensors_dtype][0]
+    return np.dtype(np_name).name if np_name else jnp.dtype(_JAX_DTYPES[safetensors_dtype]).name
+
+
+#: (static, signature, sharding) -> the compiled executable, for every load in this process
+_EXECUTABLES: dict[tuple[Any, ...], Any] = {}
+
+
+def _executable(st: _Static, signature: tuple[Any, ...], s: Sharding) -> Any:
+    """The conversion of one signature compiled ahead of its arrays (from shapes, dtypes and shardings), or None
+    where nothing is computed. JAX's persistent compilation cache serves it where enabled."""
+    key = (st, signature, s)
+    if key not in _EXECUTABLES:
+        fn, _ = _compiled(st, signature, s)
+        specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=sh) for _, shape, dt, sh in signature]
+        _EXECUTABLES[key] = None if fn is None else fn.lower(*specs).compile()
+    return _EXECUTABLES[key]
 
 
 @functools.lru_cache(maxsize=256)

@@ -243,6 +243,7 @@ def test_one_compile_per_distinct_module_signature(mesh):
 
     jax.clear_caches()
     jax_loader._compiled.cache_clear()
+    jax_loader._EXECUTABLES.clear()
     seen = _compiles()
     for layout in ("gptq", "int4", "dequantized", "awq", "compressed-tensors"):
         s = {WEIGHTS: NamedSharding(mesh, P("y", None) if layout == "compressed-tensors" else P(None, "y"))}  # columns
