@@ -116,7 +116,12 @@ def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
             if not ok:
                 failures.append(f"{lib} {what}")
 
-    for lead, k, n, groups in DQ_SHAPES:
+    import os
+
+    # PACKQ_CHECK_SHAPES="4": only these DQ_SHAPES (by index), to finish a check a time limit cut short
+    picked = os.environ.get("PACKQ_CHECK_SHAPES")
+    shapes = [DQ_SHAPES[int(i)] for i in picked.split(",")] if picked else DQ_SHAPES
+    for lead, k, n, groups in shapes:
         print(f"dequantization {lead} {k} x {n}, {groups} groups: {checked} arrays checked so far, "
               f"{len(failures)} failures", file=sys.stderr, flush=True)
         for dtype in DTYPES:
