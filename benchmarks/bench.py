@@ -388,36 +388,61 @@ def gpu_dequant() -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+#: the gpu-dequant rows the plot shows (the CSV and the text keep every row)
+DEQUANT_PLOTTED = ("copy of the float16 output (torch d2d), back to back", "copy of the float16 output (torch d2d), CUDA graph",
+                   "torch cuda awq (triton), CUDA graph", "torch cuda gptq 4-bit (triton), CUDA graph",
+                   "torch cuda awq (triton), back to back", "jax awq eager (public call)", "jax awq core (jit)",
+                   "jax gptq 4-bit eager (public call)", "torch cuda gptq 3-bit (triton), back to back",
+                   "torch cuda gptq 4-bit act-order (triton), back to back", "jax gptq 4-bit act-order eager (public call)")
+
+
+def plot(rows: list[dict], path: Path, title: str, xlabel: str = "packed weight (MB)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        pts = sorted((r["MB"], r["GB_s"]) for r in rows if r["impl"] == impl)
+        pts = sorted((float(r["MB"]), float(r["GB_s"])) for r in rows if r["impl"] == impl)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("packed weight (MB)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("throughput (GB/s, bytes read + written)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def plot_mode(mode: str, rows: list[dict], out: Path, machine: str) -> None:
+    if mode == "gpu-dequant":
+        plot([r for r in rows if r["impl"] in DEQUANT_PLOTTED], out / f"{mode}.png",
+             f"dequantization, float16 scales and output ({machine}; GB/s counts the float16 output twice, as its copy "
+             "moves it)", "float16 output (MB)")
+    else:
+        plot(rows, out / f"{mode}.png", f"AWQ -> GPTQ weight conversion ({mode}: {machine})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cpu", "gpu", "gpu-dequant", "cpu-jax"],
-                   help="cpu-jax: the JAX rows alone, as JSON (used by cpu)")
+    p.add_argument("mode", choices=["cpu", "gpu", "gpu-dequant", "cpu-jax", "replot"],
+                   help="cpu-jax: the JAX rows alone, as JSON (used by cpu); replot: the plots again from the CSVs in --out")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.mode == "cpu-jax":
         print(json.dumps(cpu_jax(args.quick)))
+        return
+    if args.mode == "replot":
+        for csv_path in sorted(args.out.glob("*.csv")):
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows and "impl" in rows[0]:
+                plot_mode(csv_path.stem, rows, args.out, rows[0]["machine"])
+                print(f"wrote {args.out / (csv_path.stem + '.png')}")
         return
     rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -432,9 +457,7 @@ def main() -> None:
         w.writerows({"machine": machine, **r} for r in rows)
     print(f"wrote {args.out / (args.mode + '.csv')}")
     try:
-        what = "dequantization, float16 (GB/s: the output's bytes twice)" if args.mode == "gpu-dequant" else \
-            "AWQ -> GPTQ weight conversion"
-        plot(rows, args.out / f"{args.mode}.png", f"{what} ({args.mode}: {machine})")
+        plot_mode(args.mode, rows, args.out, machine)
         print(f"wrote {args.out / (args.mode + '.png')}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'packq[bench]')")

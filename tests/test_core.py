@@ -351,3 +351,38 @@ def test_jax_dequantize_spread_equals_plain_core(case, seed):
     assert fast.dtype == plain.dtype and np.array_equal(bits_of(fast), bits_of(plain))
     aw, az = words(k, n // 8), words(groups, n // 8)
     assert np.array_equal(bits_of(awq_fn(aw, az, scales)), bits_of(awq_core(aw, az, scales)))
+
+
+def test_pallas_dequantization_kernels_equal_the_core_interpreted():
+    """The JAX GPU kernels in Pallas's interpreter, here on the CPU: the core's bits (AWQ float16, GPTQ 4-bit
+    bfloat16 with v1 zeros, GPTQ 2-bit float32 with v2), and a flipped bit caught by the same comparison."""
+    import jax.numpy as jnp
+
+    pk = pytest.importorskip("packq.backends.pallas_kernels")
+    from packq.formats import gptq
+
+    rng = np.random.default_rng(7)
+    k, n, groups = 64, 256, 2
+
+    def words(*shape):
+        return jnp.asarray(rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32))
+
+    def bits_of(a):
+        return np.asarray(a).view(np.uint32 if a.dtype == jnp.float32 else np.uint16)
+
+    def scales(dtype):
+        return jnp.asarray(rng.standard_normal((groups, n)) * np.exp2(rng.integers(-20, 4, (groups, n))), dtype=dtype)
+
+    s16 = scales("float16")
+    aw, az = words(k, n // 8), words(groups, n // 8)
+    got = pk.dequantize_awq(aw, az, s16, interpret=True)
+    want = bits_of(gptq.dequantize_awq(jnp, aw, az, s16))
+    assert np.array_equal(bits_of(got), want)
+    flipped = bits_of(got).copy()
+    flipped[3, 5] ^= 1
+    assert not np.array_equal(flipped, want)
+    for bits, zeros, dtype in ((4, "v1", "bfloat16"), (2, "v2", "float32")):
+        s = scales(dtype)
+        gw, gz = words(k * bits // 32, n), words(groups, n * bits // 32)
+        got = pk.dequantize_gptq(gw, gz, s, bits=bits, zeros=zeros, interpret=True)
+        assert np.array_equal(bits_of(got), bits_of(gptq.dequantize_gptq(jnp, gw, gz, s, None, bits=bits, zeros=zeros)))
