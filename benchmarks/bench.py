@@ -3,6 +3,8 @@
     python benchmarks/bench.py cpu [--quick]   # this machine: medians, ratios, CSV, plot
     python benchmarks/bench.py gpu             # on a CUDA machine: JAX on the GPU, seed torch on the GPU,
                                                # device-to-device copies; timed with device events
+    python benchmarks/bench.py gpu-dequant     # on a CUDA machine: dequantization (torch CUDA, JAX) against
+                                               # a device copy of its float16 output
 
 Every implementation converts the same words in one run and its result is checked against packq's
 NumPy result before it is timed. Ratios are to the plain copy of the same bytes (read once, written
@@ -126,6 +128,36 @@ def back_to_back(fn, repeat: int = 100) -> float:
         end.synchronize()
         means.append(start.elapsed_time(end) / repeat)
     return statistics.median(means)
+
+
+def graph_ms(fn, calls: int = 20) -> float:
+    """Device time of one call: ``calls`` calls captured in a CUDA graph, the median of 5 replays over ``calls``.
+    The host's launch and packq's argument checks are out of it, which back-to-back timing cannot leave out
+    where a call's host time exceeds its kernel's (small layers)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
 
 
 def seed_weight(torch, qweight):
@@ -261,40 +293,161 @@ def gpu() -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def gpu_dequant() -> list[dict]:
+    """Dequantization on the GPU, float16 scales and output, group size 128: torch CUDA (Triton) and JAX, each
+    checked against NumPy first, against a device copy of the float16 output (its floor moves more bytes than
+    dequantization does: the copy reads and writes the output, dequantization reads words and writes it)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from packq.backends import jax as jax_backend
+    from packq.formats import gptq
+
+    dev, gpu = torch.device("cuda"), jax.devices("gpu")[0]
+    warm = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    t_end = time.perf_counter() + 2
+    while time.perf_counter() < t_end:
+        warm.add_(1)
+    torch.cuda.synchronize()
+    rows = []
+    rng = np.random.default_rng(0)
+    for label, (k, n) in SHAPES.items():
+        groups = k // 128
+        scales = (rng.standard_normal((groups, n)) * 0.01).astype(np.float16)
+        aw, az = raw_words(k * 7 + n, (k, n // 8)), raw_words(k + n, (groups, n // 8))
+        want = packq.dequantize_awq(aw, az, scales)
+        t_aw, t_az, t_s = (torch.from_numpy(a).to(dev) for a in (aw, az, scales))
+        j_aw, j_az, j_s = (jax.device_put(a, gpu) for a in (aw, az, scales))
+        out = torch.from_numpy(want).to(dev)
+        t: dict[str, float] = {}
+
+        def check(got, ref) -> None:
+            got = got.cpu().numpy() if hasattr(got, "cpu") else np.asarray(got)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
+
+        check(packq.dequantize_awq(t_aw, t_az, t_s), want)
+        t["copy of the float16 output (torch d2d), back to back"] = back_to_back(lambda: out.clone(), 20)
+        try:  # device time alone, in CUDA graphs
+            t["copy of the float16 output (torch d2d), CUDA graph"] = graph_ms(lambda: out.clone())
+            t["torch cuda awq (triton), CUDA graph"] = graph_ms(lambda: packq.dequantize_awq(t_aw, t_az, t_s))
+            gw4, gz4 = (torch.from_numpy(a).to(dev) for a in packq.fast_awq_to_gptq(aw, az))
+            check(packq.dequantize_gptq(gw4, gz4, t_s), want)
+            t["torch cuda gptq 4-bit (triton), CUDA graph"] = graph_ms(lambda: packq.dequantize_gptq(gw4, gz4, t_s))
+            del gw4, gz4
+        except Exception as e:  # noqa: BLE001  reported; the back-to-back rows stand
+            print(f"  CUDA graph timing: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
+        t["copy of the float16 output (jax, -x)"] = jax_ms(jax.jit(lambda a: -a), jax.device_put(want, gpu))
+        t["torch cuda awq (triton), back to back"] = back_to_back(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)
+        t["torch cuda awq (triton), one call"] = cuda_ms(lambda: packq.dequantize_awq(t_aw, t_az, t_s), 20)
+        spread = jax.jit(lambda a, b, c: jax_backend.dequantize_awq_spread(jnp, a, b, c))
+        core = jax.jit(lambda a, b, c: gptq.dequantize_awq(jnp, a, b, c))
+        for name, f in (("jax awq eager (public call)", packq.dequantize_awq), ("jax awq spread (jit)", spread),
+                        ("jax awq core (jit)", core)):
+            check(f(j_aw, j_az, j_s), want)
+            t[name] = jax_ms(lambda a: f(a, j_az, j_s), j_aw)
+        try:  # Pallas kernels (Triton underneath), measured beside XLA's fusion
+            from packq.backends import pallas_kernels as pk
+
+            check(pk.dequantize_awq(j_aw, j_az, j_s), want)
+            t["jax awq pallas"] = jax_ms(lambda a: pk.dequantize_awq(a, j_az, j_s), j_aw)
+            gw4, gz4 = packq.fast_awq_to_gptq(aw, az)
+            j_gw4, j_gz4 = jax.device_put(gw4, gpu), jax.device_put(gz4, gpu)
+            check(pk.dequantize_gptq(j_gw4, j_gz4, j_s, bits=4, zeros="v1"), want)
+            t["jax gptq 4-bit pallas"] = jax_ms(lambda a: pk.dequantize_gptq(a, j_gz4, j_s, bits=4, zeros="v1"), j_gw4)
+        except Exception as e:  # noqa: BLE001  reported, not fatal: the XLA rows stand
+            print(f"  pallas kernels: {type(e).__name__}: {str(e)[:300]}")
+        for bits in (4, 3, 2, 8):
+            gw, gz = raw_words(k * bits + n, (k * bits // 32, n)), raw_words(k + n + bits, (groups, n * bits // 32))
+            t_gw, t_gz = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev)
+            j_gw, j_gz = jax.device_put(gw, gpu), jax.device_put(gz, gpu)
+            variants = [(None, "")] if bits != 4 else [(None, ""), (rng.permutation(np.arange(k) // 128).astype(np.int32),
+                                                                     " act-order")]
+            for g_idx, what in variants:
+                ref = packq.dequantize_gptq(gw, gz, scales, g_idx, bits=bits)
+                tg = None if g_idx is None else torch.from_numpy(g_idx).to(dev)
+                jg = None if g_idx is None else jax.device_put(g_idx, gpu)
+                check(packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), ref)
+                t[f"torch cuda gptq {bits}-bit{what} (triton), back to back"] = back_to_back(
+                    lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), 20)
+                check(packq.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits), ref)
+                t[f"jax gptq {bits}-bit{what} eager (public call)"] = jax_ms(
+                    lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg, bits=bits), j_gw)
+                if bits == 4 and g_idx is None:
+                    jcore = jax.jit(lambda a, b, c: gptq.dequantize_gptq(jnp, a, b, c, None, bits=4, zeros="v1"))
+                    check(jcore(j_gw, j_gz, j_s), ref)
+                    t["jax gptq 4-bit core (jit)"] = jax_ms(lambda a: jcore(a, j_gz, j_s), j_gw)
+        mb = want.nbytes / 1e6
+        floor = "copy of the float16 output (torch d2d), back to back"
+        print(f"{label}: float16 output {mb:.1f} MB, on {torch.cuda.get_device_name()}")
+        for impl, ms in t.items():
+            rows.append({"layer": label, "K": k, "N": n, "MB": round(mb, 1), "impl": impl, "median_ms": round(ms, 4),
+                         "x_copy": round(ms / t[floor], 2), "GB_s": round(2 * mb / ms, 2)})
+            print(f"  {impl:58s} {ms:9.4f} ms  {ms / t[floor]:6.2f}x the copy")
+    return rows
+
+
+#: the gpu-dequant rows the plot shows (the CSV and the text keep every row)
+DEQUANT_PLOTTED = ("copy of the float16 output (torch d2d), back to back", "copy of the float16 output (torch d2d), CUDA graph",
+                   "torch cuda awq (triton), CUDA graph", "torch cuda gptq 4-bit (triton), CUDA graph",
+                   "torch cuda awq (triton), back to back", "jax awq eager (public call)", "jax awq core (jit)",
+                   "jax gptq 4-bit eager (public call)", "torch cuda gptq 3-bit (triton), back to back",
+                   "torch cuda gptq 4-bit act-order (triton), back to back", "jax gptq 4-bit act-order eager (public call)")
+
+
+def plot(rows: list[dict], path: Path, title: str, xlabel: str = "packed weight (MB)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        pts = sorted((r["MB"], r["GB_s"]) for r in rows if r["impl"] == impl)
+        pts = sorted((float(r["MB"]), float(r["GB_s"])) for r in rows if r["impl"] == impl)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("packed weight (MB)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("throughput (GB/s, bytes read + written)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def plot_mode(mode: str, rows: list[dict], out: Path, machine: str) -> None:
+    if mode == "gpu-dequant":
+        plot([r for r in rows if r["impl"] in DEQUANT_PLOTTED], out / f"{mode}.png",
+             f"dequantization, float16 scales and output ({machine}; GB/s counts the float16 output twice, as its copy "
+             "moves it)", "float16 output (MB)")
+    else:
+        plot(rows, out / f"{mode}.png", f"AWQ -> GPTQ weight conversion ({mode}: {machine})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cpu", "gpu", "cpu-jax"], help="cpu-jax: the JAX rows alone, as JSON (used by cpu)")
+    p.add_argument("mode", choices=["cpu", "gpu", "gpu-dequant", "cpu-jax", "replot"],
+                   help="cpu-jax: the JAX rows alone, as JSON (used by cpu); replot: the plots again from the CSVs in --out")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.mode == "cpu-jax":
         print(json.dumps(cpu_jax(args.quick)))
         return
-    rows = cpu(args.quick) if args.mode == "cpu" else gpu()
+    if args.mode == "replot":
+        for csv_path in sorted(args.out.glob("*.csv")):
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows and "impl" in rows[0]:
+                plot_mode(csv_path.stem, rows, args.out, rows[0]["machine"])
+                print(f"wrote {args.out / (csv_path.stem + '.png')}")
+        return
+    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant()
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
-    if args.mode == "gpu":
+    if args.mode.startswith("gpu"):
         import torch
 
         machine = torch.cuda.get_device_name()
@@ -304,7 +457,7 @@ def main() -> None:
         w.writerows({"machine": machine, **r} for r in rows)
     print(f"wrote {args.out / (args.mode + '.csv')}")
     try:
-        plot(rows, args.out / f"{args.mode}.png", f"AWQ -> GPTQ weight conversion ({args.mode}: {machine})")
+        plot_mode(args.mode, rows, args.out, machine)
         print(f"wrote {args.out / (args.mode + '.png')}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'packq[bench]')")

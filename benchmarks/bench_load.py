@@ -1,19 +1,29 @@
-"""Load the synthetic ~1 GB AWQ checkpoint onto 8 virtual CPU devices with packq.jax.load.
+"""Load a synthetic Llama-7B-shaped AWQ checkpoint with packq.jax.load, each part of the time measured.
 
-    python benchmarks/bench_load.py [--size-gb 1.0]
+    python benchmarks/bench_load.py                       # 8 virtual CPU devices, 1 GB, columns split 8 ways
+    python benchmarks/bench_load.py --platform gpu --size-gb 3.5   # the first GPU, 3.5 GB (Llama-7B's size)
 
-Compares, in one run (median of 3, page cache warm), reading the files once (`cat SRC/* > /dev/null`)
-with packq.jax.load in a fresh process for: layout "source" (as stored) and "gptq" (converted on the
-devices), each quantized module's columns sharded over the 8 devices. Prints the wall time (process
-start and JAX's import included), the bytes read, and host memory: the process's peak resident set
-against the bytes the 8 devices hold (on CPU devices they live in host memory, a replicated tensor
-once per device), whose difference is what loading costs on top of the result.
+Every figure is the wall time of a fresh process (Python's start and JAX's import included), the median
+of ``--repeat`` runs, page cache warm, and printed beside what it is compared with:
+
+- ``cat SRC/* > /dev/null``: reading the files;
+- JAX's own start: ``import jax; jax.devices()`` (on a GPU, its client and the device's context);
+- JAX's start plus reading the files: the above, then every shard read into host memory;
+- the same, then each shard's bytes put on the devices as one array (the floor of any loader);
+- ``safetensors.flax.load_file`` of every shard (where safetensors is installed);
+- ``packq.jax.load`` in every layout, with JAX's persistent compilation cache off, then on (a first run
+  filling a fresh cache directory, then the timed runs reading it). Each run also prints, from JAX's
+  monitoring events, how many functions it compiled, their compile seconds and the cache hits.
+
+Each loaded checkpoint is checked in the same run: every layout's arrays equal packq's NumPy conversion
+of the same tensors (a sample of modules, every tensor of them, bit for bit).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,54 +34,152 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import make  # noqa: E402
 
-CHILD = """
+LAYOUTS = ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized")
+
+CHILD = r"""
 import os, sys, json, resource, time
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+t0 = time.perf_counter()
+mode, src, platform = sys.argv[1], sys.argv[2], sys.argv[3]
+if platform == "cpu":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import packq.jax
-mesh = Mesh(np.array(jax.devices()), ("d",))
-stats = {}
-out = packq.jax.load(sys.argv[1], layout=sys.argv[2], stats=stats,
-                     shardings={r".*_proj\\.qweight": NamedSharding(mesh, P(None, "d"))})
+from jax import monitoring
+events = {"compiles": 0, "compile_s": 0.0, "cache_hits": 0}
+def _dur(e, d, **kw):
+    if e == "/jax/core/compile/backend_compile_duration":
+        events["compiles"] += 1
+        events["compile_s"] += d
+def _ev(e, **kw):
+    if e == "/jax/compilation_cache/cache_hits":
+        events["cache_hits"] += 1
+monitoring.register_event_duration_secs_listener(_dur)
+monitoring.register_event_listener(_ev)
+devices = jax.devices()
+t_start = time.perf_counter()
+files = sorted(p for p in os.listdir(src) if p.endswith(".safetensors"))
+out = {}
+if mode == "start":
+    pass
+elif mode in ("read", "read+put"):
+    for name in files:
+        with open(os.path.join(src, name), "rb") as f:
+            data = f.read()
+        if mode == "read+put":
+            out[name] = jax.device_put(np.frombuffer(data, np.uint8), devices[0])
+elif mode == "flax":
+    from safetensors.flax import load_file
+    for name in files:
+        out.update(load_file(os.path.join(src, name)))
+else:
+    import packq.jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    kw = {}
+    if platform == "cpu":  # each quantized module's columns over the 8 devices
+        mesh = Mesh(np.array(devices), ("d",))
+        spec = P("d", None) if mode == "compressed-tensors" else P(None, "d")
+        kw["shardings"] = {r".*_proj\.(qweight|weight_packed|weight)": NamedSharding(mesh, spec)}
+    out = packq.jax.load(src, layout=mode, **kw)
 jax.block_until_ready(out)
-nbytes = sum(s.data.nbytes for a in out.values() for s in a.addressable_shards)  # replicas counted
-print(json.dumps({"bytes_read": stats["bytes_read"], "array_bytes": nbytes,
+t_end = time.perf_counter()
+check_s = 0.0
+if mode in ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized") and os.environ.get("CHECK") == "1":
+    import packq
+    from packq.checkpoint.folder import open_checkpoint
+    ckpt = open_checkpoint(src)
+    sample = [m for i, m in enumerate(ckpt.modules.values()) if i % 37 == 0]
+    def stored(name):
+        shard = next(s for s in ckpt.shards.values() if name in s.tensors)
+        with shard.open() as f:
+            return f.array(name)
+    for m in sample:
+        w, z, s = (stored(m.names[p]) for p in ("qweight", "qzeros", "scales"))
+        gw, gz = packq.fast_awq_to_gptq(w, z)
+        v2 = packq.zeros_v1_to_v2(gz)
+        want = {"source": {"qweight": w, "qzeros": z, "scales": s}, "awq": {"qweight": w, "qzeros": z, "scales": s},
+                "gptq": {"qweight": gw, "qzeros": v2, "scales": s,
+                         "g_idx": (np.arange(m.k) // (m.k // m.groups)).astype(np.int32)},
+                "compressed-tensors": dict(zip(("weight_packed", "weight_zero_point", "weight_scale"),
+                                               packq.gptq_to_compressed_tensors(gw, v2, s))),
+                "int4": {"weight": packq.unpack(gw, "row", dtype=np.uint8), "zeros": packq.unpack(v2, dtype=np.uint8),
+                         "scales": s},
+                "dequantized": {"weight": packq.dequantize_awq(w, z, s)}}[mode]
+        for part, x in want.items():
+            got = np.asarray(out[f"{m.prefix}.{part}"])
+            if str(got.dtype) == "uint4":
+                got = got.astype(np.uint8)
+            assert got.shape == x.shape and got.tobytes() == x.tobytes(), (mode, m.prefix, part)
+    events["checked_modules"] = len(sample)
+    check_s = time.perf_counter() - t_end
+nbytes = sum(s.data.nbytes for a in out.values() for s in a.addressable_shards) if out else 0
+print(json.dumps({"import_s": t_start - t0, "work_s": t_end - t_start, "check_s": check_s, "array_bytes": nbytes, **events,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
+
+
+def child(mode: str, src: Path, platform: str, env: dict[str, str]) -> tuple[float, dict]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), platform], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    return wall - info["check_s"], info  # the check after the load is not the load's time
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--platform", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
     args = p.parse_args()
+    layouts = args.layouts.split(",")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    base["JAX_PLATFORMS"] = "cpu" if args.platform == "cpu" else "cuda"
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
         total = sum(f.stat().st_size for f in src.iterdir())
-        times: dict[str, list[float]] = {"cat": [], "source": [], "gptq": []}
+        where = "8 virtual CPU devices, columns split 8 ways" if args.platform == "cpu" else "one GPU"
+        print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
+              f"largest tensor {largest_tensor / 1e6:.1f} MB; {where}; median of {args.repeat} fresh processes")
+        cache = Path(tmp) / "jax-cache"
+        cached = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        for layout in layouts:  # fill the cache
+            child(layout, src, args.platform, cached)
+        times: dict[str, list[float]] = {}
         info: dict[str, dict] = {}
-        for _ in range(args.repeat):
+        runs = [("start", base), ("read", base), ("read+put", base), ("flax", base)]
+        runs += [(layout, base) for layout in layouts] + [(f"{layout} (cached)", cached) for layout in layouts]
+        for rep in range(args.repeat):
             t = time.perf_counter()
             subprocess.run(["sh", "-c", f"cat '{src}'/* > /dev/null"], check=True)
-            times["cat"].append(time.perf_counter() - t)
-            for layout in ("source", "gptq"):
-                t = time.perf_counter()
-                r = subprocess.run([sys.executable, "-c", CHILD, str(src), layout], capture_output=True, text=True)
-                times[layout].append(time.perf_counter() - t)
-                assert r.returncode == 0, r.stderr[-3000:]
-                info[layout] = json.loads(r.stdout.strip().splitlines()[-1])
-        cat = statistics.median(times["cat"])
-        print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
-              f"largest tensor {largest_tensor / 1e6:.1f} MB; 8 virtual CPU devices")
-        print(f"cat SRC/* > /dev/null: {cat:6.2f} s  (median of {args.repeat})")
-        for layout in ("source", "gptq"):
-            m, i = statistics.median(times[layout]), info[layout]
-            extra = i["peak_rss"] - i["array_bytes"]
-            print(f"packq.jax.load layout={layout:6s}: {m:6.2f} s = {m / cat:.1f}x cat; read {i['bytes_read'] / 1e9:.2f} GB; "
-                  f"peak RSS {i['peak_rss'] / 1e6:.0f} MB = arrays {i['array_bytes'] / 1e6:.0f} MB + {extra / 1e6:.0f} MB "
-                  f"({extra / largest_tensor:.1f}x the largest tensor)")
+            times.setdefault("cat", []).append(time.perf_counter() - t)
+            for name, env in runs:
+                try:  # the first run of each layout also checks its arrays against NumPy, after the timed load
+                    wall, i = child(name.split(" ")[0], src, args.platform, {**env, "CHECK": "1"} if rep == 0 else env)
+                    if i.get("checked_modules"):
+                        print(f"  checked {name}: {i['checked_modules']} modules bit for bit against NumPy", flush=True)
+                except AssertionError as e:
+                    if name == "flax":  # safetensors missing, or its flax module
+                        info[name] = {"error": str(e)[-200:]}
+                        continue
+                    raise
+                times.setdefault(name, []).append(wall)
+                info[name] = i
+                print(f"    run {rep + 1}: {name} {wall:.2f} s, load {i['work_s']:.2f} s, {i['compiles']} compiles", flush=True)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"cat SRC/* > /dev/null                     {med['cat']:6.2f} s")
+        print(f"JAX's start (import jax; jax.devices())   {med['start']:6.2f} s")
+        floor = med["read"]
+        print(f"JAX's start + reading the files           {floor:6.2f} s   (the baseline below)")
+        print(f"  + the bytes put on the device            {med['read+put']:6.2f} s   = {med['read+put'] / floor:.2f}x")
+        if "flax" in med:
+            print(f"safetensors.flax.load_file, every shard   {med['flax']:6.2f} s   = {med['flax'] / floor:.2f}x")
+        for name, _ in runs[4:]:
+            m, i = med[name], info[name]
+            print(f"packq.jax.load {name:28s} {m:6.2f} s   = {m / floor:.2f}x baseline, {m / med['source']:.2f}x source; "
+                  f"import {i['import_s']:.2f} s, load {i['work_s']:.2f} s, {i['compiles']} compiles "
+                  f"({i['compile_s']:.2f} s), {i['cache_hits']} cache hits, peak RSS {i['peak_rss'] / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """On a CUDA machine: time packq's Triton kernels over tile sizes, to choose ROWS and WORDS.
 
-    python benchmarks/triton_tiles.py     # prints median ms per tile choice, both directions, 8192 x 28672
+    python benchmarks/triton_tiles.py           # prints median ms per tile choice, both directions, 8192 x 28672
+    python benchmarks/triton_tiles.py dequant   # the dequantization kernels' tiles
 
 The kernels are checked against NumPy before timing. Two timings: device events around single calls
 (median of 50: Python's launch included, the GPU idle meanwhile), and back to back ("b2b": the mean
@@ -48,5 +49,40 @@ def main() -> None:
             print(f"  to AWQ  warps={warps} rows={rows:3d} words={cols:5d}: {ms(to_a):.4f} ms, b2b {b2b(to_a):.4f}")
 
 
+def dequant() -> None:
+    """Dequantization tiles: AWQ (rows x words) and GPTQ 4-bit and 3-bit (rows x columns), float16, group 128."""
+    k, n = 8192, 28672
+    rng = np.random.default_rng(0)
+    aw = rng.integers(-(2**31), 2**31, (k, n // 8), dtype=np.int64).astype(np.int32)
+    az = rng.integers(-(2**31), 2**31, (k // 128, n // 8), dtype=np.int64).astype(np.int32)
+    s = (rng.standard_normal((k // 128, n)) * 0.01).astype(np.float16)
+    want = packq.dequantize_awq(aw, az, s)
+    gw3 = rng.integers(-(2**31), 2**31, (k * 3 // 32, n), dtype=np.int64).astype(np.int32)
+    gz3 = rng.integers(-(2**31), 2**31, (k // 128, n * 3 // 32), dtype=np.int64).astype(np.int32)
+    want3 = packq.dequantize_gptq(gw3, gz3, s, bits=3)
+    gw, gz = packq.fast_awq_to_gptq(aw, az)
+    x, z, sc = (torch.from_numpy(a).cuda() for a in (aw, az, s))
+    g, gzt, g3, gz3t = (torch.from_numpy(a).cuda() for a in (gw, gz, gw3, gz3))
+    out = torch.from_numpy(want).cuda()
+    print(f"dequantization 8192 x 28672 float16: copy of the output b2b {b2b(lambda: out.clone(), 20):.4f} ms")
+    act = torch.from_numpy(rng.permutation(np.arange(k) // 128).astype(np.int32)).cuda()
+    want_act = packq.dequantize_gptq(gw, gz, s, act.cpu().numpy())
+    for warps, rows, words, cols in [(4, 32, 32, 256), (4, 32, 64, 512), (4, 32, 16, 128), (8, 32, 32, 256), (8, 64, 64, 512),
+                                     (2, 32, 16, 64)]:
+        tk.DQ_WARPS, tk.DQ_ROWS, tk.DQ_WORDS, tk.DQ_COLS = warps, rows, words, cols
+        assert tk.dequantize_awq(x, z, sc).cpu().numpy().tobytes() == want.tobytes()
+        assert tk.dequantize_gptq(g, gzt, sc, None, 4, "v1").cpu().numpy().tobytes() == want.tobytes()
+        assert tk.dequantize_gptq(g3, gz3t, sc, None, 3, "v1").cpu().numpy().tobytes() == want3.tobytes()
+        assert tk.dequantize_gptq(g, gzt, sc, act, 4, "v1").cpu().numpy().tobytes() == want_act.tobytes()
+        print(f"  warps={warps} rows={rows} awq words={words} gptq cols={cols}: "
+              f"awq b2b {b2b(lambda: tk.dequantize_awq(x, z, sc), 20):.4f}, "
+              f"gptq4 b2b {b2b(lambda: tk.dequantize_gptq(g, gzt, sc, None, 4, 'v1'), 20):.4f}, "
+              f"gptq3 b2b {b2b(lambda: tk.dequantize_gptq(g3, gz3t, sc, None, 3, 'v1'), 20):.4f}, "
+              f"gptq4 act-order b2b {b2b(lambda: tk.dequantize_gptq(g, gzt, sc, act, 4, 'v1'), 20):.4f} ms")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["dequant"]:
+        dequant()
+        raise SystemExit
     main()

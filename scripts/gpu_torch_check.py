@@ -2,8 +2,13 @@
 
 Random words in many shapes (single layers, stacked MoE experts, ragged tiles), int32 and uint32,
 contiguous and not, through the public calls on CUDA tensors and on JAX GPU arrays; every result
-must equal packq on NumPy (itself checked against the golden fixtures). Prints one JSON object;
-exit status 1 on any difference.
+must equal packq on NumPy (itself checked against the golden fixtures). Dequantization too: AWQ, and
+GPTQ at 2, 3, 4 and 8 bits with v1 and v2 zeros, trivial and act-order g_idx, stacked experts,
+float16, bfloat16 and float32 scales of every magnitude (float16 subnormals included), each result
+compared with NumPy's: the float32 product (exact for 16-bit scales) rounded once to the scales' dtype
+(bfloat16 through ml_dtypes), and NumPy's own float32 product for float32 scales. Poisoned outputs
+are impossible to miss: every element is compared. Prints one JSON object; exit status 1 on any
+difference.
 """
 
 from __future__ import annotations
@@ -53,10 +58,113 @@ def main() -> int:
                 checked += 1
                 if not np.array_equal(np.asarray(got), want):
                     failures.append(f"jax {shape} {name}")
+    dq_checked, dq_failures = dequantization(rng, dev, gpu)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
                       "triton": __import__("triton").__version__, "arrays_checked": checked,
-                      "failures": failures}, indent=1))
+                      "failures": failures, "dequantized_arrays_checked": dq_checked,
+                      "dequantization_failures": dq_failures}, indent=1))
+    failures += dq_failures
     return 1 if failures else 0
+
+
+#: (lead, K, N, groups): layers with groups of 128 (the kernels' one-group tiles), per-channel (one group),
+#: groups of 32 and 48 (tiles across groups), stacked experts, ragged column tiles
+DQ_SHAPES = [((), 4096, 1024, 32), ((), 1024, 544, 1), ((), 768, 768, 16), ((8,), 256, 512, 2), ((2, 3), 128, 96, 4)]
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _bits_of(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
+
+
+def reference(dequantize, dtype: str, *args, **kw) -> np.ndarray:
+    """NumPy's dequantization in the scales' dtype, as the bits of it: float32 scales through packq on NumPy;
+    16-bit ones through packq's NumPy float32 result (exact: a 9-bit integer times a 16-bit float) rounded
+    once to nearest even (ml_dtypes for bfloat16)."""
+    import ml_dtypes
+
+    *words, scales = args[:3]
+    f32 = dequantize(*words, scales.astype(np.float32), *args[3:], **kw)
+    if dtype == "float32":
+        return _bits_of(f32)
+    return _bits_of(f32.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16))
+
+
+def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
+    """Every dequantization variant on torch CUDA and JAX GPU against NumPy; (arrays checked, failures)."""
+    import jax
+    import ml_dtypes
+
+    checked, failures = 0, []
+    np_dtypes = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+    t_dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+    def words(*shape):
+        return rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32)
+
+    def compare(what, got_torch, got_jax, want):
+        nonlocal checked
+        for lib, got in (("torch", got_torch), ("jax", got_jax)):
+            if got is None:
+                continue
+            checked += 1
+            if lib == "torch":
+                ok = got.device.type == "cuda" and np.array_equal(_bits_of(got.cpu().view(
+                    torch.int32 if got.dtype == torch.float32 else torch.int16).numpy()), want)
+            else:
+                ok = np.array_equal(_bits_of(np.asarray(got)), want)
+            if not ok:
+                failures.append(f"{lib} {what}")
+
+    import os
+
+    # PACKQ_CHECK_SHAPES="4": only these DQ_SHAPES (by index), to finish a check a time limit cut short
+    picked = os.environ.get("PACKQ_CHECK_SHAPES")
+    shapes = [DQ_SHAPES[int(i)] for i in picked.split(",")] if picked else DQ_SHAPES
+    for lead, k, n, groups in shapes:
+        print(f"dequantization {lead} {k} x {n}, {groups} groups: {checked} arrays checked so far, "
+              f"{len(failures)} failures", file=sys.stderr, flush=True)
+        for dtype in DTYPES:
+            s32 = (rng.standard_normal((*lead, groups, n)) * np.exp2(rng.integers(-20, 4, (*lead, groups, n))))
+            s32 = s32.astype(np.float32)
+            scales = s32.astype(np_dtypes[dtype])
+            # the same bits on every side: torch's scales are NumPy's, reinterpreted
+            ts = torch.from_numpy(scales.view(np.int32 if dtype == "float32" else np.int16)).view(t_dtypes[dtype]).to(dev)
+            js = jax.device_put(scales, gpu)
+            # AWQ
+            aw, az = words(*lead, k, n // 8), words(*lead, groups, n // 8)
+            want = reference(packq.dequantize_awq, dtype, aw, az, scales)
+            compare(f"awq {lead} {k}x{n} g{groups} {dtype}",
+                    packq.dequantize_awq(torch.from_numpy(aw).to(dev), torch.from_numpy(az).to(dev), ts),
+                    packq.dequantize_awq(jax.device_put(aw, gpu), jax.device_put(az, gpu), js), want)
+            for bits in (2, 3, 4, 8):
+                if n * bits % 32:
+                    continue
+                gw, gz = words(*lead, k * bits // 32, n), words(*lead, groups, n * bits // 32)
+                for zeros in ("v1", "v2") if dtype == "float16" else ("v1",):
+                    for act in (False, True):
+                        g_idx = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32) if act else None
+                        want = reference(packq.dequantize_gptq, dtype, gw, gz, scales, g_idx, bits=bits, zeros=zeros)
+                        tg = None if g_idx is None else torch.from_numpy(g_idx.astype(np.int64)).to(dev)
+                        jg = None if g_idx is None else jax.device_put(g_idx, gpu)
+                        compare(f"gptq {bits}-bit {zeros} act={act} {lead} {k}x{n} g{groups} {dtype}",
+                                packq.dequantize_gptq(torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev), ts, tg,
+                                                      bits=bits, zeros=zeros),
+                                packq.dequantize_gptq(jax.device_put(gw, gpu), jax.device_put(gz, gpu), js, jg,
+                                                      bits=bits, zeros=zeros), want)
+    # negative control: a corrupted result fails the same comparison
+    aw, az = words(128, 8), words(1, 8)
+    sc = np.full((1, 64), 0.1, np.float16)
+    bad = packq.dequantize_awq(torch.from_numpy(aw).to(dev), torch.from_numpy(az).to(dev), torch.from_numpy(sc).to(dev))
+    bad.view(torch.int16)[3, 5] ^= 1
+    before = len(failures)
+    compare("negative control", bad, None, reference(packq.dequantize_awq, "float16", aw, az, sc))
+    if len(failures) != before + 1:
+        failures.append("negative control: a corrupted result passed the check")
+    else:
+        failures.pop()
+        checked -= 1
+    return checked, failures
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from _words import raw_words
 from conftest import BACKENDS, FIXTURES, Lib, assert_same, golden_keys
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import packq
@@ -302,3 +303,86 @@ def test_numpy_unpack_pack_fast_paths_equal_plain_core(w, bits, direction, dtype
         want = np.asarray(B.pack(xp, values, direction, bits))
         assert packed.dtype == want.dtype and packed.shape == want.shape
         np.testing.assert_array_equal(packed, want)
+
+
+#: (bits, zeros, scales' dtype, act-order): each spread width, zero storage, dtype and g_idx kind at least once
+#: (every combination would compile a hundred functions; 3 bits take the core itself)
+SPREAD_CASES = [(2, "v1", "float16", False), (4, "v2", "bfloat16", True), (8, "v1", "float32", True),
+                (4, "v1", "float16", False)]
+
+
+@functools.cache
+def _spread_fns(bits: int, zeros: str):
+    import jax
+    import jax.numpy as jnp
+
+    from packq.backends import jax as jax_backend
+    from packq.formats import gptq
+
+    gptq_fn = jax.jit(lambda a, b, c, g: jax_backend.dequantize_gptq_spread(jnp, a, b, c, g, bits, zeros))
+    awq_fn = jax.jit(lambda a, b, c: jax_backend.dequantize_awq_spread(jnp, a, b, c))
+    gptq_core = jax.jit(lambda a, b, c, g: gptq.dequantize_gptq(jnp, a, b, c, g, bits, zeros))
+    awq_core = jax.jit(lambda a, b, c: gptq.dequantize_awq(jnp, a, b, c))
+    return gptq_fn, awq_fn, gptq_core, awq_core
+
+
+@settings(deadline=None)
+@given(case=st.sampled_from(SPREAD_CASES), seed=st.integers(0, 2**32 - 1))
+def test_jax_dequantize_spread_equals_plain_core(case, seed):
+    """JAX's GPU dequantization (every field spread by one broadcast shift) gives the core's bits, run here on the CPU."""
+    import jax.numpy as jnp
+
+    bits, zeros, dtype, act_order = case
+    rng = np.random.default_rng(seed)
+    lead, k, n, groups = (2,), 64, 32, 2
+
+    def words(*shape):
+        return jnp.asarray(rng.integers(-(2**31), 2**31, (*lead, *shape), dtype=np.int64).astype(np.int32))
+
+    def bits_of(a):
+        return np.asarray(a).view(np.uint32 if a.dtype == jnp.float32 else np.uint16)
+
+    scales = jnp.asarray(rng.standard_normal((*lead, groups, n)) * np.exp2(rng.integers(-20, 4, (*lead, groups, n))),
+                         dtype=dtype)
+    g_idx = jnp.asarray(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32)) if act_order else None
+    qw, qz = words(k * bits // 32, n), words(groups, n * bits // 32)
+    gptq_fn, awq_fn, gptq_core, awq_core = _spread_fns(bits, zeros)
+    fast, plain = gptq_fn(qw, qz, scales, g_idx), gptq_core(qw, qz, scales, g_idx)
+    assert fast.dtype == plain.dtype and np.array_equal(bits_of(fast), bits_of(plain))
+    aw, az = words(k, n // 8), words(groups, n // 8)
+    assert np.array_equal(bits_of(awq_fn(aw, az, scales)), bits_of(awq_core(aw, az, scales)))
+
+
+def test_pallas_dequantization_kernels_equal_the_core_interpreted():
+    """The JAX GPU kernels in Pallas's interpreter, here on the CPU: the core's bits (AWQ float16, GPTQ 4-bit
+    bfloat16 with v1 zeros, GPTQ 2-bit float32 with v2), and a flipped bit caught by the same comparison."""
+    import jax.numpy as jnp
+
+    pk = pytest.importorskip("packq.backends.pallas_kernels")
+    from packq.formats import gptq
+
+    rng = np.random.default_rng(7)
+    k, n, groups = 64, 256, 2
+
+    def words(*shape):
+        return jnp.asarray(rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32))
+
+    def bits_of(a):
+        return np.asarray(a).view(np.uint32 if a.dtype == jnp.float32 else np.uint16)
+
+    def scales(dtype):
+        return jnp.asarray(rng.standard_normal((groups, n)) * np.exp2(rng.integers(-20, 4, (groups, n))), dtype=dtype)
+
+    s16 = scales("float16")
+    aw, az = words(k, n // 8), words(groups, n // 8)
+    got = pk.dequantize_awq(aw, az, s16, interpret=True)
+    want = bits_of(gptq.dequantize_awq(jnp, aw, az, s16))
+    assert np.array_equal(bits_of(got), want)
+    flipped = bits_of(got).copy()
+    flipped[3, 5] ^= 1
+    assert not np.array_equal(flipped, want)
+    for bits, zeros, dtype in ((4, "v1", "bfloat16"), (2, "v2", "float32")):
+        s = scales(dtype)
+        gw, gz = words(k * bits // 32, n), words(groups, n * bits // 32)
+        got = pk.dequantize_gptq(gw, gz, s, bits=bits, zeros=zeros, interpret=True)
+        assert np.array_equal(bits_of(got), bits_of(gptq.dequantize_gptq(jnp, gw, gz, s, None, bits=bits, zeros=zeros)))

@@ -8,7 +8,8 @@ layer on a 2-core CPU, where the seed takes 0.5 s. So torch is a backend of its 
   function), and come back with ``torch.from_numpy`` (no copy);
 - CUDA tensors run the weight and zero-point conversions as single-pass Triton kernels
   (:mod:`packq.backends.triton_kernels`; Triton ships with CUDA builds of torch), both of a
-  public call in one launch;
+  public call in one launch, and AWQ and GPTQ dequantization (every width, g_idx, stacked
+  experts; float16, bfloat16 and float32 scales) as one kernel each;
 - anything else (bfloat16 on the CPU, which NumPy lacks; other devices; CUDA without Triton;
   the other functions on CUDA) runs the core eagerly, as before.
 
@@ -78,6 +79,11 @@ class TorchBackend(Backend):
         if device == "cpu":
             return self._on_cpu(fn, arrays, static)
         if device == "cuda":
+            kernels = triton_kernels()
+            if kernels is not None and fn in kernels.DEQUANT:
+                out = kernels.DEQUANT[fn](*arrays, **static)
+                if out is not None:
+                    return out
             kernel = self._cuda_kernel(fn, present)
             if kernel is not None:
                 return kernel(*present, **static)

@@ -11,6 +11,18 @@ AWQ -> GPTQ: GPTQ word (g, c) holds, in nibble i, row 8g + i of column c, which 
 GPTQ -> AWQ: AWQ word (r, j) holds, in nibble s, column 8j + AWQ_PACK_ORDER[s] = 8j + 2(s % 4) + s // 4
 of row r, which GPTQ keeps in nibble r % 8 of word (r // 8, that column).
 Zero-points keep their words; nibbles are reordered the same way, plus an offset modulo 16.
+
+Dequantization (AWQ, and GPTQ at 2, 3, 4 and 8 bits, with or without g_idx, any leading dimensions):
+one pass, each program writing a tile of BK rows x BN columns of float output. At 2, 4 and 8 bits a
+program loads its packed words once and spreads their fields over the tile in registers (rows for
+GPTQ, columns in AWQ's slot order for AWQ); at 3 bits each value is read from the column's bit
+stream, the word (or the two words it straddles) reloaded from the cache. Where the tile lies in one
+quantization group (no g_idx, BK dividing the group size) the group's zero-points and scales are one
+row broadcast over the tile; otherwise every row gathers its own (act-order). The value is
+(q - z) * s computed in float32 and rounded once to the scales' dtype: (q - z) is an integer of at
+most 9 bits, so the float32 product of it and a float16 or bfloat16 scale is exact and its one
+rounding gives the bits of the core's product in the scales' dtype; float32 scales are multiplied in
+float32, as the core does.
 Checked bit for bit against the array-API core on a GPU (scripts/gpu_torch_check.py).
 """
 
@@ -24,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from packq.formats import awq
+from packq.formats import awq, gptq
 
 # Tiles chosen on an H200 (benchmarks/triton_tiles.py, benchmarks/results/h200/triton_tiles.txt): on
 # 8192 x 28672, back-to-back calls run at the device copy's speed to GPTQ (0.061 against 0.058 ms) and
@@ -147,24 +159,221 @@ _compiled: dict[tuple[Any, ...], Any] = {}
 
 
 def _run(kernel: Any, grid: tuple[int], pointers: tuple[Any, ...], ints: tuple[int, ...], tiles: tuple[int, ...]) -> None:
+    rows, words, zw = tiles
+    _fast(kernel, grid, pointers, ints, {"ROWS": rows, "CW": words, "ZW": zw}, NUM_WARPS)
+
+
+def _fast(kernel: Any, grid: tuple[int, ...], pointers: tuple[Any, ...], ints: tuple[int, ...], constexprs: dict[str, Any],
+          warps: int) -> None:
     """Launch ``kernel``: the first time through Triton's ``kernel[grid](...)``, which binds and specializes
     the arguments in Python (about 30 us a call on the H200's host), then straight through the compiled
-    kernel it returned, for every launch that Triton would specialize alike."""
-    key = (kernel, pointers[0].device.index, tiles, NUM_WARPS, tuple(p.data_ptr() % 16 == 0 for p in pointers),
+    kernel it returned, for every launch that Triton would specialize alike (``constexprs`` in the kernel's
+    order, after its other arguments)."""
+    key = (kernel, pointers[0].device.index, tuple(constexprs.items()), warps,
+           tuple((p.dtype, p.data_ptr() % 16 == 0) for p in pointers),
            tuple((-(2**31) <= i < 2**31, i % 16 == 0, i == 1) for i in ints))
     compiled = _compiled.get(key)
     args = (*pointers, *ints)
     if compiled is not None:
-        compiled[(grid[0], 1, 1)](*args, *tiles)  # (the compiled kernel takes a 3-D grid)
+        compiled[(*grid, *(1,) * (3 - len(grid)))](*args, *constexprs.values())  # (the compiled kernel takes a 3-D grid)
         return
-    rows, words, zw = tiles
-    compiled = kernel[grid](*args, ROWS=rows, CW=words, ZW=zw, num_warps=NUM_WARPS)
+    compiled = kernel[grid](*args, **constexprs, num_warps=warps)
     if FAST_LAUNCH and hasattr(compiled, "function"):  # a compiled GPU kernel (the interpreter returns none)
         _compiled[key] = compiled
 
 
 #: launch through the cached compiled kernels (set False to go through Triton's own launch every time)
 FAST_LAUNCH = True
+
+
+# ------------------------------------------------------------------ dequantization
+
+
+@triton.jit
+def _field(start, idx, stride, mask, BITS: tl.constexpr):
+    """Field ``idx`` of a packed bit stream whose words lie ``stride`` apart from ``start`` (one pointer per
+    element), as int32 in [0, 2**BITS): a little-endian stream of words, 3-bit fields straddling two."""
+    pos = idx * BITS
+    word = (pos >> 5).to(tl.int64) * stride
+    shift = pos & 31
+    lo = tl.load(start + word, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift.to(tl.uint32)
+    if BITS == 3:  # fields 10 and 21 of each 32 take their high bits from the next word
+        straddle = shift > 29
+        hi = tl.load(start + word + stride, mask=mask & straddle, other=0).to(tl.uint32, bitcast=True)
+        lo = lo | tl.where(straddle, hi << (32 - shift).to(tl.uint32), 0)
+    return (lo & ((1 << BITS) - 1)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _scaled(q, z, s, out_ptr, offs, mask):
+    """(q - z) * s in float32 (exact for 16-bit scales), rounded once to the output's dtype, stored."""
+    w = (q - z).to(tl.float32) * s.to(tl.float32)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even by hand: the same bits on the GPU (cvt.rn) and in Triton's interpreter,
+        # whose own float32 -> bfloat16 cast truncates; the products are finite, so no NaN to keep
+        b = w.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        tl.store(out_ptr + offs, b.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_awq(qw, qz, sc, out, k, c, groups, gsize,
+                 BK: tl.constexpr, BJ: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """AWQ (K, C = N/8 words) -> (K, N): a tile of BK rows x BJ words, 8 BJ output columns; batch on axis 1."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    col_blocks = tl.cdiv(c, BJ)
+    rows = (pid // col_blocks) * BK + tl.arange(0, BK)
+    j = (pid % col_blocks) * BJ + tl.arange(0, BJ)
+    n = c * 8
+    qw += b * k * c
+    qz += b * groups * c
+    sc += b * groups * n
+    out += b * k * n
+    # column 8j + t sits in AWQ slot (t >> 1) | (t & 1) << 2
+    t = tl.arange(0, 8)
+    shift = (((t >> 1) | ((t & 1) << 2)) * 4)[None, None, :]
+    x = tl.load(qw + rows[:, None].to(tl.int64) * c + j[None, :], mask=(rows[:, None] < k) & (j[None, :] < c), other=0)
+    q = tl.reshape((x[:, :, None] >> shift) & 15, (BK, BJ * 8))
+    cols = (pid % col_blocks) * BJ * 8 + tl.arange(0, BJ * 8)
+    if ONE_GROUP:  # the tile's rows share one group: one row of zeros and scales, broadcast
+        g = ((pid // col_blocks) * BK) // gsize
+        zw = tl.load(qz + g * c + j, mask=j < c, other=0)
+        z = tl.reshape((zw[None, :, None] >> shift) & 15, (1, BJ * 8))
+        s = tl.load(sc + g * n + cols, mask=cols < n, other=0)[None, :]
+    else:
+        g = (rows // gsize)[:, None].to(tl.int64)
+        zw = tl.load(qz + g * c + j[None, :], mask=(rows[:, None] < k) & (j[None, :] < c), other=0)
+        z = tl.reshape((zw[:, :, None] >> shift) & 15, (BK, BJ * 8))
+        s = tl.load(sc + g * n + cols[None, :], mask=(rows[:, None] < k) & (cols[None, :] < n), other=0)
+    mask = (rows[:, None] < k) & (cols[None, :] < n)
+    _scaled(q, z, s, out, rows[:, None].to(tl.int64) * n + cols[None, :], mask)
+
+
+@triton.jit
+def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
+                  BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ONE_GROUP: tl.constexpr,
+                  HAS_GIDX: tl.constexpr):
+    """GPTQ qweight (K*BITS/32, N) -> (K, N): a tile of BK rows x BN columns; batch on axis 1.
+    ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    col_blocks = tl.cdiv(n, BN)
+    r0 = (pid // col_blocks) * BK
+    cols = (pid % col_blocks) * BN + tl.arange(0, BN)
+    rows = r0 + tl.arange(0, BK)
+    kw = k * BITS // 32  # word rows
+    nz = n * BITS // 32  # zero-point words per group
+    qw += b * kw * n
+    qz += b * groups * nz
+    sc += b * groups * n
+    out += b * k * n
+    cmask = cols < n
+    if BITS == 3:  # each value from the column's bit stream: 32 rows in 3 words, two values straddle
+        q = _field(qw + cols[None, :], rows[:, None], n, (rows[:, None] < k) & cmask[None, :], 3)
+        q = q.to(tl.int32)
+    else:  # the tile's words loaded once, their PER fields spread over PER rows each
+        PER: tl.constexpr = 32 // BITS
+        wr = r0 // PER + tl.arange(0, BK // PER)
+        x = tl.load(qw + wr[:, None].to(tl.int64) * n + cols[None, :], mask=(wr[:, None] < kw) & cmask[None, :], other=0)
+        fshift = (tl.arange(0, PER) * BITS)[None, :, None]
+        q = tl.reshape((x[:, None, :] >> fshift) & ((1 << BITS) - 1), (BK, BN))
+    if ONE_GROUP:
+        g = r0 // gsize
+        z = (_field(qz + g * nz + tl.zeros_like(cols), cols, 1, cmask, BITS) + zadd) & ((1 << BITS) - 1)
+        s = tl.load(sc + g * n + cols, mask=cmask, other=0)
+        z, s = z[None, :], s[None, :]
+    else:
+        if HAS_GIDX:
+            g = tl.load(gi + rows, mask=rows < k, other=0).to(tl.int64)[:, None]
+        else:
+            g = (rows // gsize).to(tl.int64)[:, None]
+        m2 = (rows[:, None] < k) & cmask[None, :]
+        if BITS == 3:
+            z = _field(qz + g * nz + tl.zeros_like(cols)[None, :], cols[None, :], 1, m2, BITS)
+        else:  # each row's zero-point words loaded once, their fields spread over the columns
+            ZPER: tl.constexpr = 32 // BITS
+            zc = (pid % col_blocks) * (BN // ZPER) + tl.arange(0, BN // ZPER)
+            zw = tl.load(qz + g * nz + zc[None, :], mask=(rows[:, None] < k) & (zc[None, :] < nz), other=0)
+            zshift = (tl.arange(0, ZPER) * BITS)[None, None, :]
+            z = tl.reshape((zw[:, :, None] >> zshift) & ((1 << BITS) - 1), (BK, BN))
+        z = (z + zadd) & ((1 << BITS) - 1)
+        s = tl.load(sc + g * n + cols[None, :], mask=m2, other=0)
+    mask = (rows[:, None] < k) & cmask[None, :]
+    _scaled(q, z, s, out, rows[:, None].to(tl.int64) * n + cols[None, :], mask)
+
+
+#: dequantization tiles: rows x AWQ words, and rows x columns for GPTQ (rows a multiple of 32: whole words at
+#: every width); warps per program
+DQ_ROWS, DQ_WORDS, DQ_COLS, DQ_WARPS = 32, 32, 256, 4
+#: scales' dtypes the kernels compute with (float64 and others take the core)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dequant_inputs(arrays: Sequence[Any]) -> bool:
+    """Whether the kernels take these inputs: int32 words, 16/32-bit float scales, one CUDA device (or the CPU,
+    in Triton's interpreter)."""
+    qweight, qzeros, scales = arrays[:3]
+    present = [a for a in arrays if a is not None]
+    return (qweight.dtype == torch.int32 and qzeros.dtype == torch.int32 and scales.dtype in _FLOATS
+            and len({a.device for a in present}) == 1)
+
+
+def _batch(x: Any) -> Any:
+    """``x`` contiguous, its leading dimensions folded into one."""
+    return x.contiguous().reshape(-1, *x.shape[-2:])
+
+
+def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
+    """The core's ``dequantize_awq`` in one launch, or None for inputs the kernel does not take."""
+    if not _dequant_inputs((qweight, qzeros, scales)):
+        return None
+    *lead, k, c = qweight.shape
+    groups = qzeros.shape[-2]
+    out = torch.empty((*lead, k, c * 8), dtype=scales.dtype, device=qweight.device)
+    if out.numel() == 0:
+        return out
+    w, z, s = _batch(qweight), _batch(qzeros), _batch(scales)
+    gsize = k // groups
+    one = gsize % DQ_ROWS == 0
+    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(c, DQ_WORDS), w.shape[0])
+    with _on(qweight):
+        _fast(_dequant_awq, grid, (w, z, s, out), (k, c, groups, gsize),
+              {"BK": DQ_ROWS, "BJ": DQ_WORDS, "ONE_GROUP": one}, DQ_WARPS)
+    return out
+
+
+def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, bits: int, zeros: str) -> Any | None:
+    """The core's ``dequantize_gptq`` in one launch, or None for inputs the kernel does not take."""
+    if not _dequant_inputs((qweight, qzeros, scales, g_idx)):
+        return None
+    *lead, kw, n = qweight.shape
+    k = kw * 32 // bits
+    groups = qzeros.shape[-2]
+    out = torch.empty((*lead, k, n), dtype=scales.dtype, device=qweight.device)
+    if out.numel() == 0:
+        return out
+    w, z, s = _batch(qweight), _batch(qzeros), _batch(scales)
+    gsize = k // groups
+    gi = w if g_idx is None else g_idx.to(torch.int32).contiguous()  # an unused pointer still needs a tensor
+    one = g_idx is None and gsize % DQ_ROWS == 0
+    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS), w.shape[0])
+    with _on(qweight):
+        _fast(_dequant_gptq, grid, (w, z, s, gi, out), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
+              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None}, DQ_WARPS)
+    return out
+
+
+def _on(x: Any) -> Any:
+    """Launch on ``x``'s device (CPU tensors reach here only in Triton's interpreter)."""
+    on_current = x.device.type != "cuda" or x.device.index == torch.cuda.current_device()
+    return contextlib.nullcontext() if on_current else torch.cuda.device(x.device)
+
+
+#: core dequantization -> kernel taking the same arrays (None for absent ones) and static arguments, or
+#: returning None where the core must run
+DEQUANT: dict[Callable[..., Any], Callable[..., Any]] = {gptq.dequantize_awq: dequantize_awq,
+                                                         gptq.dequantize_gptq: dequantize_gptq}
 
 
 KERNELS: dict[Callable[..., Any], Callable[..., Any]] = {

@@ -5,18 +5,27 @@ header, every module's shapes), then every sharding against every tensor it spli
 anything read. Each array is made by ``jax.make_array_from_callback``: the callback reads, for one
 device's shard, just that block's bytes from the file (whole rows with one read, or each row's
 segment where columns are split), so a process reads the shards of its own devices and no more.
-Layout conversions run afterwards on the devices, through packq's jitted functions, which convert
-sharded arrays shard by shard (no gather).
+Layout conversions run afterwards on the devices: each module's whole conversion (weights, zero-points,
+scales, the cast) is one compiled function, made once per distinct signature (layout, format, shapes,
+dtypes, shardings) and reused by every module that shares it, so a Llama-shaped checkpoint compiles
+three or four functions per layout, not one per module and step. Sharded modules convert under
+``shard_map``, each device its own block (every conversion is local to whole words and groups), with
+no collective. Tensors a layout keeps as stored pass through without a copy. With JAX's persistent
+compilation cache enabled (``jax_compilation_cache_dir``, and ``jax_persistent_cache_min_compile_time_secs``
+at 0, since these compiles take well under its default second), a second load in a new process reads
+the compiled functions from the cache instead of compiling them.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +123,8 @@ def load(
     if dtype is not None and layout != "dequantized":
         raise ValueError(f"dtype applies to layout 'dequantized', got layout {layout!r}")
     loader = _Loader(ckpt, layout, _rule(shardings), dtype, _v1_convention(ckpt, v1_zeros))
+    if layout in ("awq", "compressed-tensors") and fmt.method == "gptq":
+        loader._act_order = False  # checked above: each g_idx read once, not again per module
     loader.check()  # every sharding against every tensor, before any read
     out = loader.run()
     if stats is not None:
@@ -147,7 +158,14 @@ def _rule(shardings: ShardingRule | None) -> Callable[[str, tuple[int, ...]], Sh
         fn = shardings
     else:
         rules = list(shardings.items() if isinstance(shardings, Mapping) else shardings)
-        compiled = [(re.compile(p), s) for p, s in rules]
+        compiled = []
+        for p, s in rules:
+            if not isinstance(p, str):
+                raise TypeError(f"shardings: each rule's pattern must be a regular expression (str), got {type(p).__name__}")
+            try:
+                compiled.append((re.compile(p), s))
+            except re.error as e:
+                raise ValueError(f"shardings: the pattern {p!r} is not a valid regular expression ({e})") from None
 
         def fn(name: str, shape: tuple[int, ...]) -> Sharding | None:
             return next((s for p, s in compiled if p.fullmatch(name)), None)
@@ -183,6 +201,15 @@ class _Loader:
         #: stored tensor -> (its module, its part)
         self.module_of = {name: (m, part) for m in ckpt.modules.values() for part, name in m.names.items()}
         self.where = {name: shard for shard in ckpt.shards.values() for name in shard.tensors}
+        self._act_order: bool | None = None
+
+    @property
+    def act_order(self) -> bool:
+        """Whether the checkpoint is act-order, decided once: it reads every module's g_idx (until one is not
+        trivial), so asking it per module made loading quadratic in the modules."""
+        if self._act_order is None:
+            self._act_order = act_order(self.ckpt)
+        return self._act_order
 
     # ------------------------------------------------------------------ plan and checks
     def _module_sharding(self, m: Module) -> Sharding:
@@ -235,8 +262,12 @@ class _Loader:
                                       "not load into JAX")
             _check_split(name, info.shape, s, units)
         if self.layout != "source":
+            first = OUTPUTS[self.layout][0]
             for m in self.ckpt.modules.values():
                 s = self._module_sharding(m)
+                # the rule as given, against the tensor it was given for (the module's other tensors take it
+                # adapted to their rank, which would hide a spec longer than the tensor's)
+                _check_rank(f"{m.prefix}.{first}", self._output_shape(m, first), s)
                 for part in OUTPUTS[self.layout]:
                     shape = self._output_shape(m, part)
                     _check_split(f"{m.prefix}.{part}", shape, _like(s, len(shape)), (1, 1))
@@ -299,68 +330,206 @@ class _Loader:
         planned = {name: (info, s) for name, info, s, _ in self.plan}
         if self.layout == "source":
             return {name: self._array(name, info, s) for name, (info, s) in planned.items()}
-        out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
-        for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
-            stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
-            out.update(self._module(m, stored))
-            del stored
+        # every module's conversion is known from the headers alone: compile the distinct ones on threads (XLA
+        # releases the GIL) while the bytes are read, rather than one after another at each new shape
+        jobs = {}
+        for m in self.ckpt.modules.values():
+            st, s = self._static(m), self._module_sharding(m)
+            sig = tuple(sorted((part, planned[n][0].shape, _dtype_name(planned[n][0].dtype), planned[n][1])
+                               for part, n in m.names.items() if n in planned))
+            jobs.setdefault((st, sig, s), None)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs))), thread_name_prefix="packq-compile") as pool:
+            self.executables = {key: pool.submit(_executable, *key) for key in jobs}
+            out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
+            for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
+                stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
+                out.update(self._module(m, stored))
+                del stored
         return out
 
+    def _static(self, m: Module) -> _Static:
+        fmt = self.ckpt.format
+        trivial_g = "g_idx" not in m.names or not self.act_order
+        return _Static(self.layout, fmt.method, fmt.checkpoint_format, m.bits, self.convention, m.transposed,
+                       trivial_g, None if self.dtype is None else jnp.dtype(self.dtype).name)
+
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        p, fmt = m.prefix, self.ckpt.format
+        p = m.prefix
         s = self._module_sharding(m)
         a = {part: stored[name] for part, name in m.names.items() if name in stored}
-        if m.transposed:  # compressed-tensors: GPTQ v2's tensors transposed; each device transposes its shard
-            a = {part: (jnp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}
-        if "qzeros" not in a:  # compressed-tensors' symmetric scheme: every zero-point 2**(bits-1)
-            half = np.full((*m.lead, m.groups, m.n), 1 << (m.bits - 1), np.int32)
-            a["qzeros"] = jax.device_put(np.asarray(packq.pack(half, bits=m.bits)), _like(s, len(m.lead) + 2))
-        w, z, scales, g_idx = a["qweight"], a["qzeros"], a["scales"], a.get("g_idx")
-        trivial_g = g_idx is None or not act_order(self.ckpt)
-        if fmt.method == "awq":
-            if self.layout == "awq":
-                return {f"{p}.qweight": w, f"{p}.qzeros": z, f"{p}.scales": scales}
-            if self.layout == "dequantized":
-                return {f"{p}.weight": _cast(packq.dequantize_awq(w, z, scales), self.dtype)}
-            w, z = packq.fast_awq_to_gptq(w, z)
-            z = packq.zeros_v1_to_v2(z)
-        elif fmt.checkpoint_format == "gptq":  # v1: to v2, as its producer wrote it
-            z = packq.zeros_v1_to_v2(z, bits=m.bits, convention=self.convention if m.bits != 3 else FIELD)
-        bits = m.bits
-        if self.layout == "gptq":
-            if g_idx is None:  # as GPTQ checkpoints hold it: arange(K) // group_size
-                g_idx = jax.device_put(np.arange(m.k, dtype=np.int32) // (m.k // m.groups), _like(s, 1))
-            return {f"{p}.qweight": w, f"{p}.qzeros": z, f"{p}.scales": scales, f"{p}.g_idx": g_idx}
-        if self.layout == "awq":
-            qw, qz = packq.gptq_to_awq(w, packq.zeros_v2_to_v1(z))
-            return {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": scales}
+        st = self._static(m)
+        job = getattr(self, "executables", {}).get((st, _signature(a), s))
+        res = _convert_module(st, a, s, job)
+        if self.layout == "gptq" and "g_idx" not in a:  # as GPTQ checkpoints hold it: arange(K) // group_size
+            res["g_idx"] = jax.device_put(np.arange(m.k, dtype=np.int32) // (m.k // m.groups), _like(s, 1))
         if self.layout == "compressed-tensors":
-            wp, zp, ws = packq.gptq_to_compressed_tensors(w, z, scales, bits=bits)
-            shape = jax.device_put(np.array([*m.lead, m.n, m.k], np.int32), _like(s, 1))
-            return {f"{p}.weight_packed": wp, f"{p}.weight_zero_point": zp, f"{p}.weight_scale": ws,
-                    f"{p}.weight_shape": shape}
-        if self.layout == "int4":
-            res = {f"{p}.weight": packq.unpack(w, "row", bits=4, dtype=jnp.uint4),
-                   f"{p}.zeros": packq.unpack(z, "column", bits=4, dtype=jnp.uint4), f"{p}.scales": scales}
-            if not trivial_g:
-                res[f"{p}.g_idx"] = g_idx
-            return res
-        weight = packq.dequantize_gptq(w, z, scales, None if trivial_g else g_idx, bits=bits, zeros="v2")
-        return {f"{p}.weight": _cast(weight, self.dtype)}
+            res["weight_shape"] = jax.device_put(np.array([*m.lead, m.n, m.k], np.int32), _like(s, 1))
+        return {f"{p}.{part}": x for part, x in res.items()}
+
+
+class _Static(NamedTuple):
+    """What a module's conversion depends on besides its arrays (hashable: it keys the compiled functions)."""
+
+    layout: str
+    method: str
+    checkpoint_format: str
+    bits: int
+    convention: str
+    transposed: bool
+    trivial_g: bool
+    dtype: str | None
+
+
+def _conversion(st: _Static, a: dict[str, Any]) -> dict[str, Any]:
+    """A module's conversion from its stored arrays (parts qweight, qzeros, scales, g_idx) to the layout's
+    outputs (without the constants made on the host: a default g_idx, weight_shape). Written with shapes
+    read off the arrays, so that it runs on a device's block as well as on the whole tensor."""
+    if st.transposed:  # compressed-tensors: GPTQ v2's tensors transposed
+        a = {part: (jnp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}
+    if "qzeros" not in a:  # compressed-tensors' symmetric scheme: every zero-point 2**(bits-1)
+        a["qzeros"] = packq.pack(jnp.full(a["scales"].shape, 1 << (st.bits - 1), jnp.int32), bits=st.bits)
+    w, z, scales, g_idx = a["qweight"], a["qzeros"], a["scales"], a.get("g_idx")
+    if st.method == "awq":
+        if st.layout == "awq":
+            return {"qweight": w, "qzeros": z, "scales": scales}
+        if st.layout == "dequantized":
+            return {"weight": _cast(packq.dequantize_awq(w, z, scales), st.dtype)}
+        w, z = packq.fast_awq_to_gptq(w, z)
+        z = packq.zeros_v1_to_v2(z)
+    elif st.checkpoint_format == "gptq":  # v1: to v2, as its producer wrote it
+        z = packq.zeros_v1_to_v2(z, bits=st.bits, convention=st.convention if st.bits != 3 else FIELD)
+    bits = st.bits
+    if st.layout == "gptq":
+        out = {"qweight": w, "qzeros": z, "scales": scales}
+        if g_idx is not None:
+            out["g_idx"] = g_idx
+        return out
+    if st.layout == "awq":
+        qw, qz = packq.gptq_to_awq(w, packq.zeros_v2_to_v1(z))
+        return {"qweight": qw, "qzeros": qz, "scales": scales}
+    if st.layout == "compressed-tensors":
+        wp, zp, ws = packq.gptq_to_compressed_tensors(w, z, scales, bits=bits)
+        return {"weight_packed": wp, "weight_zero_point": zp, "weight_scale": ws}
+    if st.layout == "int4":
+        res = {"weight": packq.unpack(w, "row", bits=4, dtype=jnp.uint4),
+               "zeros": packq.unpack(z, "column", bits=4, dtype=jnp.uint4), "scales": scales}
+        if not st.trivial_g:
+            res["g_idx"] = g_idx
+        return res
+    weight = packq.dequantize_gptq(w, z, scales, None if st.trivial_g else g_idx, bits=bits, zeros="v2")
+    return {"weight": _cast(weight, st.dtype)}
+
+
+def _signature(a: dict[str, jax.Array]) -> tuple[Any, ...]:
+    return tuple((part, x.shape, x.dtype.name, x.sharding) for part, x in sorted(a.items()))
+
+
+def _convert_module(st: _Static, a: dict[str, jax.Array], s: Sharding, job: Future | None = None) -> dict[str, jax.Array]:
+    """``_conversion`` through one compiled function for this signature (``job``: its executable, compiled ahead);
+    outputs that are inputs unchanged are handed on as they are."""
+    fn, passthrough = _compiled(st, _signature(a), s)
+    out = {name: a[part] for name, part in passthrough.items()}
+    if fn is None:
+        return out
+    args = [x for _, x in sorted(a.items())]
+    exe = None
+    if job is not None:
+        try:
+            exe = job.result()
+        except Exception:  # noqa: BLE001  compiled ahead or not, the jitted function gives the same result (or error)
+            exe = None
+    if exe is not None:
+        try:
+            out.update(exe(*args))
+            return out
+        except (TypeError, ValueError):  # arrays laid out unlike the signature it was compiled for
+            pass
+    out.update(fn(*args))
+    return out
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    np_name = DTYPES[safetensors_dtype][0]
+    return np.dtype(np_name).name if np_name else jnp.dtype(_JAX_DTYPES[safetensors_dtype]).name
+
+
+#: (static, signature, sharding) -> the compiled executable, for every load in this process
+_EXECUTABLES: dict[tuple[Any, ...], Any] = {}
+
+
+def _executable(st: _Static, signature: tuple[Any, ...], s: Sharding) -> Any:
+    """The conversion of one signature compiled ahead of its arrays (from shapes, dtypes and shardings), or None
+    where nothing is computed. JAX's persistent compilation cache serves it where enabled."""
+    key = (st, signature, s)
+    if key not in _EXECUTABLES:
+        fn, _ = _compiled(st, signature, s)
+        specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=sh) for _, shape, dt, sh in signature]
+        _EXECUTABLES[key] = None if fn is None else fn.lower(*specs).compile()
+    return _EXECUTABLES[key]
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(st: _Static, signature: tuple[Any, ...], s: Sharding) -> tuple[Callable[..., Any] | None, dict[str, str]]:
+    """The jitted conversion of one signature, and which outputs are just inputs (part names). One per distinct
+    signature: the modules of one shape share it, and jit's own cache keeps it from retracing."""
+    parts = [part for part, *_ in signature]
+    avals = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for _, shape, dt, _ in signature]
+
+    def full(*arrays: Any) -> dict[str, Any]:
+        return _conversion(st, dict(zip(parts, arrays)))
+
+    jaxpr, shapes = jax.make_jaxpr(full, return_shape=True)(*avals)  # a trace on shapes alone: no device work
+    names = sorted(shapes)  # the order jax flattens a dict in
+    invars = list(jaxpr.jaxpr.invars)
+    passthrough = {name: parts[next(j for j, i in enumerate(invars) if i is v)] for name, v in zip(names, jaxpr.jaxpr.outvars)
+                   if any(v is i for i in invars)}
+    computed = [name for name in names if name not in passthrough]
+    if not computed:
+        return None, passthrough
+
+    def body(*arrays: Any) -> dict[str, Any]:
+        out = full(*arrays)
+        return {name: out[name] for name in computed}
+
+    shardings = [sh for *_, sh in signature]
+    out_shardings = {name: _like(s, len(shapes[name].shape)) for name in computed}
+    mesh = s.mesh if isinstance(s, NamedSharding) else None
+    # an act-order g_idx indexes groups across the whole matrix: that one is left to XLA's partitioner
+    local = mesh is not None and mesh.size > 1 and all(isinstance(sh, NamedSharding) and sh.mesh == mesh for sh in shardings)
+    if local and not (st.layout == "dequantized" and not st.trivial_g):
+        from packq.backends.jax import _SHARD_KW, _shard_map
+
+        in_specs = tuple(_full_spec(sh, len(shape)) for (_, shape, _, sh) in signature)
+        out_specs = {name: out_shardings[name].spec for name in computed}
+        mapped = _shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_SHARD_KW)  # type: ignore[call-overload]
+        return jax.jit(mapped), passthrough
+    if mesh is None or mesh.size == 1:
+        return jax.jit(body), passthrough
+    return jax.jit(body, out_shardings=out_shardings), passthrough
+
+
+def _full_spec(s: NamedSharding, ndim: int) -> PartitionSpec:
+    spec = tuple(s.spec)
+    return PartitionSpec(*(spec + (None,) * (ndim - len(spec))))
 
 
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     return x if dtype is None else x.astype(dtype)
 
 
+def _check_rank(name: str, shape: tuple[int, ...], s: Sharding) -> None:
+    """A partition spec with more entries than the tensor has dimensions is refused, not truncated."""
+    if isinstance(s, NamedSharding) and len(tuple(s.spec)) > len(shape):
+        raise ValueError(f"{name}: the sharding's partition spec {s.spec} has more entries than the tensor's "
+                         f"{len(shape)} dimensions (shape {shape})")
+
+
 def _check_split(name: str, shape: tuple[int, ...], s: Sharding, units: tuple[int, int]) -> None:
     """Each split dimension must divide evenly, into whole packed words (``units``) and whole groups."""
     if not isinstance(s, NamedSharding):
         return
+    _check_rank(name, shape, s)
     spec = tuple(s.spec) + (None,) * max(0, len(shape) - len(tuple(s.spec)))
-    if len(tuple(s.spec)) > len(shape):
-        raise ValueError(f"{name}: the sharding's partition spec {s.spec} has more entries than the tensor's "
-                         f"{len(shape)} dimensions (shape {shape})")
     for d, entry in enumerate(spec[: len(shape)]):
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         parts = math.prod(s.mesh.shape[a] for a in axes)

@@ -4,6 +4,7 @@ as asked, bad shardings refused before any byte is read. Run by ../test_sharding
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,109 @@ def test_the_llama_example_on_8_devices():
     params = example.load_jax(EXAMPLE)
     assert params["model.layers.0.mlp.down_proj.weight"].sharding.spec == P(None, "model")
     assert example.main(EXAMPLE) <= example.TOLERANCE
+
+
+# ------------------------------------------------------------------ cost: reads, compiles
+def test_gptq_layout_reads_each_g_idx_once(converted, monkeypatch):
+    """Issue 19 item 15: whether the checkpoint is act-order is decided once, not per module (that read every
+    module's g_idx for every module: quadratic). Counted: each g_idx is read at most twice in all (the
+    act-order check, then the load), whatever the number of modules."""
+    from packq.checkpoint import model
+
+    ckpt = open_checkpoint(converted["gptq"])
+    n_modules = sum("g_idx" in m.names for m in ckpt.modules.values())
+    assert n_modules == 14
+    checked, loaded = [], []
+    real_array, real_pread = model.module_array, _Loader._pread
+    monkeypatch.setattr(model, "module_array", lambda c, m, part: checked.append((m.prefix, part)) or real_array(c, m, part))
+    monkeypatch.setattr(_Loader, "_pread", lambda self, f, info, off, view: loaded.append(info.name) or
+                        real_pread(self, f, info, off, view))
+    for layout in ("gptq", "int4", "dequantized"):
+        checked.clear(), loaded.clear()
+        packq.jax.load(converted["gptq"], layout=layout)
+        g_checked = [p for p, part in checked if part == "g_idx"]
+        g_loaded = [n for n in loaded if n.endswith(".g_idx")]
+        assert len(g_checked) == len(set(g_checked)) <= n_modules, layout  # was n_modules ** 2 = 196
+        assert len(g_loaded) == len(set(g_loaded)) == n_modules, layout
+
+
+def _compiles() -> list[float]:
+    from jax import monitoring
+
+    seen: list[float] = []
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    return seen
+
+
+def test_one_compile_per_distinct_module_signature(mesh):
+    """The tiny Llama's 14 modules have 3 shapes (q/k/v/o, gate/up, down): a converting layout compiles one
+    function per shape, reused by every module of it; a second load in the same process compiles nothing."""
+    from packq.checkpoint import jax_loader
+
+    jax.clear_caches()
+    jax_loader._compiled.cache_clear()
+    jax_loader._EXECUTABLES.clear()
+    seen = _compiles()
+    for layout in ("gptq", "int4", "dequantized", "awq", "compressed-tensors"):
+        s = {WEIGHTS: NamedSharding(mesh, P("y", None) if layout == "compressed-tensors" else P(None, "y"))}  # columns
+        before = len(seen)
+        packq.jax.load(EXAMPLE, layout=layout, shardings=s)
+        first = len(seen) - before
+        # "awq" from AWQ keeps every tensor as stored: nothing to compile
+        assert first == (0 if layout == "awq" else 3), (layout, first)
+        before = len(seen)
+        packq.jax.load(EXAMPLE, layout=layout, shardings=s)
+        assert len(seen) == before, layout
+
+
+def test_a_second_process_takes_the_compiles_from_the_persistent_cache(tmp_path):
+    """With jax_compilation_cache_dir set (and jax_persistent_cache_min_compile_time_secs at 0: these compiles
+    take milliseconds), a second load in a new process reads every compiled conversion from the cache."""
+    import subprocess
+    import sys
+
+    worker = """
+import json, sys
+import jax
+from jax import monitoring
+import packq.jax
+events = {"hits": 0}
+monitoring.register_event_listener(lambda e, **kw: events.__setitem__("hits", events["hits"] + (e == "/jax/compilation_cache/cache_hits")))
+for layout in ("gptq", "dequantized"):
+    packq.jax.load(sys.argv[1], layout=layout)
+print(json.dumps(events))
+"""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", worker, str(EXAMPLE)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert runs[0]["hits"] == 0 and any((tmp_path / "cache").iterdir())
+    assert runs[1]["hits"] >= 6  # 3 shapes x 2 layouts, every one from the cache
+
+
+# ------------------------------------------------------------------ issue 19 item 16
+def test_a_partition_spec_longer_than_the_tensor_is_refused(mesh, no_reads):
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.\w+\.\w+_proj\.qweight: the sharding's partition spec "
+                                         r"\w+\('x', 'y', None\) has more entries than the tensor's 2 dimensions"):
+        packq.jax.load(EXAMPLE, layout="gptq", shardings={WEIGHTS: NamedSharding(mesh, P("x", "y", None))})
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: the sharding's partition spec \w+\(None, 'x'\) has more "
+                                         r"entries than the tensor's 1 dimensions"):
+        packq.jax.load(EXAMPLE, shardings={r"model\.norm\.weight": NamedSharding(mesh, P(None, "x"))})
+
+
+def test_a_bad_regular_expression_is_a_value_error_naming_it(no_reads):
+    import re
+
+    with pytest.raises(ValueError, match=r"shardings: the pattern '\.\*_proj\(' is not a valid regular expression") as e:
+        packq.jax.load(EXAMPLE, shardings={r".*_proj(": NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P())})
+    assert not isinstance(e.value, re.error)
+    with pytest.raises(TypeError, match="pattern must be a regular expression"):
+        packq.jax.load(EXAMPLE, shardings=[(3, None)])

@@ -54,3 +54,85 @@ def test_empty_inputs_give_empty_results():
     w, z = tk.fused([(awq.weight_to_gptq, (torch.zeros((0, 8), dtype=torch.int32),), {}),
                      (awq.zeros_to_gptq, (torch.zeros((0, 8), dtype=torch.int32),), {})])
     assert w.shape == (0, 64) and z.shape == (0, 8)
+
+
+# ------------------------------------------------------------------ dequantization
+from packq.formats import gptq  # noqa: E402
+
+FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _scales(rng, shape, dtype):
+    """Scales of every magnitude and sign, some subnormal in float16, so that the rounding is exercised."""
+    s = rng.standard_normal(shape) * np.exp2(rng.integers(-20, 4, shape))
+    return torch.from_numpy(s.astype(np.float32)).to(FLOATS[dtype])
+
+
+def _rand_words(rng, shape):
+    return torch.from_numpy(rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32))
+
+
+def _exact(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.view(torch.int16 if got.dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if want.dtype != torch.float32 else torch.int32))
+
+
+# (K, N, groups): one group, groups the tiles fit (32 | G), groups they do not (G = 16, G = 48), ragged column tiles
+GPTQ_SHAPES = [(64, 32, 1), (128, 64, 4), (64, 96, 4), (96, 320, 2), (32, 8, 1)]
+
+
+@given(bits=st.sampled_from([2, 3, 4, 8]), shape=st.sampled_from(GPTQ_SHAPES), zeros=st.sampled_from(["v1", "v2"]),
+       lead=st.sampled_from([(), (3,)]), dtype=st.sampled_from(sorted(FLOATS)), act_order=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_gptq_dequantization_equals_the_core(bits, shape, zeros, lead, dtype, act_order, seed):
+    k, n, groups = shape
+    if n * bits % 32:
+        n = 32 * 3  # 3-bit zeros pack 32 columns in 3 words
+    rng = np.random.default_rng(seed)
+    qw = _rand_words(rng, (*lead, k * bits // 32, n))
+    qz = _rand_words(rng, (*lead, groups, n * bits // 32))
+    sc = _scales(rng, (*lead, groups, n), dtype)
+    g_idx = torch.from_numpy(rng.permutation(np.arange(k) // (k // groups))) if act_order else None  # int64
+    got = tk.dequantize_gptq(qw, qz, sc, g_idx, bits, zeros)
+    _exact(got, gptq.dequantize_gptq(xp, qw, qz, sc, g_idx, bits=bits, zeros=zeros))
+
+
+@given(shape=st.sampled_from(GPTQ_SHAPES), lead=st.sampled_from([(), (3,)]), dtype=st.sampled_from(sorted(FLOATS)),
+       seed=st.integers(0, 2**32 - 1))
+def test_awq_dequantization_equals_the_core(shape, lead, dtype, seed):
+    k, n, groups = shape
+    rng = np.random.default_rng(seed)
+    qw, qz = _rand_words(rng, (*lead, k, n // 8)), _rand_words(rng, (*lead, groups, n // 8))
+    sc = _scales(rng, (*lead, groups, n), dtype)
+    _exact(tk.dequantize_awq(qw, qz, sc), gptq.dequantize_awq(xp, qw, qz, sc))
+
+
+def test_dequantization_rounds_once_like_numpy():
+    """A float16 product that rounds: the kernel's bits are NumPy's float16 (q - z) * s, not a float32 value."""
+    qw = torch.full((8, 1), 0x75316420, dtype=torch.int32)  # AWQ order of 0..7
+    qz = torch.zeros((1, 1), dtype=torch.int32)
+    s = np.full((1, 8), 0.1, np.float16)
+    want = (np.arange(8, dtype=np.float16) * s)[0]
+    got = tk.dequantize_awq(qw, qz, torch.from_numpy(s))[0].numpy()
+    assert got.tobytes() == want.tobytes()
+
+
+def test_a_corrupted_kernel_result_fails_the_check():
+    """Negative control: one flipped bit in the kernel's output is caught by the same comparison."""
+    rng = np.random.default_rng(1)
+    qw, qz, sc = _rand_words(rng, (3, 32)), _rand_words(rng, (1, 3)), _scales(rng, (1, 32), "float16")
+    got = tk.dequantize_gptq(qw, qz, sc, None, 3, "v1")
+    got.view(torch.int16)[5, 7] ^= 1
+    with pytest.raises(AssertionError):
+        _exact(got, gptq.dequantize_gptq(xp, qw, qz, sc, None, bits=3, zeros="v1"))
+
+
+def test_dequantization_kernels_decline_what_they_do_not_compute():
+    """float64 scales and mixed word dtypes return None, so that the backend runs the core."""
+    qw, qz = torch.zeros((8, 1), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32)
+    assert tk.dequantize_awq(qw, qz, torch.ones((1, 8), dtype=torch.float64)) is None
+    assert tk.dequantize_gptq(qw.to(torch.int64), qz, torch.ones((1, 1)), None, 4, "v1") is None
+    empty = tk.dequantize_gptq(torch.zeros((0, 8), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32),
+                               torch.ones((1, 8), dtype=torch.float16), None, 4, "v1")
+    assert empty.shape == (0, 8) and empty.dtype == torch.float16
