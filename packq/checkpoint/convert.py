@@ -188,7 +188,8 @@ def convert_checkpoint(
         "bytes_in": ckpt.total_bytes(), "bytes_out": plan.nbytes,
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
-        "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        "max_weight_error": job.target.max_error, "notes": job.target.notes, "verified": verified,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
