@@ -153,8 +153,14 @@ def vllm_run(path: Path, dump: Path, dtype: str) -> None:
 def _last_error(stderr: str) -> str:
     """The line that says why vLLM refused: the last exception line, without the traceback."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    return (errors or lines or ["?"])[-1][:400]
+    errors = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    if not errors:
+        return (lines or ["?"])[-1][:400]
+    last = lines[errors[-1]]
+    if "ValidationError" in last:  # pydantic: the cause is on a following line ("Value error, ...")
+        cause = next((ln for ln in lines[errors[-1] + 1:] if "error" in ln.lower()), "")
+        last = f"{last}: {cause}"
+    return last[:400]
 
 
 def _digest(path: Path) -> str:

@@ -177,10 +177,10 @@ def plan_gptq(
     refused = e.gptq_refusal(bits, report.symmetric, act)
     if refused:
         what = {"sym=False": f"its zero-points are not all {1 << (bits - 1)} ({report.zero0} of them 0)",
-                "desc_act=True": "it is act-order", f"{bits}-bit": f"it is {bits}-bit"}
-        why = "; ".join(what[r] for r in refused.split(", "))
-        raise CheckpointError(f"{ckpt.root}: {e.title} does not load GPTQ {refused}, and {why}; "
-                              f"{e.exact_route(bits, act)}")
+                "desc_act=True": "it is act-order"}
+        why = "; ".join(what[r] for r in refused.split(", ") if r in what)
+        raise CheckpointError(f"{ckpt.root}: {e.title} does not load GPTQ {refused}" + (f", and {why}" if why else "")
+                              + f"; {e.exact_route(bits, act)}")
     fmt, convention = e.target(bits)
     if checkpoint_format is not None and checkpoint_format != fmt:
         if not (checkpoint_format == "gptq_v2" and e.reads_v2) and not (checkpoint_format == "gptq" and e.reads_v1):
