@@ -180,6 +180,8 @@ def _print_convert(s: dict[str, Any]) -> None:  # (print is _render's: see _emit
     if s["inexact_pairs"]:
         print(f"  INEXACT in {s['for']}: {s['inexact_pairs']} pairs (zero-point 0 holding a 15); "
               f"largest weight error {s['max_weight_error']:.6g}")
+    for note in s.get("notes", []):
+        print(f"  note: {note}")
     print(f"  {s['modules']} quantized modules in {s['shards']} shard(s); "
           f"{s['tensors_in']} -> {s['tensors_out']} tensors; {_size(s['bytes_in'])} -> {_size(s['bytes_out'])}")
     if "mlx" in s:
@@ -226,8 +228,8 @@ def _print_inspect(s: dict[str, Any]) -> None:
     target = "as GPTQ v1 written per field" if s["method"] == "awq" else "as stored"
     print(f"  engines ({target}):")
     for name, e in s["engines"].items():
-        verdict = ("unknown" if e["exact"] is None else "exact" if e["exact"] else
-                   f"WRONG in {e['pairs']} pairs" if e["pairs"] else "cannot load it")  # (no pair read wrong: not its format)
+        verdict = ("unknown" if e["exact"] is None else "exact" if e["exact"] else "REFUSED" if e.get("refused")
+                   else f"WRONG in {e['pairs']} pairs" if e["pairs"] else "cannot load it")  # (none read wrong: not its format)
         where = f" ({', '.join(e['modules'][:3])}{', ...' if len(e['modules']) > 3 else ''})" if e["modules"] else ""
         print(f"    {name:<13} {verdict}{where}: {e['note']}")
     if "mlx" in s:

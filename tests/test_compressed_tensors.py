@@ -217,7 +217,7 @@ def test_compressed_tensors_to_every_target(tmp_path):
     ct = tmp_path / "ct"
     convert_checkpoint(EXAMPLE, ct, to=CT)
     convert_checkpoint(EXAMPLE, tmp_path / "f-awq", to="float16")
-    for target, kwargs in {"float16": {}, "gptq": {"for_engine": "tgi"}, "gptq-v2": {"for_engine": "vllm"}}.items():
+    for target, kwargs in {"float16": {}, "gptq": {"for_engine": "tgi"}, "gptq-v2": {"for_engine": "gptqmodel"}}.items():
         dst = tmp_path / target
         s = convert_checkpoint(ct, dst, to=target.split("-")[0], verify=True, **kwargs)
         assert s["verified"], target

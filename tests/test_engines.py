@@ -60,7 +60,7 @@ def test_conventions_agree_without_zero_point_0():
 def test_every_engine_cites_its_source():
     for e in ENGINES.values():
         assert len(e.source) > 30 and e.name == e.name.lower()
-        assert e.reads_v1 in (None, "field", "word", "unmasked")
+        assert e.reads_v1 in (None, "field", "word", "unmasked", "symmetric")
 
 
 # ------------------------------------------------------------------ checkpoints in GPTQModel's v1
@@ -217,7 +217,7 @@ def test_v1_with_zero_point_0_needs_an_engine(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("engine,fmt,convention", [
-    ("transformers", "gptq_v2", None), ("gptqmodel", "gptq_v2", None), ("vllm", "gptq_v2", None),
+    ("transformers", "gptq_v2", None), ("gptqmodel", "gptq_v2", None),
     ("tgi", "gptq", "field"), ("lorax", "gptq", "field"),
 ])
 def test_for_engine_writes_what_it_reads_exactly(tmp_path, engine, fmt, convention):

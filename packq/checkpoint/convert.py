@@ -87,7 +87,10 @@ def convert_checkpoint(
         encoding it computes exactly are written, zero-points of 0 rebiased
         (q + 1, z + 1) for engines that read a stored 15 as 16. Without it, a
         source with zero-points of 0 is refused for v1, which engines read
-        differently (``--checkpoint-format gptq_v2`` is unambiguous).
+        differently (``--checkpoint-format gptq_v2`` is unambiguous). GPTQ that
+        the engine does not load at all (vLLM 0.32: ``sym=False``, act-order;
+        on its CPU path, "vllm-cpu", 8-bit too) is refused, naming the format it
+        loads exactly; what another build of it refuses is in ``notes``.
     allow_inexact : bool
         Write for ``for_engine`` even where no encoding is exact in it (a
         zero-point of 0 whose pair holds a 15, in an engine that reads a stored
@@ -239,7 +242,8 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         "bytes_in": ckpt.total_bytes(), "bytes_out": plan.nbytes,
         "for": job.target.engine, "v1_zeros": job.v1_zeros,
         "rebiased": job.target.rebiased, "inexact_pairs": sum(job.target.inexact.values()),
-        "max_weight_error": job.target.max_error, "verified": verified, "seconds": round(time.perf_counter() - t0, 3),
+        "max_weight_error": job.target.max_error, "notes": job.target.notes, "verified": verified,
+        "seconds": round(time.perf_counter() - t0, 3),
         "overflowed": job.overflow.count,
         **output.summary(job),
         **plan.summary,

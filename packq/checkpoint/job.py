@@ -104,7 +104,7 @@ class Job:
     #: opens a written result folder as a checkpoint, to verify it (the folder reader sits above the formats)
     open: Callable[[Path], Checkpoint]
     read_word: bool = False  # to AWQ: the v1 source was written as one 32-bit subtraction
-    symmetric: bool = False  # to compressed-tensors: every zero-point is 2**(bits-1), so none are stored
+    symmetric: bool = False  # every zero-point is 2**(bits-1): compressed-tensors stores none, GPTQ says sym=True
     #: target-specific options (``--gguf-type``, ``--mlx-scales``, ...), as the target format defines them
     options: dict[str, Any] = field(default_factory=dict)
     #: float targets: weights that came out not finite, counted as they are made, refused before commit

@@ -17,7 +17,7 @@ from packq.checkpoint.model import Checkpoint, act_order, module_array
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
-from packq.formats.engines import ENGINES, FIELD, UNMASKED, WORD, producer_convention, read_v1
+from packq.formats.engines import ENGINES, FIELD, SYMMETRIC, UNMASKED, WORD, producer_convention, read_v1
 
 #: how many module names a report lists before "and N more"
 SHOWN = 5
@@ -81,8 +81,14 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
                 misread[conv] = int(np.count_nonzero(read_v1(fields, words, conv, bits) != true))
             if misread[conv]:
                 wrong[name][prefix] = misread[conv]
+    act = ckpt.format.method == "gptq" and act_order(ckpt)
     for name, engine in ENGINES.items():
         if engine.reads_v1 is None:
+            continue
+        refused = None if report.ambiguous else engine.gptq_refusal(bits, report.symmetric, act)
+        if refused:  # as GPTQ at all, whatever the zero-point encoding
+            report.engines[name] = {"exact": False, "pairs": 0, "modules": [], "refused": refused,
+                                    "note": f"does not load GPTQ {refused}; {engine.exact_route(bits, act)}"}
             continue
         if fmt == "gptq_v2":
             report.engines[name] = {"exact": engine.reads_v2, "pairs": 0, "modules": [],
@@ -95,7 +101,8 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
         bad = wrong[name]
         conv = engine.v1_convention(bits)
         note = {FIELD: "reads each field + 1 modulo 2**bits", WORD: "adds 0x11111111 to whole words (carries)",
-                "unmasked": f"reads a stored {2**bits - 1} as {2**bits}, not 0"}[conv or FIELD]
+                UNMASKED: f"reads a stored {2**bits - 1} as {2**bits}, not 0",
+                SYMMETRIC: f"loads sym=True only: qzeros unread, every zero-point {1 << (bits - 1)}"}[conv or FIELD]
         report.engines[name] = {"exact": not bad, "pairs": sum(bad.values()), "modules": sorted(bad), "note": note}
     return report
 
@@ -129,6 +136,7 @@ class Target:
     rebiased: int = 0  # (group, column) pairs moved to q + 1, z + 1
     inexact: dict[str, int] = field(default_factory=dict)  # module -> pairs the engine computes wrongly
     max_error: float = 0.0  # the largest |weight| difference the engine computes, where inexact
+    notes: list[str] = field(default_factory=list)  # what the user should know about the result, said with it
 
 
 def _names(modules: list[str] | dict[str, int]) -> str:
@@ -143,29 +151,45 @@ def plan_gptq(
 
     Refuses before any write where it cannot. Without an engine, v1 is written only where
     every engine reads it alike (no zero-point of 0); otherwise the user must name the
-    engine or ask for v2.
+    engine or ask for v2. An engine that does not load this kind of GPTQ at all (vLLM 0.32:
+    ``sym=False``, act-order; on its CPU path 8-bit too) is refused in one line naming the
+    format it loads exactly instead (compressed-tensors, AWQ).
     """
     if engine is None:
         fmt = checkpoint_format or "gptq"
         if fmt == "gptq" and report.zero0:
             exact = [n for n, e in report.engines.items() if e["exact"]]
-            wrong = [n for n, e in report.engines.items() if not e["exact"]]
+            wrong = [n for n, e in report.engines.items() if not e["exact"] and not e.get("refused")]
+            refused = [n for n, e in report.engines.items() if e.get("refused")]
             raise CheckpointError(
                 f"{str(ckpt.root)!r}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
                 f"({_names(report.zero0_modules)}); GPTQ v1 stores them as 15, which engines read differently "
-                f"(exact: {', '.join(exact)}; wrong: {', '.join(wrong)}). Pass --for ENGINE ({', '.join(LOADERS)}) "
-                "to write what that engine reads exactly, or --checkpoint-format gptq_v2"
+                f"(exact: {', '.join(exact)}; wrong: {', '.join(wrong)}"
+                + (f"; refused: {', '.join(refused)}" if refused else "")
+                + f"). Pass --for ENGINE ({', '.join(LOADERS)}) to write what that engine reads exactly, or "
+                "--checkpoint-format gptq_v2"
             )
         return Target(fmt)
     if engine not in LOADERS:
         raise CheckpointError(f"--for must name an engine that loads GPTQ ({', '.join(LOADERS)}), got {engine!r}")
     e = ENGINES[engine]
-    fmt, convention = e.target(ckpt.format.bits)
+    bits, act = ckpt.format.bits, ckpt.format.method == "gptq" and act_order(ckpt)
+    refused = e.gptq_refusal(bits, report.symmetric, act)
+    if refused:
+        what = {"sym=False": f"its zero-points are not all {1 << (bits - 1)} ({report.zero0} of them 0)",
+                "desc_act=True": "it is act-order"}
+        why = "; ".join(what[r] for r in refused.split(", ") if r in what)
+        raise CheckpointError(f"{ckpt.root}: {e.title} does not load GPTQ {refused}" + (f", and {why}" if why else "")
+                              + f"; {e.exact_route(bits, act)}")
+    fmt, convention = e.target(bits)
     if checkpoint_format is not None and checkpoint_format != fmt:
         if not (checkpoint_format == "gptq_v2" and e.reads_v2) and not (checkpoint_format == "gptq" and e.reads_v1):
             raise CheckpointError(f"{e.title} cannot load checkpoint_format {checkpoint_format!r}; leave it out with --for")
         fmt, convention = checkpoint_format, e.v1_convention(ckpt.format.bits) or FIELD
     target = Target(fmt, convention if convention in (FIELD, WORD) else FIELD, engine)
+    for other in ENGINES.values():  # the same engine's other builds (vLLM's CPU path): said with the result
+        if other.name.startswith(f"{engine}-") and (why := other.gptq_refusal(bits, report.symmetric, act)):
+            target.notes.append(f"{other.title} does not load GPTQ {why}: {other.exact_route(bits, act)}")
     unmasked = fmt == "gptq" and e.v1_convention(ckpt.format.bits) == UNMASKED
     if not (unmasked and report.zero0):
         return target

@@ -180,7 +180,8 @@ class GPTQ(QweightFormat):
         q: dict[str, Any] = {
             "quant_method": "gptq", "bits": ckpt.format.bits, "group_size": ckpt.format.group_size,
             "desc_act": act_order(ckpt) if ckpt.format.method == "gptq" else False,
-            "sym": False, "checkpoint_format": fmt, "true_sequential": True,
+            # sym=True where every zero-point is 2**(bits-1): vLLM 0.32 loads GPTQ only so (its kernels then read no qzeros)
+            "sym": job.symmetric, "checkpoint_format": fmt, "true_sequential": True,
         }
         if fmt == "gptq":  # say how v1 zeros were written, so that any reader can know
             q["meta"] = {"quantizer": [f"packq:{__version__}"], "packq_v1_zeros": job.target.convention}
