@@ -126,6 +126,44 @@ def packq(*args: str) -> tuple[int, str]:
     return p.returncode, (p.stdout + p.stderr).strip()
 
 
+def exact_float32(src: Path, folder: Path) -> int:
+    """Rewrite the quantized linears of ``folder`` (packq's ``--to float32`` of ``src``, which holds the float16
+    rounding of (q - z) * s that AWQ/GPTQ engines compute) with the exact products in float32: packq's dequantizers
+    given the scales widened to float32, which hold every product exactly. The float reference, and the input of
+    llama.cpp's own converter, are then the weights the source's integers and scales say."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    import packq
+
+    config = json.loads((src / "config.json").read_text())
+    awq = config["quantization_config"]["quant_method"] == "awq"
+    stored: dict = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:  # AWQ_TORCH writes bfloat16 scales: read through torch, widen to float32
+            stored |= {k: (h.get_tensor(k).float() if k.endswith(".scales") else h.get_tensor(k)).numpy()
+                       for k in h.keys() if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    out = folder / "model.safetensors"
+    tensors = load_torch(str(out))  # torch: bfloat16 plain tensors kept as they are
+    done = 0
+    for name in [k[: -len(".qweight")] for k in stored if k.endswith(".qweight")]:
+        qw, qz, sc = stored[name + ".qweight"], stored[name + ".qzeros"], stored[name + ".scales"].astype(np.float32)
+        if awq:
+            w = packq.dequantize_awq(qw, qz, sc)
+        else:  # GPTQModel writes v1 zeros with one whole-word subtraction (packq's "word" convention)
+            w = packq.dequantize_gptq(qw, packq.zeros_v1_to_v2(qz, convention="word"), sc, stored.get(name + ".g_idx"),
+                                      zeros="v2")
+        w = np.ascontiguousarray(np.asarray(w, np.float32).T)
+        assert tensors[name + ".weight"].shape == w.shape and np.abs(tensors[name + ".weight"].numpy() - w).max() < 1e-3
+        tensors[name + ".weight"] = torch.from_numpy(w)
+        done += 1
+    save_torch(tensors, str(out), metadata={"format": "pt"})
+    return done
+
+
 def reference_logits(folder: Path, ids: list[int]) -> list[list[float]]:
     """transformers' float32 logits of a float checkpoint (the float reference)."""
     import torch
@@ -232,6 +270,33 @@ print(json.dumps({"version": llama_cpp.__version__, "tokens": toks, "logits": lo
     return {"loaded": True, **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
+def vocab_tests(args, work: Path, name: str, kind: str) -> dict:
+    """llama.cpp's own tokenizer test set for the model's vocabulary (models/ggml-vocab-*.gguf.inp, and .out: the
+    ids the original Hugging Face tokenizer gave, without special tokens): the source folder's tokenizer and
+    llama.cpp on packq's GGUF file both against it."""
+    vocab = MODELS[name][2]
+    base = Path(args.llama_cpp_src) / "models" / f"ggml-vocab-{vocab}.gguf"
+    texts = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    want = [[int(i) for i in line.split()] for line in base.with_suffix(".gguf.out").read_text().split("\n")[: len(texts)]]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(work / f"{name}-{kind}" / "tokenizer.json"))
+    source = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    code = r"""
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, vocab_only=True, verbose=False)
+print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=False) for t in json.loads(sys.argv[2])]))
+"""
+    p = subprocess.run([args.llama, "-c", code, str(work / f"{name}-{kind}.gguf"), json.dumps(texts)],
+                       capture_output=True, text=True, check=True)
+    ours = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"vocab": f"ggml-vocab-{vocab}.gguf", "texts": len(texts),
+            "source_tokenizer_as_expected": sum(a == b for a, b in zip(source, want)),
+            "llama_cpp_on_packq_gguf_as_expected": sum(a == b for a, b in zip(ours, want)),
+            "llama_cpp_on_packq_gguf_as_source_tokenizer": sum(a == b for a, b in zip(ours, source))}
+
+
 def llama_quantize(llama_py: str, src: Path, dst: Path, ftype: int) -> None:
     """llama.cpp's own quantizer (llama_model_quantize, as llama-quantize): F32 GGUF -> ``ftype``."""
     code = r"""
@@ -311,10 +376,12 @@ def _case(args, work: Path, name: str, kind: str, report: dict) -> dict:
                                                     "max_weight_error", "bytes_in", "bytes_out")}
     code, said = packq("convert", str(src), str(f32), "--to", "float32", "--force")
     assert code == 0, said
+    out["exact_float32_modules"] = exact_float32(src, f32)
     tok_ids = hf_tokenize(src, TEXTS)
     ids = hf_tokenize(src, [PROMPT])[0]
     ref = reference_logits(f32, ids)
-    exact = {n: w for n, w in gguf_weights(gg).items() if n.startswith("blk.")}
+    # the quantized modules' tensors (the blocks packq chose), not the plain ones (norms, the MoE router)
+    exact = {n: w for n, w in gguf_weights(gg).items() if w[0] in ("Q4_0", "Q5_0", "Q8_0")}
     out["packq_gguf"] = {**bits_per_weight(gg, exact), "types": sorted({t for t, _ in exact.values()})}
     res = run_llama(args.llama, gg, ids, TEXTS)
     report.setdefault("llama_cpp_python", res.get("version"))
@@ -351,16 +418,44 @@ def _case(args, work: Path, name: str, kind: str, report: dict) -> dict:
     return out
 
 
+def table(report: dict) -> str:
+    """The Markdown tables docs/gguf-engines.md quotes, from a results file (``--table FILE``)."""
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rows = ["| model | source (GPTQModel) | source bits/weight | packq GGUF | bits/weight | tokenizes as source "
+            "| logits vs float reference: rel. RMS error, argmax agreement |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in report["cases"]:
+        g = c["packq_gguf"]
+        e = g["logits_vs_float_reference"]
+        rows.append(f"| {c['model']} | {c['quantization']} | {c['source']['bits_per_weight']:.3f} | {g['types'][0]} "
+                    f"| {g['linear_bits_per_weight']} | {'yes' if g['tokenizes_as_source'] else 'NO'} "
+                    f"| {pct(e['relative_rms_error'])}, {pct(e['argmax_agreement'])} |")
+    rows += ["", "| model | source | llama.cpp's route | bits/weight | weights changed | largest change "
+             "| logits vs float reference: rel. RMS error, argmax agreement |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in report["cases"]:
+        for label, r in c["llama_cpp_route"].items():
+            e = r["logits_vs_float_reference"]
+            rows.append(f"| {c['model']} | {c['quantization']} | {label} | {r['linear_bits_per_weight']} "
+                        f"| {pct(r['weights_changed'])} | {r['weights_max_abs_diff']:.3g} "
+                        f"| {pct(e['relative_rms_error'])}, {pct(e['argmax_agreement'])} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--producer", required=True, help="Python with gptqmodel 7.6.0")
-    ap.add_argument("--llama", required=True, help="Python with llama-cpp-python 0.3.36")
-    ap.add_argument("--llama-cpp-src", required=True, help="llama.cpp as llama-cpp-python 0.3.36 vendors it")
+    ap.add_argument("--producer", help="Python with gptqmodel 7.6.0")
+    ap.add_argument("--llama", help="Python with llama-cpp-python 0.3.36")
+    ap.add_argument("--llama-cpp-src", help="llama.cpp as llama-cpp-python 0.3.36 vendors it")
+    ap.add_argument("--table", type=Path, help="print the Markdown tables of a results file, and stop")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--cases", default=",".join(f"{m}:{q}" for m in MODELS for q in QUANTS),
                     help="model:quantization pairs, comma-separated (default: all nine)")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    if not (args.producer and args.llama and args.llama_cpp_src):
+        ap.error("--producer, --llama and --llama-cpp-src are needed for a run")
     work = args.work or Path(tempfile.mkdtemp(prefix="packq-gguf-loaders-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -371,11 +466,13 @@ def main() -> None:
     import transformers
 
     producer = subprocess.run([args.producer, "-c", "import gptqmodel, transformers; print(gptqmodel.__version__, "
-                               "transformers.__version__)"], capture_output=True, text=True).stdout.split()
+                               "transformers.__version__)"], capture_output=True, text=True).stdout.strip().splitlines()[-1].split()
     report: dict = {"gptqmodel": producer[0], "transformers_producer": producer[1], "transformers": transformers.__version__,
                     "gguf_py": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0",
                     "tokenizers": tokenizers.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                    "date": time.strftime("%Y-%m-%d"), "cases": []}
+                    "date": time.strftime("%Y-%m-%d"), "cases": [],
+                    "packq_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                                   capture_output=True, text=True).stdout.strip()}
     for pair in args.cases.split(","):
         name, kind = pair.split(":")
         if not (work / f"{name}-float").exists():
@@ -386,6 +483,11 @@ def main() -> None:
         if args.out:  # partial results survive an interrupted run
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**report, "seconds": round(time.time() - t0, 1)}, indent=1) + "\n")
+    report["vocab_tests"] = {}
+    for c in report["cases"]:
+        if c["model"] not in report["vocab_tests"] and c.get("packq_exit") == 0:
+            report["vocab_tests"][c["model"]] = vocab_tests(args, work, c["model"], c["quantization"])
+    print(json.dumps(report["vocab_tests"], indent=1), flush=True)
     report["seconds"] = round(time.time() - t0, 1)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -145,3 +145,89 @@ def test_real_loaders_vllm_now(tmp_path):
                     "--work", str(tmp_path / "work"), "--vllm-python", str(VLLM_PYTHON),
                     "--producer-python", str(PRODUCER_PYTHON)], check=True)
     check_vllm(json.loads(out.read_text()))
+
+
+# --- llama.cpp (scripts/real_loaders_gguf.py): packq's GGUF files in llama-cpp-python built from source ---
+
+GGUF_RESULTS = REPO / "benchmarks" / "results" / "real_loaders_gguf.json"
+GGUF_EXPECTED_TYPE = {"gptq-sym": "Q4_0", "gptq-asym": "Q5_0", "awq": "Q5_0"}
+
+
+def check_gguf(report: dict) -> None:
+    """What the committed llama.cpp results must say: every case loads, tokenizes as the source, computes the
+    float reference's logits within llama.cpp's own activation rounding, and llama.cpp's re-quantizing route
+    changes the weights where packq's file holds them exactly."""
+    assert report["llama_cpp_python"] == "0.3.36" and report["gptqmodel"] == "7.6.0"
+    cases = {(c["model"], c["quantization"]): c for c in report["cases"]}
+    models, quants = ("llama", "qwen3", "qwen3moe"), tuple(GGUF_EXPECTED_TYPE)
+    # every model and every producer's quantization at least once (the full run has all nine pairs)
+    assert set(cases) <= {(m, q) for m in models for q in quants} and len(cases) >= 5
+    assert {m for m, _ in cases} == set(models) and {q for _, q in cases} == set(quants)
+    for model, t in report["vocab_tests"].items():  # llama.cpp's own tokenizer test set of the vocabulary
+        assert t["texts"] >= 30 and t["source_tokenizer_as_expected"] == t["texts"], (model, t)
+        assert t["llama_cpp_on_packq_gguf_as_expected"] == t["texts"], (model, t)
+    assert set(report["vocab_tests"]) == set(models)
+    for key, c in cases.items():
+        assert c["packq_exit"] == 0, (key, c.get("packq_said"))
+        g = c["packq_gguf"]
+        assert g["loaded"] and g["tokenizes_as_source"] and g["texts"] >= 6, key
+        assert g["types"] == [GGUF_EXPECTED_TYPE[key[1]]], key  # auto: the smallest exact type
+        bits = {"Q4_0": 4.5, "Q5_0": 5.5}[g["types"][0]]
+        assert g["linear_bits_per_weight"] == bits, key
+        ours = g["logits_vs_float_reference"]
+        # llama.cpp's CPU matmul rounds activations to Q8_0 for these types: close to the reference, not equal
+        assert ours["relative_rms_error"] < 0.02 and ours["argmax_agreement"] >= 0.9, (key, ours)
+        route = c["llama_cpp_route"]
+        f32 = route["convert_hf_to_gguf f32"]
+        # llama.cpp's own converter on the exact float weights writes what packq's file dequantizes to, bit for bit:
+        # the same tensor names, rotary permutation of q/k rows and stacking of experts
+        assert f32["weights_changed"] == 0 and f32["weights_max_abs_diff"] == 0 and f32["types"] == ["F32"], key
+        assert f32["loaded"] and f32["tokenizes_as_source"], key
+        q8 = route.get("llama-quantize q8_0 (of its f32)") or route["convert_hf_to_gguf q8_0"]
+        q4 = route["llama-quantize q4_0 (of its f32)"]
+        assert q8["types"] == ["Q8_0"] and q4["types"] == ["Q4_0"], key
+        assert q4["weights_changed"] > 0.05 and q8["weights_changed"] > 0.05, key
+        assert q4["loaded"] and q4["tokenizes_as_source"], key
+        # re-quantizing 4-bit weights to Q4_0 adds an error of the quantization's own size: far above packq's
+        assert q4["logits_vs_float_reference"]["relative_rms_error"] > 3 * ours["relative_rms_error"], key
+        if key[1] != "gptq-sym":  # asymmetric groups: llama.cpp's Q4_0 cannot hold them, packq's Q5_0 does
+            assert q4["weights_changed"] > 0.5, key
+
+
+def test_committed_gguf_results_say_what_the_docs_say():
+    check_gguf(json.loads(GGUF_RESULTS.read_text()))
+
+
+@pytest.mark.parametrize("corrupt", ["tokenizer", "f32 route", "types", "logits"])
+def test_gguf_results_check_fails_on_a_corrupted_report(corrupt):
+    """A negative control: the check above rejects a report that says something else."""
+    report = json.loads(GGUF_RESULTS.read_text())
+    c = report["cases"][0]
+    if corrupt == "tokenizer":
+        c["packq_gguf"]["tokenizes_as_source"] = False
+    elif corrupt == "f32 route":
+        c["llama_cpp_route"]["convert_hf_to_gguf f32"]["weights_changed"] = 1e-4
+    elif corrupt == "types":
+        c["packq_gguf"]["types"] = ["Q8_0"]
+    else:
+        c["packq_gguf"]["logits_vs_float_reference"]["relative_rms_error"] = 0.5
+    with pytest.raises(AssertionError):
+        check_gguf(report)
+
+
+@pytest.mark.real_loaders
+def test_real_loaders_gguf_now(tmp_path):
+    """Needs three environments (see scripts/real_loaders_gguf.py), named by PACKQ_GGUF_PRODUCER (a Python with
+    gptqmodel 7.6.0), PACKQ_GGUF_LLAMA (a Python with llama-cpp-python 0.3.36) and PACKQ_GGUF_LLAMA_CPP_SRC
+    (the llama.cpp it vendors)."""
+    import os
+
+    env = {k: os.environ.get(f"PACKQ_GGUF_{k}") for k in ("PRODUCER", "LLAMA", "LLAMA_CPP_SRC")}
+    missing = [k for k, v in env.items() if not v or not Path(v).exists()]
+    if missing:
+        pytest.skip(f"set PACKQ_GGUF_{', PACKQ_GGUF_'.join(missing)} (see scripts/real_loaders_gguf.py)")
+    out = tmp_path / "real_loaders_gguf.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "real_loaders_gguf.py"), "--producer", env["PRODUCER"],
+                    "--llama", env["LLAMA"], "--llama-cpp-src", env["LLAMA_CPP_SRC"], "--out", str(out),
+                    "--work", str(tmp_path / "work")], check=True)
+    check_gguf(json.loads(out.read_text()))
