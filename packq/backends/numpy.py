@@ -85,18 +85,28 @@ _background: list[threading.Thread] = []
 
 
 @contextlib.contextmanager
-def deferred_kernels(load: bool) -> Iterator[None]:
+def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
     """Within: weight conversions never wait for numba (about 0.5 s and 105 MB to load from its cache): they
     take the ufunc paths (same bits) until the kernels have run in this process; ``load`` starts loading
-    them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it."""
+    them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it. With
+    ``dequant`` (the output's bytes per element), the thread loads the float kernels for that output instead
+    of the AWQ <-> GPTQ ones."""
     _deferred[0] += 1
     if load and not _background and not _ready.is_set():
         def run() -> None:
             kernels = numba_kernels()
-            if kernels is not None:  # loads the machine code from numba's cache now, not on a real call
+            if kernels is None:
+                return
+            # loads the machine code from numba's cache now, not on a real call
+            if dequant:
+                bits = np.uint16 if dequant == 2 else np.uint32
+                kernels.dequant_awq_t(np.zeros((8, 8), _U)[:, :1], np.zeros((1, 8, 16), bits), np.arange(8), np.zeros((8, 8), bits), 0, 1)
+                kernels.dequant_gptq_t(np.zeros((1, 16), _U)[:, :8], np.zeros((1, 8, 16), bits), np.zeros(8, np.int64), 4,
+                                       np.zeros((8, 8), bits), 0, 8)
+            else:
                 weight_to_gptq_numba(np.zeros((8, 8), np.int32), kernels)
                 weight_to_awq_numba(np.zeros((1, 8), np.int32), kernels)
-                _ready.set()
+            _ready.set()
 
         _background.append(threading.Thread(target=run, name="packq-numba", daemon=True))
         _background[0].start()
@@ -106,10 +116,16 @@ def deferred_kernels(load: bool) -> Iterator[None]:
         _deferred[0] -= 1
 
 
-def _kernels_now() -> ModuleType | None:
-    """The compiled kernels, or None for the ufuncs (numba missing, or deferred and not yet loaded)."""
+def _kernels_now(wait: bool = False) -> ModuleType | None:
+    """The compiled kernels, or None for the ufuncs (numba missing, or deferred and not yet loaded). With
+    ``wait``, a load under way is waited for: the float kernels are 10x the ufuncs, which on 2 cores would
+    only slow the load down."""
     if _deferred[0] and not _ready.is_set():
-        return None
+        if not (wait and _background):
+            return None
+        _background[0].join()
+        if not _ready.is_set():
+            return None
     kernels = numba_kernels()
     if kernels is not None:
         _ready.set()
@@ -361,6 +377,70 @@ def dequantize_gptq(_: Any, qweight: np.ndarray, qzeros: np.ndarray, scales: np.
         return _grouped(q, z, scales)
     idx = g_idx.astype(np.int32)
     return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
+
+
+def dequant_table(z: np.ndarray, scales: np.ndarray, bits: int, finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``finish((q - z) * s)`` for every value q of ``bits`` bits, per (group, column): (groups, N, 2**bits), the
+    product computed exactly as :func:`_grouped` computes it (float16 in float32, rounded once), then passed to
+    ``finish`` (the output dtype's conversion), so that looking a value up gives the bits the ufuncs give."""
+    work = np.float32 if scales.dtype == np.float16 else scales.dtype
+    levels = 1 << bits
+    # (q - z) for every z and q, as floats: row z of a (levels, levels) table, gathered per (group, column)
+    diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(work)
+    t = np.take(diffs, np.asarray(z, np.intp) & (levels - 1), axis=0)
+    t *= scales[..., None].astype(work)
+    return np.ascontiguousarray(finish(t.astype(scales.dtype, copy=False)))
+
+
+def _table_pays(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, bits: int, k: int) -> bool:
+    """2-D, not empty, and a table no larger than the output: 2**bits entries per (group, column), K outputs
+    per column (8-bit values in groups of 128 would need twice the output's work: the ufuncs do those)."""
+    return qweight.ndim == 2 and qweight.size > 0 and z.ndim == scales.ndim == 2 and (1 << bits) * scales.shape[0] <= k
+
+
+def _bits_view(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.itemsize == 2 else np.uint32 if a.itemsize == 4 else np.uint64)
+
+
+def dequantize_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray,
+                     finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """``finish(dequantize_awq(...))`` transposed to (N, K), C-contiguous, by the compiled kernel, from a 2-D AWQ
+    qweight (K, N/8) and its zero-points already unpacked, (groups, N) int16; None without the kernels
+    (the caller then takes the ufunc path, which gives the same bits)."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or not _table_pays(qweight, z, scales, 4, qweight.shape[0]):
+        return None
+    k, c = qweight.shape
+    if z.shape != (scales.shape[0], 8 * c) or k % scales.shape[0]:  # the kernel reads unchecked
+        raise ValueError(f"dequantize_awq_t: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    table = dequant_table(z, scales, 4, finish)
+    words = _native(qweight).view(_U)  # a view of the stored columns: the kernel reads it in place
+    out = np.empty((8 * c, k), table.dtype)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)  # nibble p of a word is column AWQ_PACK_ORDER[p]
+    _split(c, 32 * k, lambda j0, j1: kernels.dequant_awq_t(words, _bits_view(table), cols, _bits_view(out), j0, j1))
+    return out
+
+
+def dequantize_gptq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, bits: int,
+                      finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """As :func:`dequantize_awq_t` for a 2-D GPTQ qweight (K * bits / 32, N) at any width, with its zero-points
+    unpacked (v1 already read as v2), (groups, N) int16, and an optional (act-order) g_idx."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or not _table_pays(qweight, z, scales, bits, qweight.shape[0] * 32 // bits):
+        return None
+    r, n = qweight.shape
+    k, groups = r * 32 // bits, scales.shape[0]
+    if (r * 32 % bits or z.shape != (groups, n) or (g_idx is None and k % groups)
+            or (g_idx is not None and (g_idx.shape != (k,) or g_idx.min() < 0 or g_idx.max() >= groups))):
+        raise ValueError(f"dequantize_gptq_t: qweight {qweight.shape}, zeros {z.shape}, scales {scales.shape} "
+                         f"and g_idx {None if g_idx is None else g_idx.shape} disagree")  # the kernel reads unchecked
+    gidx = np.arange(k, dtype=np.int64) // (k // groups) if g_idx is None else g_idx.astype(np.int64)
+    table = dequant_table(z, scales, bits, finish)
+    words = _native(qweight).view(_U)
+    out = np.empty((n, k), table.dtype)
+    _split(n, 2 * k * out.itemsize, lambda n0, n1: kernels.dequant_gptq_t(words, _bits_view(table), gidx, bits,
+                                                                          _bits_view(out), n0, n1))
+    return out
 
 
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
