@@ -153,7 +153,9 @@ def convert_checkpoint(
     convert = Converter(backend)
     if to != "gptq" and for_engine is not None:
         raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
-    report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
+    # every zero-point, a v1 source's read as its producer wrote it: counts only, what each engine would
+    # compute is worked out only where a refusal names them
+    report = analyse(ckpt, v1_zeros, engines=False)
     check_v1_readable(ckpt, report)
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
     read_word = report.convention == WORD and fmt == "gptq"
