@@ -229,6 +229,20 @@ def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
         np.testing.assert_array_equal(fast, plain)
 
 
+@given(qz=word_arrays([(8, 6), (2, 16, 3), (5, 12)]), delta=st.sampled_from([-1, 1, 0, 2, -3, 255]), bits=st.sampled_from([2, 3, 4, 8]))
+def test_numpy_zeros_shift_fast_path_equals_plain_core(qz, delta, bits):
+    """The NumPy backend's whole-word per-field add (v1 <-> v2 zero-points) agrees with the core's unpack-add-pack."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import gptq
+
+    fast = numpy_backend.BACKEND.run(gptq.zeros_shift, qz, delta=delta, bits=bits)
+    plain = np.asarray(gptq.zeros_shift(xp, qz, delta, bits))
+    assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape
+    np.testing.assert_array_equal(fast, plain)
+
+
 @given(bits=st.sampled_from([2, 3, 4, 8]), zeros=st.sampled_from(["v1", "v2"]), lead=st.sampled_from([(), (2,)]),
        dtype=st.sampled_from(["float16", "float32"]), act_order=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_numpy_dequantize_fast_paths_equal_plain_core(bits, zeros, lead, dtype, act_order, seed):
@@ -352,6 +366,9 @@ def test_numpy_unpack_pack_fast_paths_equal_plain_core(w, bits, direction, dtype
     from packq.core import bits as B
 
     dt, wrap = np.dtype(dtype.split()[0]), dtype.endswith("wrapped")
+    unpacked = numpy_backend.BACKEND.run(B.unpack, w, direction=direction, bits=bits)  # the same, as int32
+    np.testing.assert_array_equal(unpacked, np.asarray(B.unpack(xp, w, direction, bits)))
+    assert unpacked.dtype == np.int32
     fast = numpy_backend.unpack_as(xp, w, direction, bits, dt, wrap)
     plain = np.asarray(B.unpack_as(xp, w, direction, bits, dt, wrap))
     assert fast.dtype == plain.dtype and fast.shape == plain.shape

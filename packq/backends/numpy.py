@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
-import array_api_compat.numpy as xp
 import numpy as np
 
 from packq.backends import Backend
@@ -36,6 +35,20 @@ from packq.core import bits as B
 from packq.formats import awq, gptq
 from packq.formats import compressed_tensors as ct
 
+
+class _Namespace:
+    """``array_api_compat.numpy``, imported on first use: importing it clones NumPy's namespace, which imports
+    numpy.testing, f2py, random and ma (0.15-0.4 s of every ``packq`` start, measured on this project's
+    2-core machines), while conversions between packed formats run only fast paths, which never touch it."""
+
+    def __getattr__(self, name: str) -> Any:
+        import array_api_compat.numpy as real
+
+        self.__dict__.update(vars(real))  # from now on, plain attribute lookups
+        return getattr(real, name)
+
+
+xp: Any = _Namespace()
 _U = np.uint32
 #: bytes of a block's working set (8 word planes and a scratch half); measured best at about two L2s
 BLOCK_BYTES = 2 * 1024 * 1024
@@ -345,6 +358,18 @@ def _nibble_reorder(order: tuple[int, ...], default: int) -> Callable[..., np.nd
     return run
 
 
+def zeros_shift(_: Any, qzeros: np.ndarray, delta: int, bits: int) -> np.ndarray:
+    """The core's ``zeros_shift`` (+ delta in every field, modulo 2**bits) as one whole-word add without carries
+    between fields, at 2, 4 and 8 bits: sum = ((a & ~H) + (b & ~H)) ^ ((a ^ b) & H), H the fields' top bits."""
+    if not _bytewise(bits):
+        return gptq.zeros_shift(xp, qzeros, delta, bits)
+    w = np.ascontiguousarray(qzeros).view(_U)
+    ones = gptq.field_ones(bits)
+    high = _U(ones << (bits - 1))
+    add = _U((delta % (1 << bits)) * ones)
+    return (((w & ~high) + (add & ~high)) ^ ((w ^ add) & high)).view(np.int32)
+
+
 def _grouped(q: np.ndarray, z: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The core's ``dequantize_grouped``: (q - z) * s rounded once to the scales' dtype. float16 is computed in
     float32 and rounded at the end: (q - z) * s is exact in float32 (an integer of at most 9 bits times an
@@ -453,10 +478,12 @@ def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
 class NumpyBackend(Backend):
     name = "numpy"
     fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack,
-                  gptq.dequantize_awq: dequantize_awq, gptq.dequantize_gptq: dequantize_gptq,
+                  B.unpack: lambda _, words, direction, bits: unpack_as(_, words, direction, bits, np.int32, False),
+                  gptq.dequantize_awq: dequantize_awq, gptq.dequantize_gptq: dequantize_gptq, gptq.zeros_shift: zeros_shift,
                   awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
                   awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
-                  ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq)}
+                  ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq),
+                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2))}
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         arrays = tuple(_native(a) for a in arrays)
