@@ -215,6 +215,27 @@ def test_fast_paths_equal_plain_core(qw):
         np.testing.assert_array_equal(np.asarray(to_awq(asarray(want))), qw, err_msg=name)
 
 
+@given(qw=word_arrays(FAST_SHAPES + [(64, 40)]), block=st.sampled_from([4096, 1 << 21]))
+def test_numpy_awq_to_compressed_tensors_weight_equals_plain_core(qw, block):
+    """AWQ qweight -> compressed-tensors weight_packed in one pass (ufuncs, in blocks: several even on these
+    small arrays at 4096 bytes) and through the public dispatch: the plain core's GPTQ words transposed, bit for
+    bit, experts included."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import compressed_tensors as ct
+
+    plain = np.asarray(ct.weight_from_awq(xp, qw))
+    real, numpy_backend.BLOCK_BYTES = numpy_backend.BLOCK_BYTES, block
+    try:
+        results = [numpy_backend.weight_to_ct_ufuncs(qw), numpy_backend.BACKEND.run(ct.weight_from_awq, qw)]
+    finally:
+        numpy_backend.BLOCK_BYTES = real
+    for fast in results:
+        assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape and fast.flags.c_contiguous
+        np.testing.assert_array_equal(fast, plain)
+
+
 @given(qz=word_arrays(FAST_SHAPES), offset=st.sampled_from([-1, 0, 1]))
 def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
     """The NumPy backend's whole-word zero-point reorders agree with the core, both ways, any offset."""

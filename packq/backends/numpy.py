@@ -264,6 +264,36 @@ def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
                                                     lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1)))
 
 
+def weight_to_ct(_: Any, qweight: np.ndarray) -> np.ndarray:
+    """AWQ (..., K, N/8) -> compressed-tensors weight_packed (..., N, K/8), GPTQ's words transposed: by the ufuncs,
+    each cache-sized block's transposed planes stored straight into their transposed places (a whole-tensor
+    transposed copy of the GPTQ result, which it replaces, costs 5-40x a copy); by the kernel, then transposed."""
+    kernels = _kernels_now()
+    if kernels is not None:
+        return np.ascontiguousarray(np.swapaxes(weight_to_gptq_numba(qweight, kernels), -1, -2))
+    return weight_to_ct_ufuncs(qweight)
+
+
+def weight_to_ct_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """AWQ -> compressed-tensors weight_packed by ufuncs, blocked and threaded."""
+    if qweight.ndim > 2:  # experts one by one: each is its own (N, K/8) matrix
+        flat = qweight.reshape(-1, *qweight.shape[-2:])
+        return np.stack([weight_to_ct_ufuncs(e) for e in flat]).reshape(*qweight.shape[:-2], qweight.shape[-1] * 8, -1)
+    k, c = qweight.shape
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)
+    groups = src.shape[0]
+    out = np.empty((c, 8, groups), _U)  # (word, column in word, group): row 8 * word + j is output row n
+
+    def work(g0: int, g1: int) -> None:
+        buf, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
+        planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
+        for s, j in enumerate(awq.AWQ_PACK_ORDER):  # transposed word s is column AWQ_PACK_ORDER[s] of its word
+            np.copyto(out[:, j, g0:g1], planes[s].T)
+
+    _blocked(groups, 32 * c, work)
+    return out.view(np.int32).reshape(8 * c, groups)
+
+
 def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
     kernels = _kernels_now()
     return weight_to_gptq_ufuncs(qweight) if kernels is None else weight_to_gptq_numba(qweight, kernels)
@@ -483,7 +513,7 @@ class NumpyBackend(Backend):
                   awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
                   awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
                   ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq),
-                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2))}
+                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2)), ct.weight_from_awq: weight_to_ct}
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         arrays = tuple(_native(a) for a in arrays)
