@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
-
 DIRECTIONS = ("column", "row")
 BITS = (2, 3, 4, 8)
 
@@ -53,6 +51,8 @@ _ARRAY_TYPES: dict[type, bool] = {}
 def _is_array(x: Any) -> bool:
     known = _ARRAY_TYPES.get(type(x))
     if known is None:
+        import array_api_compat  # here, not at import: 0.05-0.1 s of every CLI start, for calls on arrays only
+
         known = _ARRAY_TYPES[type(x)] = bool(array_api_compat.is_array_api_obj(x)) and hasattr(x, "ndim")
     return known
 
@@ -69,6 +69,8 @@ def array(x: Any, name: str, min_ndim: int = 2) -> None:
 
 
 def integer(x: Any, name: str) -> None:
+    import array_api_compat
+
     xp = array_api_compat.array_namespace(x)
     if not _is_integral(xp, x.dtype):
         raise TypeError(f"{name} must have an integer dtype, got dtype {dtype_name(x.dtype)}")
@@ -91,6 +93,8 @@ def words(x: Any, name: str) -> None:
 
 
 def floating(x: Any, name: str) -> None:
+    import array_api_compat
+
     xp = array_api_compat.array_namespace(x)
     if dtype_name(x.dtype) != "bfloat16" and not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16 or float32), got dtype {dtype_name(x.dtype)}")

@@ -382,6 +382,17 @@ def test_small_conversions_do_not_load_numba(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_packed_conversions_do_not_import_the_array_api_namespace(tmp_path):
+    """AWQ -> GPTQ (v1 and v2) and -> compressed-tensors run only the NumPy backend's fast paths: the CLI's start
+    never pays for array_api_compat.numpy (which imports numpy.testing, f2py, random and ma)."""
+    code = ("import sys; from packq.checkpoint import convert_checkpoint; "
+            f"convert_checkpoint({str(EXAMPLE)!r}, {str(tmp_path / 'a')!r}, for_engine='tgi'); "
+            f"convert_checkpoint({str(EXAMPLE)!r}, {str(tmp_path / 'b')!r}, for_engine='transformers'); "
+            f"convert_checkpoint({str(EXAMPLE)!r}, {str(tmp_path / 'c')!r}, to='compressed-tensors'); "
+            "assert 'array_api_compat.numpy' not in sys.modules, 'array_api_compat.numpy was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("route", ["awq->gptq", "gptq->awq"])
 def test_weights_streamed_in_small_blocks_write_the_same_bytes(tmp_path, monkeypatch, route):
     """AWQ <-> GPTQ weights are written block by block (here every block one unit of rows): the bytes

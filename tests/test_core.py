@@ -215,6 +215,27 @@ def test_fast_paths_equal_plain_core(qw):
         np.testing.assert_array_equal(np.asarray(to_awq(asarray(want))), qw, err_msg=name)
 
 
+@given(qw=word_arrays(FAST_SHAPES + [(64, 40)]), block=st.sampled_from([4096, 1 << 21]))
+def test_numpy_awq_to_compressed_tensors_weight_equals_plain_core(qw, block):
+    """AWQ qweight -> compressed-tensors weight_packed in one pass (ufuncs, in blocks: several even on these
+    small arrays at 4096 bytes) and through the public dispatch: the plain core's GPTQ words transposed, bit for
+    bit, experts included."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import compressed_tensors as ct
+
+    plain = np.asarray(ct.weight_from_awq(xp, qw))
+    real, numpy_backend.BLOCK_BYTES = numpy_backend.BLOCK_BYTES, block
+    try:
+        results = [numpy_backend.weight_to_ct_ufuncs(qw), numpy_backend.BACKEND.run(ct.weight_from_awq, qw)]
+    finally:
+        numpy_backend.BLOCK_BYTES = real
+    for fast in results:
+        assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape and fast.flags.c_contiguous
+        np.testing.assert_array_equal(fast, plain)
+
+
 @given(qz=word_arrays(FAST_SHAPES), offset=st.sampled_from([-1, 0, 1]))
 def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
     """The NumPy backend's whole-word zero-point reorders agree with the core, both ways, any offset."""
@@ -227,6 +248,20 @@ def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
         plain = np.asarray(fn(xp, qz, offset=offset))
         assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape
         np.testing.assert_array_equal(fast, plain)
+
+
+@given(qz=word_arrays([(8, 6), (2, 16, 3), (5, 12)]), delta=st.sampled_from([-1, 1, 0, 2, -3, 255]), bits=st.sampled_from([2, 3, 4, 8]))
+def test_numpy_zeros_shift_fast_path_equals_plain_core(qz, delta, bits):
+    """The NumPy backend's whole-word per-field add (v1 <-> v2 zero-points) agrees with the core's unpack-add-pack."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import gptq
+
+    fast = numpy_backend.BACKEND.run(gptq.zeros_shift, qz, delta=delta, bits=bits)
+    plain = np.asarray(gptq.zeros_shift(xp, qz, delta, bits))
+    assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape
+    np.testing.assert_array_equal(fast, plain)
 
 
 @given(bits=st.sampled_from([2, 3, 4, 8]), zeros=st.sampled_from(["v1", "v2"]), lead=st.sampled_from([(), (2,)]),
@@ -254,6 +289,64 @@ def test_numpy_dequantize_fast_paths_equal_plain_core(bits, zeros, lead, dtype, 
     fast = numpy_backend.BACKEND.run(gptq.dequantize_awq, aw, az, scales)
     plain = np.asarray(gptq.dequantize_awq(xp, aw, az, scales))
     assert fast.dtype == plain.dtype and fast.shape == plain.shape and fast.tobytes() == plain.tobytes()
+
+
+@given(bits=st.sampled_from(["awq", 2, 3, 4, 8]), v1=st.booleans(), k_groups=st.sampled_from([(64, 1), (64, 2), (256, 1), (256, 8)]),
+       n=st.sampled_from([32, 96, 136]), scales=st.sampled_from(["float16", "bfloat16", "float32"]),
+       out=st.sampled_from(["float16", "bfloat16", "float32"]), act_order=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_numba_dequantize_kernels_equal_plain_core(bits, v1, k_groups, n, scales, out, act_order, seed):
+    """The compiled float kernels (a table per (group, column), written in (N, K)) give the bits of the plain core's
+    dequantization converted to each output dtype: AWQ and GPTQ at every width, act-order, v1 zeros, float16,
+    bfloat16 (held in float32) and float32 scales, strided views of wider tensors, word columns past one tile."""
+
+    from packq.backends import numpy as numpy_backend
+    from packq.checkpoint.formats.floats import to_float
+
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(seed)
+    k, groups = k_groups
+    width = 4 if bits == "awq" else bits
+    if n * width % 32 or (bits == "awq" and n % 8):
+        n = 96 if width == 3 else 32
+
+    def words(*shape):  # a view of the middle columns of a wider tensor, as the conversion's blocks are
+        wide = rng.integers(-(2**31), 2**31, (shape[0], 3 * shape[1]), dtype=np.int64).astype(np.int32)
+        return wide[:, shape[1]:2 * shape[1]]
+
+    s = (rng.standard_normal((groups, n)) * rng.choice([1e-6, 0.01, 300.0])).astype(np.float32)
+    s = s.astype(np.float16) if scales == "float16" else (s.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32) \
+        if scales == "bfloat16" else s
+    finish = functools.partial(to_float, dtype=out)
+    with np.errstate(over="ignore"):  # scales of 300 overflow float16 products to infinity, on both paths
+        _check_dequantize_kernels(numpy_backend, bits, v1, k, groups, n, s, finish, act_order, words, rng)
+
+
+def _check_dequantize_kernels(numpy_backend, bits, v1, k, groups, n, s, finish, act_order, words, rng):
+    import array_api_compat.numpy as xp
+
+    from packq.checkpoint.formats.base import fields
+    from packq.formats import gptq
+
+    if bits == "awq":
+        qw, qz = words(k, n // 8), words(groups, n // 8)
+        z = fields(np.ascontiguousarray(qz), 4).reshape(-1, 8)[:, awq.REVERSE_AWQ_PACK_ORDER].reshape(groups, n)
+        got = numpy_backend.dequantize_awq_t(qw, np.ascontiguousarray(z), s, finish)
+        want = finish(np.swapaxes(np.asarray(gptq.dequantize_awq(xp, np.ascontiguousarray(qw), np.ascontiguousarray(qz), s)), -1, -2))
+    else:
+        qw, qz = words(k * bits // 32, n), words(groups, n * bits // 32)
+        g_idx = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32) if act_order else None
+        z = fields(np.ascontiguousarray(qz), bits)
+        if v1:
+            z = (z + 1) & np.int16((1 << bits) - 1)
+        got = numpy_backend.dequantize_gptq_t(qw, z, s, g_idx, bits, finish)
+        plain = gptq.dequantize_gptq(xp, np.ascontiguousarray(qw), np.ascontiguousarray(qz), s, g_idx, bits=bits,
+                                     zeros="v1" if v1 else "v2")
+        want = finish(np.swapaxes(np.asarray(plain), -1, -2))
+        if (1 << bits) * groups > k:  # a table larger than the output: the ufuncs do it
+            assert got is None
+            return
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+    assert got.tobytes() == want.tobytes()
 
 
 def test_public_calls_take_the_fast_paths(monkeypatch):
@@ -294,6 +387,9 @@ def test_numpy_unpack_pack_fast_paths_equal_plain_core(w, bits, direction, dtype
     from packq.core import bits as B
 
     dt, wrap = np.dtype(dtype.split()[0]), dtype.endswith("wrapped")
+    unpacked = numpy_backend.BACKEND.run(B.unpack, w, direction=direction, bits=bits)  # the same, as int32
+    np.testing.assert_array_equal(unpacked, np.asarray(B.unpack(xp, w, direction, bits)))
+    assert unpacked.dtype == np.int32
     fast = numpy_backend.unpack_as(xp, w, direction, bits, dt, wrap)
     plain = np.asarray(B.unpack_as(xp, w, direction, bits, dt, wrap))
     assert fast.dtype == plain.dtype and fast.shape == plain.shape

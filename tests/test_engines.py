@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import Lib, assert_same
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file as save_torch
 
@@ -205,6 +207,29 @@ def _awq_weights(folder: Path, prefix: str) -> np.ndarray:
     q, z = values(qw), values(qz)
     g = q.shape[0] // z.shape[0]
     return (q - np.repeat(z, g, 0)).astype(np.float32) * np.repeat(s.float().numpy(), g, 0)
+
+
+@given(nibbles=st.lists(st.sampled_from([0, 8, 1, 15, 7]) | st.integers(0, 15), min_size=8, max_size=64).filter(
+    lambda v: len(v) % 8 == 0))
+def test_whole_word_zero_point_counts_equal_per_field(nibbles):
+    """A conversion counts a 4-bit AWQ source's zero-points on whole words: the same counts, and the same
+    symmetric answer, as reading every field (what ``packq inspect`` does)."""
+    from packq.checkpoint.zeros import _awq_counts
+
+    v = np.array(nibbles, np.uint32).reshape(-1, 8)
+    words = np.bitwise_or.reduce(v << (4 * np.arange(8, dtype=np.uint32)), axis=1).view(np.int32).reshape(1, -1)
+    assert _awq_counts(words) == (int(np.count_nonzero(v == 0)), v.size, bool(np.all(v == 8)))
+
+
+def test_conversion_counts_match_inspect(tmp_path):
+    """The conversion's zero-point report (counts only) agrees with inspect's full one, on a checkpoint with zero-points of 0."""
+    from packq.checkpoint.folder import open_checkpoint
+    from packq.checkpoint.zeros import analyse
+
+    ckpt = open_checkpoint(EXAMPLE)
+    full, counts = analyse(ckpt), analyse(ckpt, engines=False)
+    assert full.zero0 == counts.zero0 == 16 and full.total == counts.total and full.symmetric == counts.symmetric
+    assert full.zero0_modules == counts.zero0_modules and full.engines and not counts.engines
 
 
 def test_v1_with_zero_point_0_needs_an_engine(tmp_path, capsys):

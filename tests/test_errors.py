@@ -195,8 +195,10 @@ def test_errors_come_before_work(monkeypatch):
 
 
 def test_import_packq_imports_no_framework():
-    """Neither framework, nor numba (0.2 s and 100 MB to import), until a conversion needs it."""
-    code = ("import sys, packq, packq.cli, packq.checkpoint; bad = {'jax', 'torch', 'numba', 'huggingface_hub'} & set(sys.modules); "
+    """Neither framework, nor numba (0.2 s and 100 MB to import), nor array-api-compat (0.1-0.4 s: its NumPy
+    namespace imports numpy.testing and f2py), until a call needs it."""
+    code = ("import sys, packq, packq.cli, packq.checkpoint; "
+            "bad = {'jax', 'torch', 'numba', 'huggingface_hub', 'array_api_compat'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -162,3 +162,33 @@ def test_float_blocks_of_32_columns_write_the_same_bytes(tmp_path, monkeypatch, 
     convert_checkpoint(src, tmp_path / "blocks", to="bfloat16", verify=True)
     for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "blocks" / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_float_kernels_write_the_ufuncs_bytes(tmp_path, monkeypatch, dtype):
+    """The compiled float kernels and the ufuncs write the same files, from every source kind: AWQ, GPTQ v2,
+    per-field and whole-word v1, act-order; the kernels are checked to have run, and verify passes."""
+    from packq.backends import numpy as numpy_backend
+    from packq.checkpoint.formats import floats
+
+    pytest.importorskip("numba")
+    v2, tgi = tmp_path / "v2", tmp_path / "tgi"
+    convert_checkpoint(EXAMPLE, v2, checkpoint_format="gptq_v2")
+    convert_checkpoint(EXAMPLE, tgi, for_engine="tgi")
+    (tmp_path / "g").mkdir()
+    sources = [EXAMPLE, v2, tgi, gptqmodel_v1(tmp_path / "g"), _act_order(tmp_path)[0]]
+    for i, src in enumerate(sources):
+        with monkeypatch.context() as m:  # the ufuncs: the kernels decline
+            m.setattr(floats, "dequantize_awq_t", lambda *a: None)
+            m.setattr(floats, "dequantize_gptq_t", lambda *a: None)
+            convert_checkpoint(src, tmp_path / f"u{i}", to=dtype)
+        calls = []
+        with monkeypatch.context() as m:  # the kernels, loaded or not
+            m.setattr(numpy_backend, "_kernels_now", lambda wait=False: numpy_backend.numba_kernels())
+            for name in ("dequantize_awq_t", "dequantize_gptq_t"):
+                real = getattr(floats, name)
+                m.setattr(floats, name, lambda *a, real=real: (r := real(*a), calls.append(r is not None))[0])
+            assert convert_checkpoint(src, tmp_path / f"k{i}", to=dtype, verify=True)["verified"]
+        assert calls and all(calls), src  # every module through a kernel
+        shards = sorted((tmp_path / f"u{i}").glob("*.safetensors"))
+        assert shards and all(s.read_bytes() == (tmp_path / f"k{i}" / s.name).read_bytes() for s in shards), src

@@ -127,3 +127,74 @@ def gptq_to_awq(src, out, g0, g1):
                 o[i, j] = t[i] & _LOW
                 if two:
                     o[i, k] = t[i] >> 32
+
+
+# Dequantization straight into torch's (N, K) orientation. Every output element is a function of its
+# stored value q and its (group, column), (q - z[g, n]) * s[g, n] rounded to the output type: the caller
+# computes that function for every q once per (group, column) with NumPy's own arithmetic (a table of
+# 2**bits entries each, 1/8 of the output at 4 bits, group 128), so these kernels only extract each field,
+# look its bits up and store them transposed, and cannot round differently from the ufunc path.
+
+
+#: word columns copied together into a local, transposed buffer: one 64-byte line of each stored row
+_TILE = 16
+
+
+@_kernel
+def dequant_awq_t(qw, table, cols, out, j0, j1):
+    """AWQ words ``qw`` (K, C) uint32 (a view of the stored tensor's columns: any strides) to ``out`` (8C, K)
+    for words j0 <= j < j1.
+
+    Nibble p of word (k, j) is column 8j + cols[p]; ``out[n, k] = table[g, n, q]`` for k in group g, the
+    groups of equal size K / table.shape[0]. The words of a group's rows are first copied, 16 word columns
+    at a time, into a small transposed buffer, so that the stored rows (kilobytes apart) are read once, a
+    line each, and every output row is written sequentially.
+    """
+    groups = table.shape[0]
+    group = qw.shape[0] // groups
+    buf = np.empty((_TILE, group), np.uint32)
+    for jt in range(j0, j1, _TILE):
+        width = min(_TILE, j1 - jt)
+        for g in range(groups):
+            k0 = g * group
+            for k in range(group):
+                for jj in range(width):
+                    buf[jj, k] = qw[k0 + k, jt + jj]
+            for jj in range(width):
+                words = buf[jj]
+                for p in range(8):
+                    n = 8 * (jt + jj) + cols[p]
+                    o = out[n, k0:k0 + group]
+                    t = table[g, n]
+                    shift = np.uint32(4 * p)
+                    for k in range(group):
+                        o[k] = t[(words[k] >> shift) & np.uint32(15)]
+
+
+@_kernel
+def dequant_gptq_t(qw, table, gidx, bits, out, n0, n1):
+    """GPTQ words ``qw`` (R, N) uint32 (a view: any strides), values packed down R at ``bits``, to ``out``
+    (N, K) for columns n0 <= n < n1: ``out[n, k] = table[gidx[k], n, q]``; a 3-bit value may straddle two
+    words. As above, 16 columns' words are copied into a transposed buffer first."""
+    r_len, k_len = qw.shape[0], out.shape[1]
+    mask = np.uint64((1 << bits) - 1)
+    buf = np.empty((_TILE, r_len + 1), np.uint32)  # one word of slack: a straddling read past the last word
+    buf[:, r_len] = 0
+    for nt in range(n0, n1, _TILE):
+        width = min(_TILE, n1 - nt)
+        for r in range(r_len):
+            for nn in range(width):
+                buf[nn, r] = qw[r, nt + nn]
+        for nn in range(width):
+            n = nt + nn
+            words = buf[nn]
+            o = out[n]
+            t = table[:, n]
+            for k in range(k_len):
+                pos = k * bits
+                w = pos >> 5
+                sh = pos & 31
+                v = np.uint64(words[w]) >> np.uint64(sh)
+                if sh + bits > 32:
+                    v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
+                o[k] = t[gidx[k], v & mask]

@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
-import array_api_compat.numpy as xp
 import numpy as np
 
 from packq.backends import Backend
@@ -36,6 +35,20 @@ from packq.core import bits as B
 from packq.formats import awq, gptq
 from packq.formats import compressed_tensors as ct
 
+
+class _Namespace:
+    """``array_api_compat.numpy``, imported on first use: importing it clones NumPy's namespace, which imports
+    numpy.testing, f2py, random and ma (0.15-0.4 s of every ``packq`` start, measured on this project's
+    2-core machines), while conversions between packed formats run only fast paths, which never touch it."""
+
+    def __getattr__(self, name: str) -> Any:
+        import array_api_compat.numpy as real
+
+        self.__dict__.update(vars(real))  # from now on, plain attribute lookups
+        return getattr(real, name)
+
+
+xp: Any = _Namespace()
 _U = np.uint32
 #: bytes of a block's working set (8 word planes and a scratch half); measured best at about two L2s
 BLOCK_BYTES = 2 * 1024 * 1024
@@ -85,18 +98,28 @@ _background: list[threading.Thread] = []
 
 
 @contextlib.contextmanager
-def deferred_kernels(load: bool) -> Iterator[None]:
+def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
     """Within: weight conversions never wait for numba (about 0.5 s and 105 MB to load from its cache): they
     take the ufunc paths (same bits) until the kernels have run in this process; ``load`` starts loading
-    them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it."""
+    them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it. With
+    ``dequant`` (the output's bytes per element), the thread loads the float kernels for that output instead
+    of the AWQ <-> GPTQ ones."""
     _deferred[0] += 1
     if load and not _background and not _ready.is_set():
         def run() -> None:
             kernels = numba_kernels()
-            if kernels is not None:  # loads the machine code from numba's cache now, not on a real call
+            if kernels is None:
+                return
+            # loads the machine code from numba's cache now, not on a real call
+            if dequant:
+                bits = np.uint16 if dequant == 2 else np.uint32
+                kernels.dequant_awq_t(np.zeros((8, 8), _U)[:, :1], np.zeros((1, 8, 16), bits), np.arange(8), np.zeros((8, 8), bits), 0, 1)
+                kernels.dequant_gptq_t(np.zeros((1, 16), _U)[:, :8], np.zeros((1, 8, 16), bits), np.zeros(8, np.int64), 4,
+                                       np.zeros((8, 8), bits), 0, 8)
+            else:
                 weight_to_gptq_numba(np.zeros((8, 8), np.int32), kernels)
                 weight_to_awq_numba(np.zeros((1, 8), np.int32), kernels)
-                _ready.set()
+            _ready.set()
 
         _background.append(threading.Thread(target=run, name="packq-numba", daemon=True))
         _background[0].start()
@@ -106,10 +129,16 @@ def deferred_kernels(load: bool) -> Iterator[None]:
         _deferred[0] -= 1
 
 
-def _kernels_now() -> ModuleType | None:
-    """The compiled kernels, or None for the ufuncs (numba missing, or deferred and not yet loaded)."""
+def _kernels_now(wait: bool = False) -> ModuleType | None:
+    """The compiled kernels, or None for the ufuncs (numba missing, or deferred and not yet loaded). With
+    ``wait``, a load under way is waited for: the float kernels are 10x the ufuncs, which on 2 cores would
+    only slow the load down."""
     if _deferred[0] and not _ready.is_set():
-        return None
+        if not (wait and _background):
+            return None
+        _background[0].join()
+        if not _ready.is_set():
+            return None
     kernels = numba_kernels()
     if kernels is not None:
         _ready.set()
@@ -235,6 +264,36 @@ def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
                                                     lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1)))
 
 
+def weight_to_ct(_: Any, qweight: np.ndarray) -> np.ndarray:
+    """AWQ (..., K, N/8) -> compressed-tensors weight_packed (..., N, K/8), GPTQ's words transposed: by the ufuncs,
+    each cache-sized block's transposed planes stored straight into their transposed places (a whole-tensor
+    transposed copy of the GPTQ result, which it replaces, costs 5-40x a copy); by the kernel, then transposed."""
+    kernels = _kernels_now()
+    if kernels is not None:
+        return np.ascontiguousarray(np.swapaxes(weight_to_gptq_numba(qweight, kernels), -1, -2))
+    return weight_to_ct_ufuncs(qweight)
+
+
+def weight_to_ct_ufuncs(qweight: np.ndarray) -> np.ndarray:
+    """AWQ -> compressed-tensors weight_packed by ufuncs, blocked and threaded."""
+    if qweight.ndim > 2:  # experts one by one: each is its own (N, K/8) matrix
+        flat = qweight.reshape(-1, *qweight.shape[-2:])
+        return np.stack([weight_to_ct_ufuncs(e) for e in flat]).reshape(*qweight.shape[:-2], qweight.shape[-1] * 8, -1)
+    k, c = qweight.shape
+    src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)
+    groups = src.shape[0]
+    out = np.empty((c, 8, groups), _U)  # (word, column in word, group): row 8 * word + j is output row n
+
+    def work(g0: int, g1: int) -> None:
+        buf, t = np.empty((g1 - g0, 8, c), _U), np.empty((g1 - g0, 4, c), _U)
+        planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
+        for s, j in enumerate(awq.AWQ_PACK_ORDER):  # transposed word s is column AWQ_PACK_ORDER[s] of its word
+            np.copyto(out[:, j, g0:g1], planes[s].T)
+
+    _blocked(groups, 32 * c, work)
+    return out.view(np.int32).reshape(8 * c, groups)
+
+
 def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
     kernels = _kernels_now()
     return weight_to_gptq_ufuncs(qweight) if kernels is None else weight_to_gptq_numba(qweight, kernels)
@@ -329,6 +388,18 @@ def _nibble_reorder(order: tuple[int, ...], default: int) -> Callable[..., np.nd
     return run
 
 
+def zeros_shift(_: Any, qzeros: np.ndarray, delta: int, bits: int) -> np.ndarray:
+    """The core's ``zeros_shift`` (+ delta in every field, modulo 2**bits) as one whole-word add without carries
+    between fields, at 2, 4 and 8 bits: sum = ((a & ~H) + (b & ~H)) ^ ((a ^ b) & H), H the fields' top bits."""
+    if not _bytewise(bits):
+        return gptq.zeros_shift(xp, qzeros, delta, bits)
+    w = np.ascontiguousarray(qzeros).view(_U)
+    ones = gptq.field_ones(bits)
+    high = _U(ones << (bits - 1))
+    add = _U((delta % (1 << bits)) * ones)
+    return (((w & ~high) + (add & ~high)) ^ ((w ^ add) & high)).view(np.int32)
+
+
 def _grouped(q: np.ndarray, z: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The core's ``dequantize_grouped``: (q - z) * s rounded once to the scales' dtype. float16 is computed in
     float32 and rounded at the end: (q - z) * s is exact in float32 (an integer of at most 9 bits times an
@@ -363,6 +434,70 @@ def dequantize_gptq(_: Any, qweight: np.ndarray, qzeros: np.ndarray, scales: np.
     return (q - np.take(z, idx, axis=-2)).astype(scales.dtype) * np.take(scales, idx, axis=-2)
 
 
+def dequant_table(z: np.ndarray, scales: np.ndarray, bits: int, finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``finish((q - z) * s)`` for every value q of ``bits`` bits, per (group, column): (groups, N, 2**bits), the
+    product computed exactly as :func:`_grouped` computes it (float16 in float32, rounded once), then passed to
+    ``finish`` (the output dtype's conversion), so that looking a value up gives the bits the ufuncs give."""
+    work = np.float32 if scales.dtype == np.float16 else scales.dtype
+    levels = 1 << bits
+    # (q - z) for every z and q, as floats: row z of a (levels, levels) table, gathered per (group, column)
+    diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(work)
+    t = np.take(diffs, np.asarray(z, np.intp) & (levels - 1), axis=0)
+    t *= scales[..., None].astype(work)
+    return np.ascontiguousarray(finish(t.astype(scales.dtype, copy=False)))
+
+
+def _table_pays(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, bits: int, k: int) -> bool:
+    """2-D, not empty, and a table no larger than the output: 2**bits entries per (group, column), K outputs
+    per column (8-bit values in groups of 128 would need twice the output's work: the ufuncs do those)."""
+    return qweight.ndim == 2 and qweight.size > 0 and z.ndim == scales.ndim == 2 and (1 << bits) * scales.shape[0] <= k
+
+
+def _bits_view(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.itemsize == 2 else np.uint32 if a.itemsize == 4 else np.uint64)
+
+
+def dequantize_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray,
+                     finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """``finish(dequantize_awq(...))`` transposed to (N, K), C-contiguous, by the compiled kernel, from a 2-D AWQ
+    qweight (K, N/8) and its zero-points already unpacked, (groups, N) int16; None without the kernels
+    (the caller then takes the ufunc path, which gives the same bits)."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or not _table_pays(qweight, z, scales, 4, qweight.shape[0]):
+        return None
+    k, c = qweight.shape
+    if z.shape != (scales.shape[0], 8 * c) or k % scales.shape[0]:  # the kernel reads unchecked
+        raise ValueError(f"dequantize_awq_t: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    table = dequant_table(z, scales, 4, finish)
+    words = _native(qweight).view(_U)  # a view of the stored columns: the kernel reads it in place
+    out = np.empty((8 * c, k), table.dtype)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)  # nibble p of a word is column AWQ_PACK_ORDER[p]
+    _split(c, 32 * k, lambda j0, j1: kernels.dequant_awq_t(words, _bits_view(table), cols, _bits_view(out), j0, j1))
+    return out
+
+
+def dequantize_gptq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, bits: int,
+                      finish: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    """As :func:`dequantize_awq_t` for a 2-D GPTQ qweight (K * bits / 32, N) at any width, with its zero-points
+    unpacked (v1 already read as v2), (groups, N) int16, and an optional (act-order) g_idx."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or not _table_pays(qweight, z, scales, bits, qweight.shape[0] * 32 // bits):
+        return None
+    r, n = qweight.shape
+    k, groups = r * 32 // bits, scales.shape[0]
+    if (r * 32 % bits or z.shape != (groups, n) or (g_idx is None and k % groups)
+            or (g_idx is not None and (g_idx.shape != (k,) or g_idx.min() < 0 or g_idx.max() >= groups))):
+        raise ValueError(f"dequantize_gptq_t: qweight {qweight.shape}, zeros {z.shape}, scales {scales.shape} "
+                         f"and g_idx {None if g_idx is None else g_idx.shape} disagree")  # the kernel reads unchecked
+    gidx = np.arange(k, dtype=np.int64) // (k // groups) if g_idx is None else g_idx.astype(np.int64)
+    table = dequant_table(z, scales, bits, finish)
+    words = _native(qweight).view(_U)
+    out = np.empty((n, k), table.dtype)
+    _split(n, 2 * k * out.itemsize, lambda n0, n1: kernels.dequant_gptq_t(words, _bits_view(table), gidx, bits,
+                                                                          _bits_view(out), n0, n1))
+    return out
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -373,10 +508,12 @@ def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
 class NumpyBackend(Backend):
     name = "numpy"
     fast_paths = {awq.weight_to_gptq: weight_to_gptq, awq.weight_to_awq: weight_to_awq, B.unpack_as: unpack_as, B.pack: pack,
-                  gptq.dequantize_awq: dequantize_awq, gptq.dequantize_gptq: dequantize_gptq,
+                  B.unpack: lambda _, words, direction, bits: unpack_as(_, words, direction, bits, np.int32, False),
+                  gptq.dequantize_awq: dequantize_awq, gptq.dequantize_gptq: dequantize_gptq, gptq.zeros_shift: zeros_shift,
                   awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
                   awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
-                  ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq)}
+                  ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq),
+                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2)), ct.weight_from_awq: weight_to_ct}
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         arrays = tuple(_native(a) for a in arrays)

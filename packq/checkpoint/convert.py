@@ -24,6 +24,7 @@ from packq.checkpoint.containers import CONTAINERS
 from packq.checkpoint.files import Destination
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
+from packq.checkpoint.formats.floats import Float
 from packq.checkpoint.guards import check_reads_against_dst, files_of, resources, terminating
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.job import Converter, Job
@@ -35,6 +36,9 @@ from packq.formats.engines import FIELD, WORD
 
 #: quantized weights from which ``packq convert`` loads numba's kernels (on a thread, the ufuncs converting meanwhile)
 KERNELS_FROM_BYTES = 4 << 30
+#: float output from which it loads the dequantization kernels (measured: 8 MB of float16 in 8 ms against
+#: 90 ms by the ufuncs, so the 0.5 s load is repaid after about 50 MB)
+DEQUANT_KERNELS_FROM_BYTES = 128 << 20
 
 def _check_paths(src: Path, dst: Path) -> None:
     s, d = src.resolve(), dst.resolve()
@@ -200,7 +204,9 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
             raise CheckpointError(f"--for names the engine that loads a GPTQ result; converting to {to} takes none")
         if to != "gguf" and gguf_type is not None:
             raise CheckpointError(f"--gguf-type is for --to gguf; converting to {to} takes none")
-        report = analyse(ckpt, v1_zeros)  # every zero-point, a v1 source's read as its producer wrote it
+        # every zero-point, a v1 source's read as its producer wrote it: counts only, what each engine would
+        # compute is worked out only where a refusal names them
+        report = analyse(ckpt, v1_zeros, engines=False)
         check_v1_readable(ckpt, report)
         fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
         read_word = report.convention == WORD and fmt == "gptq"
@@ -223,8 +229,11 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once
         # loaded, 2 cores); until it is loaded, or on small ones, the ufuncs convert
         large = sum(m.infos["qweight"].nbytes for m in ckpt.modules.values()) > KERNELS_FROM_BYTES
+        dequant = 0
+        if isinstance(output, Float):  # dequantizing costs 10x a relayout per byte: the kernels repay their load sooner
+            large, dequant = plan.nbytes > DEQUANT_KERNELS_FROM_BYTES, 4 if output.dtype == "F32" else 2
         try:
-            with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(load=large):
+            with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(large, dequant):
                 container.write(job, plan, out.tmp, bar)
                 job.overflow.check(where, to, allow_overflow)  # a float target of infinities is no conversion
                 bar.close()

@@ -67,6 +67,11 @@ class Overflow:
         self.modules: list[str] = []
         self._lock = threading.Lock()
 
+    @staticmethod
+    def finite(out: np.ndarray, dtype: str) -> bool:
+        """Whether every weight of ``out`` (bfloat16 as its raw bits) is finite."""
+        return bool(_finite_mask(out, dtype).all())
+
     def add(self, prefix: str, computed: np.ndarray, out: np.ndarray, dtype: str) -> None:
         finite = _finite_mask(out, dtype)
         if finite.all():

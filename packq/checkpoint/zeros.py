@@ -44,14 +44,36 @@ def _v1_words(ckpt: Checkpoint, qzeros: np.ndarray) -> np.ndarray:
     return qzeros
 
 
-def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
-    """Zero-points of every module; for v1, decoded in the producer's convention (``v1_convention`` overrides)."""
+def _awq_counts(qzeros: np.ndarray) -> tuple[int, int, bool]:
+    """(zero-points of 0, zero-points, whether every one is 8) of 4-bit AWQ qzeros, by whole-word operations: AWQ stores z
+    itself, so neither the nibble order nor a v1 reading matters for these two."""
+    w = np.ascontiguousarray(qzeros).view(np.uint32).ravel()
+    x = w | (w >> np.uint32(1))
+    x |= x >> np.uint32(2)
+    x &= np.uint32(0x11111111)  # bit 4i: nibble i is not 0
+    nonzero = int(((x * np.uint32(0x11111111)) >> np.uint32(28)).sum(dtype=np.int64))  # top nibble: their sum
+    return 8 * w.size - nonzero, 8 * w.size, bool(np.all(w == np.uint32(0x88888888)))
+
+
+def analyse(ckpt: Checkpoint, v1_convention: str | None = None, engines: bool = True) -> ZeroReport:
+    """Zero-points of every module; for v1, decoded in the producer's convention (``v1_convention`` overrides).
+
+    ``engines=False`` leaves out what each engine would compute (``report.engines``, which ``packq inspect``
+    shows): a conversion needs only the counts, and a 4-bit AWQ source's are then counted on whole words."""
     bits = ckpt.format.bits
     fmt = "awq" if ckpt.format.method == "awq" else ckpt.format.checkpoint_format
     convention = v1_convention or (producer_convention(ckpt.format.raw, ckpt.sidecar) if fmt == "gptq" else None)
     report = ZeroReport(fmt, convention)
     wrong: dict[str, dict[str, int]] = {name: {} for name in ENGINES}
     for prefix, m in ckpt.modules.items():
+        if not engines and fmt == "awq" and bits == 4:
+            zero0, total, symmetric = _awq_counts(module_array(ckpt, m, "qzeros"))
+            report.symmetric = report.symmetric and symmetric
+            report.zero0 += zero0
+            report.total += total
+            if zero0:
+                report.zero0_modules.append(prefix)
+            continue
         words = _v1_words(ckpt, module_array(ckpt, m, "qzeros").view(np.uint32))
         fields = np.asarray(numpy_backend.run(B.unpack, words.view(np.int32), direction="column", bits=bits))
         if fmt == "gptq_v2":
@@ -70,7 +92,7 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
         report.total += true.size
         if zero0:
             report.zero0_modules.append(prefix)
-        if fmt == "gptq_v2" or prefix in report.ambiguous:
+        if fmt == "gptq_v2" or prefix in report.ambiguous or not engines:
             continue
         misread: dict[str, int] = {}  # per convention, not per engine: engines share three
         for name, engine in ENGINES.items():
@@ -83,7 +105,7 @@ def analyse(ckpt: Checkpoint, v1_convention: str | None = None) -> ZeroReport:
                 wrong[name][prefix] = misread[conv]
     act = ckpt.format.method == "gptq" and act_order(ckpt)
     for name, engine in ENGINES.items():
-        if engine.reads_v1 is None:
+        if engine.reads_v1 is None or not engines:
             continue
         refused = None if report.ambiguous else engine.gptq_refusal(bits, report.symmetric, act)
         if refused:  # as GPTQ at all, whatever the zero-point encoding
@@ -158,9 +180,10 @@ def plan_gptq(
     if engine is None:
         fmt = checkpoint_format or "gptq"
         if fmt == "gptq" and report.zero0:
-            exact = [n for n, e in report.engines.items() if e["exact"]]
-            wrong = [n for n, e in report.engines.items() if not e["exact"] and not e.get("refused")]
-            refused = [n for n, e in report.engines.items() if e.get("refused")]
+            by_engine = report.engines or analyse(ckpt, report.convention).engines  # a conversion's report has none
+            exact = [n for n, e in by_engine.items() if e["exact"]]
+            wrong = [n for n, e in by_engine.items() if not e["exact"] and not e.get("refused")]
+            refused = [n for n, e in by_engine.items() if e.get("refused")]
             raise CheckpointError(
                 f"{str(ckpt.root)!r}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
                 f"({_names(report.zero0_modules)}); GPTQ v1 stores them as 15, which engines read differently "

@@ -9,12 +9,18 @@ K values as one little-endian bit stream, 3-bit values straddling words); weight
 from __future__ import annotations
 
 from packq.core.bits import Array, Namespace
+from packq.formats.awq import weight_to_gptq
 
 
 def swap(xp: Namespace, x: Array) -> Array:
     """The last two axes exchanged."""
     n = x.ndim
     return xp.permute_dims(x, (*range(n - 2), n - 1, n - 2))
+
+
+def weight_from_awq(xp: Namespace, qweight: Array) -> Array:
+    """AWQ gemm qweight (..., K, N/8) -> weight_packed (..., N, K/8): GPTQ's qweight, transposed."""
+    return swap(xp, weight_to_gptq(xp, qweight))
 
 
 def from_gptq(xp: Namespace, qweight: Array, qzeros: Array, scales: Array) -> tuple[Array, Array, Array]:

@@ -180,8 +180,8 @@ class CompressedTensors(CheckpointFormat):
             return job.convert(ct.swap, f.array_bits(m.names["scales"]))
         awq_source = job.ckpt.format.method == "awq"
         if action == "ct_weight":
-            words = f.array(m.names["qweight"])
-            return job.convert(ct.swap, job.convert(awq.weight_to_gptq, words) if awq_source else words.view(np.int32))
+            words = f.array(m.names["qweight"])  # from AWQ in one pass: GPTQ's words, stored transposed
+            return job.convert(ct.weight_from_awq, words) if awq_source else job.convert(ct.swap, words.view(np.int32))
         words = f.array(m.names["qzeros"])
         return job.convert(ct.swap, job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else v2_zeros(job, words))
 

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from packq.checkpoint.formats.base import CheckpointFormat, Output, Piece, module_arrays
+from packq.backends.numpy import dequantize_awq_t, dequantize_gptq_t
+from packq.checkpoint.formats.base import CheckpointFormat, Output, Piece, fields, module_arrays
 from packq.checkpoint.model import Module
 from packq.checkpoint.safetensors import Reader, SafetensorsFile
 from packq.errors import CheckpointError
+from packq.formats.awq import REVERSE_AWQ_PACK_ORDER
 from packq.formats.engines import WORD
 
 if TYPE_CHECKING:
@@ -91,6 +93,9 @@ class Float(CheckpointFormat):
         (bfloat16 scales are widened to float32, which holds that product exactly); then converted, so
         that bfloat16 output rounds the float16 product, and float32 holds it exactly.
         """
+        fast = self._kernel(job, m, arrays)
+        if fast is not None and job.overflow.finite(fast, self.name):
+            return fast  # (where a weight overflows, the path below computes it again, to report its magnitude)
         a = {part: job.convert.to_backend(np.ascontiguousarray(v)) for part, v in arrays.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is counted (job.overflow), not warned
             w = self._products(job, m, a)
@@ -113,6 +118,31 @@ class Float(CheckpointFormat):
         except ValueError as e:  # g_idx values out of range, say
             raise CheckpointError(f"{str(job.ckpt.root)!r}: {m.prefix!r}: {e}") from None
         return w
+
+    def _kernel(self, job: Job, m: Module, a: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The same bits from the NumPy backend's compiled kernels (numba), which write the (N, K) output
+        directly from a table of each (group, column)'s 2**bits results; None where they do not apply (other
+        backends, no numba, stacked experts, a g_idx out of range: the path below then computes or refuses)."""
+        if job.convert.be.name != "numpy" or a["qweight"].ndim != 2:
+            return None
+        finish = functools.partial(to_float, dtype=self.name)
+        if job.ckpt.format.method == "awq":
+            z = np.ascontiguousarray(fields(a["qzeros"], 4).reshape(-1, 8)[:, REVERSE_AWQ_PACK_ORDER].reshape(a["scales"].shape))
+            return dequantize_awq_t(a["qweight"], z, a["scales"], finish)
+        qzeros, bits = a["qzeros"], m.bits
+        if job.v1_zeros == WORD and bits != 3:  # as GPTQModel wrote it: one 32-bit add gives v2
+            import packq
+
+            z = fields(np.asarray(packq.zeros_v1_to_v2(qzeros, bits=bits, convention=WORD)), bits)
+        elif job.v1_zeros:  # per field, modulo 2**bits
+            z = (fields(qzeros, bits) + 1) & np.int16((1 << bits) - 1)
+        else:
+            z = fields(qzeros, bits)
+        g_idx = a.get("g_idx")
+        groups = a["scales"].shape[0]
+        if g_idx is not None and g_idx.size and not (0 <= g_idx.min() and g_idx.max() < groups):
+            return None  # the public path raises, naming it
+        return dequantize_gptq_t(a["qweight"], z, a["scales"], g_idx, bits, finish)
 
     def config(self, job: Job, config: dict[str, Any]) -> None:
         del config["quantization_config"]  # a plain checkpoint: no quantization left to state
