@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Lib, assert_same, golden_keys
 from test_checkpoint import EXAMPLE, load, ref_awq_values
 from test_engines import gptqmodel_v1
 from test_float import _act_order
 
 import packq
+from conftest import Lib, assert_same, golden_keys
 from packq.checkpoint import convert_checkpoint, inspect_checkpoint
 from packq.cli import main
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 from _words import raw_words
-from conftest import BACKENDS, FIXTURES, Lib, assert_same, golden_keys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import packq
+from conftest import BACKENDS, FIXTURES, Lib, assert_same, golden_keys
 from packq.formats import awq
 
 DIRECTIONS = ["column", "row"]

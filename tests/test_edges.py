@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import Lib, assert_same
 
 import packq
+from conftest import Lib, assert_same
 
 i32, f32 = np.int32, np.float32
 

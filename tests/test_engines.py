@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Lib, assert_same
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file as save_torch
 
 import packq
+from conftest import Lib, assert_same
 from packq.checkpoint import convert_checkpoint, inspect_checkpoint
 from packq.cli import main
 from packq.formats.engines import ENGINES, read_v1

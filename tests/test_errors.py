@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, Lib
 
 import packq
+from conftest import BACKENDS, Lib
 
 i32 = np.int32
 W8 = np.zeros((8, 8), i32)  # a valid 8x8 word matrix

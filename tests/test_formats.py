@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Lib, assert_same, golden_keys
 from hypothesis import given
 from hypothesis import strategies as st
 
 import packq
+from conftest import Lib, assert_same, golden_keys
 from packq.core.bits import layout
 
 DIRECTIONS = ["column", "row"]

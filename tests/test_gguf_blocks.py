@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, assert_same
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import FIXTURES, assert_same
 from packq import backends
 from packq.formats import gguf as G
 

@@ -1464,5 +1464,6 @@ def test_the_documented_guarantees_name_tests_that_exist():
     page = (REPO / "docs" / "guide" / "guarantees.md").read_text()
     section = page[page.index("## What `packq convert` guarantees on disk"):page.index("## Memory")]
     cited = set(re.findall(r"`(test_\w+)`", section))
-    defined = set(re.findall(r"^def (test_\w+)", "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_errors.py", "test_checkpoint.py")), re.M))
+    tests = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_errors.py", "test_checkpoint.py"))
+    defined = set(re.findall(r"^def (test_\w+)", tests, re.M))
     assert len(cited) >= 20 and cited <= defined, sorted(cited - defined)

@@ -13,11 +13,11 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, Lib, assert_same
 from hypothesis import given
 from hypothesis import strategies as st
 
 import packq
+from conftest import FIXTURES, Lib, assert_same
 
 BITS = (2, 3, 4, 8)
 K, N, G = 128, 32, 64
