@@ -175,7 +175,7 @@ def _fast(kernel: Any, grid: tuple[int, ...], pointers: tuple[Any, ...], ints: t
     compiled = _compiled.get(key)
     args = (*pointers, *ints)
     if compiled is not None:
-        compiled[(*grid, *(1,) * (3 - len(grid)))](*args, *constexprs.values())  # (the compiled kernel takes a 3-D grid)
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs.values())  # (the compiled kernel takes a 3-D grid)
         return
     compiled = kernel[grid](*args, **constexprs, num_warps=warps)
     if FAST_LAUNCH and hasattr(compiled, "function"):  # a compiled GPU kernel (the interpreter returns none)

@@ -332,7 +332,7 @@ class _Loader:
             return {name: self._array(name, info, s) for name, (info, s) in planned.items()}
         # every module's conversion is known from the headers alone: compile the distinct ones on threads (XLA
         # releases the GIL) while the bytes are read, rather than one after another at each new shape
-        jobs = {}
+        jobs: dict[Any, Any] = {}
         for m in self.ckpt.modules.values():
             st, s = self._static(m), self._module_sharding(m)
             sig = tuple(sorted((part, planned[n][0].shape, _dtype_name(planned[n][0].dtype), planned[n][1])
@@ -464,7 +464,7 @@ def _executable(st: _Static, signature: tuple[Any, ...], s: Sharding) -> Any:
     if key not in _EXECUTABLES:
         fn, _ = _compiled(st, signature, s)
         specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=sh) for _, shape, dt, sh in signature]
-        _EXECUTABLES[key] = None if fn is None else fn.lower(*specs).compile()
+        _EXECUTABLES[key] = None if fn is None else fn.lower(*specs).compile()  # type: ignore[attr-defined]
     return _EXECUTABLES[key]
 
 
@@ -500,7 +500,7 @@ def _compiled(st: _Static, signature: tuple[Any, ...], s: Sharding) -> tuple[Cal
         from packq.backends.jax import _SHARD_KW, _shard_map
 
         in_specs = tuple(_full_spec(sh, len(shape)) for (_, shape, _, sh) in signature)
-        out_specs = {name: out_shardings[name].spec for name in computed}
+        out_specs = {name: out_shardings[name].spec for name in computed}  # type: ignore[attr-defined]
         mapped = _shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_SHARD_KW)  # type: ignore[call-overload]
         return jax.jit(mapped), passthrough
     if mesh is None or mesh.size == 1:

@@ -183,12 +183,12 @@ def plan_gptq(
             by_engine = report.engines or analyse(ckpt, report.convention).engines  # a conversion's report has none
             exact = [n for n, e in by_engine.items() if e["exact"]]
             wrong = [n for n, e in by_engine.items() if not e["exact"] and not e.get("refused")]
-            refused = [n for n, e in by_engine.items() if e.get("refused")]
+            refusing = [n for n, e in by_engine.items() if e.get("refused")]
             raise CheckpointError(
                 f"{str(ckpt.root)!r}: {report.zero0} (group, column) zero-points of 0 in {len(report.zero0_modules)} modules "
                 f"({_names(report.zero0_modules)}); GPTQ v1 stores them as 15, which engines read differently "
                 f"(exact: {', '.join(exact)}; wrong: {', '.join(wrong)}"
-                + (f"; refused: {', '.join(refused)}" if refused else "")
+                + (f"; refused: {', '.join(refusing)}" if refusing else "")
                 + f"). Pass --for ENGINE ({', '.join(LOADERS)}) to write what that engine reads exactly, or "
                 "--checkpoint-format gptq_v2"
             )
@@ -211,8 +211,8 @@ def plan_gptq(
         fmt, convention = checkpoint_format, e.v1_convention(ckpt.format.bits) or FIELD
     target = Target(fmt, convention if convention in (FIELD, WORD) else FIELD, engine)
     for other in ENGINES.values():  # the same engine's other builds (vLLM's CPU path): said with the result
-        if other.name.startswith(f"{engine}-") and (why := other.gptq_refusal(bits, report.symmetric, act)):
-            target.notes.append(f"{other.title} does not load GPTQ {why}: {other.exact_route(bits, act)}")
+        if other.name.startswith(f"{engine}-") and (refusal := other.gptq_refusal(bits, report.symmetric, act)):
+            target.notes.append(f"{other.title} does not load GPTQ {refusal}: {other.exact_route(bits, act)}")
     unmasked = fmt == "gptq" and e.v1_convention(ckpt.format.bits) == UNMASKED
     if not (unmasked and report.zero0):
         return target

@@ -172,7 +172,7 @@ def _write_tensor(path: Path, out: Any, t: Tensor, pool: ThreadPoolExecutor, pro
         while pending:
             piece = pending.popleft().result()
             fill()  # the next pieces are made while this one is written
-            data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+            data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             written += data.nbytes
             if written > t.nbytes:
                 raise CheckpointError(f"{path}: {t.name}: more data than planned ({t.nbytes} bytes)")
@@ -217,10 +217,10 @@ def read_summary(path: Path) -> dict[str, Any]:
                 "bytes": int(t.n_bytes)} for t in reader.tensors]
     by_type: dict[str, dict[str, int]] = {}
     for t in tensors:
-        e = by_type.setdefault(t["type"], {"tensors": 0, "bytes": 0, "weights": 0})
-        e["tensors"] += 1
-        e["bytes"] += t["bytes"]
-        e["weights"] += int(np.prod(t["shape"]))
+        entry = by_type.setdefault(t["type"], {"tensors": 0, "bytes": 0, "weights": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += t["bytes"]
+        entry["weights"] += int(np.prod(t["shape"]))
     return {
         "path": str(path), "format": "GGUF", "architecture": value("general.architecture"),
         "name": value("general.name"), "file_type": value("general.file_type"),

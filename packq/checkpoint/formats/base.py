@@ -218,7 +218,7 @@ def strings(q: dict[str, Any], where: Path, key: str, label: str = "") -> list[s
 
 def group_size(q: dict[str, Any], where: Path, *keys: str) -> int:
     """A config's group size (under the first of ``keys`` present): positive, or -1 for one group over K."""
-    g = next((q[k] for k in keys if k in q), None)
+    g: Any = next((q[k] for k in keys if k in q), None)
     if not is_int(g) or (g <= 0 and g != -1):
         raise CheckpointError(f"{str(where)!r}: group_size must be a positive integer or -1, got {json_text(g)}")
     return g

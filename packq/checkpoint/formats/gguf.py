@@ -180,8 +180,8 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
         m = mods[0]
         shape = (len(mods), *m.lead, m.n, m.k) if len(mods) > 1 else (*m.lead, m.n, m.k)
         census = G.Census()
-        for p in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
-            census += module_census(ckpt, p, read_word, rounding=forced in ("F16", "BF16"))
+        for prefix in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
+            census += module_census(ckpt, prefix, read_word, rounding=forced in ("F16", "BF16"))
         chosen = forced or census.smallest()
         if chosen is None:  # no block type holds it: F16, what AWQ/GPTQ engines compute, if the user accepts that
             p = Planned(t.name, "F16", shape, t, census, exact=False)
@@ -385,7 +385,7 @@ def verify(ckpt: Checkpoint, gplan: Plan, path: Path, read_word: bool, check_eac
 
 def _pread(fd: int, n: int, offset: int) -> np.ndarray:
     out = np.empty(n, dtype=np.uint8)
-    view, done = memoryview(out), 0
+    view, done = memoryview(out), 0  # type: ignore[arg-type]
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
