@@ -1046,6 +1046,23 @@ def test_an_output_name_a_source_tensor_already_has_is_refused(tmp_path, capsys,
                    "the quantized module 'model.layers.0.q'", f"the source tensor {stray!r} kept as it is")
 
 
+@pytest.mark.parametrize("layout, part", [("dequantized", "weight"), ("compressed-tensors", "weight_packed"),
+                                          ("int4", "zeros")])
+def test_the_jax_loader_refuses_a_stored_tensor_named_as_an_output(tmp_path, layout, part):
+    """The loader returns one dict by name: a stray tensor named as an array a module becomes is refused before
+    any read, naming both, not silently dropped (or silently replacing the module's)."""
+    from packq.errors import CheckpointError
+
+    jax_load = pytest.importorskip("packq.jax").load
+    src = make_checkpoint(tmp_path / "src")
+    stray = f"model.layers.0.q.{part}"
+    _rewrite(src / SHARDS[1], lambda t: t.update({stray: np.zeros(4, np.float16)}))
+    _index(src, lambda i: i["weight_map"].update({stray: SHARDS[1]}))
+    with pytest.raises(CheckpointError, match=f"the output tensor {re.escape(repr(stray))} would be written twice"):
+        jax_load(src, layout=layout)
+    assert set(jax_load(src, layout="source")) >= {stray, "model.layers.0.q.qweight"}  # as stored: no collision
+
+
 @examples(quick=10, thorough=200)
 @given(data=st.data())
 def test_colliding_names_are_refused_and_others_converted(tmp_path_factory, data, capsys):

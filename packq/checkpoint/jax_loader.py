@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 import packq
+from packq.checkpoint.containers.base import unique_outputs
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.model import Checkpoint, Module, act_order
@@ -262,6 +263,12 @@ class _Loader:
                                       "not load into JAX")
             _check_split(name, info.shape, s, units)
         if self.layout != "source":
+            # every array returned, planned by name: a stored tensor named as one a module becomes (a stray
+            # `<module>.weight` beside a quantized module, loaded "dequantized") is refused, not dropped
+            plain = ((name, "a stored tensor") for name, *_ in self.plan if name not in self.module_of)
+            made = ((f"{m.prefix}.{part}", f"a part of the quantized module {m.prefix!r}")
+                    for m in self.ckpt.modules.values() for part in OUTPUTS[self.layout])
+            unique_outputs(self.ckpt.root, [*plain, *made])
             first = OUTPUTS[self.layout][0]
             for m in self.ckpt.modules.values():
                 s = self._module_sharding(m)
