@@ -1,17 +1,25 @@
 """Convert a synthetic ~1 GB AWQ checkpoint with `packq convert`; compare with `cp -r` and the largest shard.
 
-    python benchmarks/bench_convert.py [--size-gb 1.0] [--backend numpy] [--targets gptq,compressed-tensors]
+    python benchmarks/bench_convert.py [--size-gb 1.0] [--backend numpy] [--targets gptq,compressed-tensors,float16]
 
-Prints, from one run: the conversion's wall time against `cp -r SRC DST && sync` of the same folder
-(packq fsyncs what it writes; median of 3 each, interleaved, page cache warm for both), and the
-conversion process's peak resident memory against the
-largest shard and the largest tensor.
+Prints, from one run: each conversion's wall time against the floor of writing its bytes, timed
+interleaved with it (repetition by repetition, page cache warm for both; medians): for the packed
+targets `cp -r SRC DST && sync` of the source folder, for the float targets `cp -r` of that
+repetition's own output and `sync` (packq fsyncs what it writes, so the copy is made durable too);
+the conversion process's peak resident memory against the largest shard and the largest tensor; and
+the machine's load (`uptime`) before and after, since the machines are shared. Bit-exactness in the
+same run: each target is converted once more with `--verify` (every module dequantized from source
+and result by the plain core and compared bit for bit), and every timed output's files are compared
+with that verified one's (SHA-256) before it is deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -80,7 +88,30 @@ sys.exit(rc)
 
 #: what each target passes to packq convert (v1 per field: the example's routes all read it alike)
 TARGETS = {"gptq": ["--for", "tgi"], "compressed-tensors": ["--to", "compressed-tensors"],
-           "float16": ["--to", "float16"]}
+           "float16": ["--to", "float16"], "bfloat16": ["--to", "bfloat16"], "float32": ["--to", "float32"]}
+FLOATS = ("float16", "bfloat16", "float32")
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return time.perf_counter() - t, r
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file's SHA-256 (so that a verified output need not stay on disk beside the timed ones)."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -91,38 +122,60 @@ def main() -> None:
     p.add_argument("--targets", default="gptq,compressed-tensors", help=f"comma-separated, of {', '.join(TARGETS)}")
     args = p.parse_args()
     targets = args.targets.split(",")
+    print(f"{platform.node()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{_load()} before")
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
         total = sum(f.stat().st_size for f in src.iterdir())
+        child = [sys.executable, "-c", CHILD, "convert", str(src)]
+        verified: dict[str, dict[str, str]] = {}
+        for target in targets:  # bit-exactness first: one verified conversion per target, untimed
+            out = Path(tmp) / f"verified-{target}"
+            r = subprocess.run([*child, str(out), "--backend", args.backend, "--verify", *TARGETS[target]],
+                               capture_output=True, text=True)
+            assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
+            verified[target] = _digest(out)
+            shutil.rmtree(out)
         cp_t: list[float] = []
+        own_t: dict[str, list[float]] = {t: [] for t in targets if t in FLOATS}
         conv_t: dict[str, list[float]] = {t: [] for t in targets}
         peaks: dict[str, list[int]] = {t: [] for t in targets}
         for i in range(args.repeat):  # interleaved, so that drifts of a shared machine hit every row alike
-            t = time.perf_counter()
-            # packq fsyncs every file it writes, so the copy is made durable too
-            subprocess.run(["sh", "-c", f"cp -r '{src}' '{tmp}/copy{i}' && sync"], check=True)
-            cp_t.append(time.perf_counter() - t)
+            t, _ = _timed(["sh", "-c", f"cp -r '{src}' '{tmp}/copy{i}' && sync"])
+            cp_t.append(t)
             shutil.rmtree(f"{tmp}/copy{i}")
             for target in targets:
-                t = time.perf_counter()
-                r = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), f"{tmp}/out{i}",
-                                    "--backend", args.backend, *TARGETS[target]], capture_output=True, text=True)
-                conv_t[target].append(time.perf_counter() - t)
+                out = Path(tmp) / f"out{i}"
+                t, r = _timed([*child, str(out), "--backend", args.backend, *TARGETS[target]])
                 assert r.returncode == 0, r.stderr
+                conv_t[target].append(t)
                 peaks[target].append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
-                shutil.rmtree(f"{tmp}/out{i}")
+                if target in FLOATS:  # the floor of writing these bytes: a copy of this very output, made durable
+                    t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{tmp}/copy{i}' && sync"])
+                    own_t[target].append(t)
+                    shutil.rmtree(f"{tmp}/copy{i}")
+                assert _digest(out) == verified[target], f"{target}: run {i} differs from the verified conversion"
+                shutil.rmtree(out)
         cp_m = statistics.median(cp_t)
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
-              f"largest tensor {largest_tensor / 1e6:.1f} MB")
-        print(f"cp -r && sync:  {cp_m:6.2f} s  (median of {args.repeat})")
-        first = statistics.median(conv_t[targets[0]])
+              f"largest tensor {largest_tensor / 1e6:.1f} MB; {args.repeat} repetitions, interleaved; {_load()} after")
+        print(f"cp -r SRC && sync:  {cp_m:6.2f} s  (median; {', '.join(f'{x:.2f}' for x in cp_t)})")
         for target in targets:
             m, peak = statistics.median(conv_t[target]), max(peaks[target])
-            print(f"packq convert to {target}: {m:6.2f} s  = {m / cp_m:.2f}x cp -r && sync, {m / first:.2f}x to {targets[0]}  "
-                  f"({args.backend} backend, process start and imports included)")
+            runs = ", ".join(f"{x:.2f}" for x in conv_t[target])
+            if target in FLOATS:
+                own = statistics.median(own_t[target])
+                ratios = sorted(c / o for c, o in zip(conv_t[target], own_t[target]))
+                print(f"packq convert to {target}: {m:6.2f} s ({runs}) = {m / own:.2f}x cp -r of its own output && sync "
+                      f"({own:.2f} s; per repetition {', '.join(f'{x:.2f}' for x in ratios)}x)")
+            else:
+                ratios = sorted(c / o for c, o in zip(conv_t[target], cp_t))
+                print(f"packq convert to {target}: {m:6.2f} s ({runs}) = {m / cp_m:.2f}x cp -r SRC && sync "
+                      f"(per repetition {', '.join(f'{x:.2f}' for x in ratios)}x)")
             print(f"    peak RSS {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
-                  f"{peak / largest_tensor:.1f}x the largest tensor")
+                  f"{peak / largest_tensor:.1f}x the largest tensor; every output equal to a --verify'd conversion "
+                  f"({args.backend} backend, process start and imports included)")
 
 
 if __name__ == "__main__":
