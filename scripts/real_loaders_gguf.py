@@ -68,6 +68,19 @@ MODELS = {
         "mlp_only_layers": [], "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 64, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": False}, "qwen2", None),
+    # Mistral as mistralai ships v0.3's layout (GQA, rope theta 1e6, no sliding window) but with Llama 3's BPE
+    # tokenizer: llama.cpp's Llama SentencePiece vocabulary would need a tokenizer.model, which packq's GGUF writer
+    # reads and these vocab files do not carry
+    "mistral": ("MistralConfig", {
+        "vocab_size": 128256, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "bos_token_id": 128000, "eos_token_id": 128001}, "llama-bpe", "llama3"),
+    # Qwen2 (Qwen2.5's layout): biased q/k/v projections, tied embeddings, Qwen2's tokenizer
+    "qwen2": ("Qwen2Config", {
+        "vocab_size": 151936, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "use_sliding_window": False, "tie_word_embeddings": True}, "qwen2", None),
 }
 QUANTS = ("awq", "gptq-sym", "gptq-asym")
 
@@ -112,7 +125,7 @@ def make_float(name: str, src: Path, out: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if p.ndim == 2 or "experts" in pname:
+            if p.ndim == 2 or "experts" in pname or pname.endswith(".bias"):  # biases (qwen2's q/k/v) init to 0
                 p.normal_(0, 0.05)  # larger than the default init: logits that tell models apart
             if "embed_tokens" in pname:
                 p.normal_(0, 1.0)
@@ -449,7 +462,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--cases", default=",".join(f"{m}:{q}" for m in MODELS for q in QUANTS),
-                    help="model:quantization pairs, comma-separated (default: all nine)")
+                    help="model:quantization pairs, comma-separated (default: all fifteen)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())))
