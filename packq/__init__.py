@@ -54,23 +54,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AWQ_PACK_ORDER",
-    "REVERSE_AWQ_PACK_ORDER",
-    "apply_order",
-    "awq_to_mlx",
-    "compressed_tensors_to_gptq",
-    "compressed_tensors_to_mlx",
-    "dequantize_awq",
-    "dequantize_gptq",
-    "dequantize_mlx",
-    "fast_awq_to_gptq",
-    "gptq_to_awq",
-    "gptq_to_compressed_tensors",
-    "gptq_to_mlx",
-    "mlx_to_gptq",
-    "pack",
-    "unpack",
-    "zeros_v1_to_v2",
-    "zeros_v2_to_v1",
-]
+__all__ = list(_API)  # (checked against packq._api.__all__ by tests/test_layout.py)

@@ -124,3 +124,13 @@ def test_no_import_circles():
 def test_the_layers_name_every_module():
     for name in graph():
         layer(name)
+
+
+def test_the_lazy_public_names_are_the_api():
+    """packq/__init__.py names the public functions without importing them (PEP 562): the names must stay
+    exactly those packq._api defines, or a new function would be missing from ``import packq``."""
+    import packq
+    import packq._api
+
+    assert sorted(packq.__all__) == sorted(packq._api.__all__)
+    assert all(getattr(packq, name) is getattr(packq._api, name) for name in packq.__all__)
