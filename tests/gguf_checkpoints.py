@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+from test_widths import stream_pack  # the independent bit-stream packer every width test shares
 
 HIDDEN, FFN, HEADS, VOCAB, LAYERS = 64, 128, 2, 64, 1
 LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
            "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
            "mlp.gate_proj": (HIDDEN, FFN), "mlp.up_proj": (HIDDEN, FFN), "mlp.down_proj": (FFN, HIDDEN)}
-
-
-def stream_pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack each row of ``values`` (R, L) as one little-endian bit stream into int32 words (R, L*bits/32)."""
-    out = []
-    for row in values:
-        acc = 0
-        for i, v in enumerate(row.tolist()):
-            acc |= int(v) << (bits * i)
-        out.append([(acc >> (32 * j)) & 0xFFFFFFFF for j in range(len(row) * bits // 32)])
-    return np.array(out, dtype=np.uint64).astype(np.uint32).view(np.int32)
 
 
 def bf16(a: np.ndarray) -> np.ndarray:
