@@ -25,7 +25,7 @@ from packq.checkpoint.files import Destination
 from packq.checkpoint.folder import open_checkpoint
 from packq.checkpoint.formats import FORMATS, TARGETS, route
 from packq.checkpoint.formats.floats import Float
-from packq.checkpoint.guards import check_reads_against_dst, files_of, resources, terminating
+from packq.checkpoint.guards import check_src_against_dst, resources, terminating
 from packq.checkpoint.hub import resolve
 from packq.checkpoint.job import Converter, Job
 from packq.checkpoint.model import act_order_module
@@ -39,16 +39,6 @@ KERNELS_FROM_BYTES = 4 << 30
 #: float output from which it loads the dequantization kernels (measured: 8 MB of float16 in 8 ms against
 #: 90 ms by the ufuncs, so the 0.5 s load is repaid after about 50 MB)
 DEQUANT_KERNELS_FROM_BYTES = 128 << 20
-
-def _check_paths(src: Path, dst: Path) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s:
-        raise CheckpointError(f"DST {str(dst)!r} is SRC itself; choose a new folder")
-    if s in d.parents:
-        raise CheckpointError(f"DST {str(dst)!r} is inside SRC {str(src)!r}; choose a folder outside the source")
-    if d in s.parents:
-        raise CheckpointError(f"SRC {str(src)!r} is inside DST {str(dst)!r}; replacing DST would destroy the source")
-
 
 def convert_checkpoint(
     src: str | os.PathLike[str],
@@ -196,7 +186,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
                 f"{where!r}: GPTQ act-order (desc_act, or a g_idx that is not arange(K) // group_size) has no "
                 f"{FORMATS[to].title} form: {FORMATS[to].why_not_act_order}"
             )
-        _check_paths(src, dst)
+        check_src_against_dst(src, dst, Destination.hidden(dst))  # the folders, then every file, links followed
         convert = Converter(backend)
         if mlx_scales is not None and to != "mlx":
             raise CheckpointError(f"--mlx-scales is the dtype of an MLX result's scales; converting to {to} takes none")
@@ -220,10 +210,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         output.prepare(job)  # what only the target decides (MLX: its scales' dtype, what each backend computes)
         checkpoint_format = job.gptq_format
         container = CONTAINERS[output.container]
-        # every output name, header and file decided and checked, and every file SRC's plan reads resolved
-        # against DST: nothing written yet
-        plan = container.plan(job, dst)
-        check_reads_against_dst(files_of(ckpt.root), dst, Destination.hidden(dst))
+        plan = container.plan(job, dst)  # every output name, header and file decided and checked: nothing written yet
 
         bar = Progress(plan.nbytes, "converting", progress)
         # numba repays its load (0.5 s) only on large checkpoints (measured: 1.0 against 1.45 s a GB once

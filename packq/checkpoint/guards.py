@@ -1,6 +1,7 @@
 """Guards a conversion runs under: what it reads kept apart from what it replaces, signals, and resources.
 
-- :func:`check_reads_against_dst`: the one place where SRC's files, links followed, are compared with DST.
+- :func:`check_src_against_dst`: the one place where SRC, its folder and each of its files (links followed),
+  is compared with DST.
   A Hugging Face snapshot links every file into ``blobs/``; a SRC whose files link into DST (or into the
   hidden folders beside it) would read, after ``--force`` replaced DST, as the converted checkpoint.
 - :func:`terminating`: SIGTERM ends a run as SIGINT does (``KeyboardInterrupt``), so that every run, whatever
@@ -36,6 +37,19 @@ def files_of(root: Path) -> Iterator[Path]:
     for folder, dirs, names in os.walk(root):
         for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
             yield Path(folder) / name
+
+
+def check_src_against_dst(src: Path, dst: Path, hidden: Iterable[Path] = ()) -> None:
+    """Refuse a DST that is SRC, lies inside it or holds it, and then any file of SRC that resolves into DST
+    or the hidden folders beside it (:func:`check_reads_against_dst`): before anything is written."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise CheckpointError(f"DST {str(dst)!r} is SRC itself; choose a new folder")
+    if s in d.parents:
+        raise CheckpointError(f"DST {str(dst)!r} is inside SRC {str(src)!r}; choose a folder outside the source")
+    if d in s.parents:
+        raise CheckpointError(f"SRC {str(src)!r} is inside DST {str(dst)!r}; replacing DST would destroy the source")
+    check_reads_against_dst(files_of(src), dst, hidden)
 
 
 def check_reads_against_dst(reads: Iterable[Path], dst: Path, hidden: Iterable[Path] = ()) -> None:
