@@ -10,6 +10,7 @@ gguf_model's (the real one here), on a tiny Llama with a tokenizer trained on ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -263,3 +264,25 @@ def test_other_architectures_exact_and_evaluated(libs, tmp_path, arch):
     finally:
         llm.close()
     assert logits.shape == (vocab,) and np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_two_sources_of_one_gguf_name_are_refused(tmp_path, capsys):
+    """A stray `<module>.weight` beside a quantized module maps to the module's own GGUF name: refused in one
+    line naming both, before anything is written (gguf_model's planning; the stand-in elsewhere skips it)."""
+    from packq.cli import main
+
+    (tmp_path / "tok").mkdir()
+    vocab = C.add_tokenizer(tmp_path / "tok")
+
+    def stray(t):
+        t["model.layers.0.self_attn.q_proj.weight"] = np.zeros((C.HIDDEN, C.HIDDEN), np.uint16)
+
+    C.make_gptq(tmp_path / "src", edit=stray, vocab=vocab)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tok" / f, tmp_path / "src" / f)
+    before = sorted(os.listdir(tmp_path))
+    rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "m.gguf"), "--to", "gguf"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "are both GGUF tensor blk.0.attn_q.weight" in err and "model.layers.0.self_attn.q_proj.weight" in err, err
+    assert sorted(os.listdir(tmp_path)) == before
