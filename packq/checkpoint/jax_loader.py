@@ -14,6 +14,13 @@ no collective. Tensors a layout keeps as stored pass through without a copy. Wit
 compilation cache enabled (``jax_compilation_cache_dir``, and ``jax_persistent_cache_min_compile_time_secs``
 at 0, since these compiles take well under its default second), a second load in a new process reads
 the compiled functions from the cache instead of compiling them.
+
+On CPU devices (every sharding's devices) the host path takes over instead: each device's block is read
+into 64-byte-aligned memory, converted there by packq's NumPy backend, and handed to PJRT, whose CPU
+client uses aligned host memory in place rather than copying it (a replicated tensor is then one buffer
+that all the devices share). Nothing is compiled, except for layout "dequantized", whose float products
+XLA computes about 10x faster than NumPy's ufuncs (its stored blocks still come by the host path).
+Same arrays, same shardings, bit for bit. ``PACKQ_JAX_HOST=0`` selects the XLA path on CPU devices too.
 """
 
 from __future__ import annotations
