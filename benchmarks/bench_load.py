@@ -4,7 +4,9 @@
     python benchmarks/bench_load.py --platform gpu --size-gb 3.5   # the first GPU, 3.5 GB (Llama-7B's size)
 
 Every figure is the wall time of a fresh process (Python's start and JAX's import included), the median
-of ``--repeat`` runs, page cache warm, and printed beside what it is compared with:
+of ``--repeat`` runs (each repeat runs every row once, in turn, so that a change of the machine's load
+falls on all rows alike), page cache warm, with the user and system CPU seconds of the process and the
+load average after each repeat, and printed beside what it is compared with:
 
 - ``cat SRC/* > /dev/null``: reading the files;
 - JAX's own start: ``import jax; jax.devices()`` (on a GPU, its client and the device's context);
@@ -13,7 +15,9 @@ of ``--repeat`` runs, page cache warm, and printed beside what it is compared wi
 - ``safetensors.flax.load_file`` of every shard (where safetensors is installed);
 - ``packq.jax.load`` in every layout, with JAX's persistent compilation cache off, then on (a first run
   filling a fresh cache directory, then the timed runs reading it). Each run also prints, from JAX's
-  monitoring events, how many functions it compiled, their compile seconds and the cache hits.
+  monitoring events, how many functions it compiled, their compile seconds and the cache hits;
+- on CPU devices, the same layouts by the XLA path (``PACKQ_JAX_HOST=0``, what packq did before its host
+  path), without and with the cache.
 
 Each loaded checkpoint is checked in the same run: every layout's arrays equal packq's NumPy conversion
 of the same tensors (a sample of modules, every tensor of them, bit for bit).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -117,69 +122,111 @@ print(json.dumps({"import_s": t_start - t0, "work_s": t_end - t_start, "check_s"
 
 
 def child(mode: str, src: Path, platform: str, env: dict[str, str]) -> tuple[float, dict]:
+    """One fresh process: its wall time (less the check after the load) and what it printed, with the user and
+    system CPU seconds it used (the machine is shared: CPU seconds say more than wall time under load)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), platform], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
+    info["user_s"], info["sys_s"] = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     return wall - info["check_s"], info  # the check after the load is not the load's time
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size-gb", type=float, default=1.0)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--platform", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--no-xla", action="store_true", help="on CPU, leave out the XLA path's rows (PACKQ_JAX_HOST=0)")
     args = p.parse_args()
     layouts = args.layouts.split(",")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE") and k != "PACKQ_JAX_HOST"}
     base["JAX_PLATFORMS"] = "cpu" if args.platform == "cpu" else "cuda"
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
         total = sum(f.stat().st_size for f in src.iterdir())
         where = "8 virtual CPU devices, columns split 8 ways" if args.platform == "cpu" else "one GPU"
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
-              f"largest tensor {largest_tensor / 1e6:.1f} MB; {where}; median of {args.repeat} fresh processes")
+              f"largest tensor {largest_tensor / 1e6:.1f} MB; {where}; median of {args.repeat} fresh processes, "
+              "every row once in each repeat, in turn", flush=True)
         cache = Path(tmp) / "jax-cache"
         cached = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-        for layout in layouts:  # fill the cache
-            child(layout, src, args.platform, cached)
-        times: dict[str, list[float]] = {}
-        info: dict[str, dict] = {}
+        xla = {**base, "PACKQ_JAX_HOST": "0"}
+        xla_cached = {**cached, "PACKQ_JAX_HOST": "0"}
         runs = [("start", base), ("read", base), ("read+put", base), ("flax", base)]
         runs += [(layout, base) for layout in layouts] + [(f"{layout} (cached)", cached) for layout in layouts]
+        if args.platform == "cpu" and not args.no_xla:  # the XLA path, as before the host path, for comparison
+            converting = [layout for layout in layouts if layout not in ("source", "awq")]
+            runs += [(f"{layout} (XLA)", xla) for layout in converting]
+            runs += [(f"{layout} (XLA, cached)", xla_cached) for layout in converting]
+        for name, env in runs:  # fill the caches (first runs, not timed)
+            if "cached" in name:
+                child(name.split(" ")[0], src, args.platform, env)
+        got: dict[str, list[dict]] = {}
+        loads = []
         for rep in range(args.repeat):
             t = time.perf_counter()
             subprocess.run(["sh", "-c", f"cat '{src}'/* > /dev/null"], check=True)
-            times.setdefault("cat", []).append(time.perf_counter() - t)
+            got.setdefault("cat", []).append({"wall": time.perf_counter() - t})
             for name, env in runs:
                 try:  # the first run of each layout also checks its arrays against NumPy, after the timed load
                     wall, i = child(name.split(" ")[0], src, args.platform, {**env, "CHECK": "1"} if rep == 0 else env)
                     if i.get("checked_modules"):
                         print(f"  checked {name}: {i['checked_modules']} modules bit for bit against NumPy", flush=True)
-                except AssertionError as e:
+                except AssertionError:
                     if name == "flax":  # safetensors missing, or its flax module
-                        info[name] = {"error": str(e)[-200:]}
                         continue
                     raise
-                times.setdefault(name, []).append(wall)
-                info[name] = i
-                print(f"    run {rep + 1}: {name} {wall:.2f} s, load {i['work_s']:.2f} s, {i['compiles']} compiles", flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"cat SRC/* > /dev/null                     {med['cat']:6.2f} s")
-        print(f"JAX's start (import jax; jax.devices())   {med['start']:6.2f} s")
-        floor = med["read"]
-        print(f"JAX's start + reading the files           {floor:6.2f} s   (the baseline below)")
-        print(f"  + the bytes put on the device            {med['read+put']:6.2f} s   = {med['read+put'] / floor:.2f}x")
-        if "flax" in med:
-            print(f"safetensors.flax.load_file, every shard   {med['flax']:6.2f} s   = {med['flax'] / floor:.2f}x")
+                got.setdefault(name, []).append({**i, "wall": wall})
+                print(f"    run {rep + 1}: {name} {wall:.2f} s (user {i['user_s']:.2f}, sys {i['sys_s']:.2f}), "
+                      f"load {i['work_s']:.2f} s, {i['compiles']} compiles", flush=True)
+            loads.append(os.getloadavg()[0])
+            print(f"  repeat {rep + 1}: load average {loads[-1]:.2f}", flush=True)
+        med = {k: _median(v, "wall") for k, v in got.items()}
+        # CPU seconds from the runs that did not check their arrays after loading (the first one of each row did)
+        timed = {k: v[1:] if len(v) > 1 else v for k, v in got.items()}
+        cpu = {k: _median(v, "user_s") + _median(v, "sys_s") for k, v in timed.items() if k != "cat"}
+        print(f"load average over the repeats: {min(loads):.2f}-{max(loads):.2f} (1-minute, after each repeat)")
+        print("medians: wall time of a fresh process (spread: its fastest and slowest run); CPU = user + system seconds of "
+              "it, from the runs that did not check their arrays; ratios of wall times, and of CPU seconds")
+
+        def row(label: str, name: str, vs: str | None = None) -> str:
+            r = got[name]
+            spread = f"{min(x['wall'] for x in r):.2f}-{max(x['wall'] for x in r):.2f}"
+            line = (f"{label:44s} {med[name]:6.2f} s ({spread})  CPU {cpu[name]:6.2f} s "
+                    f"(user {_median(timed[name], 'user_s'):.2f}, sys {_median(timed[name], 'sys_s'):.2f})")
+            if vs:
+                line += f"  = {med[name] / med[vs]:.2f}x {'baseline' if vs == 'read' else vs} (CPU {cpu[name] / cpu[vs]:.2f}x)"
+            return line
+
+        print(f"cat SRC/* > /dev/null                        {med['cat']:6.2f} s")
+        print(row("JAX's start (import jax; jax.devices())", "start"))
+        print(row("JAX's start + reading the files", "read") + "   (the baseline)")
+        print(row("  + the bytes put on the device", "read+put", "read"))
+        if "flax" in got:
+            print(row("safetensors.flax.load_file, every shard", "flax", "read"))
         for name, _ in runs[4:]:
-            m, i = med[name], info[name]
-            print(f"packq.jax.load {name:28s} {m:6.2f} s   = {m / floor:.2f}x baseline, {m / med['source']:.2f}x source; "
-                  f"import {i['import_s']:.2f} s, load {i['work_s']:.2f} s, {i['compiles']} compiles "
-                  f"({i['compile_s']:.2f} s), {i['cache_hits']} cache hits, peak RSS {i['peak_rss'] / 1e6:.0f} MB")
+            i = got[name][0] if len(got[name]) == 1 else got[name][1]  # a timed run's events, not the checking one's
+            vs = "source" if "cached" not in name else "source (cached)"
+            print(row(f"packq.jax.load {name}", name, "read") + (f", {med[name] / med[vs]:.2f}x {vs}"
+                                                                 f" (CPU {cpu[name] / cpu[vs]:.2f}x)" if name != vs else ""))
+            print(f"{'':44s} import {_median(got[name], 'import_s'):.2f} s, load {_median(got[name], 'work_s'):.2f} s, "
+                  f"{i['compiles']} compiles ({i['compile_s']:.2f} s), {i['cache_hits']} cache hits, "
+                  f"peak RSS {_median(got[name], 'peak_rss') / 1e6:.0f} MB")
+        print(f"targets: source {med['source'] / med['read']:.2f}x JAX's start + reading (target 1.5x); every layout "
+              f"within {max(med[layout] / med['source'] for layout in layouts):.2f}x source (target 1.25x), "
+              f"{max(med[f'{layout} (cached)'] / med['source (cached)'] for layout in layouts):.2f}x with the cache")
 
 
 if __name__ == "__main__":

@@ -401,6 +401,26 @@ def test_numpy_unpack_pack_fast_paths_equal_plain_core(w, bits, direction, dtype
         np.testing.assert_array_equal(packed, want)
 
 
+
+@given(w=word_arrays([(24, 6), (2, 48, 12), (96, 3), (8, 1)]), direction=st.sampled_from(DIRECTIONS),
+       dtype=st.sampled_from(["uint4", "int4"]))
+def test_numpy_unpack_to_ml_dtypes_4_bit_equals_plain_core(w, direction, dtype):
+    """JAX's 4-bit dtypes on NumPy (ml_dtypes: a value a byte): the byte planes, viewed as them, are the bytes the
+    core's cast writes (the host path of packq.jax.load hands these to the devices); jnp.int4 as two's complement."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.core import bits as B
+
+    dt, wrap = np.dtype(getattr(ml_dtypes, dtype)), dtype == "int4"
+    fast = numpy_backend.unpack_as(xp, w, direction, 4, dt, wrap)
+    plain = np.asarray(B.unpack_as(xp, w, direction, 4, dt, wrap))
+    assert fast.dtype == plain.dtype == dt and fast.shape == plain.shape
+    assert fast.tobytes() == plain.tobytes()
+    public = packq.unpack(w, direction, dtype=dt)  # the public call takes the fast path
+    assert public.dtype == dt and public.tobytes() == plain.tobytes()
+
 #: (bits, zeros, scales' dtype, act-order): each spread width, zero storage, dtype and g_idx kind at least once
 #: (every combination would compile a hundred functions; 3 bits take the core itself)
 SPREAD_CASES = [(2, "v1", "float16", False), (4, "v2", "bfloat16", True), (8, "v1", "float32", True),

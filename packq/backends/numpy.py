@@ -319,7 +319,10 @@ def _bytewise(bits: int) -> bool:
 def unpack_as(_: Any, words: np.ndarray, direction: str, bits: int, dtype: Any, wrap: bool) -> np.ndarray:
     """The core's ``unpack_as`` by byte planes, into uint8 values, then ``dtype``."""
     out_dtype = np.dtype(dtype)
-    if not _bytewise(bits) or out_dtype.kind not in "iu":
+    # ml_dtypes' int4/uint4 (JAX's): one value a byte, in its low nibble; the byte planes are those bytes already
+    # (two's complement or not, the nibble is the field), as the core's cast writes them
+    nibbles = bits == 4 and out_dtype.itemsize == 1 and out_dtype.name in ("int4", "uint4")
+    if not _bytewise(bits) or (out_dtype.kind not in "iu" and not nibbles):
         return B.unpack_as(xp, words, direction, bits, dtype, wrap)
     per, mask = 8 // bits, (1 << bits) - 1
     b = np.ascontiguousarray(words).view(np.uint8)  # (..., R, 4C)
@@ -336,6 +339,8 @@ def unpack_as(_: Any, words: np.ndarray, direction: str, bits: int, dtype: Any, 
         if bits < 8:
             np.bitwise_and(plane, np.uint8(mask), out=plane)
     v = v.reshape(*lead, r * (per * 4 if direction == "row" else 1), -1)
+    if nibbles:
+        return v.view(out_dtype)
     if wrap:  # two's complement: (v ^ half) - half; at 8 bits that is the int8 view itself
         half = np.uint8(1 << (bits - 1))
         v = v.view(np.int8) if bits == 8 else np.subtract((v ^ half).view(np.int8), np.int8(half), dtype=np.int8)

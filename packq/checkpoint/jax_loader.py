@@ -14,16 +14,25 @@ no collective. Tensors a layout keeps as stored pass through without a copy. Wit
 compilation cache enabled (``jax_compilation_cache_dir``, and ``jax_persistent_cache_min_compile_time_secs``
 at 0, since these compiles take well under its default second), a second load in a new process reads
 the compiled functions from the cache instead of compiling them.
+
+On CPU devices (every sharding's devices) the host path takes over instead: each device's block is read
+into 64-byte-aligned memory, converted there by packq's NumPy backend, and handed to PJRT, whose CPU
+client uses aligned host memory in place rather than copying it (a replicated tensor is then one buffer
+that all the devices share). Nothing is compiled, except for layout "dequantized", whose float products
+XLA computes about 10x faster than NumPy's ufuncs (its stored blocks still come by the host path).
+Same arrays, same shardings, bit for bit. ``PACKQ_JAX_HOST=0`` selects the XLA path on CPU devices too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -41,6 +50,8 @@ from packq.checkpoint.safetensors import DTYPES, Reader, TensorInfo
 from packq.checkpoint.zeros import analyse, check_v1_readable
 from packq.core.bits import layout as word_layout
 from packq.errors import CheckpointError
+from packq.formats import awq as awq_format
+from packq.formats import compressed_tensors as ct_format
 from packq.formats.engines import FIELD, WORD, producer_convention
 
 LAYOUTS = ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized")
@@ -304,11 +315,12 @@ class _Loader:
 
             return jax.make_array_from_callback(shape, sharding, block)
 
-    def _read_block(self, f: Reader, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...]) -> np.ndarray:
-        """The block ``key`` ((start, stop) per dimension) of a stored tensor: whole rows in one read each run of
-        rows, else each row's segment; only these bytes are read."""
+    def _read_block(self, f: Reader, info: TensorInfo, dt: np.dtype, key: tuple[tuple[int, int], ...],
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """The block ``key`` ((start, stop) per dimension) of a stored tensor (into ``out``, C-contiguous, if given):
+        whole rows in one read each run of rows, else each row's segment; only these bytes are read."""
         shape, item = info.shape, dt.itemsize
-        out = np.empty([b - a for a, b in key], dt)
+        out = np.empty([b - a for a, b in key], dt) if out is None else out
         if out.size == 0:
             return out
         if not shape:
@@ -332,24 +344,118 @@ class _Loader:
         f.read_into(offset, view, info.name)
         self.bytes_read += view.nbytes
 
+    # ------------------------------------------------------------------ the host path (CPU devices)
+    # On CPU devices XLA's conversions are fast, but each of their programs costs 0.1-0.7 s to compile (13 s under
+    # load for a Llama's three shapes), and its uint4 code runs 10x slower than NumPy. Here every device's block is
+    # read, converted by packq's NumPy backend (its numba kernels where loaded) and handed to PJRT in host memory
+    # aligned to 64 bytes, which the CPU client then uses in place (zero-copy) instead of copying: a replicated
+    # tensor is one host buffer shared by every device, as immutable as any jax.Array. Same bytes, same shardings
+    # as the XLA path (tests/multidevice/test_jax_loader.py compares the two).
+    def _host_converts(self, m: Module) -> bool:
+        """Whether the host path converts this module: every layout but "dequantized" (a float product per value,
+        which XLA's vectorised code does 10x faster than NumPy's ufuncs), wherever each device's block converts
+        on its own: a NamedSharding (the shard_map case) or a sharding every device holds whole."""
+        s = self._module_sharding(m)
+        # (a module none of whose blocks are this process's takes the XLA path, which needs none of its bytes)
+        return (self.layout != "dequantized" and (isinstance(s, NamedSharding) or s.is_fully_replicated)
+                and bool(s.addressable_devices))
+
+    def _host_blocks(self, name: str, info: TensorInfo, sharding: Sharding, scratch: str | None
+                     ) -> tuple[dict[Any, tuple[tuple[int, int], ...]], dict[tuple[tuple[int, int], ...], np.ndarray]]:
+        """This process's devices' blocks of a stored tensor: (device -> block bounds, bounds -> block), each
+        distinct block read once. A block that is one run of the file is read straight into 64-byte-aligned memory
+        of its own; otherwise (columns split) the smallest box holding them is read once into the reusable buffer
+        ``scratch`` and the blocks are views of it (``scratch`` None: copied out into aligned memory)."""
+        shape, dt = info.shape, _np_dtype(info)
+        where = {d: _bounds(ix, shape) for d, ix in sharding.addressable_devices_indices_map(shape).items()}
+        keys = list(dict.fromkeys(where.values()))
+        blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+        with self.where[name].open() as f:
+            if all(_one_run(k, shape) for k in keys):
+                for k in keys:
+                    blocks[k] = self._read_block(f, info, dt, k, _aligned([b - a for a, b in k], dt))
+                return where, blocks
+            box = tuple((min(k[d][0] for k in keys), max(k[d][1] for k in keys)) for d in range(len(shape)))
+            data = self._read_block(f, info, dt, box, self._scratch(scratch or "", [b - a for a, b in box], dt))
+        for k in keys:
+            view = data[tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(k, box))]
+            blocks[k] = view if scratch is not None else _owned(view)
+        return where, blocks
+
+    def _scratch(self, key: str, shape: list[int], dt: np.dtype) -> np.ndarray:
+        """A reusable buffer for a box that is read and then copied or converted (fresh memory costs a page fault
+        each 4 KiB, which on this path cost more than the copy); at most the largest tensor of each part."""
+        pool = self.__dict__.setdefault("_scratch_pool", {})
+        n = math.prod(shape) * dt.itemsize
+        if key not in pool or pool[key].nbytes < n:
+            pool[key] = np.empty(n, np.uint8)
+        return pool[key][:n].view(dt).reshape(shape)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if "_host_pool" not in self.__dict__:
+            from packq.backends.numpy import threads
+
+            self._host_pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="packq-host")
+        return self._host_pool
+
+    def _host_array(self, name: str, info: TensorInfo, sharding: Sharding) -> jax.Array:
+        """The tensor on its (CPU) devices, each device's block in aligned host memory that PJRT keeps as is."""
+        where, blocks = self._host_blocks(name, info, sharding, None)
+        return _put(info.shape, sharding, {d: blocks[k] for d, k in where.items()})
+
+    def _host_module(self, m: Module, planned: dict[str, tuple[TensorInfo, Sharding]]) -> dict[str, jax.Array]:
+        """A module converted on the host: each distinct set of device blocks (replicas share one) by
+        ``_conversion`` on NumPy, each output block put on its devices with the module's sharding, as the XLA
+        path's shard_map gives it (every conversion is local to a device's block)."""
+        s, st = self._module_sharding(m), self._static(m)
+        parts = {part: n for part, n in m.names.items() if n in planned}
+        read = {part: self._host_blocks(n, *planned[n], scratch=part) for part, n in parts.items()}
+        devices = list(read[next(iter(read))][0])
+        scratch = list(getattr(self, "_scratch_pool", {}).values())
+        keys = {d: tuple(read[part][0][d] for part in parts) for d in devices}
+
+        def convert(key: tuple[Any, ...]) -> dict[str, np.ndarray]:
+            res = _conversion(st, {part: read[part][1][k] for part, k in zip(parts, key)})
+            return {name: _owned(np.asarray(x), scratch) for name, x in res.items()}
+
+        # the blocks on threads: NumPy's ufuncs and numba's kernels release the GIL
+        done = dict(zip(unique := list(dict.fromkeys(keys.values())), self._pool().map(convert, unique)))
+        per_device = {d: done[k] for d, k in keys.items()}
+        read.clear()  # the stored blocks, once converted
+        out: dict[str, jax.Array] = {}
+        for name in per_device[devices[0]]:
+            shape = self._output_shape(m, name)
+            out[name] = _put(shape, _like(s, len(shape)), {d: res[name] for d, res in per_device.items()})
+        return self._named(m, s, out, "g_idx" in parts)
+
     # ------------------------------------------------------------------ converting
     def run(self) -> dict[str, jax.Array]:
         planned = {name: (info, s) for name, info, s, _ in self.plan}
+        # on CPU devices the host path (below) reads and converts with NumPy instead of compiling XLA programs
+        self.host = _host_path() and all(_on_cpu(s) for _, s in planned.values())
+        make = self._host_array if self.host else self._array
         if self.layout == "source":
-            return {name: self._array(name, info, s) for name, (info, s) in planned.items()}
+            return {name: make(name, info, s) for name, (info, s) in planned.items()}
+        on_host = {m.prefix for m in self.ckpt.modules.values() if self.host and self._host_converts(m)}
         # every module's conversion is known from the headers alone: compile the distinct ones on threads (XLA
         # releases the GIL) while the bytes are read, rather than one after another at each new shape
         jobs: dict[Any, Any] = {}
         for m in self.ckpt.modules.values():
+            if m.prefix in on_host:
+                continue
             st, s = self._static(m), self._module_sharding(m)
             sig = tuple(sorted((part, planned[n][0].shape, _dtype_name(planned[n][0].dtype), planned[n][1])
                                for part, n in m.names.items() if n in planned))
             jobs.setdefault((st, sig, s), None)
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs))), thread_name_prefix="packq-compile") as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs))), thread_name_prefix="packq-compile") as pool, \
+                _host_kernels(bool(on_host), sum(self.ckpt.modules[p].infos["qweight"].nbytes for p in on_host)):
             self.executables = {key: pool.submit(_executable, *key) for key in jobs}
-            out = {name: self._array(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
+            out = {name: make(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
             for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
-                stored = {n: self._array(n, *planned[n]) for n in m.names.values() if n in planned}
+                if m.prefix in on_host:
+                    out.update(self._host_module(m, planned))
+                    continue
+                stored = {n: make(n, *planned[n]) for n in m.names.values() if n in planned}
                 out.update(self._module(m, stored))
                 del stored
         return out
@@ -361,17 +467,20 @@ class _Loader:
                        trivial_g, None if self.dtype is None else jnp.dtype(self.dtype).name)
 
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        p = m.prefix
         s = self._module_sharding(m)
         a = {part: stored[name] for part, name in m.names.items() if name in stored}
         st = self._static(m)
         job = getattr(self, "executables", {}).get((st, _signature(a), s))
         res = _convert_module(st, a, s, job)
-        if self.layout == "gptq" and "g_idx" not in a:  # as GPTQ checkpoints hold it: arange(K) // group_size
+        return self._named(m, s, res, "g_idx" in a)
+
+    def _named(self, m: Module, s: Sharding, res: dict[str, jax.Array], has_g_idx: bool) -> dict[str, jax.Array]:
+        """A module's outputs by their full names, with the constants made on the host (a default g_idx, weight_shape)."""
+        if self.layout == "gptq" and not has_g_idx:  # as GPTQ checkpoints hold it: arange(K) // group_size
             res["g_idx"] = jax.device_put(np.arange(m.k, dtype=np.int32) // (m.k // m.groups), _like(s, 1))
         if self.layout == "compressed-tensors":
             res["weight_shape"] = jax.device_put(np.array([*m.lead, m.n, m.k], np.int32), _like(s, 1))
-        return {f"{p}.{part}": x for part, x in res.items()}
+        return {f"{m.prefix}.{part}": x for part, x in res.items()}
 
 
 class _Static(NamedTuple):
@@ -391,16 +500,19 @@ def _conversion(st: _Static, a: dict[str, Any]) -> dict[str, Any]:
     """A module's conversion from its stored arrays (parts qweight, qzeros, scales, g_idx) to the layout's
     outputs (without the constants made on the host: a default g_idx, weight_shape). Written with shapes
     read off the arrays, so that it runs on a device's block as well as on the whole tensor."""
+    xp: Any = np if all(isinstance(x, np.ndarray) for x in a.values()) else jnp  # NumPy: the host path's blocks
     if st.transposed:  # compressed-tensors: GPTQ v2's tensors transposed
-        a = {part: (jnp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}
+        a = {part: (xp.swapaxes(x, -1, -2) if x.ndim >= 2 else x) for part, x in a.items()}
     if "qzeros" not in a:  # compressed-tensors' symmetric scheme: every zero-point 2**(bits-1)
-        a["qzeros"] = packq.pack(jnp.full(a["scales"].shape, 1 << (st.bits - 1), jnp.int32), bits=st.bits)
+        a["qzeros"] = packq.pack(xp.full(a["scales"].shape, 1 << (st.bits - 1), xp.int32), bits=st.bits)
     w, z, scales, g_idx = a["qweight"], a["qzeros"], a["scales"], a.get("g_idx")
     if st.method == "awq":
         if st.layout == "awq":
             return {"qweight": w, "qzeros": z, "scales": scales}
         if st.layout == "dequantized":
             return {"weight": _cast(packq.dequantize_awq(w, z, scales), st.dtype)}
+        if xp is np and (st.layout == "compressed-tensors" or (st.layout == "int4" and sys.byteorder == "little")):
+            return _awq_on_host(st.layout, w, z, scales)  # the host path: no GPTQ words in between
         w, z = packq.fast_awq_to_gptq(w, z)
         z = packq.zeros_v1_to_v2(z)
     elif st.checkpoint_format == "gptq":  # v1: to v2, as its producer wrote it
@@ -425,6 +537,36 @@ def _conversion(st: _Static, a: dict[str, Any]) -> dict[str, Any]:
         return res
     weight = packq.dequantize_gptq(w, z, scales, None if st.trivial_g else g_idx, bits=bits, zeros="v2")
     return {"weight": _cast(weight, st.dtype)}
+
+
+def _awq_on_host(layout: str, w: np.ndarray, z: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+    """AWQ blocks to "int4" or "compressed-tensors" on NumPy as ``packq convert`` writes them, each weight in one
+    pass: uint4 values from the words' bytes (2.4x the route through GPTQ's words), or weight_packed by
+    the backend's transposing AWQ -> compressed-tensors (a transposed copy of GPTQ's words costs 5-40x a copy);
+    the zero-points as fast_awq_to_gptq's, then v2. The same bytes as ``_conversion``'s route (the multidevice
+    tests compare them with the XLA path's)."""
+    from packq.backends.numpy import BACKEND
+
+    w, z = BACKEND.as_int32(w), BACKEND.as_int32(z)
+    v2 = BACKEND.run(awq_format.zeros_to_gptq, z, offset=0)  # (-1 to GPTQ v1, +1 to v2: 0 in all)
+    if layout == "int4":
+        return {"weight": _awq_uint4(w), "zeros": packq.unpack(v2, "column", bits=4, dtype=jnp.uint4), "scales": scales}
+    return {"weight_packed": BACKEND.run(ct_format.weight_from_awq, w), "weight_zero_point": BACKEND.run(ct_format.swap, v2),
+            "weight_scale": BACKEND.run(ct_format.swap, scales)}
+
+
+def _awq_uint4(qweight: np.ndarray) -> np.ndarray:
+    """An AWQ qweight (..., K, N/8) as JAX's uint4 values (..., K, N) on NumPy, each nibble written straight to its
+    column from the words' bytes (little-endian): 2.4x faster than through GPTQ's words and unpacking them, for the
+    same bytes (tests/multidevice/test_jax_loader.py compares them with the XLA path's)."""
+    b = np.ascontiguousarray(qweight).view(np.uint8).reshape(*qweight.shape, 4)
+    out = np.empty((*qweight.shape, 8), np.uint8)
+    for p, col in enumerate(awq_format.AWQ_PACK_ORDER):  # nibble p of a word is column AWQ_PACK_ORDER[p] of its 8
+        if p % 2:
+            np.right_shift(b[..., p // 2], np.uint8(4), out=out[..., col])
+        else:
+            np.bitwise_and(b[..., p // 2], np.uint8(15), out=out[..., col])
+    return out.reshape(*qweight.shape[:-1], -1).view(jnp.uint4)
 
 
 def _signature(a: dict[str, jax.Array]) -> tuple[Any, ...]:
@@ -513,6 +655,88 @@ def _compiled(st: _Static, signature: tuple[Any, ...], s: Sharding) -> tuple[Cal
     if mesh is None or mesh.size == 1:
         return jax.jit(body), passthrough
     return jax.jit(body, out_shardings=out_shardings), passthrough
+
+
+#: PJRT's CPU client uses host memory aligned to this many bytes in place, rather than copying it
+_ALIGN = 64
+
+
+def _host_path() -> bool:
+    """The host path is on unless ``PACKQ_JAX_HOST=0`` (read at each load: the XLA path, for comparison)."""
+    return os.environ.get("PACKQ_JAX_HOST", "1") != "0"
+
+
+def _on_cpu(s: Sharding) -> bool:
+    return all(getattr(d, "platform", None) == "cpu" for d in s.device_set)
+
+
+@contextlib.contextmanager
+def _host_kernels(converting: bool, nbytes: int) -> Iterator[None]:
+    """While the host path converts, as ``packq convert`` does: never waiting for numba's kernels (0.7-1 s to
+    import and load from its cache, more than the ufuncs take for a few GB); loading them on a thread, the
+    ufuncs converting meanwhile (the same bits), only for quantized weights of ``KERNELS_FROM_BYTES`` or more."""
+    if not converting:
+        yield
+        return
+    from packq.backends.numpy import deferred_kernels
+    from packq.checkpoint.convert import KERNELS_FROM_BYTES
+
+    with deferred_kernels(load=nbytes >= KERNELS_FROM_BYTES):
+        yield
+
+
+def _np_dtype(info: TensorInfo) -> np.dtype:
+    np_name = DTYPES[info.dtype][0]  # (a dtype JAX cannot take was refused by check())
+    return np.dtype(np_name).newbyteorder("<") if np_name else np.dtype(_JAX_DTYPES[info.dtype])
+
+
+def _bounds(index: tuple[slice, ...] | None, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(d)[:2] for s, d in zip(index, shape)) if index else tuple((0, d) for d in shape)
+
+
+def _one_run(key: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
+    """Whether a block is one contiguous run of its tensor's bytes: whole in every dimension after the first
+    it does not take whole, and a single index before it."""
+    partial = [d for d, ((a, b), n) in enumerate(zip(key, shape)) if (a, b) != (0, n)]
+    return not partial or all(b - a == 1 for a, b in key[: partial[0]]) and all(
+        (a, b) == (0, n) for (a, b), n in zip(key[partial[0] + 1 :], shape[partial[0] + 1 :]))
+
+
+def _aligned(shape: Sequence[int], dt: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts at a multiple of ``_ALIGN`` bytes."""
+    n = math.prod(shape) * dt.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + n].view(dt).reshape(tuple(shape))
+
+
+def _owned(x: np.ndarray, scratch: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """``x`` as a block PJRT may keep: C-contiguous, aligned, not in a reused buffer, and not a view that would
+    keep a larger array alive; else an aligned copy."""
+    if x.dtype.name in ("int4", "uint4") and x.flags.c_contiguous and not any(np.may_share_memory(x, b) for b in scratch):
+        return x  # PJRT copies 4-bit arrays whatever their alignment: a copy here would be a second one
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if (x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0 and root.nbytes <= x.nbytes + _ALIGN
+            and not any(np.may_share_memory(x, b) for b in scratch)):
+        return x
+    out = _aligned(x.shape, x.dtype)
+    np.copyto(out, x)
+    return out
+
+
+def _put(shape: tuple[int, ...], sharding: Sharding, blocks: dict[Any, np.ndarray]) -> jax.Array:
+    """One jax.Array from each addressable device's block (devices that share a block share its memory)."""
+    for d, b in blocks.items():
+        if b.shape != sharding.shard_shape(shape):  # a conversion unlike its plan: never a silently wrong array
+            raise AssertionError(f"packq: a block of shape {b.shape} for {d}, where {sharding} of {shape} takes "
+                                 f"{sharding.shard_shape(shape)}")
+    by_index: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+    for d, ix in sharding.addressable_devices_indices_map(shape).items():
+        if by_index.setdefault(_bounds(ix, shape), blocks[d]) is not blocks[d]:
+            raise AssertionError(f"packq: two blocks for the index {ix} of {sharding}")
+    return jax.make_array_from_callback(shape, sharding, lambda ix: by_index[_bounds(ix, shape)])
 
 
 def _full_spec(s: NamedSharding, ndim: int) -> PartitionSpec:

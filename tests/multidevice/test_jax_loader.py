@@ -236,10 +236,13 @@ def _compiles() -> list[float]:
     return seen
 
 
-def test_one_compile_per_distinct_module_signature(mesh):
+def test_one_compile_per_distinct_module_signature(mesh, monkeypatch):
     """The tiny Llama's 14 modules have 3 shapes (q/k/v/o, gate/up, down): a converting layout compiles one
-    function per shape, reused by every module of it; a second load in the same process compiles nothing."""
+    function per shape, reused by every module of it; a second load in the same process compiles nothing.
+    (The XLA path, which GPUs take: on CPU devices it is PACKQ_JAX_HOST=0.)"""
     from packq.checkpoint import jax_loader
+
+    monkeypatch.setenv("PACKQ_JAX_HOST", "0")
 
     jax.clear_caches()
     jax_loader._compiled.cache_clear()
@@ -257,9 +260,11 @@ def test_one_compile_per_distinct_module_signature(mesh):
         assert len(seen) == before, layout
 
 
-def test_a_second_process_takes_the_compiles_from_the_persistent_cache(tmp_path):
+@pytest.mark.parametrize("host, compiled", [("0", 6), ("1", 3)])
+def test_a_second_process_takes_the_compiles_from_the_persistent_cache(tmp_path, host, compiled):
     """With jax_compilation_cache_dir set (and jax_persistent_cache_min_compile_time_secs at 0: these compiles
-    take milliseconds), a second load in a new process reads every compiled conversion from the cache."""
+    take milliseconds), a second load in a new process reads every compiled conversion from the cache: 3 shapes x
+    2 layouts by the XLA path (PACKQ_JAX_HOST=0, as on GPUs); on CPU devices' host path only "dequantized"'s 3."""
     import subprocess
     import sys
 
@@ -268,21 +273,23 @@ import json, sys
 import jax
 from jax import monitoring
 import packq.jax
-events = {"hits": 0}
+events = {"hits": 0, "compiles": 0}
 monitoring.register_event_listener(lambda e, **kw: events.__setitem__("hits", events["hits"] + (e == "/jax/compilation_cache/cache_hits")))
+monitoring.register_event_duration_secs_listener(lambda e, d, **kw: events.__setitem__(
+    "compiles", events["compiles"] + (e == "/jax/core/compile/backend_compile_duration")))
 for layout in ("gptq", "dequantized"):
     packq.jax.load(sys.argv[1], layout=layout)
 print(json.dumps(events))
 """
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu", "PACKQ_JAX_HOST": host}
     runs = []
     for _ in range(2):
         r = subprocess.run([sys.executable, "-c", worker, str(EXAMPLE)], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    assert runs[0]["hits"] == 0 and any((tmp_path / "cache").iterdir())
-    assert runs[1]["hits"] >= 6  # 3 shapes x 2 layouts, every one from the cache
+    assert runs[0]["hits"] == 0 and runs[0]["compiles"] == compiled and any((tmp_path / "cache").iterdir())
+    assert runs[1]["hits"] == runs[1]["compiles"] == compiled  # every one from the cache
 
 
 # ------------------------------------------------------------------ issue 19 item 16
@@ -303,3 +310,135 @@ def test_a_bad_regular_expression_is_a_value_error_naming_it(no_reads):
     assert not isinstance(e.value, re.error)
     with pytest.raises(TypeError, match="pattern must be a regular expression"):
         packq.jax.load(EXAMPLE, shardings=[(3, None)])
+
+
+# ------------------------------------------------------------------ the host path on CPU devices
+def _both_paths(monkeypatch, src, **kw) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The same load by the host path (the default on CPU devices) and by XLA (PACKQ_JAX_HOST=0)."""
+    monkeypatch.delenv("PACKQ_JAX_HOST", raising=False)
+    host = packq.jax.load(src, **kw)
+    monkeypatch.setenv("PACKQ_JAX_HOST", "0")
+    xla = packq.jax.load(src, **kw)
+    monkeypatch.delenv("PACKQ_JAX_HOST")
+    return host, xla
+
+
+def _assert_identical(host: dict[str, jax.Array], xla: dict[str, jax.Array]) -> None:
+    """Every array: same name, shape, dtype, an equivalent sharding of the same kind and mesh, and on every device
+    the same block (index and bytes). Specs are compared padded to the rank: jit writes some computed outputs'
+    specs without their trailing Nones (P(('x', 'y'),) for P(('x', 'y'), None)), the host path as the rule gave them."""
+    assert set(host) == set(xla)
+    for name, h in host.items():
+        x = xla[name]
+        assert (h.shape, h.dtype) == (x.shape, x.dtype), name
+        assert h.sharding.is_equivalent_to(x.sharding, h.ndim), (name, h.sharding, x.sharding)
+        assert h.sharding.device_set == x.sharding.device_set, name
+        if isinstance(x.sharding, NamedSharding):
+            assert isinstance(h.sharding, NamedSharding) and h.sharding.mesh == x.sharding.mesh, name
+            assert _full_spec(h.sharding.spec, h.ndim) == _full_spec(x.sharding.spec, h.ndim), name
+        hs = {s.device: s for s in h.addressable_shards}
+        xs = {s.device: s for s in x.addressable_shards}
+        assert set(hs) == set(xs), name
+        for d, s in xs.items():
+            assert hs[d].index == s.index, (name, d)
+            assert np.asarray(hs[d].data).tobytes() == np.asarray(s.data).tobytes(), (name, d)
+
+
+def _full_spec(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+
+
+SPLITS = {"replicated": None, "columns": P(None, ("x", "y")), "rows": P("x", None), "2-D": P("x", "y"),
+          "columns over x, replicated over y": P(None, "x")}
+
+
+@pytest.mark.parametrize("layout", ["source", "gptq", "awq", "compressed-tensors", "int4", "dequantized"])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_the_host_path_gives_the_xla_paths_arrays_and_shardings(monkeypatch, mesh, layout, split):
+    """On CPU devices packq converts on the host (NumPy) instead of compiling XLA programs: every array the same,
+    bit for bit, on the same devices with the same sharding and the same block on each, whatever the split."""
+    spec = SPLITS[split]
+    if spec is not None and layout == "compressed-tensors":
+        spec = P(*tuple(spec)[::-1])  # (N, K): the same split of the same matrix
+    kw = {} if spec is None else {"shardings": {WEIGHTS: NamedSharding(mesh, spec)}}
+    _assert_identical(*_both_paths(monkeypatch, EXAMPLE, layout=layout, **kw))
+
+
+@pytest.mark.parametrize("layout", ["source", "gptq", "awq", "compressed-tensors", "int4", "dequantized"])
+def test_the_host_path_from_gptq_and_compressed_tensors_sources(monkeypatch, mesh, converted, layout):
+    for src in converted.values():
+        spec = P("y", "x") if layout == "compressed-tensors" else P("x", "y")
+        s = {WEIGHTS: NamedSharding(mesh, spec)}
+        _assert_identical(*_both_paths(monkeypatch, src, layout=layout, shardings=s))
+
+
+@pytest.mark.parametrize("case", [dict(bits=2), dict(bits=3), dict(bits=8, fmt="gptq"), dict(bits=4, fmt="gptq"),
+                                  dict(bits=4, act_order=True), dict(bits=4, sym=True, scale_dtype="BF16"),
+                                  dict(bits=4, fmt="gptq", word=True)])
+def test_the_host_path_at_every_width_v1_and_act_order(monkeypatch, tmp_path, mesh, case):
+    """GPTQ sources at 2, 3, 4 and 8 bits, v1 (field and word conventions) and v2, act-order, symmetric, bfloat16
+    scales: every layout the checkpoint takes, split by columns over "x" (3-bit words in whole groups of 3), replicated
+    over "y" (rows are split by the tests above)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gguf_checkpoints import make_gptq
+
+    make_gptq(tmp_path / "src", **case)
+    layouts = ["source", "gptq", "dequantized"]
+    if case["bits"] == 4:
+        layouts.append("int4")
+        if not case.get("act_order"):
+            layouts += ["awq", "compressed-tensors"]
+    elif not case.get("act_order"):
+        layouts.append("compressed-tensors")
+    for layout in layouts:
+        spec = P("x", None) if layout == "compressed-tensors" else P(None, "x")
+        s = {r".*_proj\.(qweight|weight_packed|weight)": NamedSharding(mesh, spec)}
+        _assert_identical(*_both_paths(monkeypatch, tmp_path / "src", layout=layout, shardings=s))
+
+
+def test_the_host_path_for_stacked_experts_and_single_devices(monkeypatch, tmp_path, mesh):
+    _experts(tmp_path)
+    for layout in ("gptq", "int4", "compressed-tensors", "dequantized"):
+        spec = P("y", "x", None) if layout == "compressed-tensors" else P("y", None, "x")
+        _assert_identical(*_both_paths(monkeypatch, tmp_path, layout=layout, shardings={r".*": NamedSharding(mesh, spec)}))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[5])
+    for layout in ("source", "gptq", "int4"):
+        host, xla = _both_paths(monkeypatch, tmp_path, layout=layout, shardings=lambda name, shape: one)
+        _assert_identical(host, xla)
+        assert all(a.sharding.device_set == {jax.devices()[5]} for a in host.values())
+
+
+def test_the_host_path_compiles_nothing_and_holds_a_replicated_tensor_once(mesh):
+    """No XLA program for any layout but "dequantized" (whose float products XLA computes), and a tensor
+    replicated over the 8 devices is one host buffer that all of them use (PJRT's zero-copy of aligned memory)."""
+    seen = _compiles()
+    outs = {}
+    for layout in ("source", "gptq", "awq", "compressed-tensors", "int4"):
+        before = len(seen)
+        s = {WEIGHTS: NamedSharding(mesh, P("y", None) if layout == "compressed-tensors" else P(None, "y"))}
+        outs[layout] = packq.jax.load(EXAMPLE, layout=layout, shardings=s)
+        jax.block_until_ready(outs[layout])
+        assert len(seen) == before, layout
+    for out in outs.values():
+        embed = out["model.embed_tokens.weight"]
+        assert len(embed.addressable_shards) == 8
+        assert len({s.data.unsafe_buffer_pointer() for s in embed.addressable_shards}) == 1
+    split = outs["gptq"]["model.layers.0.mlp.up_proj.qweight"]  # 4 column blocks, each shared by the 2 "x" devices
+    assert len({s.data.unsafe_buffer_pointer() for s in split.addressable_shards}) == 4
+
+
+def test_the_host_paths_arrays_survive_donation_and_later_loads(mesh):
+    """A host buffer PJRT uses in place is never written: donating a replicated array to a jitted function leaves
+    every other device's copy (the same memory) and a later load's arrays as they were."""
+    s = {WEIGHTS: NamedSharding(mesh, P(None, "y"))}
+    first = packq.jax.load(EXAMPLE, layout="gptq", shardings=s)
+    want = {n: np.asarray(a).tobytes() for n, a in first.items()}
+    name = "model.embed_tokens.weight"
+    doubled = jax.jit(lambda x: x * 2, donate_argnums=0)(first.pop(name))
+    jax.block_until_ready(doubled)
+    second = packq.jax.load(EXAMPLE, layout="gptq", shardings=s)  # the loader's reused buffers, refilled
+    for n, a in first.items():
+        assert np.asarray(a).tobytes() == want[n], n
+    assert np.asarray(second[name]).tobytes() == want[name]
