@@ -66,7 +66,8 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
     w = S.SafetensorsWriter(path, entries, {"k": "v"})
     if wrap is not None:
         w._file = wrap(w._file)
-    assert (w._stage is not None) == (direct and sum(e[3] for e in entries) >= 4096)
+    size = len(S.header_for(entries, {"k": "v"})) + sum(e[3] for e in entries)
+    assert (w._stage is not None) == (direct and size >= 4096)
     with src.open() as f:
         for (name, _, _, n), t in zip(entries, tensors):
             w.start(name, n)
