@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import platform
+import py_compile
+import resource
 import shutil
 import statistics
 import subprocess
@@ -92,10 +94,23 @@ TARGETS = {"gptq": ["--for", "tgi"], "compressed-tensors": ["--to", "compressed-
 FLOATS = ("float16", "bfloat16", "float32")
 
 
-def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
-    t = time.perf_counter()
+#: CPU seconds (user, system) of each timed command, children included: less noisy than wall time on a shared machine
+CPU: dict[str, list[tuple[float, float]]] = {}
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None, row: str = "") -> tuple[float, subprocess.CompletedProcess[str]]:
+    r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return time.perf_counter() - t, r
+    t, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if row:
+        CPU.setdefault(row, []).append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+    return t, r
+
+
+def _cpu(row: str) -> str:
+    """The median user and system CPU seconds of a row's runs."""
+    user, system = (statistics.median(x[i] for x in CPU[row]) for i in (0, 1))
+    return f"CPU user {user:.2f} s + sys {system:.2f} s = {user + system:.2f} s"
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -124,6 +139,10 @@ def main() -> None:
     targets = args.targets.split(",")
     print(f"{platform.node()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{_load()} before")
+    # packq's bytecode, as pip writes it when installing: where PYTHONDONTWRITEBYTECODE is set (this project's
+    # machines), every child would otherwise compile packq from source (0.05-0.1 s of each start)
+    for f in (Path(__file__).resolve().parent.parent / "packq").rglob("*.py"):
+        py_compile.compile(str(f), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
@@ -142,17 +161,17 @@ def main() -> None:
         conv_t: dict[str, list[float]] = {t: [] for t in targets}
         peaks: dict[str, list[int]] = {t: [] for t in targets}
         for i in range(args.repeat):  # interleaved, so that drifts of a shared machine hit every row alike
-            t, _ = _timed(["sh", "-c", f"cp -r '{src}' '{tmp}/copy{i}' && sync"])
+            t, _ = _timed(["sh", "-c", f"cp -r '{src}' '{tmp}/copy{i}' && sync"], row="cp")
             cp_t.append(t)
             shutil.rmtree(f"{tmp}/copy{i}")
             for target in targets:
                 out = Path(tmp) / f"out{i}"
-                t, r = _timed([*child, str(out), "--backend", args.backend, *TARGETS[target]])
+                t, r = _timed([*child, str(out), "--backend", args.backend, *TARGETS[target]], row=target)
                 assert r.returncode == 0, r.stderr
                 conv_t[target].append(t)
                 peaks[target].append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
                 if target in FLOATS:  # the floor of writing these bytes: a copy of this very output, made durable
-                    t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{tmp}/copy{i}' && sync"])
+                    t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{tmp}/copy{i}' && sync"], row=f"own {target}")
                     own_t[target].append(t)
                     shutil.rmtree(f"{tmp}/copy{i}")
                 assert _digest(out) == verified[target], f"{target}: run {i} differs from the verified conversion"
@@ -160,7 +179,7 @@ def main() -> None:
         cp_m = statistics.median(cp_t)
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
               f"largest tensor {largest_tensor / 1e6:.1f} MB; {args.repeat} repetitions, interleaved; {_load()} after")
-        print(f"cp -r SRC && sync:  {cp_m:6.2f} s  (median; {', '.join(f'{x:.2f}' for x in cp_t)})")
+        print(f"cp -r SRC && sync:  {cp_m:6.2f} s  (median; {', '.join(f'{x:.2f}' for x in cp_t)}); {_cpu('cp')}")
         for target in targets:
             m, peak = statistics.median(conv_t[target]), max(peaks[target])
             runs = ", ".join(f"{x:.2f}" for x in conv_t[target])
@@ -169,10 +188,12 @@ def main() -> None:
                 ratios = sorted(c / o for c, o in zip(conv_t[target], own_t[target]))
                 print(f"packq convert to {target}: {m:6.2f} s ({runs}) = {m / own:.2f}x cp -r of its own output && sync "
                       f"({own:.2f} s; per repetition {', '.join(f'{x:.2f}' for x in ratios)}x)")
+                print(f"    {_cpu(target)}; the copy of its output: {_cpu(f'own {target}')}")
             else:
                 ratios = sorted(c / o for c, o in zip(conv_t[target], cp_t))
                 print(f"packq convert to {target}: {m:6.2f} s ({runs}) = {m / cp_m:.2f}x cp -r SRC && sync "
                       f"(per repetition {', '.join(f'{x:.2f}' for x in ratios)}x)")
+                print(f"    {_cpu(target)} (cp -r && sync: {_cpu('cp').removeprefix('CPU ')})")
             print(f"    peak RSS {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
                   f"{peak / largest_tensor:.1f}x the largest tensor; every output equal to a --verify'd conversion "
                   f"({args.backend} backend, process start and imports included)")

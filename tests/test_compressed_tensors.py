@@ -7,6 +7,7 @@ in constraints.txt), so CI runs them; the value-by-value reference runs everywhe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,16 +112,26 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, action):
     import packq.checkpoint.containers.folder as c
     from packq.checkpoint.formats import FORMATS
 
-    real = FORMATS[CT].tensor
+    real, real_pieces = FORMATS[CT].tensor, FORMATS[CT].pieces
+
+    def flip(out):
+        out = out.copy()
+        out.flat[0] ^= 1
+        return out
 
     def wrong(job, f, m, act):
         out = real(job, f, m, act)
-        if act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
-            out = out.copy()
-            out.flat[0] ^= 1
-        return out
+        return flip(out) if act == action and m.prefix.endswith("layers.0.mlp.down_proj") else out
+
+    def wrong_pieces(job, f, m, act):  # the weight is written in pieces: the first one wrong
+        pieces = real_pieces(job, f, m, act)
+        if pieces and act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
+            first = pieces[0]
+            pieces[0] = dataclasses.replace(first, make=lambda: flip(first.make()))
+        return pieces
 
     monkeypatch.setattr(FORMATS[CT], "tensor", wrong)
+    monkeypatch.setattr(FORMATS[CT], "pieces", wrong_pieces)
     with pytest.raises(c.CheckpointError, match="verification failed: 'model.layers.0.mlp.down_proj"):
         convert_checkpoint(EXAMPLE, tmp_path / "x", to=CT, verify=True)
 

@@ -182,8 +182,20 @@ def _fast_paths() -> dict[str, tuple]:
     from packq.backends import jax as jax_backend
     from packq.backends import numpy as numpy_backend
 
+    def over(fn):  # written over a copy of the input, which it must then share its memory with
+        def run(q):
+            q = np.array(q)
+            out = fn(q, over=True)
+            assert np.shares_memory(out, q), "not written over its input"
+            return out
+        return run
+
     paths = {
         "numpy ufuncs": (numpy_backend.weight_to_gptq_ufuncs, numpy_backend.weight_to_awq_ufuncs, np.asarray),
+        "numpy ufuncs over the input": (over(numpy_backend.weight_to_gptq_ufuncs), over(numpy_backend.weight_to_awq_ufuncs),
+                                        np.asarray),
+        "numpy run_over": (lambda q: numpy_backend.BACKEND.run_over(awq.weight_to_gptq, np.array(q)),
+                           lambda q: numpy_backend.BACKEND.run_over(awq.weight_to_awq, np.array(q)), np.asarray),
         "jax bytes": (jax_backend.BACKEND.compiled(awq.weight_to_gptq, jnp.zeros((8, 1), jnp.int32)),
                       jax_backend.BACKEND.compiled(awq.weight_to_awq, jnp.zeros((1, 8), jnp.int32)), jnp.asarray),
     }
@@ -199,7 +211,7 @@ def test_fast_paths_are_all_present():
     from packq.backends import numpy as numpy_backend
 
     pytest.importorskip("numba")
-    assert set(_fast_paths()) == {"numpy ufuncs", "jax bytes", "numba"}
+    assert set(_fast_paths()) == {"numpy ufuncs", "numpy ufuncs over the input", "numpy run_over", "jax bytes", "numba"}
     assert numpy_backend.NumpyBackend.fast_paths[awq.weight_to_gptq] is numpy_backend.weight_to_gptq
 
 
@@ -213,6 +225,41 @@ def test_fast_paths_equal_plain_core(qw):
     for name, (to_gptq, to_awq, asarray) in _fast_paths().items():
         np.testing.assert_array_equal(np.asarray(to_gptq(asarray(qw))), want, err_msg=name)
         np.testing.assert_array_equal(np.asarray(to_awq(asarray(want))), qw, err_msg=name)
+
+
+def test_negative_control_the_compiled_kernel_cannot_write_over_its_input():
+    """The property above catches a conversion that stores words before reading them: the compiled kernel, run
+    over its own input (which is why the over-the-input path gives it a new array), is wrong."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+
+    kernels = numpy_backend.numba_kernels()
+    if kernels is None:
+        pytest.skip("numba not installed")
+    qw = np.random.default_rng(0).integers(-(2**31), 2**31, (16, 24), dtype=np.int64).astype(np.int32)
+    src = np.array(qw).view(np.uint32).reshape(-1, 8, 24)
+    kernels.awq_to_gptq(src, src.reshape(-1, 24, 8), 0, src.shape[0])
+    assert not np.array_equal(src.view(np.int32).reshape(2, 192), np.asarray(awq.weight_to_gptq(xp, qw)))
+
+
+@given(qw=word_arrays([(8, 8), (16, 24), (64, 40), (24, 7)]), data=st.data())
+def test_numpy_compressed_tensors_weight_rows_equal_plain_core(qw, data):
+    """Any block of weight_packed's rows (a block of AWQ word columns), by the ufuncs and by the piece path
+    (the compiled kernel where numba is installed), into a given buffer: the plain core's rows, bit for bit."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+    from packq.formats import compressed_tensors as ct
+
+    plain = np.asarray(ct.weight_from_awq(xp, qw))
+    c0 = data.draw(st.integers(0, qw.shape[1] - 1))
+    c1 = data.draw(st.integers(c0 + 1, qw.shape[1]))
+    for fn in (numpy_backend.weight_to_ct_rows, numpy_backend.weight_to_ct_piece):
+        buf = np.full(32 * (c1 - c0) * qw.shape[0] // 8, 0xAB, np.uint8)
+        fast = fn(qw, c0, c1, buf)
+        assert np.shares_memory(fast, buf) and fast.shape == (8 * (c1 - c0), qw.shape[0] // 8)
+        np.testing.assert_array_equal(fast, plain[8 * c0 : 8 * c1])
 
 
 @given(qw=word_arrays(FAST_SHAPES + [(64, 40)]), block=st.sampled_from([4096, 1 << 21]))

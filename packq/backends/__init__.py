@@ -38,6 +38,11 @@ class Backend:
         impl = fn if plain else self.fast_paths.get(fn, fn)
         return self.call(impl, *arrays, **static)
 
+    def run_over(self, fn: Callable[..., Any], x: Any, **static: Any) -> Any:
+        """``run(fn, x)``, written over ``x``'s own memory where the backend can (the caller gives ``x`` up: a
+        buffer that is read, converted and written out, then reused); the others return a new array."""
+        return self.run(fn, x, **static)
+
     def run_all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...]:
         """Several ``(fn, arrays, static)`` calls of one public function; backends that can fuse them into one
         dispatch (JAX: one compiled call; torch CUDA: one kernel launch) do."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from packq import backends
 from packq.checkpoint.model import Checkpoint, Module, module_array, stored_to_canonical
-from packq.checkpoint.safetensors import Reader
+from packq.checkpoint.safetensors import Buffers, Reader
 from packq.checkpoint.zeros import Target
 from packq.errors import CheckpointError
 from packq.formats.engines import FIELD, WORD
@@ -47,6 +47,13 @@ class Converter:
         if words.dtype == np.uint32:
             words = words.view(np.int32)
         return np.asarray(self.be.run(fn, self.to_backend(words), **static))
+
+    def over(self, fn: Callable[..., Any], words: np.ndarray, **static: Any) -> np.ndarray:
+        """``self(fn, words)``, written over ``words``' own memory where the backend can: the caller gives
+        ``words`` up (a read buffer, converted, written out and reused)."""
+        if words.dtype == np.uint32:
+            words = words.view(np.int32)
+        return np.asarray(self.be.run_over(fn, self.to_backend(words), **static))
 
 
 def _finite_mask(out: np.ndarray, dtype: str) -> np.ndarray:
@@ -114,6 +121,8 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     #: float targets: weights that came out not finite, counted as they are made, refused before commit
     overflow: Overflow = field(default_factory=lambda: Overflow())
+    #: read and output buffers reused from piece to piece (the container gives each written piece back)
+    buffers: Buffers = field(default_factory=lambda: Buffers())
 
     def read(self, m: Module, part: str, f: Reader | None = None) -> np.ndarray:
         """A module's qweight or qzeros in the AWQ or GPTQ layout: from ``f`` (the shard being written) when

@@ -15,10 +15,12 @@ opens its own file handle through it (``with shard.open() as reader``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ NUMPY_TO_DTYPE = {np.dtype(v[0]).str: k for k, v in DTYPES.items() if v[0] is no
 #: the reference loader's limit on the JSON header (safetensors' MAX_HEADER_SIZE), in bytes
 MAX_HEADER = 100_000_000
 _USIZE = 1 << 64  # shapes and offsets are usize in the reference loader
+_ALIGN = 4096  # a page: what direct I/O may ask buffers, offsets and lengths to be multiples of
 
 
 @dataclass(frozen=True)
@@ -252,9 +255,9 @@ class Reader:
         finally:
             os.close(self._fd)
 
-    def _read(self, t: TensorInfo) -> np.ndarray:
-        """The tensor's bytes, read with positioned reads into fresh memory."""
-        buf = np.empty(t.nbytes, np.uint8)
+    def _read(self, t: TensorInfo, buffers: Buffers | None = None) -> np.ndarray:
+        """The tensor's bytes, read with positioned reads into fresh memory (or a buffer of ``buffers``)."""
+        buf = np.empty(t.nbytes, np.uint8) if buffers is None else buffers.take(t.nbytes)
         self.read_into(t.begin, buf.data, t.name)
         return buf
 
@@ -275,8 +278,9 @@ class Reader:
         nbytes = t.nbytes - offset if nbytes is None else nbytes
         copy_bytes(self._fd, out, self.file.data_start + t.begin + offset, nbytes, self.path)
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a tensor seen as (rows, last dimension), every leading dimension flattened."""
+    def rows(self, name: str, start: int, stop: int, buffers: Buffers | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor seen as (rows, last dimension), every leading dimension flattened; read
+        into a buffer of ``buffers`` when given (give it back once nothing reads it)."""
         t = self.tensors[name]
         width = t.shape[-1] if t.shape else 1
         item = DTYPES[t.dtype][1] // 8
@@ -284,15 +288,16 @@ class Reader:
                            t.begin + stop * width * item)
         np_dtype = DTYPES[t.dtype][0]
         view = np.dtype(np_dtype).newbyteorder("<") if np_dtype else np.dtype(f"<u{item}")
-        return self._read(block).view(view).reshape(block.shape)
+        return self._read(block, buffers).view(view).reshape(block.shape)
 
-    def array(self, name: str) -> np.ndarray:
-        """The tensor as a NumPy array (not for BF16/F8: see :meth:`array_bits`)."""
+    def array(self, name: str, buffers: Buffers | None = None) -> np.ndarray:
+        """The tensor as a NumPy array (not for BF16/F8: see :meth:`array_bits`); read into a buffer of ``buffers``
+        when given (give it back once nothing reads it)."""
         t = self.tensors[name]
         np_dtype = DTYPES[t.dtype][0]
         if np_dtype is None:
             raise CheckpointError(f"{str(self.path)!r}: {name!r} has dtype {t.dtype}, which packq passes through but does not compute on")
-        return self._read(t).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
+        return self._read(t, buffers).view(np.dtype(np_dtype).newbyteorder("<")).reshape(t.shape)
 
     def floats(self, name: str) -> np.ndarray:
         """A float tensor as NumPy; bfloat16 as float32, which holds it exactly (its bits are float32's top half)."""
@@ -304,6 +309,52 @@ class Reader:
         """The tensor's elements as unsigned integers of their width (any byte-sized dtype, bfloat16 included)."""
         t = self.tensors[name]
         return self._read(t).view(f"<u{DTYPES[t.dtype][1] // 8}").reshape(t.shape)
+
+
+class Buffers:
+    """Byte buffers reused from one piece of a conversion to the next.
+
+    A fresh NumPy array of megabytes is a fresh mapping, whose pages fault and are zeroed on first touch:
+    reading 276 MB into fresh 8 MB arrays took 0.10 s of system time, into one reused array 0.02 s (this
+    project's 2-core machine, 2026-12-01). ``take`` hands out a free buffer at least as large as asked (or
+    a new one); ``give`` takes back any array viewing one of them, once nothing reads or writes it any more
+    (an array that views none of them is ignored, so callers need not know where an array came from).
+    Thread-safe; at most ``keep`` free buffers are kept, so memory stays bounded by the pieces in flight.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._out: dict[int, np.ndarray] = {}  # id -> buffer handed out (held, so that the id stays its own)
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` starting on a page boundary (as direct I/O wants it): the start of the smallest
+        free buffer that holds it, or a new one."""
+        with self._lock:  # (by position, not list.remove: arrays compare by value)
+            fits = [i for i, b in enumerate(self._free) if b.nbytes - _skip(b) >= nbytes]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else np.empty(nbytes + _ALIGN, np.uint8)
+            self._out[id(buf)] = buf
+        start = _skip(buf)
+        return buf[start : start + nbytes]
+
+    def give(self, a: np.ndarray) -> None:
+        """Return the buffer ``a`` views (if it is one of these) for reuse."""
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        with self._lock:
+            if self._out.get(id(root)) is not root:
+                return
+            del self._out[id(root)]
+            self._free.append(root)
+            if len(self._free) > self.keep:
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].nbytes))
+
+
+def _skip(buf: np.ndarray) -> int:
+    """Bytes from the start of ``buf`` to its first page boundary."""
+    return -buf.ctypes.data % _ALIGN
 
 
 Entry = tuple[str, str, tuple[int, ...], int]  # (name, dtype, shape, nbytes)
@@ -332,25 +383,107 @@ def header_for(entries: Iterable[Entry], metadata: dict[str, str], where: Path |
 
 #: the most bytes one write() call passes to the kernel (see SafetensorsWriter._write_all)
 WRITE_CHUNK = 128 << 10
+#: bytes a writer stages for one direct write (a multiple of every block size direct I/O may ask alignment to)
+DIRECT_CHUNK = 8 << 20
 
 
 class SafetensorsWriter:
-    """Writes a file whose tensors are declared up front and then written one by one, in order."""
+    """Writes a file whose tensors are declared up front and then written one by one, in order.
 
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]):
+    Where the file system takes direct I/O (Linux: ext4, xfs, btrfs...), the bytes go to the disk from an
+    aligned staging buffer (``O_DIRECT``), past the page cache: a buffered write costs the kernel a page-cache
+    copy and, at the fsync, the writeback, about 0.3 s of system time per GB on this project's 2-core machine
+    against under 0.1 s direct (2026-12-01, 512 MB: buffered and fsynced 1.6 GB/s, direct 2.0-2.4 GB/s); the
+    result is then not in the page cache, as with any copy tool writing directly. Bytes copied from the
+    source are read straight into the staging buffer. Only the file's last partial block is written
+    buffered; the file is fsynced at :meth:`close` as before. Elsewhere, or where a direct write is refused,
+    buffered writes of :data:`WRITE_CHUNK`.
+    """
+
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], buffers: Buffers | None = None):
         self.path = path
         self.entries = entries
         head = header_for(entries, metadata, path)
+        self._buffers = Buffers() if buffers is None else buffers  # the staging buffer comes from these
+        self._stage: np.ndarray | None = None  # the aligned staging buffer while writing directly
+        self._staged = 0
         with io_errors(path):
             self._file = open(path, "xb", buffering=0)
+            self._start_direct(len(head) + sum(e[3] for e in entries))
             self._write_all(memoryview(head))
         self._next = 0
         self._left = 0
 
+    def _start_direct(self, size: int) -> None:
+        direct = getattr(os, "O_DIRECT", 0)
+        if not direct or size < _ALIGN:
+            return
+        import fcntl
+
+        fd = self._file.fileno()
+        try:  # no larger than the file (rounded up to whole blocks)
+            stage = self._buffers.take(min(DIRECT_CHUNK, -(-size // _ALIGN) * _ALIGN))
+        except MemoryError:  # buffered writes need no buffer
+            return
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
+        except OSError:  # EINVAL: this file system has no direct I/O
+            self._buffers.give(stage)
+            return
+        self._stage = stage
+
+    def _stop_direct(self) -> None:
+        """Buffered writes from here on (the last partial block, or a file system that refused a direct write)."""
+        import fcntl
+
+        fd = self._file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        stage, n, self._stage, self._staged = self._stage, self._staged, None, 0
+        if stage is not None:
+            self._write_all(stage[:n].data)
+            self._buffers.give(stage)
+
+    def _flush(self, nbytes: int) -> None:
+        """Write the staged bytes' first ``nbytes`` (a multiple of the alignment) directly; keep the rest staged."""
+        assert self._stage is not None and nbytes % _ALIGN == 0
+        view = self._stage[:nbytes].data
+        while view.nbytes:
+            try:
+                done = self._file.write(view)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                done = 0  # a direct write refused (an alignment this file system wants larger): buffered instead
+            if done % _ALIGN or not done:  # a short write (a file size limit, a full disk): buffered from here
+                rest = self._staged - (nbytes - view.nbytes) - done
+                self._stage[:rest] = self._stage[nbytes - view.nbytes + done : self._staged].copy()
+                self._staged = rest
+                self._stop_direct()
+                return
+            view = view[done:]
+        self._stage[: self._staged - nbytes] = self._stage[nbytes : self._staged].copy()
+        self._staged -= nbytes
+
+    def _room(self) -> memoryview:
+        """The free part of the staging buffer, flushed first if full."""
+        assert self._stage is not None
+        if self._staged == self._stage.nbytes:
+            self._flush(self._staged)
+        return self._stage[self._staged :].data if self._stage is not None else memoryview(b"")
+
     def _write_all(self, view: memoryview) -> None:
-        # in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios) allocate
-        # page-cache folios as large as the write, and on a machine whose memory is fragmented by its page
-        # cache that costs 2 s of system time per GB written from 8 MB writes, 0.3 s from 128 KB ones
+        while view.nbytes and self._stage is not None:
+            room = self._room()
+            if self._stage is None:
+                break
+            n = min(room.nbytes, view.nbytes)
+            # NumPy's copy lets go of the GIL (the worker threads convert meanwhile); a memoryview copy would not
+            np.copyto(self._stage[self._staged : self._staged + n], np.frombuffer(view[:n], np.uint8))
+            self._staged += n
+            view = view[n:]
+        # buffered, in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios)
+        # allocate page-cache folios as large as the write, and on a machine whose memory is fragmented by its
+        # page cache that costs 2 s of system time per GB written from 8 MB writes, 0.3 s from 128 KB ones
         while view.nbytes:
             view = view[self._file.write(view[:WRITE_CHUNK]) :]
 
@@ -374,11 +507,22 @@ class SafetensorsWriter:
         self._left -= view.nbytes
 
     def append_copy(self, source: Reader, name: str, offset: int, nbytes: int) -> None:
-        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``, copied by the kernel."""
+        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``: read straight into the staging
+        buffer when writing directly, else copied by the kernel."""
         if nbytes > self._left:
             raise AssertionError(f"{str(self.path)!r}: {nbytes} bytes given where {self._left} remained")
+        begin, end = source.tensors[name].begin + offset, source.tensors[name].begin + offset + nbytes
+        while begin < end and self._stage is not None:
+            with io_errors(self.path):
+                room = self._room()
+            if self._stage is None:
+                break
+            n = min(room.nbytes, end - begin)
+            source.read_into(begin, room[:n], name)
+            self._staged += n
+            begin += n
         with io_errors(self.path):
-            source.copy_to(name, self._file, offset, nbytes)
+            source.copy_to(name, self._file, begin - source.tensors[name].begin, end - begin)
         self._left -= nbytes
 
     def end(self) -> None:
@@ -402,15 +546,21 @@ class SafetensorsWriter:
             raise AssertionError(f"{str(self.path)!r}: {len(self.entries) - self._next} tensors were not written")
 
     def close(self) -> None:
-        """fsync and close the complete file (the file is closed even where the fsync fails)."""
+        """Write what is staged, fsync and close the complete file (the file is closed even where that fails)."""
         self.finish()
         try:
             with io_errors(self.path):
+                if self._stage is not None:
+                    self._flush(self._staged // _ALIGN * _ALIGN)
+                    self._stop_direct()  # the last partial block, buffered
                 os.fsync(self._file.fileno())
         finally:
             self._file.close()
 
     def abort(self) -> None:
+        if self._stage is not None:
+            self._buffers.give(self._stage)
+            self._stage = None
         self._file.close()
 
 

@@ -215,7 +215,7 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                     pending[nxt] = pool.submit(piece.make)
                 nxt += 1
 
-        writer = SafetensorsWriter(path, entries, f.metadata)
+        writer = SafetensorsWriter(path, entries, f.metadata, job.buffers)
         try:
             fill()
             for k, (i, piece) in enumerate(units):
@@ -227,6 +227,7 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                     data = pending.pop(k).result()
                     fill()  # the next pieces convert while this one is written
                     writer.append(data)
+                    job.buffers.give(data)  # (where it is a reused buffer: written, so free again)
                     del data
                 if k + 1 == len(units) or units[k + 1][0] != i:
                     writer.end()

@@ -84,7 +84,7 @@ class AWQ(QweightFormat):
     def stream(self, job: Job, m: Module, action: str) -> Stream | None:
         if action != "weight" or m.transposed:
             return None
-        return Stream("qweight", lambda words: job.convert(awq.weight_to_awq, words), 1)
+        return Stream("qweight", lambda words: job.convert.over(awq.weight_to_awq, words), 1)
 
     def config(self, job: Job, config: dict[str, Any]) -> None:
         q = {"quant_method": "awq", "bits": 4, "group_size": job.ckpt.format.group_size, "zero_point": True,

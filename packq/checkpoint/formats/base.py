@@ -22,7 +22,7 @@ import numpy as np
 
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.model import Checkpoint, Format, Module, module_array, stored_to_canonical
-from packq.checkpoint.safetensors import Reader, SafetensorsFile, TensorInfo
+from packq.checkpoint.safetensors import Buffers, Reader, SafetensorsFile, TensorInfo
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats.gptq import dequantize_grouped
@@ -55,7 +55,9 @@ class Stream:
     then holds a few blocks, not whole tensors, and the pages of one block are reused for the next."""
 
     part: str  #: the module's stored tensor read (never a transposed one)
-    convert: Callable[[np.ndarray], np.ndarray] | None  #: a block (rows, words) -> its output; None: the bytes as they are
+    #: a block (rows, words) -> its output; None: the bytes as they are. The block is read into a buffer reused
+    #: from piece to piece (``Job.buffers``): the converter may write its output over it (``Converter.over``)
+    convert: Callable[[np.ndarray], np.ndarray] | None
     unit: int  #: a block holds a multiple of this many rows (8 AWQ rows make one GPTQ row)
 
 
@@ -367,9 +369,15 @@ class QweightFormat(CheckpointFormat):
         rows = info.nbytes // row_bytes
         step = max(stream.unit, CHUNK_BYTES // row_bytes // stream.unit * stream.unit)
         return [Piece((min(rows, r0 + step) - r0) * row_bytes,
-                      make=functools.partial(_rows, stream.convert, f, name, r0, min(rows, r0 + step)))
+                      make=functools.partial(_rows, stream.convert, f, name, r0, min(rows, r0 + step), job.buffers))
                 for r0 in range(0, rows, step)]
 
 
-def _rows(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int) -> np.ndarray:
-    return convert(f.rows(name, r0, r1))
+def _rows(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int, buffers: Buffers) -> np.ndarray:
+    """A block converted, read into a reused buffer: given back now unless the output is written over it, in which
+    case the writer gives it back once written (``Buffers.give``)."""
+    words = f.rows(name, r0, r1, buffers)
+    out = convert(words)
+    if not np.may_share_memory(out, words):
+        buffers.give(words)
+    return out

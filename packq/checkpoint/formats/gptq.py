@@ -154,7 +154,7 @@ class GPTQ(QweightFormat):
         if action != "weight" or m.transposed or m.prefix in job.target.rebias:
             return None
         if job.ckpt.format.method == "awq":  # 8 AWQ rows make one GPTQ row
-            return Stream("qweight", lambda words: job.convert(awq.weight_to_gptq, words), 8)
+            return Stream("qweight", lambda words: job.convert.over(awq.weight_to_gptq, words), 8)
         return Stream("qweight", None, 1)  # GPTQ's weights as they are: copied by the kernel
 
     @staticmethod

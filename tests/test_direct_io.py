@@ -1,0 +1,180 @@
+"""How converted bytes reach the disk: reused buffers, and direct writes from an aligned staging buffer.
+
+The writer's direct path (``O_DIRECT``) must write exactly the bytes of the buffered one, whatever the sizes of
+the pieces and copies, and fall back to buffered writes wherever the file system refuses (at the start, or on
+one write, or with a short write), still the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import packq.checkpoint.safetensors as S
+
+needs_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+# ------------------------------------------------------------------ Buffers
+def test_buffers_are_page_aligned_and_reused():
+    b = S.Buffers()
+    x = b.take(10_000)
+    assert x.nbytes == 10_000 and x.ctypes.data % 4096 == 0
+    b.give(x.view(np.int32).reshape(50, 50))  # any view of it
+    y = b.take(8_000)  # a smaller request takes the same memory
+    assert y.ctypes.data == x.ctypes.data and y.nbytes == 8_000
+    z = b.take(8_000)  # that one is out: a new one
+    assert not np.shares_memory(y, z)
+
+
+def test_buffers_ignore_arrays_that_are_not_theirs_and_keep_a_few():
+    b = S.Buffers(keep=2)
+    b.give(np.empty(100, np.uint8))  # not one of them: ignored
+    assert b._free == []
+    taken = [b.take(1000 * (i + 1)) for i in range(4)]
+    for t in taken:
+        b.give(t)
+    b.give(taken[0])  # twice: the second is ignored
+    assert sorted(f.nbytes for f in b._free) == [3000 + 4096, 4000 + 4096]  # the two largest kept
+
+
+# ------------------------------------------------------------------ the writer, direct and buffered
+def _source(tmp_path, nbytes: int) -> S.SafetensorsFile:
+    data = np.random.default_rng(1).integers(0, 256, nbytes, np.uint8)
+    w = S.SafetensorsWriter(tmp_path / "src.safetensors", [("src", "U8", (nbytes,), nbytes)], {})
+    w.write("src", data)
+    w.close()
+    return S.SafetensorsFile(tmp_path / "src.safetensors")
+
+
+#: a tensor written as parts: ("data", n bytes of values) or ("copy", offset, n) from the source file
+parts = st.lists(st.one_of(st.tuples(st.just("data"), st.integers(1, 20_000)),
+                           st.tuples(st.just("copy"), st.integers(0, 30_000), st.integers(1, 10_000))),
+                 min_size=1, max_size=6)
+
+
+def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=None) -> bool:
+    """Write ``tensors`` (lists of parts) to ``path``, directly if ``direct`` (and the file holds a block at least);
+    whether it was still writing directly before close."""
+    rng = np.random.default_rng(seed)
+    entries = [(f"t{i}", "U8", (n,), n) for i, t in enumerate(tensors) for n in [sum(p[-1] for p in t)]]
+    w = S.SafetensorsWriter(path, entries, {"k": "v"})
+    if wrap is not None:
+        w._file = wrap(w._file)
+    size = len(S.header_for(entries, {"k": "v"})) + sum(e[3] for e in entries)
+    assert (w._stage is not None) == (direct and size >= 4096)
+    with src.open() as f:
+        for (name, _, _, n), t in zip(entries, tensors):
+            w.start(name, n)
+            for p in t:
+                if p[0] == "data":
+                    w.append(rng.integers(0, 256, p[1], np.uint8))
+                else:
+                    w.append_copy(f, "src", p[1], p[2])
+            w.end()
+    still = w._stage is not None
+    w.close()
+    return still
+
+
+@needs_direct
+@given(tensors=st.lists(parts, min_size=1, max_size=4), seed=st.integers(0, 2**32 - 1),
+       chunk=st.sampled_from([4096, 3 * 4096, 1 << 16]))
+def test_direct_writes_equal_buffered_ones(tmp_path_factory, tensors, seed, chunk):
+    tmp = tmp_path_factory.mktemp("w")
+    src = _source(tmp, 40_000)
+    real = S.DIRECT_CHUNK
+    S.DIRECT_CHUNK = chunk  # several flushes and a partial last block on these small files
+    try:
+        _write(tmp / "direct", tensors, src, seed, direct=True)
+    finally:
+        S.DIRECT_CHUNK = real
+    o_direct = os.O_DIRECT
+    try:
+        del os.O_DIRECT  # the buffered path, as on a platform without direct I/O
+        assert not _write(tmp / "buffered", tensors, src, seed, direct=False)
+    finally:
+        os.O_DIRECT = o_direct
+    assert (tmp / "direct").read_bytes() == (tmp / "buffered").read_bytes()
+    assert S.SafetensorsFile(tmp / "direct").tensors.keys() == {f"t{i}" for i in range(len(tensors))}
+
+
+class _Refusing:
+    """A file whose next direct write fails as a file system that wants another alignment does (EINVAL), or
+    writes only part (a size limit reached)."""
+
+    def __init__(self, f, how: str) -> None:
+        self.f, self.how, self.done = f, how, False
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+
+    def write(self, view):
+        import fcntl
+
+        direct = fcntl.fcntl(self.f.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+        if direct and not self.done and view.nbytes > 4096:
+            self.done = True
+            if self.how == "einval":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return self.f.write(view[:4096 + 100]) if self.how == "short" else self.f.write(view[:4096])
+        return self.f.write(view)
+
+
+@needs_direct
+@pytest.mark.parametrize("how", ["einval", "short", "aligned short"])
+def test_a_refused_direct_write_goes_on_buffered_with_the_same_bytes(tmp_path, monkeypatch, how):
+    monkeypatch.setattr(S, "DIRECT_CHUNK", 3 * 4096)
+    src = _source(tmp_path, 40_000)
+    tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)], [("copy", 0, 30_000)]]
+    still = _write(tmp_path / "refused", tensors, src, 3, direct=True, wrap=lambda f: _Refusing(f, how))
+    assert still == (how == "aligned short")  # an aligned short write just goes on directly
+    assert _write(tmp_path / "plain", tensors, src, 3, direct=True)
+    assert (tmp_path / "refused").read_bytes() == (tmp_path / "plain").read_bytes()
+
+
+@needs_direct
+def test_a_file_system_without_direct_io_is_written_buffered(tmp_path, monkeypatch):
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    src = _source(tmp_path, 40_000)
+    tensors = [[("data", 10_000), ("copy", 5, 20_000)]]
+    monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    assert not _write(tmp_path / "refused", tensors, src, 3, direct=False)
+    monkeypatch.setattr(fcntl, "fcntl", real)
+    _write(tmp_path / "plain", tensors, src, 3, direct=True)
+    assert (tmp_path / "refused").read_bytes() == (tmp_path / "plain").read_bytes()
+
+
+@needs_direct
+def test_negative_control_a_lost_carry_is_caught(tmp_path, monkeypatch):
+    """The comparison above sees a writer that drops the staged bytes after a flush (the partial block that
+    the next flush must carry)."""
+    monkeypatch.setattr(S, "DIRECT_CHUNK", 3 * 4096)
+    src = _source(tmp_path, 40_000)
+    tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)]]
+    _write(tmp_path / "plain", tensors, src, 3, direct=True)
+    real = S.SafetensorsWriter._flush
+
+    def lossy(self, nbytes):
+        real(self, nbytes)
+        self._staged = 0  # the carried partial block forgotten
+
+    monkeypatch.setattr(S.SafetensorsWriter, "_flush", lossy)
+    _write(tmp_path / "lossy", tensors, src, 3, direct=True)
+    assert (tmp_path / "lossy").read_bytes() != (tmp_path / "plain").read_bytes()
