@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from packq.backends import Backend
@@ -335,7 +336,12 @@ class JaxBackend(Backend):
             return None
         both = _minmax(x)
         both.copy_to_host_async()
-        return lambda: (int(both[0]), int(both[1]))
+
+        def wait() -> tuple[int, int]:
+            lo, hi = np.asarray(both).tolist()  # the copy started above (indexing the device array would dispatch)
+            return int(lo), int(hi)
+
+        return wait
 
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, jax.core.Tracer)

@@ -377,12 +377,12 @@ def minmax_later(x: Any) -> Callable[[], tuple[int, int]]:
     if x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no min/max kernels for these
         x = x.to(torch.int64)
     with _on(x):
-        lo, hi = torch.aminmax(x.reshape(-1))
-        both = torch.stack((lo, hi)).to(torch.int64)
+        both = torch.empty(2, dtype=x.dtype, device=x.device)
+        torch.aminmax(x.reshape(-1), out=(both[0], both[1]))  # one reduction into one buffer: one copy back
         if x.device.type != "cuda":
             values = tuple(int(v) for v in both.tolist())
             return lambda: values  # type: ignore[return-value]
-        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host = torch.empty(2, dtype=x.dtype, pin_memory=True)
         host.copy_(both, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
