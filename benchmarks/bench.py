@@ -386,12 +386,21 @@ def gpu_dequant() -> list[dict]:
                 check(packq.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits), ref)
                 t[f"jax gptq {bits}-bit{what} eager (public call)"] = jax_ms(
                     lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg, bits=bits), j_gw)
+                if jg is not None and bits == 4:  # each call a new g_idx array: its range reduced and read back each time
+                    t[f"jax gptq {bits}-bit{what} eager (public call, a new g_idx array each call)"] = jax_ms(
+                        lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg + 0, bits=bits), j_gw)
                 try:  # the Pallas kernel alone (under jit), where the tiles fit
                     from packq.backends import pallas_kernels as pk
 
                     check(pk.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits, zeros="v1"), ref)
                     t[f"jax gptq {bits}-bit{what} pallas"] = jax_ms(
                         lambda a: pk.dequantize_gptq(a, j_gz, j_s, jg, bits=bits, zeros="v1"), j_gw)
+                    if jg is not None:  # the public call's device work: g_idx's min and max, the kernel
+                        work = jax.jit(lambda a, g: (jax_backend._minmax(g), pk.dequantize_gptq(a, j_gz, j_s, g, bits=bits,
+                                                                                                zeros="v1")))
+                        check(work(j_gw, jg)[1], ref)
+                        t[f"jax gptq {bits}-bit{what} pallas + g_idx min/max (its device work, jit)"] = jax_ms(
+                            lambda a: work(a, jg), j_gw)
                 except Exception as e:  # noqa: BLE001  reported, not fatal
                     print(f"  pallas gptq {bits}-bit{what}: {type(e).__name__}: {str(e)[:300]}")
                 if bits == 4 and g_idx is None:

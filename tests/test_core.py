@@ -553,3 +553,32 @@ def test_pallas_tiles_fit_or_xla_takes_over():
     assert pk.supported(64, 256, 4, pk.BN, act_order=True)
     assert not pk.supported(48, 256, 1, pk.BN, act_order=True)  # K not whole tiles
     assert not pk.supported(64, 96, 1, pk.BN)  # columns not whole tiles
+
+
+def test_jax_g_idx_range_is_read_once_per_array():
+    """A JAX array never changes, so the public call reduces and reads back a g_idx's range once: the same
+    g_idx again costs no device work or wait; a new array (in range or not) is checked afresh."""
+    import gc
+
+    import jax.numpy as jnp
+
+    from packq.backends import jax as jax_backend
+
+    rng = np.random.default_rng(5)
+    k, n, groups = 64, 32, 2
+    qw = jnp.asarray(rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32))
+    qz = jnp.asarray(rng.integers(-(2**31), 2**31, (groups, n // 8), dtype=np.int64).astype(np.int32))
+    s = jnp.asarray(rng.standard_normal((groups, n)), jnp.float16)
+    g = jnp.asarray(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32))
+    first = packq.dequantize_gptq(qw, qz, s, g)
+    assert jax_backend._RANGES[id(g)][1] == (0, 1)
+    assert np.array_equal(np.asarray(packq.dequantize_gptq(qw, qz, s, g)), np.asarray(first))
+    bad = g.at[3].set(9)
+    with pytest.raises(ValueError, match=r"g_idx must hold values in \[0, 1\].*got values in \[0, 9\]"):
+        packq.dequantize_gptq(qw, qz, s, bad)
+    with pytest.raises(ValueError, match=r"got values in \[0, 9\]"):  # the same bad array again: still refused
+        packq.dequantize_gptq(qw, qz, s, bad)
+    key = id(g)
+    del g, first
+    gc.collect()
+    assert key not in jax_backend._RANGES  # the entry went with its array

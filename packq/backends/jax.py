@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -263,6 +264,11 @@ def dequantize_gptq_spread(_: Any, qweight: Any, qzeros: Any, scales: Any, g_idx
     return gptq._scale(jnp, q, jnp.take(z, idx, axis=-2), jnp.take(scales, idx, axis=-2))
 
 
+#: id of a concrete index array -> (a weak reference to it, its (minimum, maximum)): JAX arrays are immutable, so
+#: a g_idx used again (every call of a layer) is not reduced and read back again; the entry goes with the array
+_RANGES: dict[int, tuple[Any, tuple[int, int]]] = {}
+
+
 @jax.jit
 def _minmax(x: Any) -> Any:
     return jnp.stack([jnp.min(x), jnp.max(x)])
@@ -334,11 +340,19 @@ class JaxBackend(Backend):
         x = arrays[index]
         if isinstance(x, jax.core.Tracer):
             return None
+        known = _RANGES.get(id(x))
+        if known is not None and known[0]() is x:  # a JAX array never changes: its range is read once
+            return lambda: known[1]
         both = _minmax(x)
         both.copy_to_host_async()
 
         def wait() -> tuple[int, int]:
             lo, hi = np.asarray(both).tolist()  # the copy started above (indexing the device array would dispatch)
+            key = id(x)
+            try:  # (the callback runs as the array goes, before its id can be another's)
+                _RANGES[key] = (weakref.ref(x, lambda _: _RANGES.pop(key, None)), (int(lo), int(hi)))
+            except TypeError:  # an array type without weak references: read again next time
+                pass
             return int(lo), int(hi)
 
         return wait

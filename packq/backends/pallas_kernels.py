@@ -13,8 +13,9 @@ word rows once and shifts every field out of them. At 3 bits the tile's 32 rows 
 constant of its row, the word its field starts in and the next one. Without ``g_idx`` the tile lies in one
 group: one row of zero-points and scales, broadcast. With ``g_idx`` every row gathers its own group's
 zero-points and scales from the column tile's (groups x BN) block (loads of the cache, as the torch kernel
-does); its group index is clamped to the groups that exist, so an out-of-range ``g_idx`` can never read
-outside the arrays (the public call checks the range and raises; see :mod:`packq._api`).
+does; at 3 bits the zero fields are unpacked to bytes first); its group index is clamped to the groups that
+exist, so an out-of-range ``g_idx`` can never read outside the arrays (the public call checks the range and
+raises; see :mod:`packq._api`).
 
 Stacked experts are folded into the rows by the caller (every expert's K is whole tiles and groups): row
 tile i of the merged matrix is expert i // (K / BK), whose groups start at that expert's first group row.
@@ -29,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from packq.core import bits as B
 
 try:  # lower to Triton explicitly: JAX's default for GPUs may be Mosaic GPU, which these kernels are not written for
     from jax.experimental.pallas import triton as _pltriton
@@ -135,13 +138,16 @@ def _gptq_kernel(w_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int):
     o_ref[...] = ((q - z).astype(jnp.float32) * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int, groups: int, row_tiles: int):
-    """Each row's group from g_idx (clamped into [0, groups)), plus the first group of the row tile's expert."""
+def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int, groups: int, row_tiles: int,
+                           unpacked: bool):
+    """Each row's group from g_idx (clamped into [0, groups)), plus the first group of the row tile's expert.
+    ``unpacked``: ``z_ref`` holds the zero-points' fields, one int8 each (3 bits)."""
     mask = (1 << bits) - 1
     q = _tile_q(w_ref, bits)
     expert = pl.program_id(0) // row_tiles
     g = jnp.clip(g_ref[...], 0, groups - 1)[:, None] + expert * groups  # (BK, 1)
-    z = (_zero_row(z_ref, g, bits) + zadd) & mask
+    z = z_ref[g[:, 0], :].astype(jnp.int32) if unpacked else _zero_row(z_ref, g, bits)
+    z = (z + zadd) & mask
     s = s_ref[g[:, 0], :]
     o_ref[...] = ((q - z).astype(jnp.float32) * s.astype(jnp.float32)).astype(o_ref.dtype)
 
@@ -171,8 +177,16 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *
         )(qweight, qzeros, scales)
     row_tiles = (k // experts) // BK  # of one expert
     per_expert = groups // experts
+    # 3 bits: each row gathering its zero field from the bit stream takes two gathered words per value (1.21x a
+    # copy of the output on an H200, 8192 x 28672); the fields unpacked first by XLA (groups x N bytes, under 1%
+    # of the output) are one gathered byte, like the scales
+    unpacked = bits == 3
+    if unpacked:
+        qzeros = B.unpack(jnp, qzeros, "column", 3).astype(jnp.int8)
+        zcols = BN
     return _call(
-        functools.partial(_gptq_act_order_kernel, bits=bits, zadd=zadd, groups=per_expert, row_tiles=row_tiles),
+        functools.partial(_gptq_act_order_kernel, bits=bits, zadd=zadd, groups=per_expert, row_tiles=row_tiles,
+                          unpacked=unpacked),
         out_shape=out_shape, grid=(k // BK, n // BN),
         in_specs=[wspec,
                   pl.BlockSpec((BK,), lambda i, j: (i % row_tiles,)),

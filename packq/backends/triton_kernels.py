@@ -256,9 +256,10 @@ def _dequant_awq(qw, qz, sc, out, k, c, groups, gsize,
 @triton.jit
 def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  HAS_GIDX: tl.constexpr):
+                  HAS_GIDX: tl.constexpr, UNPACKED_Z: tl.constexpr):
     """GPTQ qweight (K*BITS/32, N) -> (K, N): a tile of BK rows x BN columns; batch on axis 1.
-    ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2."""
+    ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2. ``UNPACKED_Z``: ``qz`` is the
+    zero-points' fields, one int8 each (G, N) (3-bit act-order, see :func:`dequantize_gptq`)."""
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     col_blocks = tl.cdiv(n, BN)
     r0 = (pid // col_blocks) * BK
@@ -267,7 +268,7 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
     kw = k * BITS // 32  # word rows
     nz = n * BITS // 32  # zero-point words per group
     qw += b * kw * n
-    qz += b * groups * nz
+    qz += b * groups * (n if UNPACKED_Z else nz)
     sc += b * groups * n
     out += b * k * n
     cmask = cols < n
@@ -292,7 +293,9 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
         else:
             g = (rows // gsize).to(tl.int64)[:, None]
         m2 = (rows[:, None] < k) & cmask[None, :]
-        if BITS == 3:
+        if UNPACKED_Z:
+            z = tl.load(qz + g * n + cols[None, :], mask=m2, other=0).to(tl.int32)
+        elif BITS == 3:
             z = _field(qz + g * nz + tl.zeros_like(cols)[None, :], cols[None, :], 1, m2, BITS)
         else:  # each row's zero-point words loaded once, their fields spread over the columns
             ZPER: tl.constexpr = 32 // BITS
@@ -306,9 +309,20 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
     _scaled(q, z, s, out, rows[:, None].to(tl.int64) * n + cols[None, :], mask)
 
 
+@triton.jit
+def _unpack_zeros3(qz, zu, total, n, BLOCK: tl.constexpr):
+    """3-bit zero-points (rows of N*3/32 words) -> their fields, one int8 each (rows, N)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    row, col = idx // n, idx % n
+    tl.store(zu + idx, _field(qz + row * (n * 3 // 32), col, 1, mask, 3).to(tl.int8), mask=mask)
+
+
 #: dequantization tiles: rows x AWQ words, and rows x columns for GPTQ (rows a multiple of 32: whole words at
 #: every width); warps per program
 DQ_ROWS, DQ_WORDS, DQ_COLS, DQ_WARPS = 32, 32, 256, 4
+#: zero-point fields per program where 3-bit act-order unpacks them first
+ZU_BLOCK = 1024
 #: scales' dtypes the kernels compute with (float64 and others take the core)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -362,9 +376,18 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, b
     gi = w if g_idx is None else (g_idx if g_idx.dtype in (torch.int32, torch.int64) else g_idx.to(torch.int64)).contiguous()
     one = g_idx is None and gsize % DQ_ROWS == 0
     grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS), w.shape[0])
+    # 3-bit act-order: each row would read its group's zero field from the bit stream (two gathered words per
+    # value, 5.4x a copy of the output on an H200, 8192 x 28672); the fields unpacked once, one byte each, are a
+    # gather like the scales' (groups x N bytes, under 1% of the output)
+    unpacked = g_idx is not None and bits == 3
     with _on(qweight):
+        if unpacked:
+            zu = torch.empty((z.shape[0] * groups, n), dtype=torch.int8, device=z.device)
+            _fast(_unpack_zeros3, (triton.cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
+            z = zu
         _fast(_dequant_gptq, grid, (w, z, s, gi, out), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
-              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None}, DQ_WARPS)
+              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None,
+               "UNPACKED_Z": unpacked}, DQ_WARPS)
     return out
 
 
