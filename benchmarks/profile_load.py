@@ -26,9 +26,21 @@ from bench_convert import make  # noqa: E402
 
 CHILD = r"""
 import os, sys, json, time, threading, collections
+marks = {}
 t0 = time.perf_counter()
 layout, src, platform, variant = sys.argv[1:5]
 import jax, numpy as np
+from jax import monitoring
+events = {}
+def _dur(e, d, **kw):
+    if e == "/jax/core/compile/backend_compile_duration":
+        events["xla_compiles"] = events.get("xla_compiles", 0) + 1
+        events["xla_compile_s"] = events.get("xla_compile_s", 0.0) + d
+def _ev(e, **kw):
+    if e == "/jax/compilation_cache/cache_hits":
+        events["cache_hits"] = events.get("cache_hits", 0) + 1
+monitoring.register_event_duration_secs_listener(_dur)
+monitoring.register_event_listener(_ev)
 devices = jax.devices()
 t_jax = time.perf_counter()
 import packq.jax
@@ -61,7 +73,9 @@ def conv(st, a, s, job=None):
         except Exception:
             pass
         acc["wait_for_compile"] += time.perf_counter() - t
+    marks.setdefault("first_convert_at", time.perf_counter() - t_load)
     out = real_conv(st, a, s, job)
+    marks["last_convert_at"] = time.perf_counter() - t_load
     if variant == "sync":
         t = time.perf_counter(); jax.block_until_ready(out); acc["sync_each_module"] += time.perf_counter() - t
     return out
@@ -76,18 +90,21 @@ def exe(st, sig, s):
         acc["ahead: trace (make_jaxpr)"] += t1 - t
         acc["ahead: lower+compile"] += time.perf_counter() - t1
         count["ahead"] += 1
+        marks["last_compile_done_at"] = time.perf_counter() - t_load
     return r
 jl._executable = exe
 real_put = jax.device_put
 jl.jax.device_put = timed("device_put (constants)", real_put)
 t_load = time.perf_counter()
+marks.clear()
 out = packq.jax.load(src, layout=layout)
 t_ret = time.perf_counter()
 jax.block_until_ready(out)
 t_end = time.perf_counter()
 res = {"layout": layout, "variant": variant, "import_and_start_s": t_jax - t0, "packq_import_s": t_load - t_jax,
        "load_returns_s": t_ret - t_load, "block_until_ready_s": t_end - t_ret, "total_s": t_end - t0,
-       "modules": len(out), **{k: round(v, 4) for k, v in acc.items()}, "counts": dict(count)}
+       "modules": len(out), **{k: round(v, 4) for k, v in acc.items()}, **{k: round(v, 3) for k, v in marks.items()},
+       **events, "counts": dict(count)}
 print(json.dumps(res))
 """
 

@@ -67,7 +67,7 @@ def main() -> int:
                       "failures": failures, "dequantized_arrays_checked": dq_checked,
                       "dequantization_failures": dq_failures,
                       "pallas_kernels_traced": sorted(pallas_traced),
-                      "jax_pallas_use_mosaic_gpu_default": bool(jax.config.jax_pallas_use_mosaic_gpu),
+                      "jax_pallas_use_mosaic_gpu_default": getattr(jax.config, "jax_pallas_use_mosaic_gpu", None),
                       "act_order_range_checks": ao_checked, "act_order_range_failures": ao_failures}, indent=1))
     failures += dq_failures + ao_failures
     return 1 if failures else 0
