@@ -293,7 +293,7 @@ def gpu() -> list[dict]:
     return rows
 
 
-def gpu_dequant() -> list[dict]:
+def gpu_dequant(layers: str | None = None) -> list[dict]:
     """Dequantization on the GPU, float16 scales and output, group size 128: torch CUDA (Triton) and JAX, each
     checked against NumPy first, against a device copy of the float16 output (its floor moves more bytes than
     dequantization does: the copy reads and writes the output, dequantization reads words and writes it)."""
@@ -313,6 +313,8 @@ def gpu_dequant() -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for label, (k, n) in SHAPES.items():
+        if layers and layers not in label:
+            continue
         groups = k // 128
         scales = (rng.standard_normal((groups, n)) * 0.01).astype(np.float16)
         aw, az = raw_words(k * 7 + n, (k, n // 8)), raw_words(k + n, (groups, n // 8))
@@ -462,6 +464,7 @@ def main() -> None:
                    help="cpu-jax: the JAX rows alone, as JSON (used by cpu); replot: the plots again from the CSVs in --out")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--layers", help="gpu-dequant: only the layers whose label contains this (e.g. 70B)")
     args = p.parse_args()
     if args.mode == "cpu-jax":
         print(json.dumps(cpu_jax(args.quick)))
@@ -474,7 +477,7 @@ def main() -> None:
                 plot_mode(csv_path.stem, rows, args.out, rows[0]["machine"])
                 print(f"wrote {args.out / (csv_path.stem + '.png')}")
         return
-    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant()
+    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant(args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
     if args.mode.startswith("gpu"):
