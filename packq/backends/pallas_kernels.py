@@ -13,7 +13,7 @@ word rows once and shifts every field out of them. At 3 bits the tile's 32 rows 
 constant of its row, the word its field starts in and the next one. Without ``g_idx`` the tile lies in one
 group: one row of zero-points and scales, broadcast. With ``g_idx`` every row gathers its own group's
 zero-points and scales from the column tile's (groups x BN) block (loads of the cache, as the torch kernel
-does; at 3 bits the zero fields are repacked at 4 bits first); its group index is clamped to the groups that
+does; at 3 bits the zero fields are unpacked to bytes first); its group index is clamped to the groups that
 exist, so an out-of-range ``g_idx`` can never read outside the arrays (the public call checks the range and
 raises; see :mod:`packq._api`).
 
@@ -138,15 +138,16 @@ def _gptq_kernel(w_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int):
     o_ref[...] = ((q - z).astype(jnp.float32) * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zbits: int, zadd: int, groups: int,
-                           row_tiles: int):
+def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int, groups: int, row_tiles: int,
+                           unpacked: bool):
     """Each row's group from g_idx (clamped into [0, groups)), plus the first group of the row tile's expert.
-    ``zbits``: the width the zero-points are packed at (4 for 3-bit weights, repacked by the caller)."""
+    ``unpacked``: ``z_ref`` holds the zero-points' fields, one int8 each (3 bits)."""
     mask = (1 << bits) - 1
     q = _tile_q(w_ref, bits)
     expert = pl.program_id(0) // row_tiles
     g = jnp.clip(g_ref[...], 0, groups - 1)[:, None] + expert * groups  # (BK, 1)
-    z = (_zero_row(z_ref, g, zbits) + zadd) & mask
+    z = z_ref[g[:, 0], :].astype(jnp.int32) if unpacked else _zero_row(z_ref, g, bits)
+    z = (z + zadd) & mask
     s = s_ref[g[:, 0], :]
     o_ref[...] = ((q - z).astype(jnp.float32) * s.astype(jnp.float32)).astype(o_ref.dtype)
 
@@ -177,16 +178,15 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *
     row_tiles = (k // experts) // BK  # of one expert
     per_expert = groups // experts
     # 3 bits: each row gathering its zero field from the bit stream takes two gathered words per value (1.21x a
-    # copy of the output on an H200, 8192 x 28672), and one gathered byte each (the fields unpacked) 1.29x; the
-    # fields repacked by XLA at 4 bits (groups x N / 2 bytes, under 1% of the output) are gathered as 4-bit
-    # act-order's are, one word per 8 columns (4-bit act-order: 0.85x)
-    zbits = bits
-    if bits == 3:
-        qzeros = B.pack(jnp, B.unpack(jnp, qzeros, "column", 3), "column", 4)
-        zbits, zcols = 4, BN // 8
+    # copy of the output on an H200, 8192 x 28672); the fields unpacked first by XLA (groups x N bytes, under 1%
+    # of the output) are one gathered byte, like the scales
+    unpacked = bits == 3
+    if unpacked:
+        qzeros = B.unpack(jnp, qzeros, "column", 3).astype(jnp.int8)
+        zcols = BN
     return _call(
-        functools.partial(_gptq_act_order_kernel, bits=bits, zbits=zbits, zadd=zadd, groups=per_expert,
-                          row_tiles=row_tiles),
+        functools.partial(_gptq_act_order_kernel, bits=bits, zadd=zadd, groups=per_expert, row_tiles=row_tiles,
+                          unpacked=unpacked),
         out_shape=out_shape, grid=(k // BK, n // BN),
         in_specs=[wspec,
                   pl.BlockSpec((BK,), lambda i, j: (i % row_tiles,)),
