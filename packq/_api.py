@@ -569,7 +569,9 @@ def dequantize_gptq(
     scales : array of float, shape (..., groups, N)
     g_idx : array of int, shape (K,), optional
         Group of each input feature; default ``arange(K) // (K // groups)``.
-        An act-order g_idx is honoured. Values are range-checked when concrete.
+        An act-order g_idx is honoured. Values are range-checked when concrete (on
+        torch CUDA and JAX while the kernel runs, which reads them clamped; the
+        call raises before it returns).
     bits : {2, 3, 4, 8}
     zeros : {"v1", "v2"}
         "v1" (checkpoint_format "gptq"): stored z - 1, read as (stored + 1)
