@@ -293,7 +293,7 @@ def gpu() -> list[dict]:
     return rows
 
 
-def gpu_dequant() -> list[dict]:
+def gpu_dequant(layers: str | None = None) -> list[dict]:
     """Dequantization on the GPU, float16 scales and output, group size 128: torch CUDA (Triton) and JAX, each
     checked against NumPy first, against a device copy of the float16 output (its floor moves more bytes than
     dequantization does: the copy reads and writes the output, dequantization reads words and writes it)."""
@@ -313,6 +313,8 @@ def gpu_dequant() -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for label, (k, n) in SHAPES.items():
+        if layers and layers not in label:
+            continue
         groups = k // 128
         scales = (rng.standard_normal((groups, n)) * 0.01).astype(np.float16)
         aw, az = raw_words(k * 7 + n, (k, n // 8)), raw_words(k + n, (groups, n // 8))
@@ -334,7 +336,6 @@ def gpu_dequant() -> list[dict]:
             gw4, gz4 = (torch.from_numpy(a).to(dev) for a in packq.fast_awq_to_gptq(aw, az))
             check(packq.dequantize_gptq(gw4, gz4, t_s), want)
             t["torch cuda gptq 4-bit (triton), CUDA graph"] = graph_ms(lambda: packq.dequantize_gptq(gw4, gz4, t_s))
-            del gw4, gz4
         except Exception as e:  # noqa: BLE001  reported; the back-to-back rows stand
             print(f"  CUDA graph timing: {type(e).__name__}: {str(e)[:300]}")
         torch.cuda.empty_cache()
@@ -352,18 +353,16 @@ def gpu_dequant() -> list[dict]:
 
             check(pk.dequantize_awq(j_aw, j_az, j_s), want)
             t["jax awq pallas"] = jax_ms(lambda a: pk.dequantize_awq(a, j_az, j_s), j_aw)
-            gw4, gz4 = packq.fast_awq_to_gptq(aw, az)
-            j_gw4, j_gz4 = jax.device_put(gw4, gpu), jax.device_put(gz4, gpu)
-            check(pk.dequantize_gptq(j_gw4, j_gz4, j_s, bits=4, zeros="v1"), want)
-            t["jax gptq 4-bit pallas"] = jax_ms(lambda a: pk.dequantize_gptq(a, j_gz4, j_s, bits=4, zeros="v1"), j_gw4)
         except Exception as e:  # noqa: BLE001  reported, not fatal: the XLA rows stand
             print(f"  pallas kernels: {type(e).__name__}: {str(e)[:300]}")
+        from packq.backends import triton_kernels as tk
+
+        host = torch.empty(2, dtype=torch.int32, pin_memory=True)
         for bits in (4, 3, 2, 8):
             gw, gz = raw_words(k * bits + n, (k * bits // 32, n)), raw_words(k + n + bits, (groups, n * bits // 32))
             t_gw, t_gz = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev)
             j_gw, j_gz = jax.device_put(gw, gpu), jax.device_put(gz, gpu)
-            variants = [(None, "")] if bits != 4 else [(None, ""), (rng.permutation(np.arange(k) // 128).astype(np.int32),
-                                                                     " act-order")]
+            variants = [(None, ""), (rng.permutation(np.arange(k) // 128).astype(np.int32), " act-order")]
             for g_idx, what in variants:
                 ref = packq.dequantize_gptq(gw, gz, scales, g_idx, bits=bits)
                 tg = None if g_idx is None else torch.from_numpy(g_idx).to(dev)
@@ -371,9 +370,41 @@ def gpu_dequant() -> list[dict]:
                 check(packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), ref)
                 t[f"torch cuda gptq {bits}-bit{what} (triton), back to back"] = back_to_back(
                     lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), 20)
+                try:  # device time alone; act-order: the public call's device work (min/max, its copy, the kernel)
+                    if tg is None:
+                        t[f"torch cuda gptq {bits}-bit (triton), CUDA graph, raw words"] = graph_ms(
+                            lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, None, bits=bits))
+                    else:
+                        def device_work():
+                            both = torch.empty(2, dtype=tg.dtype, device=dev)
+                            torch.aminmax(tg, out=(both[0], both[1]))
+                            host.copy_(both, non_blocking=True)
+                            return tk.dequantize_gptq(t_gw, t_gz, t_s, tg, bits, "v1")
+
+                        check(device_work(), ref)
+                        t[f"torch cuda gptq {bits}-bit act-order (triton), CUDA graph of its device work"] = graph_ms(device_work)
+                except Exception as e:  # noqa: BLE001  reported; the back-to-back rows stand
+                    print(f"  CUDA graph timing: {type(e).__name__}: {str(e)[:300]}")
                 check(packq.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits), ref)
                 t[f"jax gptq {bits}-bit{what} eager (public call)"] = jax_ms(
                     lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg, bits=bits), j_gw)
+                if jg is not None and bits == 4:  # each call a new g_idx array: its range reduced and read back each time
+                    t[f"jax gptq {bits}-bit{what} eager (public call, a new g_idx array each call)"] = jax_ms(
+                        lambda a: packq.dequantize_gptq(a, j_gz, j_s, jg + 0, bits=bits), j_gw)
+                try:  # the Pallas kernel alone (under jit), where the tiles fit
+                    from packq.backends import pallas_kernels as pk
+
+                    check(pk.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits, zeros="v1"), ref)
+                    t[f"jax gptq {bits}-bit{what} pallas"] = jax_ms(
+                        lambda a: pk.dequantize_gptq(a, j_gz, j_s, jg, bits=bits, zeros="v1"), j_gw)
+                    if jg is not None:  # the public call's device work: g_idx's min and max, the kernel
+                        work = jax.jit(lambda a, g: (jax_backend._minmax(g), pk.dequantize_gptq(a, j_gz, j_s, g, bits=bits,
+                                                                                                zeros="v1")))
+                        check(work(j_gw, jg)[1], ref)
+                        t[f"jax gptq {bits}-bit{what} pallas + g_idx min/max (its device work, jit)"] = jax_ms(
+                            lambda a: work(a, jg), j_gw)
+                except Exception as e:  # noqa: BLE001  reported, not fatal
+                    print(f"  pallas gptq {bits}-bit{what}: {type(e).__name__}: {str(e)[:300]}")
                 if bits == 4 and g_idx is None:
                     jcore = jax.jit(lambda a, b, c: gptq.dequantize_gptq(jnp, a, b, c, None, bits=4, zeros="v1"))
                     check(jcore(j_gw, j_gz, j_s), ref)
@@ -393,7 +424,8 @@ DEQUANT_PLOTTED = ("copy of the float16 output (torch d2d), back to back", "copy
                    "torch cuda awq (triton), CUDA graph", "torch cuda gptq 4-bit (triton), CUDA graph",
                    "torch cuda awq (triton), back to back", "jax awq eager (public call)", "jax awq core (jit)",
                    "jax gptq 4-bit eager (public call)", "torch cuda gptq 3-bit (triton), back to back",
-                   "torch cuda gptq 4-bit act-order (triton), back to back", "jax gptq 4-bit act-order eager (public call)")
+                   "torch cuda gptq 4-bit act-order (triton), back to back", "jax gptq 4-bit act-order eager (public call)",
+                   "jax gptq 3-bit eager (public call)", "torch cuda gptq 4-bit act-order (triton), CUDA graph of its device work")
 
 
 def plot(rows: list[dict], path: Path, title: str, xlabel: str = "packed weight (MB)") -> None:
@@ -432,6 +464,7 @@ def main() -> None:
                    help="cpu-jax: the JAX rows alone, as JSON (used by cpu); replot: the plots again from the CSVs in --out")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--layers", help="gpu-dequant: only the layers whose label contains this (e.g. 70B)")
     args = p.parse_args()
     if args.mode == "cpu-jax":
         print(json.dumps(cpu_jax(args.quick)))
@@ -444,7 +477,7 @@ def main() -> None:
                 plot_mode(csv_path.stem, rows, args.out, rows[0]["machine"])
                 print(f"wrote {args.out / (csv_path.stem + '.png')}")
         return
-    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant()
+    rows = cpu(args.quick) if args.mode == "cpu" else gpu() if args.mode == "gpu" else gpu_dequant(args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
     if args.mode.startswith("gpu"):

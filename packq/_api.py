@@ -9,7 +9,7 @@ e.g. the experts of a mixture-of-experts layer).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from numpy import dtype as np_dtype
@@ -64,8 +64,36 @@ def _check_range(be: backends.Backend, x: Array, name: str, lo: int, hi: int, wh
     except (NotImplementedError, RuntimeError, TypeError):  # torch has no min/max for uint16/uint32/uint64
         wide = xp.astype(x, xp.int64)
         vmin, vmax = int(xp.min(wide)), int(xp.max(wide))
+    _check_bounds(vmin, vmax, name, lo, hi, why)
+
+
+def _check_bounds(vmin: int, vmax: int, name: str, lo: int, hi: int, why: str) -> None:
     if vmin < lo or vmax > hi:
         raise ValueError(f"{name} must hold values in [{lo}, {hi}] {why}, got values in [{vmin}, {vmax}]")
+
+
+def _run_range_checked(be: backends.Backend, fn: Callable[..., Any], arrays: tuple[Any, ...], index: int, name: str,
+                       lo: int, hi: int, why: str, **static: Any) -> Array:
+    """``be.run(fn, *arrays, **static)`` with ``arrays[index]`` range-checked as :func:`_check_range` does.
+
+    Where the backend reads that array clamped into range and its device runs asynchronously (torch on CUDA
+    through the Triton kernel; JAX), the check does not read the values before the launch, which would make the
+    device idle for the host's round trip and the launch: the minimum and maximum are reduced on the device and
+    copied to the host without a wait, the work is launched, and the call waits for that small copy alone (not
+    for the work) before it returns or raises. So an out-of-range array still raises the same ValueError and no
+    result is returned; the work already launched reads clamped indices, never out of bounds, and its output
+    is dropped.
+    """
+    x = arrays[index]
+    wait = None
+    if be.is_concrete(x) and not any(d == 0 for d in V.shape_of(x)):
+        wait = be.minmax_later(fn, arrays, index)
+    if wait is None:
+        _check_range(be, x, name, lo, hi, why)
+        return be.run(fn, *arrays, **static)
+    out = be.run(fn, *arrays, **static)
+    _check_bounds(*wait(), name, lo, hi, why)
+    return out
 
 
 def pack(imatrix: Array, direction: str = "column", *, bits: int = 4) -> Array:
@@ -541,7 +569,9 @@ def dequantize_gptq(
     scales : array of float, shape (..., groups, N)
     g_idx : array of int, shape (K,), optional
         Group of each input feature; default ``arange(K) // (K // groups)``.
-        An act-order g_idx is honoured. Values are range-checked when concrete.
+        An act-order g_idx is honoured. Values are range-checked when concrete (on
+        torch CUDA and JAX while the kernel runs, which reads them clamped; the
+        call raises before it returns).
     bits : {2, 3, 4, 8}
     zeros : {"v1", "v2"}
         "v1" (checkpoint_format "gptq"): stored z - 1, read as (stored + 1)
@@ -575,11 +605,11 @@ def dequantize_gptq(
     if g_idx is not None:
         _check_g_idx(g_idx, k)
     be = backends.for_arrays(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
-    if g_idx is not None:
-        _check_range(be, g_idx, "g_idx", 0, groups - 1, f"(indices of the {groups} groups of qzeros)")
-    return be.run(
-        gptq.dequantize_gptq, _words_in(be, qweight), _words_in(be, qzeros), scales, g_idx, bits=bits, zeros=zeros
-    )
+    arrays = (_words_in(be, qweight), _words_in(be, qzeros), scales, g_idx)
+    if g_idx is None:
+        return be.run(gptq.dequantize_gptq, *arrays, bits=bits, zeros=zeros)
+    return _run_range_checked(be, gptq.dequantize_gptq, arrays, 3, "g_idx", 0, groups - 1,
+                              f"(indices of the {groups} groups of qzeros)", bits=bits, zeros=zeros)
 
 
 def gptq_to_compressed_tensors(qweight: Array, qzeros: Array, scales: Array, *, bits: int = 4) -> tuple[Array, Array, Array]:

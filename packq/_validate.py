@@ -60,7 +60,9 @@ def _is_array(x: Any) -> bool:
 def array(x: Any, name: str, min_ndim: int = 2) -> None:
     if not _is_array(x):
         raise TypeError(f"{name} must be an array (NumPy, JAX, torch or another array API library), got {type(x).__name__}")
-    layout = getattr(x, "layout", None)  # torch: sparse layouts have no strided memory to read
+    # torch: sparse layouts have no strided memory to read. Only torch's: JAX 0.11's tracers have a layout too
+    # (AutoLayout inside jit), which says nothing of the kind
+    layout = getattr(x, "layout", None) if type(x).__module__.split(".")[0] == "torch" else None
     if layout is not None and str(layout) != "torch.strided":
         raise TypeError(f"{name} must be a dense array (a strided torch tensor), got layout {layout}; call .to_dense() first")
     if x.ndim < min_ndim:

@@ -8,7 +8,8 @@ float16, bfloat16 and float32 scales of every magnitude (float16 subnormals incl
 compared with NumPy's: the float32 product (exact for 16-bit scales) rounded once to the scales' dtype
 (bfloat16 through ml_dtypes), and NumPy's own float32 product for float32 scales. Poisoned outputs
 are impossible to miss: every element is compared. Prints one JSON object; exit status 1 on any
-difference.
+difference. The range check of an act-order g_idx (made after the launch) is checked too: the kernels
+read an out-of-range g_idx clamped, the public calls raise, and the device is sound after.
 """
 
 from __future__ import annotations
@@ -58,13 +59,93 @@ def main() -> int:
                 checked += 1
                 if not np.array_equal(np.asarray(got), want):
                     failures.append(f"jax {shape} {name}")
+    pallas_traced = _count_pallas_traces()
     dq_checked, dq_failures = dequantization(rng, dev, gpu)
+    ao_checked, ao_failures = act_order_range(rng, dev, gpu)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
                       "triton": __import__("triton").__version__, "arrays_checked": checked,
                       "failures": failures, "dequantized_arrays_checked": dq_checked,
-                      "dequantization_failures": dq_failures}, indent=1))
-    failures += dq_failures
+                      "dequantization_failures": dq_failures,
+                      "pallas_kernels_traced": sorted(pallas_traced),
+                      "jax_pallas_use_mosaic_gpu_default": getattr(jax.config, "jax_pallas_use_mosaic_gpu", None),
+                      "act_order_range_checks": ao_checked, "act_order_range_failures": ao_failures}, indent=1))
+    failures += dq_failures + ao_failures
     return 1 if failures else 0
+
+
+def _count_pallas_traces() -> set[str]:
+    """The Pallas kernels the public JAX calls trace (each once per shape): so the JSON says which variants the
+    kernels computed, and which XLA did (ragged shapes, groups the tiles cross without act-order)."""
+    from packq.backends import pallas_kernels as pk
+
+    seen: set[str] = set()
+    real_gptq, real_awq = pk.dequantize_gptq, pk.dequantize_awq
+
+    def gptq(qw, qz, s, g_idx=None, *, bits, zeros, experts=1, interpret=False):
+        seen.add(f"gptq {bits}-bit act_order={g_idx is not None} experts={experts} {tuple(qw.shape)}")
+        return real_gptq(qw, qz, s, g_idx, bits=bits, zeros=zeros, experts=experts, interpret=interpret)
+
+    def awq(qw, qz, s, interpret=False):
+        seen.add(f"awq {tuple(qw.shape)}")
+        return real_awq(qw, qz, s, interpret=interpret)
+
+    pk.dequantize_gptq, pk.dequantize_awq = gptq, awq
+    return seen
+
+
+def act_order_range(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
+    """The range check of g_idx, made after the launch (torch CUDA, JAX GPU): the kernels alone read an
+    out-of-range g_idx clamped (their bits are NumPy's on the clamped g_idx), the public calls raise the
+    ValueError naming g_idx, and the device is still sound afterwards (the next call's bits are right)."""
+    import jax
+
+    from packq.backends import pallas_kernels as pk
+    from packq.backends import triton_kernels as tk
+
+    checked, failures = 0, []
+    k, n, groups = 4096, 1024, 32
+    for bits in (2, 3, 4, 8):
+        gw = rng.integers(-(2**31), 2**31, (k * bits // 32, n), dtype=np.int64).astype(np.int32)
+        gz = rng.integers(-(2**31), 2**31, (groups, n * bits // 32), dtype=np.int64).astype(np.int32)
+        scales = (rng.standard_normal((groups, n)) * 0.01).astype(np.float16)
+        good = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32)
+        wild = good.copy()
+        wild[rng.integers(0, k, 64)] = rng.integers(-(2**20), 2**20, 64)
+        want_clamped = reference(packq.dequantize_gptq, "float16", gw, gz, scales, np.clip(wild, 0, groups - 1), bits=bits,
+                                 zeros="v1")
+        want = reference(packq.dequantize_gptq, "float16", gw, gz, scales, good, bits=bits, zeros="v1")
+        tw, tz, ts = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev), torch.from_numpy(scales).to(dev)
+        jw, jz, js = (jax.device_put(a, gpu) for a in (gw, gz, scales))
+        for lib in ("torch", "jax"):
+            for dt in (np.int32, np.int64) if lib == "torch" else (np.int32,):
+                tag = f"{lib} {bits}-bit g_idx {np.dtype(dt).name}"
+                if lib == "torch":
+                    got = tk.dequantize_gptq(tw, tz, ts, torch.from_numpy(wild.astype(dt)).to(dev), bits, "v1")
+                    got = _bits_of(got.cpu().view(torch.int16).numpy())
+                else:
+                    got = _bits_of(np.asarray(pk.dequantize_gptq(jw, jz, js, jax.device_put(wild, gpu), bits=bits,
+                                                                 zeros="v1")))
+                checked += 1
+                if not np.array_equal(got, want_clamped):
+                    failures.append(f"{tag}: kernel on an out-of-range g_idx differs from NumPy on the clamped one")
+                bad = torch.from_numpy(wild.astype(dt)).to(dev) if lib == "torch" else jax.device_put(wild, gpu)
+                args = (tw, tz, ts) if lib == "torch" else (jw, jz, js)
+                try:
+                    packq.dequantize_gptq(*args, bad, bits=bits)
+                    failures.append(f"{tag}: an out-of-range g_idx did not raise")
+                except ValueError as e:
+                    expected = (f"g_idx must hold values in [0, {groups - 1}] (indices of the {groups} groups of qzeros), "
+                                f"got values in [{wild.min()}, {wild.max()}]")
+                    if str(e) != expected:
+                        failures.append(f"{tag}: raised {e!r}")
+                okg = torch.from_numpy(good.astype(dt)).to(dev) if lib == "torch" else jax.device_put(good, gpu)
+                after = packq.dequantize_gptq(*args, okg, bits=bits)
+                after = _bits_of(after.cpu().view(torch.int16).numpy()) if lib == "torch" else _bits_of(np.asarray(after))
+                checked += 1
+                if not np.array_equal(after, want):
+                    failures.append(f"{tag}: the call after the refused one differs from NumPy")
+    torch.cuda.synchronize()
+    return checked, failures
 
 
 #: (lead, K, N, groups): layers with groups of 128 (the kernels' one-group tiles), per-channel (one group),
@@ -145,7 +226,9 @@ def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
                     for act in (False, True):
                         g_idx = rng.permutation(np.arange(k) // (k // groups)).astype(np.int32) if act else None
                         want = reference(packq.dequantize_gptq, dtype, gw, gz, scales, g_idx, bits=bits, zeros=zeros)
-                        tg = None if g_idx is None else torch.from_numpy(g_idx.astype(np.int64)).to(dev)
+                        # int64 (torch's default) and int32 indices, read as they are by the kernel
+                        tdt = np.int64 if (bits + len(lead)) % 2 else np.int32
+                        tg = None if g_idx is None else torch.from_numpy(g_idx.astype(tdt)).to(dev)
                         jg = None if g_idx is None else jax.device_put(g_idx, gpu)
                         compare(f"gptq {bits}-bit {zeros} act={act} {lead} {k}x{n} g{groups} {dtype}",
                                 packq.dequantize_gptq(torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev), ts, tg,

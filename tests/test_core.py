@@ -549,3 +549,103 @@ def test_pallas_dequantization_kernels_equal_the_core_interpreted():
         gw, gz = words(k * bits // 32, n), words(groups, n * bits // 32)
         got = pk.dequantize_gptq(gw, gz, s, bits=bits, zeros=zeros, interpret=True)
         assert np.array_equal(bits_of(got), bits_of(gptq.dequantize_gptq(jnp, gw, gz, s, None, bits=bits, zeros=zeros)))
+
+
+# (K, N, groups) for the Pallas GPTQ kernels: two row tiles per group, one row tile per group
+PALLAS_SHAPES = [(64, 256, 1), (64, 256, 2)]
+
+
+@given(bits=st.sampled_from([2, 3, 4, 8]), shape=st.sampled_from(PALLAS_SHAPES), zeros=st.sampled_from(["v1", "v2"]),
+       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), act_order=st.booleans(), experts=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**32 - 1))
+def test_pallas_gptq_kernels_equal_the_core_interpreted(bits, shape, zeros, dtype, act_order, experts, seed):
+    """The JAX GPU kernels for GPTQ at every width (3 bits: fields straddling words), with act-order (each row's
+    zero-points and scales gathered by g_idx) and with stacked experts folded into the rows, in Pallas's
+    interpreter on the CPU: the core's bits."""
+    import jax.numpy as jnp
+
+    pk = pytest.importorskip("packq.backends.pallas_kernels")
+    from packq.formats import gptq
+
+    k, n, groups = shape
+    rng = np.random.default_rng(seed)
+
+    def words(*s):
+        return jnp.asarray(rng.integers(-(2**31), 2**31, (experts, *s), dtype=np.int64).astype(np.int32))
+
+    qw, qz = words(k * bits // 32, n), words(groups, n * bits // 32)
+    s = jnp.asarray(rng.standard_normal((experts, groups, n)) * np.exp2(rng.integers(-20, 4, (experts, groups, n))),
+                    dtype=dtype)
+    g_idx = jnp.asarray(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32)) if act_order else None
+    assert pk.supported(k, n, groups, pk.BN, act_order)
+    got = pk.dequantize_gptq(qw.reshape(-1, n), qz.reshape(-1, qz.shape[-1]), s.reshape(-1, n), g_idx, bits=bits,
+                             zeros=zeros, experts=experts, interpret=True).reshape(experts, k, n)
+    want = gptq.dequantize_gptq(jnp, qw, qz, s, g_idx, bits=bits, zeros=zeros)
+    view = np.uint32 if dtype == "float32" else np.uint16
+    assert got.dtype == want.dtype and np.array_equal(np.asarray(got).view(view), np.asarray(want).view(view))
+
+
+def test_pallas_act_order_clamps_g_idx_and_a_flipped_bit_is_caught():
+    """g_idx out of range reads the nearest group in the kernel (the public call raises after it; it must never
+    read outside the arrays): the core's bits on the clamped g_idx. Negative control: one flipped bit of the
+    kernel's output fails the same comparison."""
+    import jax.numpy as jnp
+
+    pk = pytest.importorskip("packq.backends.pallas_kernels")
+    from packq.formats import gptq
+
+    rng = np.random.default_rng(11)
+    k, n, groups = 64, 256, 4
+    for bits in (3, 4):
+        qw = jnp.asarray(rng.integers(-(2**31), 2**31, (k * bits // 32, n), dtype=np.int64).astype(np.int32))
+        qz = jnp.asarray(rng.integers(-(2**31), 2**31, (groups, n * bits // 32), dtype=np.int64).astype(np.int32))
+        s = jnp.asarray(rng.standard_normal((groups, n)), dtype="float16")
+        wild = rng.integers(-50, 50, k).astype(np.int32)
+        assert (wild < 0).any() and (wild >= groups).any()
+        got = np.asarray(pk.dequantize_gptq(qw, qz, s, jnp.asarray(wild), bits=bits, zeros="v2", interpret=True)).view(np.uint16)
+        want = np.asarray(gptq.dequantize_gptq(jnp, qw, qz, s, jnp.asarray(np.clip(wild, 0, groups - 1)), bits=bits,
+                                               zeros="v2")).view(np.uint16)
+        assert np.array_equal(got, want)
+        flipped = got.copy()
+        flipped[17, 200] ^= 1
+        assert not np.array_equal(flipped, want)
+
+
+def test_pallas_tiles_fit_or_xla_takes_over():
+    """``supported``: K and the columns whole tiles; without act-order a row tile inside one group (act-order
+    gathers any group, so any group size); anything else falls back to XLA."""
+    pk = pytest.importorskip("packq.backends.pallas_kernels")
+    assert pk.supported(64, 256, 2, pk.BN) and pk.supported(11008, 4096, 86, pk.BN, act_order=True)
+    assert not pk.supported(64, 256, 4, pk.BN)  # groups of 16 rows: a 32-row tile spans two
+    assert pk.supported(64, 256, 4, pk.BN, act_order=True)
+    assert not pk.supported(48, 256, 1, pk.BN, act_order=True)  # K not whole tiles
+    assert not pk.supported(64, 96, 1, pk.BN)  # columns not whole tiles
+
+
+def test_jax_g_idx_range_is_read_once_per_array():
+    """A JAX array never changes, so the public call reduces and reads back a g_idx's range once: the same
+    g_idx again costs no device work or wait; a new array (in range or not) is checked afresh."""
+    import gc
+
+    import jax.numpy as jnp
+
+    from packq.backends import jax as jax_backend
+
+    rng = np.random.default_rng(5)
+    k, n, groups = 64, 32, 2
+    qw = jnp.asarray(rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32))
+    qz = jnp.asarray(rng.integers(-(2**31), 2**31, (groups, n // 8), dtype=np.int64).astype(np.int32))
+    s = jnp.asarray(rng.standard_normal((groups, n)), jnp.float16)
+    g = jnp.asarray(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32))
+    first = packq.dequantize_gptq(qw, qz, s, g)
+    assert jax_backend._RANGES[id(g)][1] == (0, 1)
+    assert np.array_equal(np.asarray(packq.dequantize_gptq(qw, qz, s, g)), np.asarray(first))
+    bad = g.at[3].set(9)
+    with pytest.raises(ValueError, match=r"g_idx must hold values in \[0, 1\].*got values in \[0, 9\]"):
+        packq.dequantize_gptq(qw, qz, s, bad)
+    with pytest.raises(ValueError, match=r"got values in \[0, 9\]"):  # the same bad array again: still refused
+        packq.dequantize_gptq(qw, qz, s, bad)
+    key = id(g)
+    del g, first
+    gc.collect()
+    assert key not in jax_backend._RANGES  # the entry went with its array

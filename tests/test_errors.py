@@ -258,3 +258,17 @@ assert w.devices() == {a}
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "refused: qweight and qzeros" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_layout_attribute_refuses_only_torch_tensors():
+    """The sparse-layout check is torch's: JAX 0.11's tracers carry a ``layout`` (AutoLayout inside jit), and
+    refusing them broke every conversion traced under jit (packq.jax.load on an H200, 2026-12-01)."""
+    from packq import _validate as V
+
+    class WithLayout(np.ndarray):
+        layout = "AutoLayout"
+
+    V.array(np.zeros((2, 2)).view(WithLayout), "qweight")  # no error
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="qweight must be a dense array"):
+        V.array(torch.zeros((2, 2)).to_sparse(), "qweight")

@@ -51,6 +51,13 @@ class Backend:
     def call(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
         return fn(self.xp, *arrays, **static)
 
+    def minmax_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int) -> Callable[[], tuple[int, int]] | None:
+        """For a range check of ``arrays[index]`` that may finish after ``run(fn, *arrays)`` is launched: where this
+        backend's ``run`` reads that array clamped into range (so that no value can read out of bounds) and its
+        device runs asynchronously, start the reduction of its minimum and maximum and their copy to the host now,
+        and return the function that waits for that copy alone and returns them. None: check before running."""
+        return None
+
     def is_concrete(self, x: Any) -> bool:
         """Whether values of ``x`` can be read now (False for a tracer inside jit)."""
         return True

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from packq.backends import Backend
@@ -189,8 +191,9 @@ def weight_to_awq_bytes(_: Any, qweight: Any) -> Any:
 
 # Dequantization on GPUs: Pallas kernels (packq.backends.pallas_kernels) where the tiles fit, since XLA's
 # fusion of any formulation below writes the float16 output at about 1.6 TB/s on an H200 (8192 x 28672:
-# 0.29 ms, 1.3x a device copy of the output, against 0.17 ms for the kernels); elsewhere (ragged
-# shapes, act-order, 3 bits) every field spread by one broadcast shift: q[..., r, 8j + t] is the nibble
+# 0.29 ms, 1.3x a device copy of the output, against 0.17 ms for the kernels; every width, with or
+# without act-order, stacked experts folded into the rows); elsewhere (ragged shapes, scales of other
+# dtypes, other platforms) every field spread by one broadcast shift (the core at 3 bits): q[..., r, 8j + t] is the nibble
 # 4 * slot(t) of word (r, j) (AWQ), q[..., 8i + f, n] the field ``bits * f`` of word (i, n) (GPTQ at
 # 2, 4 and 8 bits), so the unpack is a single elementwise expression of the output index that XLA
 # fuses with the subtraction, the conversion and the product into one loop over the output. The core
@@ -239,15 +242,19 @@ def dequantize_awq_spread(_: Any, qweight: Any, qzeros: Any, scales: Any) -> Any
     return gptq.dequantize_grouped(jnp, _spread(qweight, -1, 4, True), _spread(qzeros, -1, 4, True), scales)
 
 
-def dequantize_gptq_spread(_: Any, qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bits: int, zeros: str) -> Any:
-    if bits == 3:  # fields straddle words: the core
-        return gptq.dequantize_gptq(jnp, qweight, qzeros, scales, g_idx, bits=bits, zeros=zeros)
-    pk = _pallas(scales)
+def dequantize_gptq_spread(_: Any, qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bits: int, zeros: str,
+                           pallas: bool = True) -> Any:
+    pk = _pallas(scales) if pallas else None
     *lead, kw, n = qweight.shape
     k = kw * 32 // bits
-    if g_idx is None and pk is not None and pk.supported(k, n, qzeros.shape[-2], pk.BN):
-        out = pk.dequantize_gptq(_merged(qweight), _merged(qzeros), _merged(scales), bits=bits, zeros=zeros)
+    act_order = g_idx is not None
+    if pk is not None and pk.supported(k, n, qzeros.shape[-2], pk.BN, act_order):
+        experts = math.prod(lead)
+        out = pk.dequantize_gptq(_merged(qweight), _merged(qzeros), _merged(scales), g_idx, bits=bits, zeros=zeros,
+                                 experts=experts)
         return out.reshape(*lead, k, n)
+    if bits == 3:  # fields straddle words: the core
+        return gptq.dequantize_gptq(jnp, qweight, qzeros, scales, g_idx, bits=bits, zeros=zeros)
     q, z = _spread(qweight, -2, bits, False), _spread(qzeros, -1, bits, False)
     if zeros == "v1":
         z = (z + 1) & ((1 << bits) - 1)
@@ -255,6 +262,20 @@ def dequantize_gptq_spread(_: Any, qweight: Any, qzeros: Any, scales: Any, g_idx
         return gptq.dequantize_grouped(jnp, q, z, scales)
     idx = g_idx.astype(jnp.int32)
     return gptq._scale(jnp, q, jnp.take(z, idx, axis=-2), jnp.take(scales, idx, axis=-2))
+
+
+#: id of a concrete index array -> (a weak reference to it, its (minimum, maximum)): JAX arrays are immutable, so
+#: a g_idx used again (every call of a layer) is not reduced and read back again; the entry goes with the array
+_RANGES: dict[int, tuple[Any, tuple[int, int]]] = {}
+
+
+@jax.jit
+def _minmax(x: Any) -> Any:
+    return jnp.stack([jnp.min(x), jnp.max(x)])
+
+
+#: act-order on sharded inputs: XLA's gather, which its partitioner splits (a Pallas call would be gathered whole)
+_gptq_spread_xla = functools.partial(dequantize_gptq_spread, pallas=False)
 
 
 class JaxBackend(Backend):
@@ -283,7 +304,10 @@ class JaxBackend(Backend):
         impl = self._impl(fn, present, plain)
         shardings = [_sharded(a) for a in present]
         # an act-order g_idx indexes global groups: leave such a call to XLA's partitioner
-        local = fn in _LOCAL and not (fn is gptq.dequantize_gptq and arrays[3] is not None)
+        global_gather = fn is gptq.dequantize_gptq and arrays[3] is not None
+        local = fn in _LOCAL and not global_gather
+        if global_gather and any(shardings) and impl is dequantize_gptq_spread:
+            impl = _gptq_spread_xla
         if not any(shardings) or not local:
             return _jitted(impl, key, absent)
         meshes = {s.mesh for s in shardings if s is not None}
@@ -308,6 +332,30 @@ class JaxBackend(Backend):
         key = tuple((self._impl(fn, list(arrays), False), tuple(sorted(static.items())), len(arrays))
                     for fn, arrays, static in calls)
         return _jitted_all(key)(*flat)
+
+    def minmax_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int) -> Callable[[], tuple[int, int]] | None:
+        """Every path reads index arrays in bounds (XLA's gather clamps or fills, the Pallas kernels clamp), so the
+        reduction is dispatched before the conversion and waited for after it: the device runs both back to back
+        instead of idling while the host reads the range and dispatches."""
+        x = arrays[index]
+        if isinstance(x, jax.core.Tracer):
+            return None
+        known = _RANGES.get(id(x))
+        if known is not None and known[0]() is x:  # a JAX array never changes: its range is read once
+            return lambda: known[1]
+        both = _minmax(x)
+        both.copy_to_host_async()
+
+        def wait() -> tuple[int, int]:
+            lo, hi = np.asarray(both).tolist()  # the copy started above (indexing the device array would dispatch)
+            key = id(x)
+            try:  # (the callback runs as the array goes, before its id can be another's)
+                _RANGES[key] = (weakref.ref(x, lambda _: _RANGES.pop(key, None)), (int(lo), int(hi)))
+            except TypeError:  # an array type without weak references: read again next time
+                pass
+            return int(lo), int(hi)
+
+        return wait
 
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, jax.core.Tracer)

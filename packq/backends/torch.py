@@ -70,15 +70,15 @@ def triton_kernels() -> Any:
 
 class TorchBackend(Backend):
     name = "torch"
+    #: devices whose tensors take the Triton kernels (tests add "cpu" to run them in Triton's interpreter)
+    kernel_devices: tuple[str, ...] = ("cuda",)
 
     def run(self, fn: Callable[..., Any], *arrays: Any, plain: bool = False, **static: Any) -> Any:
         if plain:
             return self.call(fn, *arrays, **static)
         present = [a for a in arrays if a is not None]
         device = present[0].device.type if present else "cpu"
-        if device == "cpu":
-            return self._on_cpu(fn, arrays, static)
-        if device == "cuda":
+        if device in self.kernel_devices:
             kernels = triton_kernels()
             if kernels is not None and fn in kernels.DEQUANT:
                 out = kernels.DEQUANT[fn](*arrays, **static)
@@ -87,13 +87,25 @@ class TorchBackend(Backend):
             kernel = self._cuda_kernel(fn, present)
             if kernel is not None:
                 return kernel(*present, **static)
+        elif device == "cpu":
+            return self._on_cpu(fn, arrays, static)
         return self.call(fn, *arrays, **static)
+
+    def minmax_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int) -> Callable[[], tuple[int, int]] | None:
+        """On CUDA, where the Triton kernel that clamps the index array will run: its minimum and maximum reduced and
+        copied to the host without waiting (see ``triton_kernels.minmax_later``)."""
+        x = arrays[index]
+        kernels = triton_kernels()
+        if (kernels is None or x.device.type not in self.kernel_devices or fn not in kernels.CLAMPED
+                or not kernels.takes(arrays)):
+            return None
+        return kernels.minmax_later(x)
 
     def run_all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...]:
         """Several core calls; on CUDA, the weight and zero conversions of one public call in one launch."""
         present = [a for _, arrays, _ in calls for a in arrays if a is not None]
         kernels = triton_kernels()
-        if kernels is not None and present and all(a.device.type == "cuda" for a in present):
+        if kernels is not None and present and all(a.device.type in self.kernel_devices for a in present):
             fused = kernels.fused(calls)
             if fused is not None:
                 return fused

@@ -18,7 +18,9 @@ program loads its packed words once and spreads their fields over the tile in re
 GPTQ, columns in AWQ's slot order for AWQ); at 3 bits each value is read from the column's bit
 stream, the word (or the two words it straddles) reloaded from the cache. Where the tile lies in one
 quantization group (no g_idx, BK dividing the group size) the group's zero-points and scales are one
-row broadcast over the tile; otherwise every row gathers its own (act-order). The value is
+row broadcast over the tile; otherwise every row gathers its own (act-order: its g_idx entry clamped to
+the groups that exist, so that the public call may check the range after the launch, see
+:func:`minmax_later`). The value is
 (q - z) * s computed in float32 and rounded once to the scales' dtype: (q - z) is an integer of at
 most 9 bits, so the float32 product of it and a float16 or bfloat16 scale is exact and its one
 rounding gives the bits of the core's product in the scales' dtype; float32 scales are multiplied in
@@ -254,9 +256,10 @@ def _dequant_awq(qw, qz, sc, out, k, c, groups, gsize,
 @triton.jit
 def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  HAS_GIDX: tl.constexpr):
+                  HAS_GIDX: tl.constexpr, UNPACKED_Z: tl.constexpr):
     """GPTQ qweight (K*BITS/32, N) -> (K, N): a tile of BK rows x BN columns; batch on axis 1.
-    ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2."""
+    ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2. ``UNPACKED_Z``: ``qz`` is the
+    zero-points' fields, one int8 each (G, N) (3-bit act-order, see :func:`dequantize_gptq`)."""
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     col_blocks = tl.cdiv(n, BN)
     r0 = (pid // col_blocks) * BK
@@ -265,7 +268,7 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
     kw = k * BITS // 32  # word rows
     nz = n * BITS // 32  # zero-point words per group
     qw += b * kw * n
-    qz += b * groups * nz
+    qz += b * groups * (n if UNPACKED_Z else nz)
     sc += b * groups * n
     out += b * k * n
     cmask = cols < n
@@ -284,12 +287,15 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
         s = tl.load(sc + g * n + cols, mask=cmask, other=0)
         z, s = z[None, :], s[None, :]
     else:
-        if HAS_GIDX:
-            g = tl.load(gi + rows, mask=rows < k, other=0).to(tl.int64)[:, None]
+        if HAS_GIDX:  # clamped: an out-of-range g_idx never reads outside the arrays (the caller raises)
+            g = tl.load(gi + rows, mask=rows < k, other=0).to(tl.int64)
+            g = tl.minimum(tl.maximum(g, 0), groups - 1)[:, None]
         else:
             g = (rows // gsize).to(tl.int64)[:, None]
         m2 = (rows[:, None] < k) & cmask[None, :]
-        if BITS == 3:
+        if UNPACKED_Z:
+            z = tl.load(qz + g * n + cols[None, :], mask=m2, other=0).to(tl.int32)
+        elif BITS == 3:
             z = _field(qz + g * nz + tl.zeros_like(cols)[None, :], cols[None, :], 1, m2, BITS)
         else:  # each row's zero-point words loaded once, their fields spread over the columns
             ZPER: tl.constexpr = 32 // BITS
@@ -303,14 +309,25 @@ def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
     _scaled(q, z, s, out, rows[:, None].to(tl.int64) * n + cols[None, :], mask)
 
 
+@triton.jit
+def _unpack_zeros3(qz, zu, total, n, BLOCK: tl.constexpr):
+    """3-bit zero-points (rows of N*3/32 words) -> their fields, one int8 each (rows, N)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    row, col = idx // n, idx % n
+    tl.store(zu + idx, _field(qz + row * (n * 3 // 32), col, 1, mask, 3).to(tl.int8), mask=mask)
+
+
 #: dequantization tiles: rows x AWQ words, and rows x columns for GPTQ (rows a multiple of 32: whole words at
 #: every width); warps per program
 DQ_ROWS, DQ_WORDS, DQ_COLS, DQ_WARPS = 32, 32, 256, 4
+#: zero-point fields per program where 3-bit act-order unpacks them first
+ZU_BLOCK = 1024
 #: scales' dtypes the kernels compute with (float64 and others take the core)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _dequant_inputs(arrays: Sequence[Any]) -> bool:
+def takes(arrays: Sequence[Any]) -> bool:
     """Whether the kernels take these inputs: int32 words, 16/32-bit float scales, one CUDA device (or the CPU,
     in Triton's interpreter)."""
     qweight, qzeros, scales = arrays[:3]
@@ -326,7 +343,7 @@ def _batch(x: Any) -> Any:
 
 def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
     """The core's ``dequantize_awq`` in one launch, or None for inputs the kernel does not take."""
-    if not _dequant_inputs((qweight, qzeros, scales)):
+    if not takes((qweight, qzeros, scales)):
         return None
     *lead, k, c = qweight.shape
     groups = qzeros.shape[-2]
@@ -345,7 +362,7 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
 
 def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, bits: int, zeros: str) -> Any | None:
     """The core's ``dequantize_gptq`` in one launch, or None for inputs the kernel does not take."""
-    if not _dequant_inputs((qweight, qzeros, scales, g_idx)):
+    if not takes((qweight, qzeros, scales, g_idx)):
         return None
     *lead, kw, n = qweight.shape
     k = kw * 32 // bits
@@ -355,13 +372,49 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, b
         return out
     w, z, s = _batch(qweight), _batch(qzeros), _batch(scales)
     gsize = k // groups
-    gi = w if g_idx is None else g_idx.to(torch.int32).contiguous()  # an unused pointer still needs a tensor
+    # an unused pointer still needs a tensor; int32 and int64 indices are read as they are (no cast's launch)
+    gi = w if g_idx is None else (g_idx if g_idx.dtype in (torch.int32, torch.int64) else g_idx.to(torch.int64)).contiguous()
     one = g_idx is None and gsize % DQ_ROWS == 0
     grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS), w.shape[0])
+    # 3-bit act-order: each row would read its group's zero field from the bit stream (two gathered words per
+    # value, 5.4x a copy of the output on an H200, 8192 x 28672); the fields unpacked once, one byte each, are a
+    # gather like the scales' (groups x N bytes, under 1% of the output)
+    unpacked = g_idx is not None and bits == 3
     with _on(qweight):
+        if unpacked:
+            zu = torch.empty((z.shape[0] * groups, n), dtype=torch.int8, device=z.device)
+            _fast(_unpack_zeros3, (triton.cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
+            z = zu
         _fast(_dequant_gptq, grid, (w, z, s, gi, out), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
-              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None}, DQ_WARPS)
+              {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None,
+               "UNPACKED_Z": unpacked}, DQ_WARPS)
     return out
+
+
+def minmax_later(x: Any) -> Callable[[], tuple[int, int]]:
+    """The minimum and maximum of the integer tensor ``x``: reduced on its device now, copied to pinned host memory
+    without a wait, and returned by the function this returns, which waits for that copy's event alone (not for
+    work launched after it, such as the kernel that reads ``x`` clamped). A range check that reads the values
+    before the launch makes the GPU idle for the host's round trip and the launch: 0.15 ms of a 0.37 ms act-order
+    call on an H200 (benchmarks/results/h200, 2026-12-01). On the CPU (Triton's interpreter) the values at once."""
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no min/max kernels for these
+        x = x.to(torch.int64)
+    with _on(x):
+        both = torch.empty(2, dtype=x.dtype, device=x.device)
+        torch.aminmax(x.reshape(-1), out=(both[0], both[1]))  # one reduction into one buffer: one copy back
+        if x.device.type != "cuda":
+            values = tuple(int(v) for v in both.tolist())
+            return lambda: values  # type: ignore[return-value]
+        host = torch.empty(2, dtype=x.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+    def wait() -> tuple[int, int]:
+        done.synchronize()
+        return int(host[0]), int(host[1])
+
+    return wait
 
 
 def _on(x: Any) -> Any:
@@ -369,6 +422,10 @@ def _on(x: Any) -> Any:
     on_current = x.device.type != "cuda" or x.device.index == torch.cuda.current_device()
     return contextlib.nullcontext() if on_current else torch.cuda.device(x.device)
 
+
+#: core functions whose kernels read their index arrays clamped into range, so that a range check may wait
+#: until after the launch (Backend.minmax_later)
+CLAMPED = {gptq.dequantize_gptq}
 
 #: core dequantization -> kernel taking the same arrays (None for absent ones) and static arguments, or
 #: returning None where the core must run

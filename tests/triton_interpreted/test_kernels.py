@@ -136,3 +136,50 @@ def test_dequantization_kernels_decline_what_they_do_not_compute():
     empty = tk.dequantize_gptq(torch.zeros((0, 8), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32),
                                torch.ones((1, 8), dtype=torch.float16), None, 4, "v1")
     assert empty.shape == (0, 8) and empty.dtype == torch.float16
+
+
+@given(bits=st.sampled_from([2, 3, 4, 8]), lead=st.sampled_from([(), (2,)]), seed=st.integers(0, 2**32 - 1))
+def test_act_order_reads_out_of_range_g_idx_clamped(bits, lead, seed):
+    """g_idx entries outside [0, groups) read the nearest group (the range check raises after the launch, so the
+    kernel must never read outside the arrays): the kernel's bits are the core's on the clamped g_idx."""
+    k, n, groups = 64, 96, 4
+    rng = np.random.default_rng(seed)
+    qw = _rand_words(rng, (*lead, k * bits // 32, n))
+    qz = _rand_words(rng, (*lead, groups, n * bits // 32))
+    sc = _scales(rng, (*lead, groups, n), "float16")
+    wild = torch.from_numpy(rng.integers(-(2**20), 2**20, k) * rng.integers(0, 2, k) + rng.integers(0, groups, k))
+    got = tk.dequantize_gptq(qw, qz, sc, wild, bits, "v1")
+    _exact(got, gptq.dequantize_gptq(xp, qw, qz, sc, wild.clamp(0, groups - 1), bits=bits, zeros="v1"))
+
+
+def test_out_of_range_g_idx_raises_after_the_launch(monkeypatch):
+    """The public call with the kernels (CPU tensors in the interpreter standing in for CUDA ones): the range of
+    g_idx comes from ``minmax_later`` while the kernel runs, a g_idx in range gives the core's bits, one out of range
+    raises the ValueError that names g_idx, the range expected and the range it holds."""
+    import packq
+    from packq.backends import torch as torch_backend
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "kernel_devices", ("cuda", "cpu"))
+    calls = []
+    real = tk.minmax_later
+    monkeypatch.setattr(tk, "minmax_later", lambda x: calls.append(x) or real(x))
+    rng = np.random.default_rng(3)
+    k, n, groups = 64, 32, 2
+    qw, qz = _rand_words(rng, (k * 4 // 32, n)), _rand_words(rng, (groups, n * 4 // 32))
+    sc = _scales(rng, (groups, n), "bfloat16")
+    g_idx = torch.from_numpy(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32))
+    _exact(packq.dequantize_gptq(qw, qz, sc, g_idx), gptq.dequantize_gptq(xp, qw, qz, sc, g_idx, bits=4, zeros="v1"))
+    assert len(calls) == 1
+    bad = g_idx.clone()
+    bad[5], bad[9] = -1, 7
+    with pytest.raises(ValueError, match=r"^g_idx must hold values in \[0, 1\] \(indices of the 2 groups of qzeros\), "
+                                         r"got values in \[-1, 7\]$"):
+        packq.dequantize_gptq(qw, qz, sc, bad)
+    assert len(calls) == 2
+    wide = torch.tensor(np.arange(k) // (k // groups), dtype=torch.int64) + (1 << 40)  # past int32: still refused
+    with pytest.raises(ValueError, match=r"got values in \[1099511627776, 1099511627777\]"):
+        packq.dequantize_gptq(qw, qz, sc, wide)
+    # float64 scales take the core, which does not clamp: the check stays before the work
+    with pytest.raises(ValueError, match="got values in"):
+        packq.dequantize_gptq(qw, qz, sc.to(torch.float64), bad)
+    assert len(calls) == 3
