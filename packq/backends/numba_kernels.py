@@ -198,3 +198,114 @@ def dequant_gptq_t(qw, table, gidx, bits, out, n0, n1):
                 if sh + bits > 32:
                     v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
                 o[k] = t[gidx[k], v & mask]
+
+
+#: output rows (source columns) a GGUF block kernel reads at once: one 64-byte line of each uint8 row of q
+_GGUF_TILE = 64
+
+
+@_kernel
+def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
+    """GGUF Q4_0 (kind 0), Q5_0 (1) or Q8_0 (2) blocks of ``out`` (N, K/32 * block bytes) uint8 for output rows
+    n0 <= n < n1, from the codes ``q`` (K, N) uint8 (any strides), zero-points ``z`` (G, N) int16, each input
+    feature's group ``gidx`` (K,) and the blocks' fp16 scale bits ``d`` (N, K/32) uint16.
+
+    As :func:`packq.formats.gguf.encode`: each weight's ``q - z[gidx[k]]`` clipped to the type's range plus its
+    offset; Q4_0 ``d, qs[16]`` (weight j low nibble, j + 16 high), Q5_0 ``d, qh[4], qs[16]`` (bit j of the
+    little-endian qh: weight j's fifth bit), Q8_0 ``d, qs[32]`` int8. A block's 32 rows are read 64 columns at
+    a time (a line of each row, the differences computed along the row, where they vectorize) into a small
+    buffer, from which each output row's block is packed."""
+    k_len = q.shape[0]
+    nb = k_len // 32
+    if kind == 0:
+        lo, hi, off, nbytes = -8, 7, 8, 18
+    elif kind == 1:
+        lo, hi, off, nbytes = -16, 15, 16, 22
+    else:
+        lo, hi, off, nbytes = -128, 127, 0, 34
+    buf = np.empty((32, _GGUF_TILE), np.int32)
+    for nt in range(n0, n1, _GGUF_TILE):
+        width = min(_GGUF_TILE, n1 - nt)
+        for b in range(nb):
+            k0 = 32 * b
+            for j in range(32):
+                qr = q[k0 + j, nt:nt + width]
+                zr = z[gidx[k0 + j], nt:nt + width]
+                br = buf[j]
+                for nn in range(width):
+                    br[nn] = min(max(np.int32(qr[nn]) - np.int32(zr[nn]), lo), hi) + off
+            o = b * nbytes
+            for nn in range(width):
+                n = nt + nn
+                row = out[n]
+                dd = d[n, b]
+                row[o] = np.uint8(dd & 0xFF)
+                row[o + 1] = np.uint8(dd >> 8)
+                if kind == 2:
+                    for j in range(32):
+                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
+                    continue
+                s = o + 2
+                if kind == 1:
+                    qh = np.uint32(0)
+                    for j in range(32):
+                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
+                    for i in range(4):
+                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+                    s += 4
+                for j in range(16):
+                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+
+
+@_kernel
+def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
+    """As :func:`gguf_blocks`, reading the codes from AWQ words ``qw`` (K, C) uint32 in place: output row n is
+    source column ``cols[n]``, whose code in row k is nibble ``slots[c % 8]`` of word (k, c // 8); ``z`` (G, N)
+    holds the source columns' zero-points, ``d`` (rows of out, K/32) the output rows' scale bits."""
+    k_len = qw.shape[0]
+    nb = k_len // 32
+    if kind == 0:
+        lo, hi, off, nbytes = -8, 7, 8, 18
+    elif kind == 1:
+        lo, hi, off, nbytes = -16, 15, 16, 22
+    else:
+        lo, hi, off, nbytes = -128, 127, 0, 34
+    buf = np.empty((32, _GGUF_TILE), np.int32)
+    word = np.empty(_GGUF_TILE, np.int64)
+    shift = np.empty(_GGUF_TILE, np.uint32)
+    for nt in range(n0, n1, _GGUF_TILE):
+        width = min(_GGUF_TILE, n1 - nt)
+        for nn in range(width):
+            c = cols[nt + nn]
+            word[nn] = c >> 3
+            shift[nn] = np.uint32(4 * slots[c & 7])
+        for b in range(nb):
+            k0 = 32 * b
+            for j in range(32):
+                k = k0 + j
+                g = gidx[k]
+                br = buf[j]
+                for nn in range(width):
+                    v = np.int32((qw[k, word[nn]] >> shift[nn]) & np.uint32(15)) - np.int32(z[g, cols[nt + nn]])
+                    br[nn] = min(max(v, lo), hi) + off
+            o = b * nbytes
+            for nn in range(width):
+                n = nt + nn
+                row = out[n]
+                dd = d[n, b]
+                row[o] = np.uint8(dd & 0xFF)
+                row[o + 1] = np.uint8(dd >> 8)
+                if kind == 2:
+                    for j in range(32):
+                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
+                    continue
+                s = o + 2
+                if kind == 1:
+                    qh = np.uint32(0)
+                    for j in range(32):
+                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
+                    for i in range(4):
+                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+                    s += 4
+                for j in range(16):
+                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))

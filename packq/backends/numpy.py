@@ -34,6 +34,7 @@ from packq.backends import Backend
 from packq.core import bits as B
 from packq.formats import awq, gptq
 from packq.formats import compressed_tensors as ct
+from packq.formats import gguf as G
 
 
 class _Namespace:
@@ -103,7 +104,7 @@ def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
     take the ufunc paths (same bits) until the kernels have run in this process; ``load`` starts loading
     them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it. With
     ``dequant`` (the output's bytes per element), the thread loads the float kernels for that output instead
-    of the AWQ <-> GPTQ ones."""
+    of the AWQ <-> GPTQ ones; with -1, GGUF's block kernel."""
     _deferred[0] += 1
     if load and not _background and not _ready.is_set():
         def run() -> None:
@@ -111,7 +112,13 @@ def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
             if kernels is None:
                 return
             # loads the machine code from numba's cache now, not on a real call
-            if dequant:
+            if dequant == -1:  # GGUF's block kernels
+                # the layouts of the real calls: column slices of q and z, whole AWQ words
+                kernels.gguf_blocks(np.zeros((32, 2), np.uint8)[:, :1], np.zeros((1, 2), np.int16)[:, :1],
+                                    np.zeros(32, np.int64), np.zeros((1, 1), np.uint16), 0, np.zeros((1, 18), np.uint8), 0, 1)
+                kernels.gguf_blocks_awq(np.zeros((32, 1), _U), np.arange(8), np.arange(8), np.zeros((1, 8), np.int16),
+                                        np.zeros(32, np.int64), np.zeros((8, 1), np.uint16), 0, np.zeros((8, 18), np.uint8), 0, 8)
+            elif dequant:
                 bits = np.uint16 if dequant == 2 else np.uint32
                 kernels.dequant_awq_t(np.zeros((8, 8), _U)[:, :1], np.zeros((1, 8, 16), bits), np.arange(8), np.zeros((8, 8), bits), 0, 1)
                 kernels.dequant_gptq_t(np.zeros((1, 16), _U)[:, :8], np.zeros((1, 8, 16), bits), np.zeros(8, np.int64), 4,
@@ -495,6 +502,85 @@ def dequantize_gptq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, g_
     out = np.empty((n, k), table.dtype)
     _split(n, 2 * k * out.itemsize, lambda n0, n1: kernels.dequant_gptq_t(words, _bits_view(table), gidx, bits,
                                                                           _bits_view(out), n0, n1))
+    return out
+
+
+def _awq_byte_tables() -> np.ndarray:
+    """(4, 256) uint64: byte i of an AWQ word, its two nibbles (slots 2i, 2i + 1) put at the bytes of their columns."""
+    t = np.zeros((4, 256), np.uint64)
+    b = np.arange(256, dtype=np.uint64)
+    for i in range(4):
+        t[i] = ((b & np.uint64(15)) << np.uint64(8 * awq.AWQ_PACK_ORDER[2 * i])) | (
+            (b >> np.uint64(4)) << np.uint64(8 * awq.AWQ_PACK_ORDER[2 * i + 1]))
+    return t
+
+
+_AWQ_BYTES = _awq_byte_tables()
+
+
+def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """AWQ words (..., R, C) to their values (..., R, 8C) uint8 in logical column order: ``unpack_awq``'s values, one
+    byte each, by four 256-entry table look-ups per word (20x the array-API unpack and reorder, measured on
+    4096 x 11008); into ``out`` (C-contiguous, that shape) where given."""
+    w = np.ascontiguousarray(_native(np.asarray(words))).view(np.uint32)
+    b = w.astype("<u4", copy=False).view(np.uint8).reshape(*w.shape, 4)
+    shape = (*w.shape[:-1], 8 * w.shape[-1])
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    wide = out.view("<u8").reshape(w.shape)  # each word's 8 values, in one 64-bit integer (little-endian bytes)
+    np.take(_AWQ_BYTES[0], b[..., 0], out=wide)
+    tmp = np.empty(w.shape, np.uint64)
+    for i in range(1, 4):
+        np.take(_AWQ_BYTES[i], b[..., i], out=tmp)
+        wide |= tmp
+    return out
+
+
+#: GGUF block types the compiled block kernel writes (its ``kind``)
+GGUF_KINDS = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}
+
+
+def gguf_blocks_t(q: np.ndarray, z: np.ndarray, g_idx: np.ndarray, d: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (N, K/32 * block bytes) of a quantized type by the compiled kernel,
+    from 2-D codes ``q`` (K, N) uint8, zero-points ``z`` (G, N) int16, ``g_idx`` (K,) in range and the blocks' ``d``
+    (N, K/32) uint16 (:func:`packq.formats.gguf.block_scales`); None without the kernels (the caller then takes
+    the array-API path, which gives the same bytes)."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or q.ndim != 2 or q.dtype != np.uint8 or 0 in q.shape:
+        return None
+    k, n = q.shape
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != n or g_idx.shape != (k,) or d.shape != (n, k // G.BLOCK)
+            or g_idx.min() < 0 or g_idx.max() >= z.shape[0]):
+        raise ValueError(f"gguf_blocks_t: q {q.shape}, z {z.shape}, g_idx {g_idx.shape} and d {d.shape} disagree")
+    t = G.TYPES[gguf_type]
+    out = np.empty((n, k // G.BLOCK * t.nbytes), np.uint8)
+    zz, gi, dd = z.astype(np.int16, copy=False), g_idx.astype(np.int64), np.ascontiguousarray(d, np.uint16)
+    _split(n, k, lambda n0, n1: kernels.gguf_blocks(q, zz, gi, dd, GGUF_KINDS[gguf_type], out, n0, n1))
+    return out
+
+
+def gguf_blocks_awq_t(qweight: np.ndarray, cols: np.ndarray, z: np.ndarray, d: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """As :func:`gguf_blocks_t`, from a 2-D AWQ qweight (K, N/8) read in place (no unpacked copy): output row i is
+    source column ``cols[i]``; ``z`` (G, N) the unpacked zero-points, ``d`` (len(cols), K/32) the rows' scale bits;
+    groups of K / G consecutive rows. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or qweight.ndim != 2 or 0 in qweight.shape or cols.size == 0:
+        return None
+    k, c = qweight.shape
+    groups = z.shape[0] if z.ndim == 2 else 0
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != 8 * c or not groups or k % groups or cols.ndim != 1
+            or cols.min() < 0 or cols.max() >= 8 * c or d.shape != (cols.size, k // G.BLOCK)):
+        raise ValueError(f"gguf_blocks_awq_t: qweight {qweight.shape}, cols {cols.shape}, z {z.shape} and d {d.shape} disagree")
+    t = G.TYPES[gguf_type]
+    out = np.empty((cols.size, k // G.BLOCK * t.nbytes), np.uint8)
+    words = _native(qweight).view(_U)
+    gidx = np.arange(k, dtype=np.int64) // (k // groups)
+    slots = np.asarray(awq.REVERSE_AWQ_PACK_ORDER, np.int64)  # column c % 8 is in nibble slot REVERSE[c % 8]
+    cc, zz, dd = cols.astype(np.int64), z.astype(np.int16, copy=False), np.ascontiguousarray(d, np.uint16)
+    _split(cols.size, k, lambda n0, n1: kernels.gguf_blocks_awq(words, cc, slots, zz, gidx, dd, GGUF_KINDS[gguf_type],
+                                                                out, n0, n1))
     return out
 
 

@@ -180,6 +180,22 @@ def _scale_bits(scales: np.ndarray, g_idx: np.ndarray, nk: int) -> tuple[np.ndar
     return first, np.all(every == first[..., None], axis=-1)
 
 
+def block_scales(scales: np.ndarray, g_idx: np.ndarray) -> np.ndarray:
+    """Every block's ``d``: the fp16 rounding of its first weight's scale, as uint16 bits (..., N, K/32).
+
+    ``g_idx`` (K,) gives each input feature's group (as :func:`_check` returns it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hex(block_scales(np.full((1, 1), 0.25, np.float32), np.zeros(32, np.int32))[0, 0])
+    '0x3400'
+    """
+    s_bits, _ = _scale_bits(scales, g_idx, g_idx.shape[0])
+    with np.errstate(over="ignore"):
+        return s_bits.view(np.float32).astype(np.float16).view(np.uint16)
+
+
 def fp16_exact(scales: np.ndarray) -> np.ndarray:
     """Whether each scale is an fp16 value (so that a block's fp16 ``d`` can be it), compared bit for bit.
 
@@ -309,16 +325,29 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     """
     g = _check(q, z, scales, g_idx)
     xp = _xp()
-    v = differences(xp, q, z, g)
-    lo, hi = block_bounds(xp, v)
+    k, groups = q.shape[-2], z.shape[-2]
+    size = k // groups
+    v = None
+    if (q.dtype == np.uint8 and size % BLOCK == 0 and rounding is False and z.size
+            and np.array_equal(g, np.arange(k) // size) and 0 <= z.min() and z.max() < 256):
+        # every block inside one group, so one zero-point: its bounds are the codes' bounds less it (no int16
+        # array of every difference; codes and zero-points in [0, 256): no int16 wrap-around, as differences has)
+        b = q.reshape(*q.shape[:-2], k // BLOCK, BLOCK, q.shape[-1])
+        zb = np.repeat(z.astype(np.int16), size // BLOCK, axis=-2)
+        lo = np.swapaxes(b.min(axis=-2).astype(np.int16) - zb, -1, -2)
+        hi = np.swapaxes(b.max(axis=-2).astype(np.int16) - zb, -1, -2)
+    else:
+        v = differences(xp, q, z, g)
+        lo, hi = block_bounds(xp, v)
     s_bits, uniform = _scale_bits(scales, g, q.shape[-2])
     ok = uniform & fp16_exact(s_bits.view(np.float32))
     exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
     rounded = {"F16": 0, "BF16": 0}
     if rounding:
+        assert v is not None
         w = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2) * v.astype(np.float32)
         rounded = {"F16": _changed(w, "F16"), "BF16": _changed(w, "BF16")}
-    return Census(int(lo.size), int(v.size), exact, rounded)
+    return Census(int(lo.size), int(q.size), exact, rounded)
 
 
 def _changed(w: np.ndarray, gguf_type: str) -> int:
@@ -420,9 +449,7 @@ def encode(q: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str, g_i
     else:
         v = backend.run(differences, backend.xp.asarray(q), backend.xp.asarray(z), backend.xp.asarray(g))
         ints = np.asarray(backend.run(block_integers, v, gguf_type=gguf_type))
-    s_bits, _ = _scale_bits(scales, g, q.shape[-2])
-    with np.errstate(over="ignore"):
-        d = s_bits.view(np.float32).astype("<f2").view(np.uint8).reshape(*s_bits.shape, 2)
+    d = block_scales(scales, g).astype("<u2").view(np.uint8).reshape(*ints.shape[:-1], 2)
     blocks = np.concatenate([d, ints], axis=-1)  # (..., N, K/32, nbytes)
     return blocks.reshape(*blocks.shape[:-2], -1)
 
