@@ -584,6 +584,29 @@ def gguf_blocks_awq_t(qweight: np.ndarray, cols: np.ndarray, z: np.ndarray, d: n
     return out
 
 
+def gguf_floats_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (N, K * item size) of a float type (F32, F16, BF16) of a 2-D AWQ
+    module, by the float kernel (``dequant_awq_t``) reading the words in place through a table of every
+    (group, column)'s 16 results: ``fp32(s) * (q - z)``, the product :func:`packq.formats.gguf.product` computes,
+    then :func:`packq.formats.gguf.encode_floats`'s rounding. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in G.FLOATS or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if z.shape != scales.shape or z.ndim != 2 or z.shape[1] != 8 * c or not z.shape[0] or k % z.shape[0]:
+        raise ValueError(f"gguf_floats_awq_t: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    diffs = (np.arange(16)[None, :] - np.arange(16)[:, None]).astype(np.float32)  # row z: q - z for every q
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.take(diffs, np.asarray(z, np.intp) & 15, axis=0)
+        t *= scales.astype(np.float32)[..., None]
+        table = np.ascontiguousarray(G.encode_floats(t, gguf_type).view(np.uint32 if gguf_type == "F32" else np.uint16))
+    words = _native(qweight).view(_U)
+    out = np.empty((8 * c, k), table.dtype)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    _split(c, 32 * k, lambda j0, j1: kernels.dequant_awq_t(words, table, cols, out, j0, j1))
+    return out.view(np.uint8)
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:

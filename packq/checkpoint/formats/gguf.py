@@ -289,8 +289,8 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
         return
     if t.quantized:
         for prefix in t.sources:
-            direct = _awq_arrays(ckpt, prefix) if G.TYPES[p.gguf_type].quantized else None
-            if direct is not None:  # AWQ words read in place by the block kernel, whole rows moved by the permutation
+            direct = _awq_arrays(ckpt, prefix)
+            if direct is not None:  # AWQ words read in place by the kernels, whole rows moved by the permutation
                 words, z, s = direct
                 k, n = words.shape[0], s.shape[1]
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
@@ -323,9 +323,16 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
     :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes)."""
     zc, sc = z[:, cols], s[:, cols]
-    fast = numpy_kernels.gguf_blocks_awq_t(words, cols, z, G.block_scales(sc, g), gguf_type)
-    if fast is not None:
-        return fast
+    if G.TYPES[gguf_type].quantized:
+        fast = numpy_kernels.gguf_blocks_awq_t(words, cols, z, G.block_scales(sc, g), gguf_type)
+        if fast is not None:
+            return fast
+    else:  # the float kernel writes whole words' columns: those holding exactly these columns (a permutation within)
+        c0, c1 = int(cols.min()), int(cols.max()) + 1
+        if c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0:
+            fast = numpy_kernels.gguf_floats_awq_t(words[:, c0 // 8: c1 // 8], z[:, c0:c1], s[:, c0:c1], gguf_type)
+            if fast is not None:
+                return fast if np.array_equal(cols, np.arange(c0, c1)) else fast[cols - c0]
     lo, hi = int(cols.min()) // 8, int(cols.max()) // 8 + 1  # the word columns these columns are in
     q = numpy_kernels.unpack_awq_u8(words[:, lo:hi])[:, cols - 8 * lo]
     return G.encode(q, zc, sc, gguf_type, g)
