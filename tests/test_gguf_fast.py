@@ -37,7 +37,7 @@ def modules(draw, awq_words: bool = False):
     rng = np.random.default_rng(seed)
     top = 16 if awq_words else draw(st.sampled_from([4, 8, 16, 256]))
     q = rng.integers(0, top, (k, n)).astype(np.uint8)
-    z = rng.integers(0, draw(st.sampled_from([1, 9, 16, 256])), (groups, n)).astype(np.int16)
+    z = rng.integers(0, draw(st.sampled_from([1, 9, 16] if awq_words else [1, 9, 16, 256])), (groups, n)).astype(np.int16)
     if draw(st.booleans()) and not awq_words:  # symmetric codes
         z[:] = top // 2
     dtype = draw(st.sampled_from([np.float16, np.float32]))

@@ -595,6 +595,8 @@ def gguf_floats_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, gg
     k, c = qweight.shape
     if z.shape != scales.shape or z.ndim != 2 or z.shape[1] != 8 * c or not z.shape[0] or k % z.shape[0]:
         raise ValueError(f"gguf_floats_awq_t: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    if z.min() < 0 or z.max() > 15:
+        raise ValueError(f"gguf_floats_awq_t: zeros must be 4-bit values, got values in [{z.min()}, {z.max()}]")
     diffs = (np.arange(16)[None, :] - np.arange(16)[:, None]).astype(np.float32)  # row z: q - z for every q
     with np.errstate(over="ignore", invalid="ignore"):
         t = np.take(diffs, np.asarray(z, np.intp) & 15, axis=0)
