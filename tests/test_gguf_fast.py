@@ -91,6 +91,30 @@ def test_awq_float_kernel_writes_the_encoders_bytes(m, gguf_type):
     assert got is not None and got.shape == want.shape and got.tobytes() == want.tobytes()
 
 
+def _histogram(q: np.ndarray, groups: int) -> np.ndarray:
+    k, n = q.shape
+    qg = q.reshape(groups, k // groups, n)
+    return np.stack([(qg == v).sum(axis=1) for v in range(16)], axis=-1)
+
+
+@given(modules(awq_words=True))
+def test_rounding_by_histogram_is_the_census_and_error_of_every_weight(m):
+    """The kernel's histogram is NumPy's; the F16/BF16 counts and largest errors from it are those computed weight
+    by weight (census(rounding=True) and the error of encode -> dequantize against the product)."""
+    _kernels()
+    q, z, s, g, _ = m
+    hist = numpy_backend.awq_histogram_t(_awq_words(q), z.shape[0])
+    assert np.array_equal(hist, _histogram(q, z.shape[0]))
+    counts, errors = G.rounding_by_histogram(z, s, hist)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert counts == G.census(q, z, s, g).rounded
+        w = G.product(q, z, s, g)
+        for t in ("F16", "BF16"):
+            diff = np.abs(G.dequantize(G.encode(q, z, s, t, g), t, w.shape).astype(np.float64) - w.astype(np.float64))
+            want = 0.0 if np.isnan(diff).all() else float(np.nanmax(diff))
+            assert errors[t] == want or (np.isnan(errors[t]) and np.isnan(want))
+
+
 @given(st.sampled_from(KS), st.sampled_from((1, 2, 17)), st.integers(0, 2**32 - 1))
 def test_awq_byte_table_unpack_is_unpack_awq(k, c, seed):
     words = np.random.default_rng(seed).integers(0, 2**32, (k, c), dtype=np.uint64).astype(np.uint32).view(np.int32)
@@ -122,6 +146,9 @@ def test_negative_controls():
     got = numpy_backend.gguf_blocks_awq_t(_awq_words(q), np.arange(16), other, G.block_scales(s, g), "Q5_0")
     assert got.tobytes() != want.tobytes()
     assert numpy_backend.gguf_floats_awq_t(_awq_words(q), other, s, "F16").tobytes() != G.encode(q, z, s, "F16", g).tobytes()
+    hist = numpy_backend.awq_histogram_t(_awq_words(q), 2)
+    assert G.rounding_by_histogram(other, s, hist)[0] != G.census(q, z, s, g).rounded or \
+        G.rounding_by_histogram(other, s, hist)[1] != G.rounding_by_histogram(z, s, hist)[1]
     far = np.full_like(z, 12)  # q - z reaches -12: Q4_0 not exact, and the census says so on both paths
     assert G.census(q, far, s, g, rounding=False).exact["Q4_0"] < G.census(q, z * 0 + 8, s, g, rounding=False).exact["Q4_0"]
 
@@ -158,7 +185,7 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
     monkeypatch.setitem(sys.modules, "packq.checkpoint.gguf_model", module)
     C.make_gptq(tmp_path / "gptq", bits=4, group=32)
     for src in (EXAMPLE, tmp_path / "gptq"):
-        files = {}
+        files, summaries = {}, {}
         for how in ("kernels", "fallback", "before"):
             calls: list[bool] = []
             with monkeypatch.context() as m:
@@ -177,4 +204,7 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
             if how == "kernels":  # GPTQ sources' float types have no kernel: the array-API encoder writes them
                 assert all(calls) and (bool(calls) or (src != EXAMPLE and gguf_type in ("f16", "bf16", "f32")))
             files[how] = dst.read_bytes()
+            summaries[how] = {key: v for key, v in s.items() if key not in ("dst", "seconds", "elapsed")}
         assert files["kernels"] == files["fallback"] == files["before"], src
+        assert summaries["kernels"]["max_weight_error"] == summaries["before"]["max_weight_error"], src
+        assert summaries["kernels"].keys() == summaries["before"].keys()

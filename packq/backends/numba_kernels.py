@@ -309,3 +309,18 @@ def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
                     s += 4
                 for j in range(16):
                     row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+
+
+@_kernel
+def awq_histogram(qw, cols, hist):
+    """``hist[g, n, v]`` += how many of column n's codes in group g are v, from AWQ words ``qw`` (K, C) uint32 (any
+    strides); nibble p of word (k, j) is column 8j + cols[p], the groups of K / hist.shape[0] consecutive rows."""
+    groups = hist.shape[0]
+    group = qw.shape[0] // groups
+    for g in range(groups):
+        h = hist[g]
+        for k in range(g * group, (g + 1) * group):
+            for j in range(qw.shape[1]):
+                w = qw[k, j]
+                for p in range(8):
+                    h[8 * j + cols[p], (w >> np.uint32(4 * p)) & np.uint32(15)] += 1

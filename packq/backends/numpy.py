@@ -609,6 +609,29 @@ def gguf_floats_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, gg
     return out.view(np.uint8)
 
 
+def awq_histogram_t(qweight: np.ndarray, groups: int) -> np.ndarray | None:
+    """How often each code is in each (group, column) of a 2-D AWQ qweight (K, N/8): (groups, N, 16) int64, by the
+    compiled kernel (None without it); the census and error of a float rounding then come from the 16 products of
+    each (group, column) (:func:`packq.formats.gguf.census` computes them weight by weight, with the same result)."""
+    kernels = numba_kernels() if not _deferred[0] else _kernels_now(wait=True)
+    if kernels is None or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if groups <= 0 or k % groups:
+        raise ValueError(f"awq_histogram_t: {groups} groups do not divide qweight's {k} rows")
+    hist = np.zeros((groups, 8 * c, 16), np.int64)
+    words = _native(qweight).view(_U)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    bounds = np.linspace(0, groups, min(threads(), groups) + 1).astype(int)  # each thread its own groups of hist
+
+    def work(i: int) -> None:
+        g0, g1 = bounds[i], bounds[i + 1]
+        kernels.awq_histogram(words[g0 * (k // groups): g1 * (k // groups)], cols, hist[g0:g1])
+
+    list(_executor().map(work, range(len(bounds) - 1)))
+    return hist
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -350,6 +350,52 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     return Census(int(lo.size), int(q.size), exact, rounded)
 
 
+def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
+    """What F16 and BF16 rounding does to a module given how often each code is in each (group, column): the weights
+    each changes (:class:`Census`'s ``rounded``) and the largest weight error each makes, from the ``levels``
+    products of every (group, column) instead of every weight's (the same products, so the same counts and maxima).
+
+    Parameters
+    ----------
+    z : ndarray of integers in [0, levels), shape (G, N)
+    scales : ndarray of float16 or float32, shape (G, N)
+    hist : ndarray of integers, shape (G, N, levels)
+        How many weights of each (group, column) have each code.
+
+    Returns
+    -------
+    (dict, dict)
+        Weights changed, and the largest |error| (0.0 where none is finite), by "F16" and "BF16".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hist = np.zeros((1, 1, 16), np.int64); hist[0, 0, [3, 9]] = [5, 2]
+    >>> rounding_by_histogram(np.full((1, 1), 8), np.full((1, 1), 0.1, np.float16), hist)[0]
+    {'F16': 7, 'BF16': 7}
+    """
+    levels = hist.shape[-1]
+    diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(np.float32)  # row z: q - z for every q
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = np.take(diffs, np.asarray(z, np.intp), axis=0) * scales.astype(np.float32)[..., None]
+    present = hist > 0
+    counts: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for t in ("F16", "BF16"):
+        bits = w.view(np.uint32)
+        if t == "BF16":
+            changed = (bits & np.uint32(0xFFFF)) != 0
+        else:
+            with np.errstate(over="ignore"):
+                changed = w.astype(np.float16).astype(np.float32).view(np.uint32) != bits
+        counts[t] = int((hist * changed).sum())
+        got = dequantize(encode_floats(w, t), t, w.shape)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(got.astype(np.float64) - w.astype(np.float64))[present]
+        errors[t] = float(np.nanmax(diff)) if diff.size and not np.isnan(diff).all() else 0.0
+    return counts, errors
+
+
 def _changed(w: np.ndarray, gguf_type: str) -> int:
     """How many float32 values one rounding to ``gguf_type`` changes (bit for bit, NaN and signed zeros included)."""
     bits = w.view(np.uint32)

@@ -122,13 +122,17 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
         k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
+        hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
         try:
             for r0 in range(0, k, rows):
                 r1 = min(k, r0 + rows)
                 q = numpy_kernels.unpack_awq_u8(words[r0:r1], out=buf[: r1 - r0])
-                total += G.census(q, z[r0 // size: r1 // size], s[r0 // size: r1 // size], rounding=rounding)
+                total += G.census(q, z[r0 // size: r1 // size], s[r0 // size: r1 // size],
+                                  rounding=rounding and hist is None)
         except ValueError as err:
             raise CheckpointError(f"{ckpt.root}: {prefix}: {err}") from None
+        if hist is not None:  # the roundings from each (group, column)'s 16 products, weighted by their codes' counts
+            total.rounded = G.rounding_by_histogram(z, s, hist)[0]
         return total
     q, z, s, g = module_integers(ckpt, prefix, read_word)
     q, z, s = (x.reshape(-1, *x.shape[-2:]) for x in (q, z, s))
@@ -385,6 +389,11 @@ def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
     worst = 0.0
     t = p.tensor
     for prefix in t.sources:
+        direct = _awq_arrays(ckpt, prefix) if p.gguf_type in ("F16", "BF16") else None
+        hist = None if direct is None else numpy_kernels.awq_histogram_t(direct[0], direct[2].shape[0])
+        if direct is not None and hist is not None:  # from each (group, column)'s 16 products, those present
+            worst = max(worst, G.rounding_by_histogram(direct[1], direct[2], hist)[1][p.gguf_type])
+            continue
         q, z, s, g = _module_rows(ckpt, prefix, None, read_word)
         for e in range(q.shape[0]):
             for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
