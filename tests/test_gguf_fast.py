@@ -80,6 +80,31 @@ def test_awq_block_kernel_writes_the_encoders_bytes(m, seed):
     assert got is not None and got.tobytes() == want.tobytes()
 
 
+@given(modules(awq_words=True), st.integers(0, 2**32 - 1))
+def test_awq_rows_kernel_writes_the_encoders_bytes(m, seed):
+    """Whole words' columns, each word read once, rows permuted within (as Llama's rotary permutation moves them)."""
+    _kernels()
+    q, z, s, g, gguf_type = m
+    cols = np.random.default_rng(seed).permutation(q.shape[1])
+    rowof = np.empty_like(cols)
+    rowof[cols] = np.arange(cols.size)
+    with np.errstate(over="ignore"):
+        want = G.encode(q[:, cols], z[:, cols], s[:, cols], gguf_type, g)
+        d = G.block_scales(s[:, cols], g)
+    got = numpy_backend.gguf_blocks_awq_rows_t(_awq_words(q), rowof, z, d, gguf_type)
+    assert got is not None and got.tobytes() == want.tobytes()
+
+
+@given(modules(awq_words=True))
+def test_census_from_the_kernels_code_bounds(m):
+    _kernels()
+    q, z, s, g, _ = m
+    qmin, qmax = numpy_backend.awq_code_bounds_t(_awq_words(q))
+    b = q.reshape(-1, 32, q.shape[1])
+    assert np.array_equal(qmin, b.min(axis=1)) and np.array_equal(qmax, b.max(axis=1))
+    assert G.census_of_bounds(qmin, qmax, z, s) == G.census(q.astype(np.int32), z, s, g, rounding=False)
+
+
 @given(modules(awq_words=True), st.sampled_from(G.FLOATS))
 def test_awq_float_kernel_writes_the_encoders_bytes(m, gguf_type):
     """F32/F16/BF16 from the words through the table of each (group, column)'s 16 products."""
@@ -191,7 +216,7 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
             with monkeypatch.context() as m:
                 if how == "kernels":
                     m.setattr(numpy_backend, "_kernels_now", lambda wait=False: numpy_backend.numba_kernels())
-                    for name in ("gguf_blocks_t", "gguf_blocks_awq_t", "gguf_floats_awq_t"):
+                    for name in ("gguf_blocks_t", "gguf_blocks_awq_t", "gguf_blocks_awq_rows_t", "gguf_floats_awq_t"):
                         real = getattr(numpy_backend, name)
                         m.setattr(numpy_backend, name, lambda *a, real=real: (r := real(*a), calls.append(r is not None))[0])
                 else:

@@ -584,6 +584,42 @@ def gguf_blocks_awq_t(qweight: np.ndarray, cols: np.ndarray, z: np.ndarray, d: n
     return out
 
 
+def gguf_blocks_awq_rows_t(qweight: np.ndarray, rowof: np.ndarray, z: np.ndarray, d: np.ndarray,
+                           gguf_type: str) -> np.ndarray | None:
+    """As :func:`gguf_blocks_awq_t` for all the columns of a 2-D AWQ qweight (K, C) (a view of whole words), source
+    column i becoming output row ``rowof[i]`` (a permutation); each word read once. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    n = 8 * c
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != n or not z.shape[0] or k % z.shape[0] or d.shape != (n, k // G.BLOCK)
+            or rowof.shape != (n,) or not np.array_equal(np.sort(rowof), np.arange(n))):
+        raise ValueError(f"gguf_blocks_awq_rows_t: qweight {qweight.shape}, rowof {rowof.shape}, z {z.shape} and d {d.shape} "
+                         "disagree")
+    out = np.empty((n, k // G.BLOCK * G.TYPES[gguf_type].nbytes), np.uint8)
+    words, cols = _native(qweight).view(_U), np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    rows, zz, dd = rowof.astype(np.int64), z.astype(np.int16, copy=False), np.ascontiguousarray(d, np.uint16)
+    _split(c, 32 * k, lambda j0, j1: kernels.gguf_blocks_awq_rows(words, cols, rows, zz, dd, GGUF_KINDS[gguf_type],
+                                                                  out, 8 * j0, 8 * j1))
+    return out
+
+
+def awq_code_bounds_t(qweight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The smallest and largest code of every block of 32 rows of every column of a 2-D AWQ qweight (K, N/8):
+    two (K/32, N) uint8 arrays, by the compiled kernel (loaded now if it is not); None without numba."""
+    kernels = numba_kernels() if not _deferred[0] else _kernels_now(wait=True)
+    if kernels is None or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if k % G.BLOCK:
+        raise ValueError(f"awq_code_bounds_t: qweight's {k} rows are not blocks of {G.BLOCK}")
+    qmin, qmax = np.empty((k // G.BLOCK, 8 * c), np.uint8), np.empty((k // G.BLOCK, 8 * c), np.uint8)
+    words, cols = _native(qweight).view(_U), np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    _split(c, 32 * k, lambda j0, j1: kernels.awq_code_bounds(words, cols, qmin, qmax, j0, j1))
+    return qmin, qmax
+
+
 def gguf_floats_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str) -> np.ndarray | None:
     """:func:`packq.formats.gguf.encode`'s bytes (N, K * item size) of a float type (F32, F16, BF16) of a 2-D AWQ
     module, by the float kernel (``dequant_awq_t``) reading the words in place through a table of every

@@ -327,24 +327,19 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     xp = _xp()
     k, groups = q.shape[-2], z.shape[-2]
     size = k // groups
-    v = None
     if (q.dtype == np.uint8 and size % BLOCK == 0 and rounding is False and z.size
             and np.array_equal(g, np.arange(k) // size) and 0 <= z.min() and z.max() < 256):
         # every block inside one group, so one zero-point: its bounds are the codes' bounds less it (no int16
         # array of every difference; codes and zero-points in [0, 256): no int16 wrap-around, as differences has)
         b = q.reshape(*q.shape[:-2], k // BLOCK, BLOCK, q.shape[-1])
-        zb = np.repeat(z.astype(np.int16), size // BLOCK, axis=-2)
-        lo = np.swapaxes(b.min(axis=-2).astype(np.int16) - zb, -1, -2)
-        hi = np.swapaxes(b.max(axis=-2).astype(np.int16) - zb, -1, -2)
-    else:
-        v = differences(xp, q, z, g)
-        lo, hi = block_bounds(xp, v)
+        return census_of_bounds(b.min(axis=-2), b.max(axis=-2), z, scales)
+    v = differences(xp, q, z, g)
+    lo, hi = block_bounds(xp, v)
     s_bits, uniform = _scale_bits(scales, g, q.shape[-2])
     ok = uniform & fp16_exact(s_bits.view(np.float32))
     exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
     rounded = {"F16": 0, "BF16": 0}
     if rounding:
-        assert v is not None
         w = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2) * v.astype(np.float32)
         rounded = {"F16": _changed(w, "F16"), "BF16": _changed(w, "BF16")}
     return Census(int(lo.size), int(q.size), exact, rounded)
@@ -394,6 +389,33 @@ def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -
             diff = np.abs(got.astype(np.float64) - w.astype(np.float64))[present]
         errors[t] = float(np.nanmax(diff)) if diff.size and not np.isnan(diff).all() else 0.0
     return counts, errors
+
+
+def census_of_bounds(qmin: np.ndarray, qmax: np.ndarray, z: np.ndarray, scales: np.ndarray) -> Census:
+    """:func:`census` (without the roundings) from the smallest and largest code of every block, (..., K/32, N), for
+    groups of consecutive input features, each a multiple of 32 (every block in one group, so of one zero-point
+    and scale); codes and zero-points in [0, 256).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> c = census_of_bounds(np.array([[0]]), np.array([[15]]), np.full((1, 1), 3), np.full((1, 1), 0.1, np.float16))
+    >>> c.blocks, c.exact
+    (1, {'Q4_0': 0, 'Q5_0': 1, 'Q8_0': 1})
+    """
+    nb, groups = qmin.shape[-2], z.shape[-2]
+    if qmax.shape != qmin.shape or z.shape != scales.shape or z.shape[:-2] != qmin.shape[:-2] \
+            or z.shape[-1] != qmin.shape[-1] or not groups or nb % groups:
+        raise ValueError(f"qmin, qmax (..., K/32, N) and z, scales (..., G, N) disagree: {qmin.shape}, {qmax.shape}, "
+                         f"{z.shape}, {scales.shape}")
+    zb = np.repeat(z.astype(np.int16), nb // groups, axis=-2)
+    lo = np.swapaxes(qmin.astype(np.int16) - zb, -1, -2)
+    hi = np.swapaxes(qmax.astype(np.int16) - zb, -1, -2)
+    g = np.repeat(np.arange(groups, dtype=np.int32), nb // groups * BLOCK)
+    s_bits, uniform = _scale_bits(scales, g, nb * BLOCK)
+    ok = uniform & fp16_exact(s_bits.view(np.float32))
+    exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
+    return Census(int(lo.size), int(lo.size) * BLOCK, exact, {"F16": 0, "BF16": 0})
 
 
 def _changed(w: np.ndarray, gguf_type: str) -> int:

@@ -123,6 +123,12 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
         hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
+        bounds = numpy_kernels.awq_code_bounds_t(words)
+        if bounds is not None and (hist is not None or not rounding):  # the kernels: one pass over the words each
+            total = G.census_of_bounds(*bounds, z, s)
+            if hist is not None:
+                total.rounded = G.rounding_by_histogram(z, s, hist)[0]
+            return total
         try:
             for r0 in range(0, k, rows):
                 r1 = min(k, r0 + rows)
@@ -327,13 +333,20 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
     :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes)."""
     zc, sc = z[:, cols], s[:, cols]
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
     if G.TYPES[gguf_type].quantized:
-        fast = numpy_kernels.gguf_blocks_awq_t(words, cols, z, G.block_scales(sc, g), gguf_type)
+        if whole:  # each word read once
+            rowof = np.empty(cols.size, np.int64)
+            rowof[cols - c0] = np.arange(cols.size)
+            fast = numpy_kernels.gguf_blocks_awq_rows_t(words[:, c0 // 8: c1 // 8], rowof, z[:, c0:c1],
+                                                        G.block_scales(sc, g), gguf_type)
+        else:
+            fast = numpy_kernels.gguf_blocks_awq_t(words, cols, z, G.block_scales(sc, g), gguf_type)
         if fast is not None:
             return fast
-    else:  # the float kernel writes whole words' columns: those holding exactly these columns (a permutation within)
-        c0, c1 = int(cols.min()), int(cols.max()) + 1
-        if c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0:
+    else:  # the float kernel writes whole words' columns
+        if whole:
             fast = numpy_kernels.gguf_floats_awq_t(words[:, c0 // 8: c1 // 8], z[:, c0:c1], s[:, c0:c1], gguf_type)
             if fast is not None:
                 return fast if np.array_equal(cols, np.arange(c0, c1)) else fast[cols - c0]
