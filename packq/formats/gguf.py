@@ -364,10 +364,12 @@ def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -
 
     Examples
     --------
+    Five weights of code 3 and two of code 9 (z = 8): ``-5 * s`` needs more than fp16's 11 bits, ``1 * s`` is ``s``:
+
     >>> import numpy as np
     >>> hist = np.zeros((1, 1, 16), np.int64); hist[0, 0, [3, 9]] = [5, 2]
     >>> rounding_by_histogram(np.full((1, 1), 8), np.full((1, 1), 0.1, np.float16), hist)[0]
-    {'F16': 7, 'BF16': 7}
+    {'F16': 5, 'BF16': 7}
     """
     levels = hist.shape[-1]
     diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(np.float32)  # row z: q - z for every q
