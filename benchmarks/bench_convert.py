@@ -38,8 +38,11 @@ from packq.checkpoint.safetensors import SafetensorsWriter  # noqa: E402
 HIDDEN, INTER, VOCAB, GROUP = 4096, 11008, 8000, 128
 
 
-def make(root: Path, size_gb: float) -> tuple[int, int]:
-    """A Llama-7B-shaped AWQ checkpoint of random words, one shard per two layers; (largest shard, largest tensor)."""
+def make(root: Path, size_gb: float, symmetric: bool = False) -> tuple[int, int]:
+    """A Llama-7B-shaped AWQ checkpoint of random words, one shard per two layers; (largest shard, largest tensor).
+
+    ``symmetric``: every zero-point 8 (the words 0x88888888), the other tensors as without it (the same random
+    stream), so that GGUF's Q4_0 holds it; the asymmetric source's q - z reach [-15, 15] (Q5_0)."""
     rng = np.random.default_rng(0)
     mods = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
             "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
@@ -65,8 +68,9 @@ def make(root: Path, size_gb: float) -> tuple[int, int]:
         entries = [(n, d, s, size[d] * int(np.prod(s))) for n, d, s in tensors]
         w = SafetensorsWriter(root / fname, entries, {"format": "pt"})
         for name, dtype, shape, nbytes in entries:
-            w.write(name, rng.integers(0, 256, nbytes, dtype=np.uint8) if dtype != "F16"
+            data = (rng.integers(0, 256, nbytes, dtype=np.uint8) if dtype != "F16"
                     else (rng.random(shape) * 0.01).astype(np.float16))
+            w.write(name, np.full(nbytes, 0x88, dtype=np.uint8) if symmetric and name.endswith("qzeros") else data)
             weight_map[name] = fname
             largest_tensor = max(largest_tensor, nbytes)
         w.close()
@@ -77,6 +81,35 @@ def make(root: Path, size_gb: float) -> tuple[int, int]:
     (root / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
         "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}}))
     return largest_shard, largest_tensor
+
+
+def llama(src: Path, root: Path) -> None:
+    """``src`` as the GGUF target needs it, beside it: its shards and index hard-linked (the same bytes, so that the
+    other targets' outputs stay as they were), config.json with the Llama fields gguf_model reads, and a small
+    byte-level BPE tokenizer.json (a GGUF file carries its tokenizer; the synthetic checkpoint has none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            os.link(f, root / f.name)
+    config = json.loads((src / "config.json").read_text())
+    layers = 1 + max(int(n.split(".")[2]) for n in json.loads((src / "model.safetensors.index.json").read_text())
+                     ["weight_map"] if n.startswith("model.layers."))
+    config |= {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": HIDDEN,
+               "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HIDDEN // 128,
+               "num_key_value_heads": HIDDEN // 128, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+    (root / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = "the quick brown fox jumps over the lazy dog; packq writes GGUF files exactly, 0123456789 Hello, World! "
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text * 4], trainer)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 CHILD = """
@@ -90,8 +123,19 @@ sys.exit(rc)
 
 #: what each target passes to packq convert (v1 per field: the example's routes all read it alike)
 TARGETS = {"gptq": ["--for", "tgi"], "compressed-tensors": ["--to", "compressed-tensors"],
-           "float16": ["--to", "float16"], "bfloat16": ["--to", "bfloat16"], "float32": ["--to", "float32"]}
-FLOATS = ("float16", "bfloat16", "float32")
+           "float16": ["--to", "float16"], "bfloat16": ["--to", "bfloat16"], "float32": ["--to", "float32"],
+           # GGUF: auto gives the asymmetric source Q5_0; Q4_0 from the symmetric one; F16/BF16 round once (inexact)
+           "gguf-q4_0": ["--to", "gguf", "--gguf-type", "q4_0"], "gguf-q5_0": ["--to", "gguf"],
+           "gguf-q8_0": ["--to", "gguf", "--gguf-type", "q8_0"],
+           "gguf-f16": ["--to", "gguf", "--gguf-type", "f16", "--allow-inexact"],
+           "gguf-bf16": ["--to", "gguf", "--gguf-type", "bf16", "--allow-inexact"],
+           "gguf-f32": ["--to", "gguf", "--gguf-type", "f32"],
+           # MLX affine (MLX's float form is --to float16/bfloat16/float32: mlx-lm loads those folders as they are)
+           "mlx": ["--to", "mlx"], "mlx-f16": ["--to", "mlx", "--mlx-scales", "float16"]}
+#: floor: cp -r of the target's own output (float outputs); the others: cp -r SRC DST (relayouts)
+FLOATS = ("float16", "bfloat16", "float32", "gguf-f16", "gguf-bf16", "gguf-f32")
+#: the source each target reads: the AWQ checkpoint, it with Llama's config and a tokenizer, or its symmetric variant
+SOURCES = {t: "llama" for t in TARGETS if t.startswith("gguf")} | {"gguf-q4_0": "llama-sym"}
 
 
 #: CPU seconds (user, system) of each timed command, children included: less noisy than wall time on a shared machine
@@ -114,15 +158,24 @@ def _cpu(row: str) -> str:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    """Every file's SHA-256 (so that a verified output need not stay on disk beside the timed ones)."""
+    """Every file's SHA-256 (so that a verified output need not stay on disk beside the timed ones); a .gguf: its own."""
     out = {}
-    for f in sorted(folder.iterdir()):
+    for f in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
-        out[f.name] = h.hexdigest()
+        out[f.name if folder.is_dir() else ".gguf"] = h.hexdigest()
     return out
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _out(tmp: str, name: str, target: str) -> Path:
+    """The target's DST: a folder, or one .gguf file."""
+    return Path(tmp) / (f"{name}.gguf" if target.startswith("gguf") else name)
 
 
 def _load() -> str:
@@ -147,15 +200,27 @@ def main() -> None:
         src = Path(tmp) / "src"
         largest_shard, largest_tensor = make(src, args.size_gb)
         total = sum(f.stat().st_size for f in src.iterdir())
-        child = [sys.executable, "-c", CHILD, "convert", str(src)]
+        sources = {"src": src}
+        if any(SOURCES.get(t) == "llama" for t in targets):
+            llama(src, Path(tmp) / "llama")
+            sources["llama"] = Path(tmp) / "llama"
+        if any(SOURCES.get(t) == "llama-sym" for t in targets):
+            make(Path(tmp) / "sym", args.size_gb, symmetric=True)
+            llama(Path(tmp) / "sym", Path(tmp) / "llama-sym")
+            shutil.rmtree(Path(tmp) / "sym")  # its files live on as hard links in llama-sym
+            sources["llama-sym"] = Path(tmp) / "llama-sym"
+        child = [sys.executable, "-c", CHILD, "convert"]
+
+        def source(target: str) -> str:
+            return str(sources[SOURCES.get(target, "src")])
         verified: dict[str, dict[str, str]] = {}
         for target in targets:  # bit-exactness first: one verified conversion per target, untimed
-            out = Path(tmp) / f"verified-{target}"
-            r = subprocess.run([*child, str(out), "--backend", args.backend, "--verify", *TARGETS[target]],
+            out = _out(tmp, f"verified-{target}", target)
+            r = subprocess.run([*child, source(target), str(out), "--backend", args.backend, "--verify", *TARGETS[target]],
                                capture_output=True, text=True)
             assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
             verified[target] = _digest(out)
-            shutil.rmtree(out)
+            _remove(out)
         cp_t: list[float] = []
         own_t: dict[str, list[float]] = {t: [] for t in targets if t in FLOATS}
         conv_t: dict[str, list[float]] = {t: [] for t in targets}
@@ -165,17 +230,18 @@ def main() -> None:
             cp_t.append(t)
             shutil.rmtree(f"{tmp}/copy{i}")
             for target in targets:
-                out = Path(tmp) / f"out{i}"
-                t, r = _timed([*child, str(out), "--backend", args.backend, *TARGETS[target]], row=target)
+                out = _out(tmp, f"out{i}", target)
+                t, r = _timed([*child, source(target), str(out), "--backend", args.backend, *TARGETS[target]], row=target)
                 assert r.returncode == 0, r.stderr
                 conv_t[target].append(t)
                 peaks[target].append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
                 if target in FLOATS:  # the floor of writing these bytes: a copy of this very output, made durable
-                    t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{tmp}/copy{i}' && sync"], row=f"own {target}")
+                    copy = _out(tmp, f"copy{i}", target)
+                    t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{copy}' && sync"], row=f"own {target}")
                     own_t[target].append(t)
-                    shutil.rmtree(f"{tmp}/copy{i}")
+                    _remove(copy)
                 assert _digest(out) == verified[target], f"{target}: run {i} differs from the verified conversion"
-                shutil.rmtree(out)
+                _remove(out)
         cp_m = statistics.median(cp_t)
         print(f"synthetic AWQ checkpoint: {total / 1e9:.2f} GB, largest shard {largest_shard / 1e6:.0f} MB, "
               f"largest tensor {largest_tensor / 1e6:.1f} MB; {args.repeat} repetitions, interleaved; {_load()} after")

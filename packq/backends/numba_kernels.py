@@ -198,3 +198,205 @@ def dequant_gptq_t(qw, table, gidx, bits, out, n0, n1):
                 if sh + bits > 32:
                     v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
                 o[k] = t[gidx[k], v & mask]
+
+
+#: output rows (source columns) a GGUF block kernel reads at once: one 64-byte line of each uint8 row of q
+_GGUF_TILE = 64
+
+
+@_kernel
+def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
+    """GGUF Q4_0 (kind 0), Q5_0 (1) or Q8_0 (2) blocks of ``out`` (N, K/32 * block bytes) uint8 for output rows
+    n0 <= n < n1, from the codes ``q`` (K, N) uint8 (any strides), zero-points ``z`` (G, N) int16, each input
+    feature's group ``gidx`` (K,) and the blocks' fp16 scale bits ``d`` (N, K/32) uint16.
+
+    As :func:`packq.formats.gguf.encode`: each weight's ``q - z[gidx[k]]`` clipped to the type's range plus its
+    offset; Q4_0 ``d, qs[16]`` (weight j low nibble, j + 16 high), Q5_0 ``d, qh[4], qs[16]`` (bit j of the
+    little-endian qh: weight j's fifth bit), Q8_0 ``d, qs[32]`` int8. A block's 32 rows are read 64 columns at
+    a time (a line of each row, the differences computed along the row, where they vectorize) into a small
+    buffer, from which each output row's block is packed."""
+    k_len = q.shape[0]
+    nb = k_len // 32
+    if kind == 0:
+        lo, hi, off, nbytes = -8, 7, 8, 18
+    elif kind == 1:
+        lo, hi, off, nbytes = -16, 15, 16, 22
+    else:
+        lo, hi, off, nbytes = -128, 127, 0, 34
+    buf = np.empty((32, _GGUF_TILE), np.int32)
+    for nt in range(n0, n1, _GGUF_TILE):
+        width = min(_GGUF_TILE, n1 - nt)
+        for b in range(nb):
+            k0 = 32 * b
+            for j in range(32):
+                qr = q[k0 + j, nt:nt + width]
+                zr = z[gidx[k0 + j], nt:nt + width]
+                br = buf[j]
+                for nn in range(width):
+                    br[nn] = min(max(np.int32(qr[nn]) - np.int32(zr[nn]), lo), hi) + off
+            o = b * nbytes
+            for nn in range(width):
+                n = nt + nn
+                row = out[n]
+                dd = d[n, b]
+                row[o] = np.uint8(dd & 0xFF)
+                row[o + 1] = np.uint8(dd >> 8)
+                if kind == 2:
+                    for j in range(32):
+                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
+                    continue
+                s = o + 2
+                if kind == 1:
+                    qh = np.uint32(0)
+                    for j in range(32):
+                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
+                    for i in range(4):
+                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+                    s += 4
+                for j in range(16):
+                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+
+
+@_kernel
+def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
+    """As :func:`gguf_blocks`, reading the codes from AWQ words ``qw`` (K, C) uint32 in place: output row n is
+    source column ``cols[n]``, whose code in row k is nibble ``slots[c % 8]`` of word (k, c // 8); ``z`` (G, N)
+    holds the source columns' zero-points, ``d`` (rows of out, K/32) the output rows' scale bits."""
+    k_len = qw.shape[0]
+    nb = k_len // 32
+    if kind == 0:
+        lo, hi, off, nbytes = -8, 7, 8, 18
+    elif kind == 1:
+        lo, hi, off, nbytes = -16, 15, 16, 22
+    else:
+        lo, hi, off, nbytes = -128, 127, 0, 34
+    buf = np.empty((32, _GGUF_TILE), np.int32)
+    word = np.empty(_GGUF_TILE, np.int64)
+    shift = np.empty(_GGUF_TILE, np.uint32)
+    for nt in range(n0, n1, _GGUF_TILE):
+        width = min(_GGUF_TILE, n1 - nt)
+        for nn in range(width):
+            c = cols[nt + nn]
+            word[nn] = c >> 3
+            shift[nn] = np.uint32(4 * slots[c & 7])
+        for b in range(nb):
+            k0 = 32 * b
+            for j in range(32):
+                k = k0 + j
+                g = gidx[k]
+                br = buf[j]
+                for nn in range(width):
+                    v = np.int32((qw[k, word[nn]] >> shift[nn]) & np.uint32(15)) - np.int32(z[g, cols[nt + nn]])
+                    br[nn] = min(max(v, lo), hi) + off
+            o = b * nbytes
+            for nn in range(width):
+                n = nt + nn
+                row = out[n]
+                dd = d[n, b]
+                row[o] = np.uint8(dd & 0xFF)
+                row[o + 1] = np.uint8(dd >> 8)
+                if kind == 2:
+                    for j in range(32):
+                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
+                    continue
+                s = o + 2
+                if kind == 1:
+                    qh = np.uint32(0)
+                    for j in range(32):
+                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
+                    for i in range(4):
+                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+                    s += 4
+                for j in range(16):
+                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+
+
+@_kernel
+def awq_histogram(qw, cols, hist):
+    """``hist[g, n, v]`` += how many of column n's codes in group g are v, from AWQ words ``qw`` (K, C) uint32 (any
+    strides); nibble p of word (k, j) is column 8j + cols[p], the groups of K / hist.shape[0] consecutive rows."""
+    groups = hist.shape[0]
+    group = qw.shape[0] // groups
+    for g in range(groups):
+        h = hist[g]
+        for k in range(g * group, (g + 1) * group):
+            for j in range(qw.shape[1]):
+                w = qw[k, j]
+                for p in range(8):
+                    h[8 * j + cols[p], (w >> np.uint32(4 * p)) & np.uint32(15)] += 1
+
+
+@_kernel
+def gguf_blocks_awq_rows(qw, cols, rowof, z, d, kind, out, i0, i1):
+    """As :func:`gguf_blocks_awq` for source columns ``c0 + i``, i0 <= i < i1 (i0 and i1 multiples of 8), of AWQ
+    words ``qw`` (K, C) uint32 whose word 0 holds column c0: source column c0 + i becomes output row ``rowof[i]``
+    (a permutation of whole rows within the range); ``z`` (G, columns) their zero-points, ``d`` (rows of out, K/32)
+    the output rows' scale bits. Each word is read once and its 8 codes stored into a 64-column buffer."""
+    k_len = qw.shape[0]
+    nb = k_len // 32
+    group = k_len // z.shape[0]
+    if kind == 0:
+        lo, hi, off, nbytes = -8, 7, 8, 18
+    elif kind == 1:
+        lo, hi, off, nbytes = -16, 15, 16, 22
+    else:
+        lo, hi, off, nbytes = -128, 127, 0, 34
+    buf = np.empty((32, _GGUF_TILE), np.int32)
+    for it in range(i0, i1, _GGUF_TILE):
+        width = min(_GGUF_TILE, i1 - it)
+        for b in range(nb):
+            k0 = 32 * b
+            for j in range(32):
+                k = k0 + j
+                zr = z[k // group]
+                br = buf[j]
+                for jj in range(width // 8):
+                    w = qw[k, it // 8 + jj]
+                    for p in range(8):
+                        c = 8 * jj + cols[p]
+                        v = np.int32((w >> np.uint32(4 * p)) & np.uint32(15)) - np.int32(zr[it + c])
+                        br[c] = min(max(v, lo), hi) + off
+            o = b * nbytes
+            for ii in range(width):
+                n = rowof[it + ii]
+                row = out[n]
+                dd = d[n, b]
+                row[o] = np.uint8(dd & 0xFF)
+                row[o + 1] = np.uint8(dd >> 8)
+                if kind == 2:
+                    for j in range(32):
+                        row[o + 2 + j] = np.uint8(buf[j, ii] & 0xFF)
+                    continue
+                s = o + 2
+                if kind == 1:
+                    qh = np.uint32(0)
+                    for j in range(32):
+                        qh |= np.uint32((buf[j, ii] >> 4) & 1) << np.uint32(j)
+                    for i in range(4):
+                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+                    s += 4
+                for j in range(16):
+                    row[s + j] = np.uint8((buf[j, ii] & 15) | ((buf[j + 16, ii] & 15) << 4))
+
+
+@_kernel
+def awq_code_bounds(qw, cols, qmin, qmax, j0, j1):
+    """The smallest and largest code of every block of 32 rows of every column: ``qmin``, ``qmax`` (K/32, N) uint8,
+    from AWQ words ``qw`` (K, C) uint32 (any strides) for word columns j0 <= j < j1; nibble p of word (k, j) is
+    column 8j + cols[p]."""
+    nb = qw.shape[0] // 32
+    for b in range(nb):
+        mn = qmin[b]
+        mx = qmax[b]
+        for j in range(j0, j1):
+            for p in range(8):
+                mn[8 * j + cols[p]] = 15
+                mx[8 * j + cols[p]] = 0
+        for k in range(32 * b, 32 * b + 32):
+            for j in range(j0, j1):
+                w = qw[k, j]
+                for p in range(8):
+                    v = np.uint8((w >> np.uint32(4 * p)) & np.uint32(15))
+                    n = 8 * j + cols[p]
+                    mn[n] = min(mn[n], v)  # branch-free: random codes defeat a branch predictor
+                    mx[n] = max(mx[n], v)

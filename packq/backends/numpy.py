@@ -34,6 +34,7 @@ from packq.backends import Backend
 from packq.core import bits as B
 from packq.formats import awq, gptq
 from packq.formats import compressed_tensors as ct
+from packq.formats import gguf as G
 
 
 class _Namespace:
@@ -103,7 +104,7 @@ def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
     take the ufunc paths (same bits) until the kernels have run in this process; ``load`` starts loading
     them on a thread. ``packq convert`` loads them only for checkpoints large enough to repay it. With
     ``dequant`` (the output's bytes per element), the thread loads the float kernels for that output instead
-    of the AWQ <-> GPTQ ones."""
+    of the AWQ <-> GPTQ ones; with -1, GGUF's block kernel."""
     _deferred[0] += 1
     if load and not _background and not _ready.is_set():
         def run() -> None:
@@ -111,7 +112,13 @@ def deferred_kernels(load: bool, dequant: int = 0) -> Iterator[None]:
             if kernels is None:
                 return
             # loads the machine code from numba's cache now, not on a real call
-            if dequant:
+            if dequant == -1:  # GGUF's block kernels
+                # the layouts of the real calls: column slices of q and z, whole AWQ words
+                kernels.gguf_blocks(np.zeros((32, 2), np.uint8)[:, :1], np.zeros((1, 2), np.int16)[:, :1],
+                                    np.zeros(32, np.int64), np.zeros((1, 1), np.uint16), 0, np.zeros((1, 18), np.uint8), 0, 1)
+                kernels.gguf_blocks_awq(np.zeros((32, 1), _U), np.arange(8), np.arange(8), np.zeros((1, 8), np.int16),
+                                        np.zeros(32, np.int64), np.zeros((8, 1), np.uint16), 0, np.zeros((8, 18), np.uint8), 0, 8)
+            elif dequant:
                 bits = np.uint16 if dequant == 2 else np.uint32
                 kernels.dequant_awq_t(np.zeros((8, 8), _U)[:, :1], np.zeros((1, 8, 16), bits), np.arange(8), np.zeros((8, 8), bits), 0, 1)
                 kernels.dequant_gptq_t(np.zeros((1, 16), _U)[:, :8], np.zeros((1, 8, 16), bits), np.zeros(8, np.int64), 4,
@@ -538,6 +545,169 @@ def dequantize_gptq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, g_
     _split(n, 2 * k * out.itemsize, lambda n0, n1: kernels.dequant_gptq_t(words, _bits_view(table), gidx, bits,
                                                                           _bits_view(out), n0, n1))
     return out
+
+
+def _awq_byte_tables() -> np.ndarray:
+    """(4, 256) uint64: byte i of an AWQ word, its two nibbles (slots 2i, 2i + 1) put at the bytes of their columns."""
+    t = np.zeros((4, 256), np.uint64)
+    b = np.arange(256, dtype=np.uint64)
+    for i in range(4):
+        t[i] = ((b & np.uint64(15)) << np.uint64(8 * awq.AWQ_PACK_ORDER[2 * i])) | (
+            (b >> np.uint64(4)) << np.uint64(8 * awq.AWQ_PACK_ORDER[2 * i + 1]))
+    return t
+
+
+_AWQ_BYTES = _awq_byte_tables()
+
+
+def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """AWQ words (..., R, C) to their values (..., R, 8C) uint8 in logical column order: ``unpack_awq``'s values, one
+    byte each, by four 256-entry table look-ups per word (20x the array-API unpack and reorder, measured on
+    4096 x 11008); into ``out`` (C-contiguous, that shape) where given."""
+    w = np.ascontiguousarray(_native(np.asarray(words))).view(np.uint32)
+    b = w.astype("<u4", copy=False).view(np.uint8).reshape(*w.shape, 4)
+    shape = (*w.shape[:-1], 8 * w.shape[-1])
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    wide = out.view("<u8").reshape(w.shape)  # each word's 8 values, in one 64-bit integer (little-endian bytes)
+    np.take(_AWQ_BYTES[0], b[..., 0], out=wide)
+    tmp = np.empty(w.shape, np.uint64)
+    for i in range(1, 4):
+        np.take(_AWQ_BYTES[i], b[..., i], out=tmp)
+        wide |= tmp
+    return out
+
+
+#: GGUF block types the compiled block kernel writes (its ``kind``)
+GGUF_KINDS = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}
+
+
+def gguf_blocks_t(q: np.ndarray, z: np.ndarray, g_idx: np.ndarray, d: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (N, K/32 * block bytes) of a quantized type by the compiled kernel,
+    from 2-D codes ``q`` (K, N) uint8, zero-points ``z`` (G, N) int16, ``g_idx`` (K,) in range and the blocks' ``d``
+    (N, K/32) uint16 (:func:`packq.formats.gguf.block_scales`); None without the kernels (the caller then takes
+    the array-API path, which gives the same bytes)."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or q.ndim != 2 or q.dtype != np.uint8 or 0 in q.shape:
+        return None
+    k, n = q.shape
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != n or g_idx.shape != (k,) or d.shape != (n, k // G.BLOCK)
+            or g_idx.min() < 0 or g_idx.max() >= z.shape[0]):
+        raise ValueError(f"gguf_blocks_t: q {q.shape}, z {z.shape}, g_idx {g_idx.shape} and d {d.shape} disagree")
+    t = G.TYPES[gguf_type]
+    out = np.empty((n, k // G.BLOCK * t.nbytes), np.uint8)
+    zz, gi, dd = z.astype(np.int16, copy=False), g_idx.astype(np.int64), np.ascontiguousarray(d, np.uint16)
+    _split(n, k, lambda n0, n1: kernels.gguf_blocks(q, zz, gi, dd, GGUF_KINDS[gguf_type], out, n0, n1))
+    return out
+
+
+def gguf_blocks_awq_t(qweight: np.ndarray, cols: np.ndarray, z: np.ndarray, d: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """As :func:`gguf_blocks_t`, from a 2-D AWQ qweight (K, N/8) read in place (no unpacked copy): output row i is
+    source column ``cols[i]``; ``z`` (G, N) the unpacked zero-points, ``d`` (len(cols), K/32) the rows' scale bits;
+    groups of K / G consecutive rows. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or qweight.ndim != 2 or 0 in qweight.shape or cols.size == 0:
+        return None
+    k, c = qweight.shape
+    groups = z.shape[0] if z.ndim == 2 else 0
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != 8 * c or not groups or k % groups or cols.ndim != 1
+            or cols.min() < 0 or cols.max() >= 8 * c or d.shape != (cols.size, k // G.BLOCK)):
+        raise ValueError(f"gguf_blocks_awq_t: qweight {qweight.shape}, cols {cols.shape}, z {z.shape} and d {d.shape} disagree")
+    t = G.TYPES[gguf_type]
+    out = np.empty((cols.size, k // G.BLOCK * t.nbytes), np.uint8)
+    words = _native(qweight).view(_U)
+    gidx = np.arange(k, dtype=np.int64) // (k // groups)
+    slots = np.asarray(awq.REVERSE_AWQ_PACK_ORDER, np.int64)  # column c % 8 is in nibble slot REVERSE[c % 8]
+    cc, zz, dd = cols.astype(np.int64), z.astype(np.int16, copy=False), np.ascontiguousarray(d, np.uint16)
+    _split(cols.size, k, lambda n0, n1: kernels.gguf_blocks_awq(words, cc, slots, zz, gidx, dd, GGUF_KINDS[gguf_type],
+                                                                out, n0, n1))
+    return out
+
+
+def gguf_blocks_awq_rows_t(qweight: np.ndarray, rowof: np.ndarray, z: np.ndarray, d: np.ndarray,
+                           gguf_type: str) -> np.ndarray | None:
+    """As :func:`gguf_blocks_awq_t` for all the columns of a 2-D AWQ qweight (K, C) (a view of whole words), source
+    column i becoming output row ``rowof[i]`` (a permutation); each word read once. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in GGUF_KINDS or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    n = 8 * c
+    if (k % G.BLOCK or z.ndim != 2 or z.shape[1] != n or not z.shape[0] or k % z.shape[0] or d.shape != (n, k // G.BLOCK)
+            or rowof.shape != (n,) or not np.array_equal(np.sort(rowof), np.arange(n))):
+        raise ValueError(f"gguf_blocks_awq_rows_t: qweight {qweight.shape}, rowof {rowof.shape}, z {z.shape} and d {d.shape} "
+                         "disagree")
+    out = np.empty((n, k // G.BLOCK * G.TYPES[gguf_type].nbytes), np.uint8)
+    words, cols = _native(qweight).view(_U), np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    rows, zz, dd = rowof.astype(np.int64), z.astype(np.int16, copy=False), np.ascontiguousarray(d, np.uint16)
+    _split(c, 32 * k, lambda j0, j1: kernels.gguf_blocks_awq_rows(words, cols, rows, zz, dd, GGUF_KINDS[gguf_type],
+                                                                  out, 8 * j0, 8 * j1))
+    return out
+
+
+def awq_code_bounds_t(qweight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The smallest and largest code of every block of 32 rows of every column of a 2-D AWQ qweight (K, N/8):
+    two (K/32, N) uint8 arrays, by the compiled kernel (loaded now if it is not); None without numba."""
+    kernels = numba_kernels() if not _deferred[0] else _kernels_now(wait=True)
+    if kernels is None or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if k % G.BLOCK:
+        raise ValueError(f"awq_code_bounds_t: qweight's {k} rows are not blocks of {G.BLOCK}")
+    qmin, qmax = np.empty((k // G.BLOCK, 8 * c), np.uint8), np.empty((k // G.BLOCK, 8 * c), np.uint8)
+    words, cols = _native(qweight).view(_U), np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    _split(c, 32 * k, lambda j0, j1: kernels.awq_code_bounds(words, cols, qmin, qmax, j0, j1))
+    return qmin, qmax
+
+
+def gguf_floats_awq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (N, K * item size) of a float type (F32, F16, BF16) of a 2-D AWQ
+    module, by the float kernel (``dequant_awq_t``) reading the words in place through a table of every
+    (group, column)'s 16 results: ``fp32(s) * (q - z)``, the product :func:`packq.formats.gguf.product` computes,
+    then :func:`packq.formats.gguf.encode_floats`'s rounding. None without the kernels."""
+    kernels = _kernels_now(wait=True)
+    if kernels is None or gguf_type not in G.FLOATS or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if z.shape != scales.shape or z.ndim != 2 or z.shape[1] != 8 * c or not z.shape[0] or k % z.shape[0]:
+        raise ValueError(f"gguf_floats_awq_t: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    if z.min() < 0 or z.max() > 15:
+        raise ValueError(f"gguf_floats_awq_t: zeros must be 4-bit values, got values in [{z.min()}, {z.max()}]")
+    diffs = (np.arange(16)[None, :] - np.arange(16)[:, None]).astype(np.float32)  # row z: q - z for every q
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.take(diffs, np.asarray(z, np.intp) & 15, axis=0)
+        t *= scales.astype(np.float32)[..., None]
+        table = np.ascontiguousarray(G.encode_floats(t, gguf_type).view(np.uint32 if gguf_type == "F32" else np.uint16))
+    words = _native(qweight).view(_U)
+    out = np.empty((8 * c, k), table.dtype)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    _split(c, 32 * k, lambda j0, j1: kernels.dequant_awq_t(words, table, cols, out, j0, j1))
+    return out.view(np.uint8)
+
+
+def awq_histogram_t(qweight: np.ndarray, groups: int) -> np.ndarray | None:
+    """How often each code is in each (group, column) of a 2-D AWQ qweight (K, N/8): (groups, N, 16) int64, by the
+    compiled kernel (None without it); the census and error of a float rounding then come from the 16 products of
+    each (group, column) (:func:`packq.formats.gguf.census` computes them weight by weight, with the same result)."""
+    kernels = numba_kernels() if not _deferred[0] else _kernels_now(wait=True)
+    if kernels is None or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    if groups <= 0 or k % groups:
+        raise ValueError(f"awq_histogram_t: {groups} groups do not divide qweight's {k} rows")
+    hist = np.zeros((groups, 8 * c, 16), np.int64)
+    words = _native(qweight).view(_U)
+    cols = np.asarray(awq.AWQ_PACK_ORDER, np.int64)
+    bounds = np.linspace(0, groups, min(threads(), groups) + 1).astype(int)  # each thread its own groups of hist
+
+    def work(i: int) -> None:
+        g0, g1 = bounds[i], bounds[i + 1]
+        kernels.awq_histogram(words[g0 * (k // groups): g1 * (k // groups)], cols, hist[g0:g1])
+
+    list(_executor().map(work, range(len(bounds) - 1)))
+    return hist
 
 
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:

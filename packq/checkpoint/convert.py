@@ -219,6 +219,9 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         dequant = 0
         if isinstance(output, Float):  # dequantizing costs 10x a relayout per byte: the kernels repay their load sooner
             large, dequant = plan.nbytes > DEQUANT_KERNELS_FROM_BYTES, 4 if output.dtype == "F32" else 2
+        elif to == "gguf":  # GGUF blocks (dequant -1) or floats: a transpose and work per weight, like dequantizing
+            floats = {"f16": 2, "bf16": 2, "f32": 4}
+            large, dequant = plan.nbytes > DEQUANT_KERNELS_FROM_BYTES, floats.get(str(gguf_type).lower(), -1)
         try:
             with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(large, dequant):
                 container.write(job, plan, out.tmp, bar)

@@ -180,6 +180,22 @@ def _scale_bits(scales: np.ndarray, g_idx: np.ndarray, nk: int) -> tuple[np.ndar
     return first, np.all(every == first[..., None], axis=-1)
 
 
+def block_scales(scales: np.ndarray, g_idx: np.ndarray) -> np.ndarray:
+    """Every block's ``d``: the fp16 rounding of its first weight's scale, as uint16 bits (..., N, K/32).
+
+    ``g_idx`` (K,) gives each input feature's group (as :func:`_check` returns it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hex(block_scales(np.full((1, 1), 0.25, np.float32), np.zeros(32, np.int32))[0, 0])
+    '0x3400'
+    """
+    s_bits, _ = _scale_bits(scales, g_idx, g_idx.shape[0])
+    with np.errstate(over="ignore"):
+        return s_bits.view(np.float32).astype(np.float16).view(np.uint16)
+
+
 def fp16_exact(scales: np.ndarray) -> np.ndarray:
     """Whether each scale is an fp16 value (so that a block's fp16 ``d`` can be it), compared bit for bit.
 
@@ -309,6 +325,14 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     """
     g = _check(q, z, scales, g_idx)
     xp = _xp()
+    k, groups = q.shape[-2], z.shape[-2]
+    size = k // groups
+    if (q.dtype == np.uint8 and size % BLOCK == 0 and rounding is False and z.size
+            and np.array_equal(g, np.arange(k) // size) and 0 <= z.min() and z.max() < 256):
+        # every block inside one group, so one zero-point: its bounds are the codes' bounds less it (no int16
+        # array of every difference; codes and zero-points in [0, 256): no int16 wrap-around, as differences has)
+        b = q.reshape(*q.shape[:-2], k // BLOCK, BLOCK, q.shape[-1])
+        return census_of_bounds(b.min(axis=-2), b.max(axis=-2), z, scales)
     v = differences(xp, q, z, g)
     lo, hi = block_bounds(xp, v)
     s_bits, uniform = _scale_bits(scales, g, q.shape[-2])
@@ -318,7 +342,82 @@ def census(q: np.ndarray, z: np.ndarray, scales: np.ndarray, g_idx: np.ndarray |
     if rounding:
         w = np.swapaxes(np.take(scales.astype(np.float32), g, axis=-2), -1, -2) * v.astype(np.float32)
         rounded = {"F16": _changed(w, "F16"), "BF16": _changed(w, "BF16")}
-    return Census(int(lo.size), int(v.size), exact, rounded)
+    return Census(int(lo.size), int(q.size), exact, rounded)
+
+
+def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
+    """What F16 and BF16 rounding does to a module given how often each code is in each (group, column): the weights
+    each changes (:class:`Census`'s ``rounded``) and the largest weight error each makes, from the ``levels``
+    products of every (group, column) instead of every weight's (the same products, so the same counts and maxima).
+
+    Parameters
+    ----------
+    z : ndarray of integers in [0, levels), shape (G, N)
+    scales : ndarray of float16 or float32, shape (G, N)
+    hist : ndarray of integers, shape (G, N, levels)
+        How many weights of each (group, column) have each code.
+
+    Returns
+    -------
+    (dict, dict)
+        Weights changed, and the largest |error| (0.0 where none is finite), by "F16" and "BF16".
+
+    Examples
+    --------
+    Five weights of code 3 and two of code 9 (z = 8): ``-5 * s`` needs more than fp16's 11 bits, ``1 * s`` is ``s``:
+
+    >>> import numpy as np
+    >>> hist = np.zeros((1, 1, 16), np.int64); hist[0, 0, [3, 9]] = [5, 2]
+    >>> rounding_by_histogram(np.full((1, 1), 8), np.full((1, 1), 0.1, np.float16), hist)[0]
+    {'F16': 5, 'BF16': 7}
+    """
+    levels = hist.shape[-1]
+    diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(np.float32)  # row z: q - z for every q
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = np.take(diffs, np.asarray(z, np.intp), axis=0) * scales.astype(np.float32)[..., None]
+    present = hist > 0
+    counts: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for t in ("F16", "BF16"):
+        bits = w.view(np.uint32)
+        if t == "BF16":
+            changed = (bits & np.uint32(0xFFFF)) != 0
+        else:
+            with np.errstate(over="ignore"):
+                changed = w.astype(np.float16).astype(np.float32).view(np.uint32) != bits
+        counts[t] = int((hist * changed).sum())
+        got = dequantize(encode_floats(w, t), t, w.shape)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(got.astype(np.float64) - w.astype(np.float64))[present]
+        errors[t] = float(np.nanmax(diff)) if diff.size and not np.isnan(diff).all() else 0.0
+    return counts, errors
+
+
+def census_of_bounds(qmin: np.ndarray, qmax: np.ndarray, z: np.ndarray, scales: np.ndarray) -> Census:
+    """:func:`census` (without the roundings) from the smallest and largest code of every block, (..., K/32, N), for
+    groups of consecutive input features, each a multiple of 32 (every block in one group, so of one zero-point
+    and scale); codes and zero-points in [0, 256).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> c = census_of_bounds(np.array([[0]]), np.array([[15]]), np.full((1, 1), 3), np.full((1, 1), 0.1, np.float16))
+    >>> c.blocks, c.exact
+    (1, {'Q4_0': 0, 'Q5_0': 1, 'Q8_0': 1})
+    """
+    nb, groups = qmin.shape[-2], z.shape[-2]
+    if qmax.shape != qmin.shape or z.shape != scales.shape or z.shape[:-2] != qmin.shape[:-2] \
+            or z.shape[-1] != qmin.shape[-1] or not groups or nb % groups:
+        raise ValueError(f"qmin, qmax (..., K/32, N) and z, scales (..., G, N) disagree: {qmin.shape}, {qmax.shape}, "
+                         f"{z.shape}, {scales.shape}")
+    zb = np.repeat(z.astype(np.int16), nb // groups, axis=-2)
+    lo = np.swapaxes(qmin.astype(np.int16) - zb, -1, -2)
+    hi = np.swapaxes(qmax.astype(np.int16) - zb, -1, -2)
+    g = np.repeat(np.arange(groups, dtype=np.int32), nb // groups * BLOCK)
+    s_bits, uniform = _scale_bits(scales, g, nb * BLOCK)
+    ok = uniform & fp16_exact(s_bits.view(np.float32))
+    exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
+    return Census(int(lo.size), int(lo.size) * BLOCK, exact, {"F16": 0, "BF16": 0})
 
 
 def _changed(w: np.ndarray, gguf_type: str) -> int:
@@ -420,9 +519,7 @@ def encode(q: np.ndarray, z: np.ndarray, scales: np.ndarray, gguf_type: str, g_i
     else:
         v = backend.run(differences, backend.xp.asarray(q), backend.xp.asarray(z), backend.xp.asarray(g))
         ints = np.asarray(backend.run(block_integers, v, gguf_type=gguf_type))
-    s_bits, _ = _scale_bits(scales, g, q.shape[-2])
-    with np.errstate(over="ignore"):
-        d = s_bits.view(np.float32).astype("<f2").view(np.uint8).reshape(*s_bits.shape, 2)
+    d = block_scales(scales, g).astype("<u2").view(np.uint8).reshape(*ints.shape[:-1], 2)
     blocks = np.concatenate([d, ints], axis=-1)  # (..., N, K/32, nbytes)
     return blocks.reshape(*blocks.shape[:-2], -1)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from packq.backends import numpy as numpy_kernels
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
 from packq.checkpoint.model import Checkpoint
@@ -39,6 +40,8 @@ NAME = "gguf"
 CHOICES = ("auto", "q4_0", "q5_0", "q8_0", "f16", "bf16", "f32")
 #: a module is encoded in blocks of output rows of about this many weights (memory: a few bytes each)
 COLUMN_WEIGHTS = 1 << 22
+#: an AWQ module's census unpacks its codes in blocks of whole groups of rows of about this many bytes
+CENSUS_BYTES = 1 << 20
 #: qweight is unpacked in blocks of rows of about this many words
 ROW_WORDS = 1 << 20
 #: how many tensors a refusal names before "and N more"
@@ -71,8 +74,8 @@ def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
     for e in range(flat.shape[0]):
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            if awq_layout:
-                q[e, r0:r1] = numpy_backend.run(awq.unpack_awq, flat[e, r0:r1])
+            if awq_layout:  # unpack_awq's values, by byte tables, in place
+                numpy_kernels.unpack_awq_u8(flat[e, r0:r1], out=q[e, r0:r1])
             else:
                 q[e, r0 * per // nwords: r1 * per // nwords] = numpy_backend.run(
                     B.unpack, flat[e, r0:r1], direction="row", bits=m.bits)
@@ -89,6 +92,21 @@ def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
     return q, z.astype(np.int16), a["scales"], None if g_idx is None else g_idx.astype(np.int32)
 
 
+def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A 2-D 4-bit AWQ module's words (K, N/8) int32, zero-points (G, N) int16 and scales, for the paths that read
+    the words in place; None for other sources (and for groups of rows that GGUF blocks straddle, K not a multiple
+    of 32 or of the groups: those take module_integers, whose census names what is wrong)."""
+    m = ckpt.modules[prefix]
+    if ckpt.format.method != "awq" or m.lead or m.bits != 4:
+        return None
+    a = module_arrays(ckpt, prefix)
+    words, s = a["qweight"].view(np.int32), a["scales"]
+    k, groups = words.shape[0], s.shape[0]
+    if not groups or k % groups or (k // groups) % G.BLOCK or "g_idx" in a:
+        return None
+    return words, numpy_kernels.unpack_awq_u8(a["qzeros"].view(np.int32)).astype(np.int16), s
+
+
 def _columns(n: int, k: int) -> list[tuple[int, int]]:
     width = max(32, COLUMN_WEIGHTS // max(k, 1) // 32 * 32)
     return [(n0, min(n, n0 + width)) for n0 in range(0, n, width)]
@@ -97,9 +115,33 @@ def _columns(n: int, k: int) -> list[tuple[int, int]]:
 def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True) -> G.Census:
     """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block);
     ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0)."""
+    total = G.Census()
+    direct = _awq_arrays(ckpt, prefix)
+    if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
+        words, z, s = direct
+        k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
+        rows = max(size, CENSUS_BYTES // n // size * size)
+        buf = np.empty((min(rows, k), n), np.uint8)
+        hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
+        bounds = numpy_kernels.awq_code_bounds_t(words)
+        if bounds is not None and (hist is not None or not rounding):  # the kernels: one pass over the words each
+            total = G.census_of_bounds(*bounds, z, s)
+            if hist is not None:
+                total.rounded = G.rounding_by_histogram(z, s, hist)[0]
+            return total
+        try:
+            for r0 in range(0, k, rows):
+                r1 = min(k, r0 + rows)
+                q = numpy_kernels.unpack_awq_u8(words[r0:r1], out=buf[: r1 - r0])
+                total += G.census(q, z[r0 // size: r1 // size], s[r0 // size: r1 // size],
+                                  rounding=rounding and hist is None)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.root}: {prefix}: {err}") from None
+        if hist is not None:  # the roundings from each (group, column)'s 16 products, weighted by their codes' counts
+            total.rounded = G.rounding_by_histogram(z, s, hist)[0]
+        return total
     q, z, s, g = module_integers(ckpt, prefix, read_word)
     q, z, s = (x.reshape(-1, *x.shape[-2:]) for x in (q, z, s))
-    total = G.Census()
     try:
         for e in range(q.shape[0]):
             for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
@@ -257,14 +299,60 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
         return
     if t.quantized:
         for prefix in t.sources:
+            direct = _awq_arrays(ckpt, prefix)
+            if direct is not None:  # AWQ words read in place by the kernels, whole rows moved by the permutation
+                words, z, s = direct
+                k, n = words.shape[0], s.shape[1]
+                order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
+                g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
+                for n0, n1 in _columns(n, k):
+                    yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type)
+                continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
                 for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                    yield functools.partial(G.encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
+                    yield functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
             del q, z, s
         return
     for name in t.sources:
         yield _plain_bytes(ckpt, name, p)
+
+
+def encode(q: np.ndarray, z: np.ndarray, s: np.ndarray, gguf_type: str, g: np.ndarray | None) -> np.ndarray:
+    """:func:`packq.formats.gguf.encode` of one column block, by the NumPy backend's compiled block kernel where it
+    applies (numba loaded, a quantized type): the same bytes (tests/test_gguf_fast.py), in one pass."""
+    if G.TYPES[gguf_type].quantized and q.ndim == 2:
+        g_idx = G._check(q, z, s, g)
+        fast = numpy_kernels.gguf_blocks_t(q, z, g_idx, G.block_scales(s, g_idx), gguf_type)
+        if fast is not None:
+            return fast
+    return G.encode(q, z, s, gguf_type, g)
+
+
+def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray, g: np.ndarray, gguf_type: str) -> np.ndarray:
+    """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
+    :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes)."""
+    zc, sc = z[:, cols], s[:, cols]
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
+    if G.TYPES[gguf_type].quantized:
+        if whole:  # each word read once
+            rowof = np.empty(cols.size, np.int64)
+            rowof[cols - c0] = np.arange(cols.size)
+            fast = numpy_kernels.gguf_blocks_awq_rows_t(words[:, c0 // 8: c1 // 8], rowof, z[:, c0:c1],
+                                                        G.block_scales(sc, g), gguf_type)
+        else:
+            fast = numpy_kernels.gguf_blocks_awq_t(words, cols, z, G.block_scales(sc, g), gguf_type)
+        if fast is not None:
+            return fast
+    else:  # the float kernel writes whole words' columns
+        if whole:
+            fast = numpy_kernels.gguf_floats_awq_t(words[:, c0 // 8: c1 // 8], z[:, c0:c1], s[:, c0:c1], gguf_type)
+            if fast is not None:
+                return fast if np.array_equal(cols, np.arange(c0, c1)) else fast[cols - c0]
+    lo, hi = int(cols.min()) // 8, int(cols.max()) // 8 + 1  # the word columns these columns are in
+    q = numpy_kernels.unpack_awq_u8(words[:, lo:hi])[:, cols - 8 * lo]
+    return G.encode(q, zc, sc, gguf_type, g)
 
 
 def _plain_values(ckpt: Checkpoint, name: str, p: Planned) -> np.ndarray:
@@ -314,6 +402,11 @@ def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
     worst = 0.0
     t = p.tensor
     for prefix in t.sources:
+        direct = _awq_arrays(ckpt, prefix) if p.gguf_type in ("F16", "BF16") else None
+        hist = None if direct is None else numpy_kernels.awq_histogram_t(direct[0], direct[2].shape[0])
+        if direct is not None and hist is not None:  # from each (group, column)'s 16 products, those present
+            worst = max(worst, G.rounding_by_histogram(direct[1], direct[2], hist)[1][p.gguf_type])
+            continue
         q, z, s, g = _module_rows(ckpt, prefix, None, read_word)
         for e in range(q.shape[0]):
             for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
