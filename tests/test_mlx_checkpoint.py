@@ -3,6 +3,7 @@ every refusal (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -200,16 +201,26 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, capsys, action, dt
     """The negative control of --verify: one flipped bit in one tensor of one module fails it, and nothing is written."""
     from packq.checkpoint.formats import FORMATS
 
-    real = FORMATS["mlx"].tensor
+    real, real_pieces = FORMATS["mlx"].tensor, FORMATS["mlx"].pieces
+
+    def flip(out):
+        out = out.copy()
+        out.view(np.uint8).flat[1] ^= 0x10
+        return out
 
     def wrong(job, f, m, act):
         out = real(job, f, m, act)
-        if act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
-            out = out.copy()
-            out.view(np.uint8).flat[1] ^= 0x10
-        return out
+        return flip(out) if act == action and m.prefix.endswith("layers.0.mlp.down_proj") else out
+
+    def wrong_pieces(job, f, m, act):  # AWQ's weight is written in pieces: the first one wrong
+        pieces = real_pieces(job, f, m, act)
+        if pieces and act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
+            first = pieces[0]
+            pieces[0] = dataclasses.replace(first, make=lambda: flip(first.make()))
+        return pieces
 
     monkeypatch.setattr(FORMATS["mlx"], "tensor", wrong)
+    monkeypatch.setattr(FORMATS["mlx"], "pieces", wrong_pieces)
     dst = tmp_path / "out"
     assert main(["convert", str(EXAMPLE), str(dst), "--to", "mlx", "--mlx-scales", dtype, "--verify"]) == 2
     err = capsys.readouterr().err
