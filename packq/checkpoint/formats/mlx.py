@@ -265,7 +265,19 @@ def counts_direct(q: np.ndarray, z: np.ndarray, s: np.ndarray, dtype: str, sourc
 def counts_by_histogram(z: np.ndarray, s: np.ndarray, hist: np.ndarray, dtype: str, source: str) -> dict[str, int]:
     """:func:`counts_direct` from each (group, column)'s histogram of codes ``hist`` (G, N, levels): the ``levels``
     codes of every (group, column) dequantized both ways (a (G * levels, N) matrix of codes), each differing code
-    weighted by how many weights have it; the same products as weight by weight, so the same counts."""
+    weighted by how many weights have it; the same products as weight by weight, so the same counts.
+
+    Examples
+    --------
+    One group of 128 weights, codes 0..15 eight times each, z = 8, a float16 scale 0.1, float16 MLX scales: the
+    same counts as every weight's
+
+    >>> import numpy as np
+    >>> q = np.tile(np.arange(16, dtype=np.int16), 8)[:, None]
+    >>> z, s = np.full((1, 1), 8, np.int16), np.full((1, 1), 0.1, np.float16)
+    >>> counts_by_histogram(z, s, code_histogram(q, 1, 16), "float16", "float16") == counts_direct(q, z, s, "float16", "float16")
+    True
+    """
     groups, n, levels = hist.shape
     codes = np.broadcast_to(np.tile(np.arange(levels, dtype=np.int16), groups)[:, None], (groups * levels, n))
     want = _swap(_zero_alike(M.round_to(dequantize(codes, z, s, None), source)))  # (N, G * levels)
@@ -279,7 +291,14 @@ def counts_by_histogram(z: np.ndarray, s: np.ndarray, hist: np.ndarray, dtype: s
 
 
 def code_histogram(q: np.ndarray, groups: int, levels: int) -> np.ndarray:
-    """How often each code of q (K, N) is in each (group of K / groups consecutive rows, column): (G, N, levels)."""
+    """How often each code of q (K, N) is in each (group of K / groups consecutive rows, column): (G, N, levels).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> code_histogram(np.array([[0], [3], [3], [1]]), 2, 4)[:, 0].tolist()
+    [[1, 0, 0, 1], [0, 1, 0, 1]]
+    """
     k, n = q.shape
     at = (np.arange(groups, dtype=np.int64)[:, None, None] * n + np.arange(n, dtype=np.int64)) * levels
     index = at + q.reshape(groups, k // groups, n).astype(np.int64)
