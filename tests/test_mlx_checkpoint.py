@@ -267,3 +267,13 @@ def test_scales_of_several_dtypes_are_refused(tmp_path, capsys):
     code, dst = _refused(tmp_path, src)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "several dtypes" in err and not dst.exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_counts_from_gptq_codes_are_the_verified_ones(tmp_path, bits, dtype):
+    """From GPTQ's codes, counted by np.bincount (2-4 bits) or weight by weight (8 bits: a group of 64 holds fewer
+    weights than codes): --verify recounts every written weight against the source's and agrees."""
+    src = _gptq(tmp_path, bits=bits, scales="bfloat16" if dtype == "bfloat16" else "float16")
+    x = convert_checkpoint(src, tmp_path / "m", to="mlx", mlx_scales=dtype, verify=True)["mlx"]
+    assert x["differing"]["cpu"] > 0
