@@ -3,6 +3,7 @@ every refusal (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -200,16 +201,26 @@ def test_verify_catches_a_wrong_tensor(tmp_path, monkeypatch, capsys, action, dt
     """The negative control of --verify: one flipped bit in one tensor of one module fails it, and nothing is written."""
     from packq.checkpoint.formats import FORMATS
 
-    real = FORMATS["mlx"].tensor
+    real, real_pieces = FORMATS["mlx"].tensor, FORMATS["mlx"].pieces
+
+    def flip(out):
+        out = out.copy()
+        out.view(np.uint8).flat[1] ^= 0x10
+        return out
 
     def wrong(job, f, m, act):
         out = real(job, f, m, act)
-        if act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
-            out = out.copy()
-            out.view(np.uint8).flat[1] ^= 0x10
-        return out
+        return flip(out) if act == action and m.prefix.endswith("layers.0.mlp.down_proj") else out
+
+    def wrong_pieces(job, f, m, act):  # AWQ's weight is written in pieces: the first one wrong
+        pieces = real_pieces(job, f, m, act)
+        if pieces and act == action and m.prefix.endswith("layers.0.mlp.down_proj"):
+            first = pieces[0]
+            pieces[0] = dataclasses.replace(first, make=lambda: flip(first.make()))
+        return pieces
 
     monkeypatch.setattr(FORMATS["mlx"], "tensor", wrong)
+    monkeypatch.setattr(FORMATS["mlx"], "pieces", wrong_pieces)
     dst = tmp_path / "out"
     assert main(["convert", str(EXAMPLE), str(dst), "--to", "mlx", "--mlx-scales", dtype, "--verify"]) == 2
     err = capsys.readouterr().err
@@ -256,3 +267,13 @@ def test_scales_of_several_dtypes_are_refused(tmp_path, capsys):
     code, dst = _refused(tmp_path, src)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "several dtypes" in err and not dst.exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_counts_from_gptq_codes_are_the_verified_ones(tmp_path, bits, dtype):
+    """From GPTQ's codes, counted by np.bincount (2-4 bits) or weight by weight (8 bits: a group of 64 holds fewer
+    weights than codes): --verify recounts every written weight against the source's and agrees."""
+    src = _gptq(tmp_path, bits=bits, scales="bfloat16" if dtype == "bfloat16" else "float16")
+    x = convert_checkpoint(src, tmp_path / "m", to="mlx", mlx_scales=dtype, verify=True)["mlx"]
+    assert x["differing"]["cpu"] > 0

@@ -189,32 +189,9 @@ class CompressedTensors(CheckpointFormat):
         return job.convert(ct.swap, job.convert(awq.zeros_to_gptq, words, offset=0) if awq_source else v2_zeros(job, words))
 
     def pieces(self, job: Job, f: Reader, m: Module, action: str) -> list[Piece] | None:
-        """From a 2-D AWQ qweight on the NumPy backend, weight_packed in pieces of whole rows (a block of AWQ's
-        word columns each): the qweight is read once, on the first piece, into a reused buffer, and each piece
-        converts into one while the one before it is written; the others are made whole by :meth:`tensor`."""
-        if action != "ct_weight" or job.ckpt.format.method != "awq" or m.lead or job.convert.be.name != "numpy":
-            return None
-        from packq.backends.numpy import weight_to_ct_piece
-
-        groups, c = m.k // 8, m.n // 8  # output: rows of K/8 words, 8 rows per AWQ word column
-        step = max(1, min(c, base.CHUNK_BYTES // (32 * groups)))
-        # a piece's words are stored through a transpose whose rows are ``step`` words apart: a power of two, or
-        # near one, puts them in a few cache sets (a 4096 x 11008 layer: 22-25 ms in pieces of 512 words, 13-15
-        # ms of 495 or 175, 2 cores, 2026-12-01), so the step is 47 past a multiple of 64
-        step = min(c, step // 64 * 64 + 47) if step > 64 else step
-        blocks = [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
-        held: list[np.ndarray] = []
-
-        def piece(i: int) -> np.ndarray:
-            c0, c1 = blocks[i]
-            if not held:
-                held.append(f.array(m.names["qweight"], job.buffers))
-            out = weight_to_ct_piece(held[0], c0, c1, job.buffers.take(32 * (c1 - c0) * groups))
-            if i == len(blocks) - 1:
-                job.buffers.give(held.pop())
-            return out
-
-        return [Piece(32 * (c1 - c0) * groups, make=functools.partial(piece, i)) for i, (c0, c1) in enumerate(blocks)]
+        """From a 2-D AWQ qweight on the NumPy backend, weight_packed in pieces (:func:`awq_weight_pieces`); the
+        others are made whole by :meth:`tensor`."""
+        return awq_weight_pieces(job, f, m) if action == "ct_weight" else None
 
     def config(self, job: Job, config: dict[str, Any]) -> None:
         """compressed-tensors' quantization_config, as its own AutoAWQConverter writes it (0.20.1)."""
@@ -252,3 +229,33 @@ class CompressedTensors(CheckpointFormat):
 
 
 FORMAT = CompressedTensors()
+
+
+def awq_weight_pieces(job: Job, f: Reader, m: Module) -> list[Piece] | None:
+    """GPTQ's words transposed (compressed-tensors' weight_packed, MLX's weight: the same bytes) from a 2-D AWQ
+    qweight on the NumPy backend, in pieces of whole rows (a block of AWQ's word columns each): the qweight is read
+    once, on the first piece, into a reused buffer, and each piece converts into one while the one before it is
+    written; None where that path does not apply (the caller makes the tensor whole)."""
+    if job.ckpt.format.method != "awq" or m.lead or job.convert.be.name != "numpy":
+        return None
+    from packq.backends.numpy import weight_to_ct_piece
+
+    groups, c = m.k // 8, m.n // 8  # output: rows of K/8 words, 8 rows per AWQ word column
+    step = max(1, min(c, base.CHUNK_BYTES // (32 * groups)))
+    # a piece's words are stored through a transpose whose rows are ``step`` words apart: a power of two, or
+    # near one, puts them in a few cache sets (a 4096 x 11008 layer: 22-25 ms in pieces of 512 words, 13-15
+    # ms of 495 or 175, 2 cores, 2026-12-01), so the step is 47 past a multiple of 64
+    step = min(c, step // 64 * 64 + 47) if step > 64 else step
+    blocks = [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
+    held: list[np.ndarray] = []
+
+    def piece(i: int) -> np.ndarray:
+        c0, c1 = blocks[i]
+        if not held:
+            held.append(f.array(m.names["qweight"], job.buffers))
+        out = weight_to_ct_piece(held[0], c0, c1, job.buffers.take(32 * (c1 - c0) * groups))
+        if i == len(blocks) - 1:
+            job.buffers.give(held.pop())
+        return out
+
+    return [Piece(32 * (c1 - c0) * groups, make=functools.partial(piece, i)) for i, (c0, c1) in enumerate(blocks)]
