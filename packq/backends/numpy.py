@@ -710,6 +710,76 @@ def awq_histogram_t(qweight: np.ndarray, groups: int) -> np.ndarray | None:
     return hist
 
 
+#: rows of a column block the whole-word GGUF path works on at once (its temporaries stay in the cache)
+SWAR_WORDS = 1 << 15
+_M = _U(0x0F0F0F0F)
+
+
+def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, d: np.ndarray,
+                          gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (len(cols), K/32 * block bytes) of Q4_0, Q5_0 or Q8_0 from a 2-D 4-bit
+    AWQ qweight (K, N/8), by whole-word bit operations (no numba): word columns [c0, c1) transposed to
+    compressed-tensors' rows (:func:`weight_to_ct_rows`: a word holds 8 consecutive k of one output column, so one
+    zero-point), then every block's bytes from its 4 words, 4 or 8 weights per operation in byte lanes.
+
+    Output row i is source column ``cols[i]`` (a permutation of [8 * c0, 8 * c1)); ``z`` (G, N) the unpacked
+    zero-points (4-bit values), groups of K / G rows, each a multiple of 32; ``d`` (len(cols), K/32) the blocks' scale
+    bits (:func:`packq.formats.gguf.block_scales`). 4-bit codes less a 4-bit zero-point are always in Q5_0's and
+    Q8_0's ranges, so the encoder clips nothing there; Q4_0 is written only where every zero-point is 8 (the
+    integers are then the codes themselves): None otherwise, and for a big-endian host (the caller then takes
+    another path, which gives the same bytes)."""
+    if gguf_type not in GGUF_KINDS or sys.byteorder != "little" or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    n, groups = 8 * (c1 - c0), z.shape[0] if z.ndim == 2 else 0
+    if (k % G.BLOCK or not 0 <= c0 < c1 <= c or z.ndim != 2 or z.shape[1] != 8 * c or not groups or k % groups
+            or (k // groups) % G.BLOCK or cols.shape != (n,) or d.shape != (n, k // G.BLOCK)):
+        raise ValueError(f"gguf_blocks_awq_words: qweight {qweight.shape}, words [{c0}, {c1}), cols {cols.shape}, "
+                         f"z {z.shape} and d {d.shape} disagree")
+    zc = z[:, cols]
+    if gguf_type == "Q4_0" and not np.all(zc == 8):
+        return None
+    nb = k // G.BLOCK
+    ct = weight_to_ct_rows(qweight, c0, c1).view(_U)  # (n, K/8): row r is source column 8 * c0 + r
+    rel = cols - 8 * c0
+    if not np.array_equal(rel, np.arange(n)):
+        ct = ct[rel]
+    words = ct.reshape(n, nb, 4)  # each block's 4 words: k 0-7, 8-15, 16-23, 24-31
+    t = G.TYPES[gguf_type]
+    out = np.empty((n, nb, t.nbytes), np.uint8)
+    np.copyto(out[:, :, 0:2], np.ascontiguousarray(d, "<u2").view(np.uint8).reshape(n, nb, 2))
+    zb = np.repeat(np.ascontiguousarray(zc.T).astype(_U), (k // groups) // G.BLOCK, axis=1)  # (n, K/32)
+    step = max(1, SWAR_WORDS // (4 * nb))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        w, o, m = words[r0:r1], out[r0:r1], r1 - r0
+        even, odd = w & _M, (w >> _U(4)) & _M  # byte lanes: the even k's codes, the odd k's
+        if gguf_type == "Q8_0":  # q - z as int8: (128 + q) - z never borrows across lanes; the xor makes it two's complement
+            lanes = (zb[r0:r1] * _U(0x01010101))[:, :, None]
+            bias = _U(0x80808080)
+            dst = o[:, :, 2:34].reshape(m, nb, 4, 4, 2)  # byte 8w + 2j + parity
+            np.copyto(dst[..., 0], (((even | bias) - lanes) ^ bias).view(np.uint8).reshape(m, nb, 4, 4))
+            np.copyto(dst[..., 1], (((odd | bias) - lanes) ^ bias).view(np.uint8).reshape(m, nb, 4, 4))
+            continue
+        qs_at = 2
+        if gguf_type == "Q5_0":  # q - z + 16 in [1, 31]: no carry out of a lane
+            lanes = ((_U(16) - zb[r0:r1]) * _U(0x01010101))[:, :, None]
+            even += lanes
+            odd += lanes
+            # bit 4 of lane j of each: at bits 8j (even k) and 8j + 1 (odd k); the multiplication moves them to bits
+            # 18 + 2j and 19 + 2j, with no two partial products on one bit (no carries): bit i of each word's qh byte
+            h = ((even >> _U(4)) & _U(0x01010101)) | ((odd >> _U(3)) & _U(0x02020202))
+            np.copyto(o[:, :, 2:6], ((h * _U(0x41041)) >> _U(18)).astype(np.uint8))
+            even &= _M
+            odd &= _M
+            qs_at = 6
+        # qs[j] = code j | code j + 16 << 4: words 0, 1 give the low nibbles, words 2, 3 the high ones
+        dst = o[:, :, qs_at:qs_at + 16].reshape(m, nb, 2, 4, 2)  # byte 8 * half + 2j + parity
+        np.copyto(dst[..., 0], (even[:, :, 0:2] | (even[:, :, 2:4] << _U(4))).view(np.uint8).reshape(m, nb, 2, 4))
+        np.copyto(dst[..., 1], (odd[:, :, 0:2] | (odd[:, :, 2:4] << _U(4))).view(np.uint8).reshape(m, nb, 2, 4))
+    return out.reshape(n, nb * t.nbytes)
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:

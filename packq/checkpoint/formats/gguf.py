@@ -120,6 +120,11 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
     if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
         words, z, s = direct
         k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
+        if not rounding and np.all(z == 8):  # symmetric: every q - 8 of a 4-bit code is in [-8, 7], Q4_0's (and the
+            # others') range, whatever the codes, so the block ranges need no pass over the words: the census of
+            # codes spanning [0, 15] is the module's (only the scales decide, as for any source)
+            span = np.zeros((k // G.BLOCK, n), np.uint8)
+            return G.census_of_bounds(span, np.full_like(span, 15), z, s)
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
         hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
@@ -336,6 +341,10 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
     if G.TYPES[gguf_type].quantized:
+        if whole:  # whole-word bit operations (no numba to load; 2-4x its scalar kernel), else the kernel
+            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type)
+            if fast is not None:
+                return fast
         if whole:  # each word read once
             rowof = np.empty(cols.size, np.int64)
             rowof[cols - c0] = np.arange(cols.size)
