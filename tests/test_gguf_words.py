@@ -116,3 +116,33 @@ def test_bad_shapes_named():
     z, d = np.zeros((2, 16), np.int16), np.zeros((16, 2), np.uint16)
     with pytest.raises(ValueError, match=r"gguf_blocks_awq_words: .*cols \(8,\)"):
         numpy_backend.gguf_blocks_awq_words(words, 0, 2, np.arange(8), z, d, "Q8_0")
+
+
+@st.composite
+def awq_blocks(draw):
+    k = draw(st.sampled_from(KS))
+    c = draw(st.sampled_from(WORD_COLUMNS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    words = rng.integers(-(2**31), 2**31, (k, c), dtype=np.int64).astype(np.int32)
+    if draw(st.booleans()):  # narrow codes, so that bounds other than 0 and 15 occur
+        words &= np.int32(draw(st.sampled_from([0x37373737, 0x11111111, 0x7E7E7E7E])))
+    return words
+
+
+@given(awq_blocks())
+def test_byte_reduction_bounds_are_the_codes_bounds(words):
+    """awq_code_bounds_words (NumPy, no numba) gives every block's smallest and largest code, as the codes say."""
+    qmin, qmax = numpy_backend.awq_code_bounds_words(words, rows=4096)
+    q = numpy_backend.unpack_awq_u8(words).reshape(words.shape[0] // G.BLOCK, G.BLOCK, -1)
+    assert np.array_equal(qmin, q.min(axis=1)) and np.array_equal(qmax, q.max(axis=1))
+
+
+def test_byte_reduction_bounds_negative_control():
+    """One code changed in a block of equal codes moves that block's bound, and only that column's."""
+    words = np.full((64, 2), 0x55555555, np.int32)
+    qmin, qmax = numpy_backend.awq_code_bounds_words(words)
+    assert (qmin == 5).all() and (qmax == 5).all()
+    words[40, 1] = np.int32(0x55555595)  # byte 0's high nibble: slot 1, column 8 + AWQ_PACK_ORDER[1], block 1
+    qmin, qmax = numpy_backend.awq_code_bounds_words(words)
+    col = 8 + awq.AWQ_PACK_ORDER[1]
+    assert qmax[1, col] == 9 and np.count_nonzero(qmax != 5) == 1 and (qmin == 5).all()

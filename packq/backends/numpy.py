@@ -715,6 +715,28 @@ SWAR_WORDS = 1 << 15
 _M = _U(0x0F0F0F0F)
 
 
+def _spread_bytes(x: np.ndarray) -> np.ndarray:
+    """uint32 -> uint64 with byte i of x at byte 2i (the odd bytes 0)."""
+    y = x.astype(np.uint64)
+    y |= y << np.uint64(16)
+    y &= np.uint64(0x0000FFFF0000FFFF)
+    y |= y << np.uint64(8)
+    y &= np.uint64(0x00FF00FF00FF00FF)
+    return y
+
+
+def _zip_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """uint32 words -> uint64 whose byte i is nibble i of ``lo`` | nibble i of ``hi`` << 4: Q4_0/Q5_0's qs from the
+    words of k 0-7 (or 8-15) and k 16-23 (24-31)."""
+    a, b = _spread_bytes(lo), _spread_bytes(hi)
+    for y in (a, b):  # bytes at 2i: nibble 2i stays, nibble 2i + 1 moves to the low half of byte 2i + 1
+        y |= y << np.uint64(4)
+        y &= np.uint64(0x0F0F0F0F0F0F0F0F)
+    b <<= np.uint64(4)
+    a |= b
+    return a
+
+
 def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, d: np.ndarray,
                           gguf_type: str) -> np.ndarray | None:
     """:func:`packq.formats.gguf.encode`'s bytes (len(cols), K/32 * block bytes) of Q4_0, Q5_0 or Q8_0 from a 2-D 4-bit
@@ -753,31 +775,66 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         w, o, m = words[r0:r1], out[r0:r1], r1 - r0
+        if gguf_type == "Q4_0":  # the integers are the codes: qs is the nibbles of words 0, 1 zipped with those of 2, 3
+            np.copyto(o[:, :, 2:18], _zip_nibbles(w[:, :, 0:2], w[:, :, 2:4]).view(np.uint8).reshape(m, nb, 16))
+            continue
         even, odd = w & _M, (w >> _U(4)) & _M  # byte lanes: the even k's codes, the odd k's
         if gguf_type == "Q8_0":  # q - z as int8: (128 + q) - z never borrows across lanes; the xor makes it two's complement
             lanes = (zb[r0:r1] * _U(0x01010101))[:, :, None]
             bias = _U(0x80808080)
-            dst = o[:, :, 2:34].reshape(m, nb, 4, 4, 2)  # byte 8w + 2j + parity
-            np.copyto(dst[..., 0], (((even | bias) - lanes) ^ bias).view(np.uint8).reshape(m, nb, 4, 4))
-            np.copyto(dst[..., 1], (((odd | bias) - lanes) ^ bias).view(np.uint8).reshape(m, nb, 4, 4))
+            even |= bias
+            even -= lanes
+            even ^= bias
+            odd |= bias
+            odd -= lanes
+            odd ^= bias
+            ints = _spread_bytes(even) | (_spread_bytes(odd) << np.uint64(8))  # byte 2j + parity of each word's 8
+            np.copyto(o[:, :, 2:34], ints.view(np.uint8).reshape(m, nb, 32))
             continue
-        qs_at = 2
-        if gguf_type == "Q5_0":  # q - z + 16 in [1, 31]: no carry out of a lane
-            lanes = ((_U(16) - zb[r0:r1]) * _U(0x01010101))[:, :, None]
-            even += lanes
-            odd += lanes
-            # bit 4 of lane j of each: at bits 8j (even k) and 8j + 1 (odd k); the multiplication moves them to bits
-            # 18 + 2j and 19 + 2j, with no two partial products on one bit (no carries): bit i of each word's qh byte
-            h = ((even >> _U(4)) & _U(0x01010101)) | ((odd >> _U(3)) & _U(0x02020202))
-            np.copyto(o[:, :, 2:6], ((h * _U(0x41041)) >> _U(18)).astype(np.uint8))
-            even &= _M
-            odd &= _M
-            qs_at = 6
-        # qs[j] = code j | code j + 16 << 4: words 0, 1 give the low nibbles, words 2, 3 the high ones
-        dst = o[:, :, qs_at:qs_at + 16].reshape(m, nb, 2, 4, 2)  # byte 8 * half + 2j + parity
-        np.copyto(dst[..., 0], (even[:, :, 0:2] | (even[:, :, 2:4] << _U(4))).view(np.uint8).reshape(m, nb, 2, 4))
-        np.copyto(dst[..., 1], (odd[:, :, 0:2] | (odd[:, :, 2:4] << _U(4))).view(np.uint8).reshape(m, nb, 2, 4))
+        # Q5_0: q - z + 16 in [1, 31]: no carry out of a lane
+        lanes = ((_U(16) - zb[r0:r1]) * _U(0x01010101))[:, :, None]
+        even += lanes
+        odd += lanes
+        # bit 4 of lane j of each: at bits 8j (even k) and 8j + 1 (odd k); the multiplication moves them to bits
+        # 18 + 2j and 19 + 2j, with no two partial products on one bit (no carries): bit i of each word's qh byte
+        h = ((even >> _U(4)) & _U(0x01010101)) | ((odd >> _U(3)) & _U(0x02020202))
+        h *= _U(0x41041)
+        h >>= _U(18)
+        np.copyto(o[:, :, 2:6], h.astype(np.uint8))
+        even &= _M
+        odd &= _M
+        odd <<= _U(4)
+        even |= odd  # the low nibbles, back in the words' order
+        np.copyto(o[:, :, 6:22], _zip_nibbles(even[:, :, 0:2], even[:, :, 2:4]).view(np.uint8).reshape(m, nb, 16))
     return out.reshape(n, nb * t.nbytes)
+
+
+def awq_code_bounds_words(qweight: np.ndarray, rows: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`awq_code_bounds_t`'s result (the smallest and largest code of every block of 32 rows of every column of
+    a 2-D 4-bit AWQ qweight (K, N/8): two (K/32, N) uint8 arrays) by NumPy's byte reductions, no numba: each byte
+    holds two columns' codes, so the masked bytes' minima and maxima over a block's 32 rows are both columns' bounds
+    (the high nibble's shifted left by 4); a few blocks of rows (about ``rows`` bytes) at a time."""
+    if qweight.ndim != 2 or 0 in qweight.shape or qweight.shape[0] % G.BLOCK:
+        raise ValueError(f"awq_code_bounds_words: qweight must be 2-D of rows in blocks of {G.BLOCK}, got {qweight.shape}")
+    k, c = qweight.shape
+    nb = k // G.BLOCK
+    b = np.ascontiguousarray(_native(qweight)).view(_U).astype("<u4", copy=False).view(np.uint8).reshape(nb, G.BLOCK, 4 * c)
+    # bounds[(min, max), nibble]: (K/32, word, byte j) of the codes in nibble slot 2j + nibble
+    bounds = np.empty((2, 2, nb, c, 4), np.uint8)
+    step = max(1, rows // (G.BLOCK * 4 * c))
+    masked = np.empty((min(step, nb), G.BLOCK, 4 * c), np.uint8)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        m = masked[: b1 - b0]
+        for nibble, mask in ((0, 0x0F), (1, 0xF0)):
+            np.bitwise_and(b[b0:b1], np.uint8(mask), out=m)
+            np.minimum.reduce(m, axis=1, out=bounds[0, nibble, b0:b1].reshape(b1 - b0, 4 * c))
+            np.maximum.reduce(m, axis=1, out=bounds[1, nibble, b0:b1].reshape(b1 - b0, 4 * c))
+    bounds[:, 1] >>= 4
+    out = np.empty((2, nb, c, 8), np.uint8)
+    for j, slot in enumerate(awq.REVERSE_AWQ_PACK_ORDER):  # column j of a word is in nibble slot REVERSE[j]
+        np.copyto(out[:, :, :, j], bounds[:, slot % 2, :, :, slot // 2])
+    return out[0].reshape(nb, 8 * c), out[1].reshape(nb, 8 * c)
 
 
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
