@@ -715,6 +715,14 @@ SWAR_WORDS = 1 << 15
 _M = _U(0x0F0F0F0F)
 
 
+#: one block of each type as a packed record (little-endian fields, ggml's block_q4_0/q5_0/q8_0)
+_BLOCK_RECORDS = {
+    "Q4_0": np.dtype([("d", "<u2"), ("qs", "V16")]),
+    "Q5_0": np.dtype([("d", "<u2"), ("qh", "<u4"), ("qs", "V16")]),
+    "Q8_0": np.dtype([("d", "<u2"), ("qs", "V32")]),
+}
+
+
 def _spread_bytes(x: np.ndarray) -> np.ndarray:
     """uint32 -> uint64 with byte i of x at byte 2i (the odd bytes 0)."""
     y = x.astype(np.uint64)
@@ -769,14 +777,17 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
     words = ct.reshape(n, nb, 4)  # each block's 4 words: k 0-7, 8-15, 16-23, 24-31
     t = G.TYPES[gguf_type]
     out = np.empty((n, nb, t.nbytes), np.uint8)
-    np.copyto(out[:, :, 0:2], np.ascontiguousarray(d, "<u2").view(np.uint8).reshape(n, nb, 2))
+    # the blocks as packed records: each field's copy is then one strided loop of fixed-size items over every block
+    # (a (..., 16) uint8 copy into 22-byte blocks loops per block: 18% of a conversion, measured)
+    rec = out.reshape(n, nb * t.nbytes).view(_BLOCK_RECORDS[gguf_type])
+    rec["d"] = d
     zb = np.repeat(np.ascontiguousarray(zc.T).astype(_U), (k // groups) // G.BLOCK, axis=1)  # (n, K/32)
     step = max(1, SWAR_WORDS // (4 * nb))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        w, o, m = words[r0:r1], out[r0:r1], r1 - r0
+        w, m = words[r0:r1], r1 - r0
         if gguf_type == "Q4_0":  # the integers are the codes: qs is the nibbles of words 0, 1 zipped with those of 2, 3
-            np.copyto(o[:, :, 2:18], _zip_nibbles(w[:, :, 0:2], w[:, :, 2:4]).view(np.uint8).reshape(m, nb, 16))
+            rec["qs"][r0:r1] = _zip_nibbles(w[:, :, 0:2], w[:, :, 2:4]).view("V16").reshape(m, nb)
             continue
         even, odd = w & _M, (w >> _U(4)) & _M  # byte lanes: the even k's codes, the odd k's
         if gguf_type == "Q8_0":  # q - z as int8: (128 + q) - z never borrows across lanes; the xor makes it two's complement
@@ -789,7 +800,7 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
             odd -= lanes
             odd ^= bias
             ints = _spread_bytes(even) | (_spread_bytes(odd) << np.uint64(8))  # byte 2j + parity of each word's 8
-            np.copyto(o[:, :, 2:34], ints.view(np.uint8).reshape(m, nb, 32))
+            rec["qs"][r0:r1] = ints.view("V32").reshape(m, nb)
             continue
         # Q5_0: q - z + 16 in [1, 31]: no carry out of a lane
         lanes = ((_U(16) - zb[r0:r1]) * _U(0x01010101))[:, :, None]
@@ -800,12 +811,14 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
         h = ((even >> _U(4)) & _U(0x01010101)) | ((odd >> _U(3)) & _U(0x02020202))
         h *= _U(0x41041)
         h >>= _U(18)
-        np.copyto(o[:, :, 2:6], h.astype(np.uint8))
+        h &= _U(0xFF)  # (m, nb, 4) bytes of qh, in uint32s (the other partial products lie below bit 18 or above bit 25)
+        qh = h[:, :, 0] | (h[:, :, 1] << _U(8)) | (h[:, :, 2] << _U(16)) | (h[:, :, 3] << _U(24))
+        rec["qh"][r0:r1] = qh
         even &= _M
         odd &= _M
         odd <<= _U(4)
         even |= odd  # the low nibbles, back in the words' order
-        np.copyto(o[:, :, 6:22], _zip_nibbles(even[:, :, 0:2], even[:, :, 2:4]).view(np.uint8).reshape(m, nb, 16))
+        rec["qs"][r0:r1] = _zip_nibbles(even[:, :, 0:2], even[:, :, 2:4]).view("V16").reshape(m, nb)
     return out.reshape(n, nb * t.nbytes)
 
 
