@@ -369,7 +369,7 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
     if G.TYPES[gguf_type].quantized:
-        if whole:  # whole-word bit operations (no numba to load; 2-4x its scalar kernel), else the kernel
+        if whole:  # whole-word bit operations (no numba to load; a few operations per 8 weights), else the kernel
             fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type)
             if fast is not None:
                 return fast
