@@ -194,8 +194,9 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
 
 @pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"])
 def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, monkeypatch, gguf_type):
-    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the kernels, of the array-API fallbacks
-    and of the route before the AWQ fast paths (module_integers and encode) are one file; the kernels ran."""
+    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the whole-word path, of the kernels, of the
+    array-API fallbacks and of the route before the AWQ fast paths (module_integers and encode) are one file; the
+    kernels ran (the whole-word path off), and the whole-word path ran for AWQ's quantized types."""
     pytest.importorskip("gguf")
     import types
 
@@ -211,9 +212,16 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
     C.make_gptq(tmp_path / "gptq", bits=4, group=32)
     for src in (EXAMPLE, tmp_path / "gptq"):
         files, summaries = {}, {}
-        for how in ("kernels", "fallback", "before"):
+        for how in ("words", "kernels", "fallback", "before"):
             calls: list[bool] = []
+            words: list[bool] = []
             with monkeypatch.context() as m:
+                real_words = numpy_backend.gguf_blocks_awq_words
+                if how == "words":
+                    m.setattr(numpy_backend, "gguf_blocks_awq_words",
+                              lambda *a: (r := real_words(*a), words.append(r is not None))[0])
+                else:  # the other routes without it
+                    m.setattr(numpy_backend, "gguf_blocks_awq_words", lambda *a: None)
                 if how == "kernels":
                     m.setattr(numpy_backend, "_kernels_now", lambda wait=False: numpy_backend.numba_kernels())
                     for name in ("gguf_blocks_t", "gguf_blocks_awq_t", "gguf_blocks_awq_rows_t", "gguf_floats_awq_t"):
@@ -228,8 +236,11 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
                 assert s["verified"]
             if how == "kernels":  # GPTQ sources' float types have no kernel: the array-API encoder writes them
                 assert all(calls) and (bool(calls) or (src != EXAMPLE and gguf_type in ("f16", "bf16", "f32")))
+            if how == "words" and src == EXAMPLE and gguf_type in ("q5_0", "q8_0"):  # the example is asymmetric: no Q4_0
+                assert words and all(words)
             files[how] = dst.read_bytes()
             summaries[how] = {key: v for key, v in s.items() if key not in ("dst", "seconds", "elapsed")}
-        assert files["kernels"] == files["fallback"] == files["before"], src
+        assert files["words"] == files["kernels"] == files["fallback"] == files["before"], src
+        assert summaries["words"] == summaries["kernels"], src
         assert summaries["kernels"]["max_weight_error"] == summaries["before"]["max_weight_error"], src
         assert summaries["kernels"].keys() == summaries["before"].keys()

@@ -710,6 +710,146 @@ def awq_histogram_t(qweight: np.ndarray, groups: int) -> np.ndarray | None:
     return hist
 
 
+#: rows of a column block the whole-word GGUF path works on at once (its temporaries stay in the cache)
+SWAR_WORDS = 1 << 15
+_M = _U(0x0F0F0F0F)
+
+
+#: one block of each type as a packed record (little-endian fields, ggml's block_q4_0/q5_0/q8_0)
+_BLOCK_RECORDS = {
+    "Q4_0": np.dtype([("d", "<u2"), ("qs", "V16")]),
+    "Q5_0": np.dtype([("d", "<u2"), ("qh", "<u4"), ("qs", "V16")]),
+    "Q8_0": np.dtype([("d", "<u2"), ("qs", "V32")]),
+}
+
+
+def _spread_bytes(x: np.ndarray) -> np.ndarray:
+    """uint32 -> uint64 with byte i of x at byte 2i (the odd bytes 0)."""
+    y = x.astype(np.uint64)
+    y |= y << np.uint64(16)
+    y &= np.uint64(0x0000FFFF0000FFFF)
+    y |= y << np.uint64(8)
+    y &= np.uint64(0x00FF00FF00FF00FF)
+    return y
+
+
+def _zip_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """uint32 words -> uint64 whose byte i is nibble i of ``lo`` | nibble i of ``hi`` << 4: Q4_0/Q5_0's qs from the
+    words of k 0-7 (or 8-15) and k 16-23 (24-31)."""
+    a, b = _spread_bytes(lo), _spread_bytes(hi)
+    for y in (a, b):  # bytes at 2i: nibble 2i stays, nibble 2i + 1 moves to the low half of byte 2i + 1
+        y |= y << np.uint64(4)
+        y &= np.uint64(0x0F0F0F0F0F0F0F0F)
+    b <<= np.uint64(4)
+    a |= b
+    return a
+
+
+def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, d: np.ndarray,
+                          gguf_type: str) -> np.ndarray | None:
+    """:func:`packq.formats.gguf.encode`'s bytes (len(cols), K/32 * block bytes) of Q4_0, Q5_0 or Q8_0 from a 2-D 4-bit
+    AWQ qweight (K, N/8), by whole-word bit operations (no numba): word columns [c0, c1) transposed to
+    compressed-tensors' rows (:func:`weight_to_ct_rows`: a word holds 8 consecutive k of one output column, so one
+    zero-point), then every block's bytes from its 4 words, 4 or 8 weights per operation in byte lanes.
+
+    Output row i is source column ``cols[i]`` (a permutation of [8 * c0, 8 * c1)); ``z`` (G, N) the unpacked
+    zero-points (4-bit values), groups of K / G rows, each a multiple of 32; ``d`` (len(cols), K/32) the blocks' scale
+    bits (:func:`packq.formats.gguf.block_scales`). 4-bit codes less a 4-bit zero-point are always in Q5_0's and
+    Q8_0's ranges, so the encoder clips nothing there; Q4_0 is written only where every zero-point is 8 (the
+    integers are then the codes themselves): None otherwise, and for a big-endian host (the caller then takes
+    another path, which gives the same bytes)."""
+    if gguf_type not in GGUF_KINDS or sys.byteorder != "little" or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    n, groups = 8 * (c1 - c0), z.shape[0] if z.ndim == 2 else 0
+    if (k % G.BLOCK or not 0 <= c0 < c1 <= c or z.ndim != 2 or z.shape[1] != 8 * c or not groups or k % groups
+            or (k // groups) % G.BLOCK or cols.shape != (n,) or d.shape != (n, k // G.BLOCK)):
+        raise ValueError(f"gguf_blocks_awq_words: qweight {qweight.shape}, words [{c0}, {c1}), cols {cols.shape}, "
+                         f"z {z.shape} and d {d.shape} disagree")
+    zc = z[:, cols]
+    if gguf_type == "Q4_0" and not np.all(zc == 8):
+        return None
+    nb = k // G.BLOCK
+    ct = weight_to_ct_rows(qweight, c0, c1).view(_U)  # (n, K/8): row r is source column 8 * c0 + r
+    rel = cols - 8 * c0
+    if not np.array_equal(rel, np.arange(n)):
+        ct = ct[rel]
+    words = ct.reshape(n, nb, 4)  # each block's 4 words: k 0-7, 8-15, 16-23, 24-31
+    t = G.TYPES[gguf_type]
+    out = np.empty((n, nb, t.nbytes), np.uint8)
+    # the blocks as packed records: each field's copy is then one strided loop of fixed-size items over every block
+    # (a (..., 16) uint8 copy into 22-byte blocks loops per block: 18% of a conversion, measured)
+    rec = out.reshape(n, nb * t.nbytes).view(_BLOCK_RECORDS[gguf_type])
+    rec["d"] = d
+    zb = np.repeat(np.ascontiguousarray(zc.T).astype(_U), (k // groups) // G.BLOCK, axis=1)  # (n, K/32)
+    step = max(1, SWAR_WORDS // (4 * nb))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        w, m = words[r0:r1], r1 - r0
+        if gguf_type == "Q4_0":  # the integers are the codes: qs is the nibbles of words 0, 1 zipped with those of 2, 3
+            rec["qs"][r0:r1] = _zip_nibbles(w[:, :, 0:2], w[:, :, 2:4]).view("V16").reshape(m, nb)
+            continue
+        even, odd = w & _M, (w >> _U(4)) & _M  # byte lanes: the even k's codes, the odd k's
+        if gguf_type == "Q8_0":  # q - z as int8: (128 + q) - z never borrows across lanes; the xor makes it two's complement
+            lanes = (zb[r0:r1] * _U(0x01010101))[:, :, None]
+            bias = _U(0x80808080)
+            even |= bias
+            even -= lanes
+            even ^= bias
+            odd |= bias
+            odd -= lanes
+            odd ^= bias
+            ints = _spread_bytes(even) | (_spread_bytes(odd) << np.uint64(8))  # byte 2j + parity of each word's 8
+            rec["qs"][r0:r1] = ints.view("V32").reshape(m, nb)
+            continue
+        # Q5_0: q - z + 16 in [1, 31]: no carry out of a lane
+        lanes = ((_U(16) - zb[r0:r1]) * _U(0x01010101))[:, :, None]
+        even += lanes
+        odd += lanes
+        # bit 4 of lane j of each: at bits 8j (even k) and 8j + 1 (odd k); the multiplication moves them to bits
+        # 18 + 2j and 19 + 2j, with no two partial products on one bit (no carries): bit i of each word's qh byte
+        h = ((even >> _U(4)) & _U(0x01010101)) | ((odd >> _U(3)) & _U(0x02020202))
+        h *= _U(0x41041)
+        h >>= _U(18)
+        h &= _U(0xFF)  # (m, nb, 4) bytes of qh, in uint32s (the other partial products lie below bit 18 or above bit 25)
+        qh = h[:, :, 0] | (h[:, :, 1] << _U(8)) | (h[:, :, 2] << _U(16)) | (h[:, :, 3] << _U(24))
+        rec["qh"][r0:r1] = qh
+        even &= _M
+        odd &= _M
+        odd <<= _U(4)
+        even |= odd  # the low nibbles, back in the words' order
+        rec["qs"][r0:r1] = _zip_nibbles(even[:, :, 0:2], even[:, :, 2:4]).view("V16").reshape(m, nb)
+    return out.reshape(n, nb * t.nbytes)
+
+
+def awq_code_bounds_words(qweight: np.ndarray, rows: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`awq_code_bounds_t`'s result (the smallest and largest code of every block of 32 rows of every column of
+    a 2-D 4-bit AWQ qweight (K, N/8): two (K/32, N) uint8 arrays) by NumPy's byte reductions, no numba: each byte
+    holds two columns' codes, so the masked bytes' minima and maxima over a block's 32 rows are both columns' bounds
+    (the high nibble's shifted left by 4); a few blocks of rows (about ``rows`` bytes) at a time."""
+    if qweight.ndim != 2 or 0 in qweight.shape or qweight.shape[0] % G.BLOCK:
+        raise ValueError(f"awq_code_bounds_words: qweight must be 2-D of rows in blocks of {G.BLOCK}, got {qweight.shape}")
+    k, c = qweight.shape
+    nb = k // G.BLOCK
+    b = np.ascontiguousarray(_native(qweight)).view(_U).astype("<u4", copy=False).view(np.uint8).reshape(nb, G.BLOCK, 4 * c)
+    # bounds[(min, max), nibble]: (K/32, word, byte j) of the codes in nibble slot 2j + nibble
+    bounds = np.empty((2, 2, nb, c, 4), np.uint8)
+    step = max(1, rows // (G.BLOCK * 4 * c))
+    masked = np.empty((min(step, nb), G.BLOCK, 4 * c), np.uint8)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        m = masked[: b1 - b0]
+        for nibble, mask in ((0, 0x0F), (1, 0xF0)):
+            np.bitwise_and(b[b0:b1], np.uint8(mask), out=m)
+            np.minimum.reduce(m, axis=1, out=bounds[0, nibble, b0:b1].reshape(b1 - b0, 4 * c))
+            np.maximum.reduce(m, axis=1, out=bounds[1, nibble, b0:b1].reshape(b1 - b0, 4 * c))
+    bounds[:, 1] >>= 4
+    out = np.empty((2, nb, c, 8), np.uint8)
+    for j, slot in enumerate(awq.REVERSE_AWQ_PACK_ORDER):  # column j of a word is in nibble slot REVERSE[j]
+        np.copyto(out[:, :, :, j], bounds[:, slot % 2, :, :, slot // 2])
+    return out[0].reshape(nb, 8 * c), out[1].reshape(nb, 8 * c)
+
+
 def _contiguous_transposes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A transposing core function whose results are C-contiguous copies, as files and kernels want them."""
     def run(_: Any, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -222,6 +222,10 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         elif to == "gguf":  # GGUF blocks (dequant -1) or floats: a transpose and work per weight, like dequantizing
             floats = {"f16": 2, "bf16": 2, "f32": 4}
             large, dequant = plan.nbytes > DEQUANT_KERNELS_FROM_BYTES, floats.get(str(gguf_type).lower(), -1)
+            if large and dequant == -1:  # none where the whole-word path makes every block (AWQ 4-bit: no numba)
+                from packq.checkpoint.formats import gguf as gguf_format
+
+                large = gguf_format.needs_kernels(ckpt, plan.detail[1])
         try:
             with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(large, dequant):
                 container.write(job, plan, out.tmp, bar)

@@ -410,13 +410,17 @@ def census_of_bounds(qmin: np.ndarray, qmax: np.ndarray, z: np.ndarray, scales: 
             or z.shape[-1] != qmin.shape[-1] or not groups or nb % groups:
         raise ValueError(f"qmin, qmax (..., K/32, N) and z, scales (..., G, N) disagree: {qmin.shape}, {qmax.shape}, "
                          f"{z.shape}, {scales.shape}")
+    # counted in the bounds' own orientation (..., K/32, N): no transposed copies; every block lies in one group, so
+    # it shares that group's scale, and is exact where the scale is an fp16 value and its differences in range
     zb = np.repeat(z.astype(np.int16), nb // groups, axis=-2)
-    lo = np.swapaxes(qmin.astype(np.int16) - zb, -1, -2)
-    hi = np.swapaxes(qmax.astype(np.int16) - zb, -1, -2)
-    g = np.repeat(np.arange(groups, dtype=np.int32), nb // groups * BLOCK)
-    s_bits, uniform = _scale_bits(scales, g, nb * BLOCK)
-    ok = uniform & fp16_exact(s_bits.view(np.float32))
-    exact = {t: int(np.count_nonzero(ok & (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi))) for t in QUANTIZED}
+    lo = qmin.astype(np.int16) - zb
+    hi = qmax.astype(np.int16) - zb
+    fp16 = fp16_exact(scales)
+    ok = None if fp16.all() else np.repeat(fp16, nb // groups, axis=-2)
+    exact = {}
+    for t in QUANTIZED:
+        inside = (lo >= TYPES[t].lo) & (hi <= TYPES[t].hi)
+        exact[t] = int(np.count_nonzero(inside if ok is None else inside & ok))
     return Census(int(lo.size), int(lo.size) * BLOCK, exact, {"F16": 0, "BF16": 0})
 
 

@@ -120,10 +120,17 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
     if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
         words, z, s = direct
         k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
+        if not rounding and np.all(z == 8):  # symmetric: every q - 8 of a 4-bit code is in [-8, 7], Q4_0's (and the
+            # others') range, whatever the codes, so the block ranges need no pass over the words: the census of
+            # codes spanning [0, 15] is the module's (only the scales decide, as for any source)
+            span = np.zeros((k // G.BLOCK, n), np.uint8)
+            return G.census_of_bounds(span, np.full_like(span, 15), z, s)
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
         hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
-        bounds = numpy_kernels.awq_code_bounds_t(words)
+        # without the roundings, NumPy's byte reductions (6x the kernel, and no numba to load); with them the
+        # histogram has loaded the kernels anyway
+        bounds = numpy_kernels.awq_code_bounds_t(words) if rounding else numpy_kernels.awq_code_bounds_words(words)
         if bounds is not None and (hist is not None or not rounding):  # the kernels: one pass over the words each
             total = G.census_of_bounds(*bounds, z, s)
             if hist is not None:
@@ -318,6 +325,32 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
         yield _plain_bytes(ckpt, name, p)
 
 
+def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
+    """Whether :func:`chunks` makes every piece of this module by the whole-word path (no numba kernel): a 2-D 4-bit
+    AWQ module, pieces of whole words (the row permutation moving rows within them), Q5_0 or Q8_0, or Q4_0 of zero-points
+    that are all 8 (:func:`packq.backends.numpy.gguf_blocks_awq_words`)."""
+    direct = _awq_arrays(ckpt, prefix)
+    if direct is None or p.gguf_type not in numpy_kernels.GGUF_KINDS:
+        return False
+    words, z, s = direct
+    if p.gguf_type == "Q4_0" and not np.all(z == 8):
+        return False
+    k, n = words.shape[0], s.shape[1]
+    order = np.arange(n) if p.tensor.row_perm is None else np.asarray(p.tensor.row_perm)
+    for n0, n1 in _columns(n, k):
+        cols = order[n0:n1]
+        c0, c1 = int(cols.min()), int(cols.max()) + 1
+        if not (c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0):
+            return False
+    return True
+
+
+def needs_kernels(ckpt: Checkpoint, gplan: Plan) -> bool:
+    """Whether some quantized tensor of the plan is made by numba's block kernels (so that ``packq convert`` loads
+    them on a thread while it writes; 0.5-1 s of CPU on 2 cores, wasted where the whole-word path makes every block)."""
+    return any(not _by_words(ckpt, p, prefix) for p in gplan.tensors if p.tensor.quantized for prefix in p.tensor.sources)
+
+
 def encode(q: np.ndarray, z: np.ndarray, s: np.ndarray, gguf_type: str, g: np.ndarray | None) -> np.ndarray:
     """:func:`packq.formats.gguf.encode` of one column block, by the NumPy backend's compiled block kernel where it
     applies (numba loaded, a quantized type): the same bytes (tests/test_gguf_fast.py), in one pass."""
@@ -336,6 +369,10 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
     if G.TYPES[gguf_type].quantized:
+        if whole:  # whole-word bit operations (no numba to load; a few operations per 8 weights), else the kernel
+            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type)
+            if fast is not None:
+                return fast
         if whole:  # each word read once
             rowof = np.empty(cols.size, np.int64)
             rowof[cols - c0] = np.arange(cols.size)
