@@ -204,6 +204,38 @@ def dequant_gptq_t(qw, table, gidx, bits, out, n0, n1):
 _GGUF_TILE = 64
 
 
+@njit(inline="always")
+def _gguf_kind(kind):
+    """(lowest and highest integer, offset to the stored code, bytes a block) of Q4_0 (0), Q5_0 (1), Q8_0 (2)."""
+    if kind == 0:
+        return -8, 7, 8, 18
+    if kind == 1:
+        return -16, 15, 16, 22
+    return -128, 127, 0, 34
+
+
+@njit(inline="always")
+def _gguf_store(row, o, buf, col, dd, kind):
+    """One block at byte ``o`` of ``row``: the scale bits ``dd``, then the stored codes ``buf[:, col]`` as ggml lays
+    them out (Q8_0: 32 bytes; Q5_0: qh, bit j = bit 4 of code j, then qs; Q4_0: qs, byte j = code j | code j+16 << 4)."""
+    row[o] = np.uint8(dd & 0xFF)
+    row[o + 1] = np.uint8(dd >> 8)
+    if kind == 2:
+        for j in range(32):
+            row[o + 2 + j] = np.uint8(buf[j, col] & 0xFF)
+        return
+    s = o + 2
+    if kind == 1:
+        qh = np.uint32(0)
+        for j in range(32):
+            qh |= np.uint32((buf[j, col] >> 4) & 1) << np.uint32(j)
+        for i in range(4):
+            row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
+        s += 4
+    for j in range(16):
+        row[s + j] = np.uint8((buf[j, col] & 15) | ((buf[j + 16, col] & 15) << 4))
+
+
 @_kernel
 def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
     """GGUF Q4_0 (kind 0), Q5_0 (1) or Q8_0 (2) blocks of ``out`` (N, K/32 * block bytes) uint8 for output rows
@@ -217,12 +249,7 @@ def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
     buffer, from which each output row's block is packed."""
     k_len = q.shape[0]
     nb = k_len // 32
-    if kind == 0:
-        lo, hi, off, nbytes = -8, 7, 8, 18
-    elif kind == 1:
-        lo, hi, off, nbytes = -16, 15, 16, 22
-    else:
-        lo, hi, off, nbytes = -128, 127, 0, 34
+    lo, hi, off, nbytes = _gguf_kind(kind)
     buf = np.empty((32, _GGUF_TILE), np.int32)
     for nt in range(n0, n1, _GGUF_TILE):
         width = min(_GGUF_TILE, n1 - nt)
@@ -239,22 +266,7 @@ def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
                 n = nt + nn
                 row = out[n]
                 dd = d[n, b]
-                row[o] = np.uint8(dd & 0xFF)
-                row[o + 1] = np.uint8(dd >> 8)
-                if kind == 2:
-                    for j in range(32):
-                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
-                    continue
-                s = o + 2
-                if kind == 1:
-                    qh = np.uint32(0)
-                    for j in range(32):
-                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
-                    for i in range(4):
-                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
-                    s += 4
-                for j in range(16):
-                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+                _gguf_store(row, o, buf, nn, dd, kind)
 
 
 @_kernel
@@ -264,12 +276,7 @@ def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
     holds the source columns' zero-points, ``d`` (rows of out, K/32) the output rows' scale bits."""
     k_len = qw.shape[0]
     nb = k_len // 32
-    if kind == 0:
-        lo, hi, off, nbytes = -8, 7, 8, 18
-    elif kind == 1:
-        lo, hi, off, nbytes = -16, 15, 16, 22
-    else:
-        lo, hi, off, nbytes = -128, 127, 0, 34
+    lo, hi, off, nbytes = _gguf_kind(kind)
     buf = np.empty((32, _GGUF_TILE), np.int32)
     word = np.empty(_GGUF_TILE, np.int64)
     shift = np.empty(_GGUF_TILE, np.uint32)
@@ -293,22 +300,7 @@ def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
                 n = nt + nn
                 row = out[n]
                 dd = d[n, b]
-                row[o] = np.uint8(dd & 0xFF)
-                row[o + 1] = np.uint8(dd >> 8)
-                if kind == 2:
-                    for j in range(32):
-                        row[o + 2 + j] = np.uint8(buf[j, nn] & 0xFF)
-                    continue
-                s = o + 2
-                if kind == 1:
-                    qh = np.uint32(0)
-                    for j in range(32):
-                        qh |= np.uint32((buf[j, nn] >> 4) & 1) << np.uint32(j)
-                    for i in range(4):
-                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
-                    s += 4
-                for j in range(16):
-                    row[s + j] = np.uint8((buf[j, nn] & 15) | ((buf[j + 16, nn] & 15) << 4))
+                _gguf_store(row, o, buf, nn, dd, kind)
 
 
 @_kernel
@@ -335,12 +327,7 @@ def gguf_blocks_awq_rows(qw, cols, rowof, z, d, kind, out, i0, i1):
     k_len = qw.shape[0]
     nb = k_len // 32
     group = k_len // z.shape[0]
-    if kind == 0:
-        lo, hi, off, nbytes = -8, 7, 8, 18
-    elif kind == 1:
-        lo, hi, off, nbytes = -16, 15, 16, 22
-    else:
-        lo, hi, off, nbytes = -128, 127, 0, 34
+    lo, hi, off, nbytes = _gguf_kind(kind)
     buf = np.empty((32, _GGUF_TILE), np.int32)
     for it in range(i0, i1, _GGUF_TILE):
         width = min(_GGUF_TILE, i1 - it)
@@ -361,22 +348,7 @@ def gguf_blocks_awq_rows(qw, cols, rowof, z, d, kind, out, i0, i1):
                 n = rowof[it + ii]
                 row = out[n]
                 dd = d[n, b]
-                row[o] = np.uint8(dd & 0xFF)
-                row[o + 1] = np.uint8(dd >> 8)
-                if kind == 2:
-                    for j in range(32):
-                        row[o + 2 + j] = np.uint8(buf[j, ii] & 0xFF)
-                    continue
-                s = o + 2
-                if kind == 1:
-                    qh = np.uint32(0)
-                    for j in range(32):
-                        qh |= np.uint32((buf[j, ii] >> 4) & 1) << np.uint32(j)
-                    for i in range(4):
-                        row[s + i] = np.uint8((qh >> np.uint32(8 * i)) & np.uint32(0xFF))
-                    s += 4
-                for j in range(16):
-                    row[s + j] = np.uint8((buf[j, ii] & 15) | ((buf[j + 16, ii] & 15) << 4))
+                _gguf_store(row, o, buf, ii, dd, kind)
 
 
 @_kernel
