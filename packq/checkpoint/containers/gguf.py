@@ -24,6 +24,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
+from packq.checkpoint.safetensors import WRITE_CHUNK
 from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -176,7 +177,8 @@ def _write_tensor(path: Path, out: Any, t: Tensor, pool: ThreadPoolExecutor, pro
             written += data.nbytes
             if written > t.nbytes:
                 raise CheckpointError(f"{path}: {t.name}: more data than planned ({t.nbytes} bytes)")
-            out.write(data)
+            for i in range(0, data.nbytes, WRITE_CHUNK):  # as the safetensors writer does, and for its reason:
+                out.write(data[i : i + WRITE_CHUNK])  # large writes cost the kernel far more (WRITE_CHUNK's note)
             if progress is not None:
                 progress(data.nbytes)
             del piece, data
