@@ -215,6 +215,14 @@ def _gguf_kind(kind):
 
 
 @njit(inline="always")
+def _gguf_store_tile(out, d, buf, b, nbytes, kind, nt, width):
+    """Block ``b`` of output rows nt <= n < nt + width, from the tile's stored codes ``buf[:, n - nt]``."""
+    for nn in range(width):
+        n = nt + nn
+        _gguf_store(out[n], b * nbytes, buf, nn, d[n, b], kind)
+
+
+@njit(inline="always")
 def _gguf_store(row, o, buf, col, dd, kind):
     """One block at byte ``o`` of ``row``: the scale bits ``dd``, then the stored codes ``buf[:, col]`` as ggml lays
     them out (Q8_0: 32 bytes; Q5_0: qh, bit j = bit 4 of code j, then qs; Q4_0: qs, byte j = code j | code j+16 << 4)."""
@@ -261,12 +269,7 @@ def gguf_blocks(q, z, gidx, d, kind, out, n0, n1):
                 br = buf[j]
                 for nn in range(width):
                     br[nn] = min(max(np.int32(qr[nn]) - np.int32(zr[nn]), lo), hi) + off
-            o = b * nbytes
-            for nn in range(width):
-                n = nt + nn
-                row = out[n]
-                dd = d[n, b]
-                _gguf_store(row, o, buf, nn, dd, kind)
+            _gguf_store_tile(out, d, buf, b, nbytes, kind, nt, width)
 
 
 @_kernel
@@ -295,12 +298,7 @@ def gguf_blocks_awq(qw, cols, slots, z, gidx, d, kind, out, n0, n1):
                 for nn in range(width):
                     v = np.int32((qw[k, word[nn]] >> shift[nn]) & np.uint32(15)) - np.int32(z[g, cols[nt + nn]])
                     br[nn] = min(max(v, lo), hi) + off
-            o = b * nbytes
-            for nn in range(width):
-                n = nt + nn
-                row = out[n]
-                dd = d[n, b]
-                _gguf_store(row, o, buf, nn, dd, kind)
+            _gguf_store_tile(out, d, buf, b, nbytes, kind, nt, width)
 
 
 @_kernel
