@@ -337,12 +337,13 @@ def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
         return False
     k, n = words.shape[0], s.shape[1]
     order = np.arange(n) if p.tensor.row_perm is None else np.asarray(p.tensor.row_perm)
-    for n0, n1 in _columns(n, k):
-        cols = order[n0:n1]
-        c0, c1 = int(cols.min()), int(cols.max()) + 1
-        if not (c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0):
-            return False
-    return True
+    return all(_whole_words(order[n0:n1]) for n0, n1 in _columns(n, k))
+
+
+def _whole_words(cols: np.ndarray) -> tuple[int, int] | None:
+    """(c0, c1) where source columns ``cols`` are whole AWQ words' columns c0 <= c < c1, permuted within; else None."""
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    return (c0, c1) if c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0 else None
 
 
 def needs_kernels(ckpt: Checkpoint, gplan: Plan) -> bool:
@@ -366,15 +367,14 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
     :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes)."""
     zc, sc = z[:, cols], s[:, cols]
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
-    whole = c1 - c0 == cols.size and c0 % 8 == 0 and c1 % 8 == 0  # whole words' columns, permuted within
+    whole = _whole_words(cols)
+    c0, c1 = whole or (0, 0)
     if G.TYPES[gguf_type].quantized:
-        if whole:  # whole-word bit operations (no numba to load; a few operations per 8 weights), else the kernel
+        if whole:  # whole-word bit operations (no numba to load; a few operations per 8 weights)
             fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type)
             if fast is not None:
                 return fast
-        if whole:  # each word read once
-            rowof = np.empty(cols.size, np.int64)
+            rowof = np.empty(cols.size, np.int64)  # else the kernel, each word read once
             rowof[cols - c0] = np.arange(cols.size)
             fast = numpy_kernels.gguf_blocks_awq_rows_t(words[:, c0 // 8: c1 // 8], rowof, z[:, c0:c1],
                                                         G.block_scales(sc, g), gguf_type)
