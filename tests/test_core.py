@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from _paths import ROUTES, route
 from _words import raw_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -203,6 +204,11 @@ def _fast_paths() -> dict[str, tuple]:
     if kernels is not None:
         paths["numba"] = (lambda q: numpy_backend.weight_to_gptq_numba(q, kernels),
                           lambda q: numpy_backend.weight_to_awq_numba(q, kernels), np.asarray)
+    ck = numpy_backend.c_kernels()
+    if ck is not None:  # AWQ -> GPTQ only (GPTQ -> AWQ has no C kernel: the ufuncs' way back)
+        paths["C"] = (lambda q: numpy_backend.weight_to_gptq_c(q, ck), numpy_backend.weight_to_awq_ufuncs, np.asarray)
+        paths["C over the input"] = (over(lambda q, over: numpy_backend.weight_to_gptq_c(q, ck, over)),
+                                     numpy_backend.weight_to_awq_ufuncs, np.asarray)
     return paths
 
 
@@ -211,7 +217,10 @@ def test_fast_paths_are_all_present():
     from packq.backends import numpy as numpy_backend
 
     pytest.importorskip("numba")
-    assert set(_fast_paths()) == {"numpy ufuncs", "numpy ufuncs over the input", "numpy run_over", "jax bytes", "numba"}
+    want = {"numpy ufuncs", "numpy ufuncs over the input", "numpy run_over", "jax bytes", "numba"}
+    if numpy_backend.c_kernels() is not None:  # built wherever a C compiler is (tests/test_ckernels.py)
+        want |= {"C", "C over the input"}
+    assert set(_fast_paths()) == want
     assert numpy_backend.NumpyBackend.fast_paths[awq.weight_to_gptq] is numpy_backend.weight_to_gptq
 
 
@@ -255,11 +264,13 @@ def test_numpy_compressed_tensors_weight_rows_equal_plain_core(qw, data):
     plain = np.asarray(ct.weight_from_awq(xp, qw))
     c0 = data.draw(st.integers(0, qw.shape[1] - 1))
     c1 = data.draw(st.integers(c0 + 1, qw.shape[1]))
-    for fn in (numpy_backend.weight_to_ct_rows, numpy_backend.weight_to_ct_piece):
-        buf = np.full(32 * (c1 - c0) * qw.shape[0] // 8, 0xAB, np.uint8)
-        fast = fn(qw, c0, c1, buf)
-        assert np.shares_memory(fast, buf) and fast.shape == (8 * (c1 - c0), qw.shape[0] // 8)
-        np.testing.assert_array_equal(fast, plain[8 * c0 : 8 * c1])
+    for how in ROUTES:  # the C kernel, and without it the ufuncs (and numba's for the piece path)
+        for fn in (numpy_backend.weight_to_ct_rows, numpy_backend.weight_to_ct_piece):
+            buf = np.full(32 * (c1 - c0) * qw.shape[0] // 8, 0xAB, np.uint8)
+            with route(how):
+                fast = fn(qw, c0, c1, buf)
+            assert np.shares_memory(fast, buf) and fast.shape == (8 * (c1 - c0), qw.shape[0] // 8)
+            np.testing.assert_array_equal(fast, plain[8 * c0 : 8 * c1], err_msg=how)
 
 
 @given(qw=word_arrays(FAST_SHAPES + [(64, 40)]), block=st.sampled_from([4096, 1 << 21]))
@@ -397,7 +408,8 @@ def _check_dequantize_kernels(numpy_backend, bits, v1, k, groups, n, s, finish, 
 
 
 def test_public_calls_take_the_fast_paths(monkeypatch):
-    """The public NumPy and JAX calls dispatch to the fast paths (and PACKQ_NUMBA=0 to the ufuncs)."""
+    """The public NumPy and JAX calls dispatch to the fast paths: the C kernel, else numba's (PACKQ_CEXT=0), else
+    the ufuncs (PACKQ_NUMBA=0 too)."""
     import jax.numpy as jnp
 
     from packq.backends import jax as jax_backend
@@ -405,17 +417,21 @@ def test_public_calls_take_the_fast_paths(monkeypatch):
 
     qw = raw_words(3, (16, 8))
     calls = []
-    for name in ("weight_to_gptq_ufuncs", "weight_to_gptq_numba"):
+    for name in ("weight_to_gptq_ufuncs", "weight_to_gptq_numba", "weight_to_gptq_c"):
         real = getattr(numpy_backend, name)
         monkeypatch.setattr(numpy_backend, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    packq.fast_awq_to_gptq(qw, qw[:1])
+    for env in ({}, {"PACKQ_CEXT": "0"}, {"PACKQ_CEXT": "0", "PACKQ_NUMBA": "0"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            numpy_backend.numba_kernels.cache_clear()
+            numpy_backend.c_kernels.cache_clear()
+            packq.fast_awq_to_gptq(qw, qw[:1])
     numpy_backend.numba_kernels.cache_clear()
-    monkeypatch.setenv("PACKQ_NUMBA", "0")
-    packq.fast_awq_to_gptq(qw, qw[:1])
-    numpy_backend.numba_kernels.cache_clear()
+    numpy_backend.c_kernels.cache_clear()
     monkeypatch.undo()
-    want = ["weight_to_gptq_numba"] if numpy_backend.numba_kernels() else ["weight_to_gptq_ufuncs"]
-    assert calls == want + ["weight_to_gptq_ufuncs"]
+    numba = "weight_to_gptq_numba" if numpy_backend.numba_kernels() else "weight_to_gptq_ufuncs"
+    assert calls == ["weight_to_gptq_c" if numpy_backend.c_kernels() else numba, numba, "weight_to_gptq_ufuncs"]
     x = jnp.asarray(qw)
     assert jax_backend.BACKEND._impl(awq.weight_to_gptq, [x], plain=False) is jax_backend.weight_to_gptq_bytes
 

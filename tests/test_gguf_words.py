@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _paths import ROUTES, route
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,10 +65,13 @@ def _words_path(words, z, s, c0, c1, cols, gguf_type):
     return numpy_backend.gguf_blocks_awq_words(words, c0, c1, cols, z, d, gguf_type)
 
 
-@given(pieces())
-def test_words_path_writes_the_encoders_bytes(p):
+@pytest.mark.parametrize("how", ROUTES)
+@given(p=pieces())
+def test_words_path_writes_the_encoders_bytes(how, p):
+    """By the C kernels and by NumPy's byte-lane operations (tests/_paths.py)."""
     words, z, s, c0, c1, cols, gguf_type = p
-    got = _words_path(words, z, s, c0, c1, cols, gguf_type)
+    with route(how):
+        got = _words_path(words, z, s, c0, c1, cols, gguf_type)
     if gguf_type == "Q4_0" and not np.all(z[:, cols] == 8):  # the encoder clips there: left to the other paths
         assert got is None
         return
@@ -86,9 +90,15 @@ def test_symmetric_census_without_the_words_is_the_codes_census(p):
     assert G.census_of_bounds(span, np.full_like(span, 15), z, s) == G.census(q.astype(np.int32), z, s, rounding=False)
 
 
-def test_negative_controls():
+@pytest.mark.parametrize("how", ROUTES)
+def test_negative_controls(how):
     """A changed zero-point or code changes the words path's bytes (so the comparison above can fail), and an
     asymmetric module is not given the symmetric census (its Q4_0 count is smaller)."""
+    with route(how):
+        _negative_controls()
+
+
+def _negative_controls():
     rng = np.random.default_rng(7)
     words = rng.integers(-(2**31), 2**31, (128, 2), dtype=np.int64).astype(np.int32)
     z = rng.integers(0, 16, (2, 16)).astype(np.int16)

@@ -93,6 +93,28 @@ def numba_kernels() -> ModuleType | None:
     return kernels
 
 
+@functools.cache
+def c_kernels() -> ModuleType | None:
+    """packq's compiled C kernels (``packq/backends/_ckernels.c``: the AWQ word transposes and GGUF's blocks), or None
+    where the optional extension was not built (no C compiler when packq was installed), on a big-endian host, or
+    with ``PACKQ_CEXT=0``: then numba's kernels or the ufuncs run, which write the same bytes. Unlike numba they
+    load in about a millisecond, so every conversion uses them, however small."""
+    if os.environ.get("PACKQ_CEXT", "1") == "0" or sys.byteorder != "little":
+        return None
+    try:
+        from packq.backends import _ckernels  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _ckernels
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """``a``'s 32-bit words as a C-contiguous native uint32 array (itself where it already is one), for the C kernels."""
+    if a.dtype.itemsize != 4 or a.dtype.kind not in "iu":
+        raise TypeError(f"qweight: expected int32 or uint32 words, got {a.dtype}")
+    return np.ascontiguousarray(_native(a)).view(_U)
+
+
 _ready = threading.Event()  # the compiled kernels have run once in this process
 _deferred = [0]  # inside deferred_kernels(): never wait for numba to load
 _background: list[threading.Thread] = []
@@ -274,30 +296,67 @@ def weight_to_awq_numba(qweight: np.ndarray, kernels: ModuleType) -> np.ndarray:
                                                     lambda g0, g1: kernels.gptq_to_awq(src, out, g0, g1)))
 
 
+def weight_to_gptq_c(qweight: np.ndarray, ck: ModuleType, over: bool = False) -> np.ndarray:
+    """AWQ -> GPTQ by the C kernel, a thread per MiB up to ``threads()``; ``over``: written over qweight's own memory
+    (the kernel copies each group's 8 rows aside before it stores the group's output row, the same words)."""
+    *lead, k, c = qweight.shape
+    src = _words(qweight).reshape(-1, c)  # stacked experts are more groups of 8 rows
+    out = src if over else np.empty_like(src)
+    _split(src.shape[0] // 8, 32 * c, lambda g0, g1: ck.awq_to_gptq(src, src.shape[0], c, out, g0, g1))
+    return out.view(np.int32).reshape(*lead, k // 8, c * 8)
+
+
+def _ct_rows_c(ck: ModuleType, qweight: np.ndarray, c0: int, c1: int, out: np.ndarray | None, threaded: bool) -> np.ndarray:
+    """:func:`weight_to_ct_rows` by the C kernel: (8 (c1 - c0), K/8) uint32, into ``out``'s bytes where given."""
+    src = _words(qweight)
+    k, c = src.shape
+    res = np.empty((8 * (c1 - c0), k // 8), _U) if out is None else out.view(_U).reshape(8 * (c1 - c0), k // 8)
+    if threaded:
+        _split(k // 8, 32 * (c1 - c0), lambda g0, g1: ck.awq_to_ct(src, k, c, c0, c1, res, g0, g1))
+    else:
+        ck.awq_to_ct(src, k, c, c0, c1, res, 0, k // 8)
+    return res
+
+
 def weight_to_ct(_: Any, qweight: np.ndarray) -> np.ndarray:
     """AWQ (..., K, N/8) -> compressed-tensors weight_packed (..., N, K/8), GPTQ's words transposed: by the ufuncs,
     each cache-sized block's transposed planes stored straight into their transposed places (a whole-tensor
     transposed copy of the GPTQ result, which it replaces, costs 5-40x a copy); by the kernel, then transposed."""
+    if c_kernels() is not None:
+        return _experts(qweight, lambda e: weight_to_ct_rows(e, 0, e.shape[1]))
     kernels = _kernels_now()
     if kernels is not None:
         return np.ascontiguousarray(np.swapaxes(weight_to_gptq_numba(qweight, kernels), -1, -2))
     return weight_to_ct_ufuncs(qweight)
 
 
+def _experts(qweight: np.ndarray, one: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``one`` (a 2-D AWQ qweight -> its weight_packed) over stacked experts one by one: each is its own (N, K/8)."""
+    if qweight.ndim == 2:
+        return one(qweight)
+    flat = qweight.reshape(-1, *qweight.shape[-2:])
+    return np.stack([one(e) for e in flat]).reshape(*qweight.shape[:-2], qweight.shape[-1] * 8, -1)
+
+
 def weight_to_ct_ufuncs(qweight: np.ndarray) -> np.ndarray:
     """AWQ -> compressed-tensors weight_packed by ufuncs, blocked and threaded."""
-    if qweight.ndim > 2:  # experts one by one: each is its own (N, K/8) matrix
-        flat = qweight.reshape(-1, *qweight.shape[-2:])
-        return np.stack([weight_to_ct_ufuncs(e) for e in flat]).reshape(*qweight.shape[:-2], qweight.shape[-1] * 8, -1)
-    return weight_to_ct_rows(qweight, 0, qweight.shape[1])
+    return _experts(qweight, lambda e: weight_to_ct_rows_ufuncs(e, 0, e.shape[1]))
 
 
 def weight_to_ct_rows(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows [8 * c0, 8 * c1) of compressed-tensors' weight_packed (N, K/8) from a 2-D AWQ qweight (K, N/8): its word
-    columns [c0, c1), by the ufuncs, into ``out`` (any array of those bytes) or a new array; so that a converter
-    writes weight_packed in pieces of whole rows while the next one converts. Each cache-sized block's transposed
-    planes are stored straight into their transposed places (a whole transposed copy of the GPTQ words, which this
-    replaces, costs 5-40x a copy)."""
+    columns [c0, c1), into ``out`` (any array of those bytes) or a new array; so that a converter writes
+    weight_packed in pieces of whole rows while the next one converts. By the C kernel where it is built, else
+    :func:`weight_to_ct_rows_ufuncs`."""
+    ck = c_kernels()
+    if ck is not None:
+        return _ct_rows_c(ck, qweight, c0, c1, out, threaded=True).view(np.int32)
+    return weight_to_ct_rows_ufuncs(qweight, c0, c1, out)
+
+
+def weight_to_ct_rows_ufuncs(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`weight_to_ct_rows` by the ufuncs: each cache-sized block's transposed planes are stored straight into
+    their transposed places (a whole transposed copy of the GPTQ words, which this replaces, costs 5-40x a copy)."""
     k, c = qweight.shape
     src = np.ascontiguousarray(qweight).view(_U).reshape(-1, 8, c)[:, :, c0:c1]  # (group, row i, word): a column block
     groups, cb = src.shape[0], c1 - c0
@@ -319,8 +378,8 @@ def weight_to_ct_rows(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray | N
 
 
 def weight_to_ct_piece(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray) -> np.ndarray:
-    """:func:`weight_to_ct_rows` into ``out``; by the compiled kernel where it is loaded (then transposed)."""
-    kernels = _kernels_now()
+    """:func:`weight_to_ct_rows` into ``out``; by the C kernel, else numba's where it is loaded (then transposed)."""
+    kernels = _kernels_now() if c_kernels() is None else None
     if kernels is None:
         return weight_to_ct_rows(qweight, c0, c1, out)
     res = out.view(np.int32).reshape(8 * (c1 - c0), qweight.shape[0] // 8)
@@ -329,6 +388,9 @@ def weight_to_ct_piece(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray) -
 
 
 def weight_to_gptq(_: Any, qweight: np.ndarray) -> np.ndarray:
+    ck = c_kernels()
+    if ck is not None:
+        return weight_to_gptq_c(qweight, ck)
     kernels = _kernels_now()
     return weight_to_gptq_ufuncs(qweight) if kernels is None else weight_to_gptq_numba(qweight, kernels)
 
@@ -338,11 +400,15 @@ def weight_to_awq(_: Any, qweight: np.ndarray) -> np.ndarray:
     return weight_to_awq_ufuncs(qweight) if kernels is None else weight_to_awq_numba(qweight, kernels)
 
 
-def _over(ufuncs: Callable[..., np.ndarray], numba: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-    """A weight conversion written over its input by the ufuncs (a conversion's read buffer then needs no output
-    buffer beside it, whose fresh pages would fault); the compiled kernels store each 8 x 2-word block's output
-    over words of later rows that they have not read yet, so they return a new array."""
+def _over(ufuncs: Callable[..., np.ndarray], numba: Callable[..., np.ndarray],
+          c: Callable[..., np.ndarray] | None = None) -> Callable[..., np.ndarray]:
+    """A weight conversion written over its input by the C kernel or the ufuncs (a conversion's read buffer then
+    needs no output buffer beside it, whose fresh pages would fault); numba's kernels store each 8 x 2-word block's
+    output over words of later rows that they have not read yet, so they return a new array."""
     def run(qweight: np.ndarray) -> np.ndarray:
+        ck = c_kernels()
+        if ck is not None and c is not None:
+            return c(qweight, ck, over=True)
         kernels = _kernels_now()
         return ufuncs(qweight, over=True) if kernels is None else numba(qweight, kernels)
     return run
@@ -710,6 +776,17 @@ def awq_histogram_t(qweight: np.ndarray, groups: int) -> np.ndarray | None:
     return hist
 
 
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """This thread's scratch bytes, reused from call to call (fresh megabytes would page-fault every time)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
+
+
 #: rows of a column block the whole-word GGUF path works on at once (its temporaries stay in the cache)
 SWAR_WORDS = 1 << 15
 _M = _U(0x0F0F0F0F)
@@ -746,7 +823,7 @@ def _zip_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, d: np.ndarray,
-                          gguf_type: str) -> np.ndarray | None:
+                          gguf_type: str, out: np.ndarray | None = None) -> np.ndarray | None:
     """:func:`packq.formats.gguf.encode`'s bytes (len(cols), K/32 * block bytes) of Q4_0, Q5_0 or Q8_0 from a 2-D 4-bit
     AWQ qweight (K, N/8), by whole-word bit operations (no numba): word columns [c0, c1) transposed to
     compressed-tensors' rows (:func:`weight_to_ct_rows`: a word holds 8 consecutive k of one output column, so one
@@ -757,7 +834,10 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
     bits (:func:`packq.formats.gguf.block_scales`). 4-bit codes less a 4-bit zero-point are always in Q5_0's and
     Q8_0's ranges, so the encoder clips nothing there; Q4_0 is written only where every zero-point is 8 (the
     integers are then the codes themselves): None otherwise, and for a big-endian host (the caller then takes
-    another path, which gives the same bytes)."""
+    another path, which gives the same bytes). ``out``: a uint8 array of the result's bytes to write it into.
+
+    By the C kernels where they are built (the transpose and every block in one pass each, on this thread: the
+    GGUF writer runs pieces on threads of its own), else by NumPy's whole-word operations."""
     if gguf_type not in GGUF_KINDS or sys.byteorder != "little" or qweight.ndim != 2 or 0 in qweight.shape:
         return None
     k, c = qweight.shape
@@ -770,13 +850,23 @@ def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarra
     if gguf_type == "Q4_0" and not np.all(zc == 8):
         return None
     nb = k // G.BLOCK
-    ct = weight_to_ct_rows(qweight, c0, c1).view(_U)  # (n, K/8): row r is source column 8 * c0 + r
+    t = G.TYPES[gguf_type]
+    if out is not None and (out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != n * nb * t.nbytes):
+        raise ValueError(f"gguf_blocks_awq_words: out must be {n * nb * t.nbytes} contiguous bytes, got {out.dtype} {out.shape}")
     rel = cols - 8 * c0
+    ck = c_kernels()
+    if ck is not None:
+        ct = _ct_rows_c(ck, qweight, c0, c1, _scratch(4 * n * (k // 8)), threaded=False)
+        rows = b"" if np.array_equal(rel, np.arange(n)) else np.ascontiguousarray(rel, np.int64)
+        res = np.empty(n * nb * t.nbytes, np.uint8) if out is None else out.reshape(-1)
+        ck.ct_to_gguf(ct, n, k // 8, rows, np.ascontiguousarray(zc.T, np.uint8), groups, n, np.ascontiguousarray(d, np.uint16),
+                      GGUF_KINDS[gguf_type], res, 0, n)
+        return res.reshape(n, nb * t.nbytes)
+    ct = weight_to_ct_rows_ufuncs(qweight, c0, c1).view(_U)  # (n, K/8): row r is source column 8 * c0 + r
     if not np.array_equal(rel, np.arange(n)):
         ct = ct[rel]
     words = ct.reshape(n, nb, 4)  # each block's 4 words: k 0-7, 8-15, 16-23, 24-31
-    t = G.TYPES[gguf_type]
-    out = np.empty((n, nb, t.nbytes), np.uint8)
+    out = np.empty((n, nb, t.nbytes), np.uint8) if out is None else out.reshape(n, nb, t.nbytes)
     # the blocks as packed records: each field's copy is then one strided loop of fixed-size items over every block
     # (a (..., 16) uint8 copy into 22-byte blocks loops per block: 18% of a conversion, measured)
     rec = out.reshape(n, nb * t.nbytes).view(_BLOCK_RECORDS[gguf_type])
@@ -868,7 +958,7 @@ class NumpyBackend(Backend):
                   ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2)), ct.weight_from_awq: weight_to_ct}
 
     #: core function -> its fast path written over its input (``run_over``)
-    in_place = {awq.weight_to_gptq: _over(weight_to_gptq_ufuncs, weight_to_gptq_numba),
+    in_place = {awq.weight_to_gptq: _over(weight_to_gptq_ufuncs, weight_to_gptq_numba, weight_to_gptq_c),
                 awq.weight_to_awq: _over(weight_to_awq_ufuncs, weight_to_awq_numba)}
 
     def run_over(self, fn: Callable[..., Any], x: Any, **static: Any) -> Any:

@@ -1,0 +1,273 @@
+/* packq's compiled CPU kernels: the AWQ word transpose and GGUF's blocks, in one pass each, without the GIL.
+ *
+ * Built by setuptools when a C compiler is there (an optional extension: without one, packq installs and the
+ * NumPy ufunc paths write the same bytes). numba kernels exist too (packq[fast]), but loading numba costs about
+ * 0.5 s and 105 MB in every process, as much as a whole 1 GB relayout's floor on 2 cores; this module loads in
+ * a millisecond. Plain C99, no NumPy headers: arrays come as contiguous buffers (the buffer protocol) and
+ * their shapes as integers, checked here against the buffers' sizes; the Python wrappers in
+ * packq/backends/numpy.py check the rest (dtypes, shapes) and choose the threads.
+ *
+ * Words are little-endian uint32 (the wrappers refuse big-endian hosts). Every kernel is checked bit for bit
+ * against the reference encoders by hypothesis properties (tests/test_ckernels.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* AWQ's interleave: slot s of a word holds column AWQ_PACK_ORDER[s] of its 8 (packq.formats.awq) */
+static const int AWQ_ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+/* the transpose's tile: 16 word columns (one 64-byte line of a source row) by 16 groups (one line of an output row) */
+#define TILE 16
+
+/* the delta swap t = ((a >> k) ^ b) & m; a ^= t << k; b ^= t, on TILE lanes (vectorized by the compiler) */
+static inline void swap_lanes(uint32_t *restrict a, uint32_t *restrict b, int k, uint32_t m) {
+    for (int l = 0; l < TILE; l++) {
+        uint32_t t = ((a[l] >> k) ^ b[l]) & m;
+        a[l] ^= t << k;
+        b[l] ^= t;
+    }
+}
+
+/* v[i][l] for 8 rows i: afterwards nibble i of v[s][l] is what nibble s of v[i][l] was (an 8 x 8 nibble transpose
+ * in every lane l) */
+static inline void transpose_lanes(uint32_t v[8][TILE]) {
+    for (int i = 0; i < 4; i++)
+        swap_lanes(v[i], v[i + 4], 16, 0x0000FFFFu);
+    for (int i = 0; i < 8; i += 4) {
+        swap_lanes(v[i], v[i + 2], 8, 0x00FF00FFu);
+        swap_lanes(v[i + 1], v[i + 3], 8, 0x00FF00FFu);
+    }
+    for (int i = 0; i < 8; i += 2)
+        swap_lanes(v[i], v[i + 1], 4, 0x0F0F0F0Fu);
+}
+
+/* AWQ qweight words (K, C) -> compressed-tensors' weight_packed rows of word columns [c0, c1): out (8 (c1 - c0), K/8),
+ * row 8 (w - c0) + AWQ_ORDER[s] word g = nibbles s of src[8 g + i][w], i = 0..7; groups [g0, g1) only (a thread's
+ * share). Per tile: each group's 8 rows of 16 words transposed in lanes (contiguous loads), then each output row's
+ * 16 words stored together. */
+static void awq_to_ct(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1, uint32_t *out,
+                      Py_ssize_t g0, Py_ssize_t g1) {
+    Py_ssize_t groups = k / 8;
+    uint32_t t[TILE][8][TILE]; /* [group in tile][slot s][word in tile] */
+    for (Py_ssize_t gt = g0; gt < g1; gt += TILE) {
+        int ng = (int)(gt + TILE < g1 ? TILE : g1 - gt);
+        for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {
+            int nw = (int)(wt + TILE < c1 ? TILE : c1 - wt);
+            for (int gl = 0; gl < ng; gl++) {
+                const uint32_t *rows = src + 8 * (gt + gl) * c + wt;
+                for (int i = 0; i < 8; i++) {
+                    memcpy(t[gl][i], rows + i * c, 4 * (size_t)nw);
+                    if (nw < TILE)
+                        memset(t[gl][i] + nw, 0, 4 * (size_t)(TILE - nw));
+                }
+                transpose_lanes(t[gl]);
+            }
+            for (int l = 0; l < nw; l++)
+                for (int s = 0; s < 8; s++) {
+                    uint32_t *o = out + (8 * (wt + l - c0) + AWQ_ORDER[s]) * groups + gt;
+                    for (int gl = 0; gl < ng; gl++)
+                        o[gl] = t[gl][s][l];
+                }
+        }
+    }
+}
+
+/* AWQ qweight words (K, C) -> GPTQ's qweight (K/8, 8 C): word (g, 8 w + AWQ_ORDER[s]) = nibbles s of src[8 g + i][w],
+ * groups [g0, g1). A group's 8 rows and its output row are the same 8 C words of each layout, so out may be src
+ * itself: each group is copied to `tmp` (8 C words) before its row is stored. */
+static void awq_to_gptq(const uint32_t *src, Py_ssize_t c, uint32_t *out, Py_ssize_t g0, Py_ssize_t g1, uint32_t *tmp) {
+    uint32_t v[8][TILE];
+    for (Py_ssize_t g = g0; g < g1; g++) {
+        memcpy(tmp, src + 8 * g * c, 4 * (size_t)(8 * c));
+        uint32_t *o = out + 8 * g * c;
+        for (Py_ssize_t wt = 0; wt < c; wt += TILE) {
+            int nw = (int)(wt + TILE < c ? TILE : c - wt);
+            for (int i = 0; i < 8; i++) {
+                memcpy(v[i], tmp + i * c + wt, 4 * (size_t)nw);
+                if (nw < TILE)
+                    memset(v[i] + nw, 0, 4 * (size_t)(TILE - nw));
+            }
+            transpose_lanes(v);
+            for (int l = 0; l < nw; l++)
+                for (int s = 0; s < 8; s++)
+                    o[8 * (wt + l) + AWQ_ORDER[s]] = v[s][l];
+        }
+    }
+}
+
+/* the nibbles of x at the low halves of a uint64's 8 bytes (nibble i at byte i) */
+static inline uint64_t spread(uint32_t x) {
+    uint64_t y = x;
+    y = (y | (y << 16)) & 0x0000FFFF0000FFFFull;
+    y = (y | (y << 8)) & 0x00FF00FF00FF00FFull;
+    y = (y | (y << 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return y;
+}
+
+/* bit 4 of each of y's 8 bytes, gathered into bit i for byte i */
+static inline uint32_t bit4s(uint64_t y) {
+    y = (y >> 4) & 0x0101010101010101ull;
+    return (uint32_t)((y * 0x0102040810204080ull) >> 56);
+}
+
+enum { Q4_0 = 0, Q5_0 = 1, Q8_0 = 2 };
+static const Py_ssize_t BLOCK_BYTES[3] = {18, 22, 34};
+
+static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* GGUF blocks of rows of 4-bit codes in compressed-tensors' words (each word 8 consecutive k of one row, nibble i
+ * = k 8 j + i): out row r from ct row rows[r] (or r), its blocks of 32 k, each block's zero-point z[r][block /
+ * per_group] (uint8) and fp16 scale bits d[r][block]; ggml's block_q4_0 (every zero-point 8), q5_0, q8_0. Rows
+ * [r0, r1) only. The codes less a 4-bit zero-point never leave Q5_0's or Q8_0's ranges: nothing to clip. */
+static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, const uint8_t *z, Py_ssize_t groups,
+                       Py_ssize_t per_group, const uint16_t *d, int kind, uint8_t *out, Py_ssize_t r0, Py_ssize_t r1) {
+    Py_ssize_t nb = kw / 4, bs = BLOCK_BYTES[kind];
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint32_t *w = ct + (rows ? rows[r] : r) * kw;
+        const uint8_t *zr = z + r * groups;
+        const uint16_t *dr = d + r * nb;
+        uint8_t *o = out + r * nb * bs;
+        for (Py_ssize_t b = 0; b < nb; b++, w += 4, o += bs) {
+            memcpy(o, &dr[b], 2);
+            uint64_t q0 = spread(w[0]), q1 = spread(w[1]), q2 = spread(w[2]), q3 = spread(w[3]);
+            if (kind == Q4_0) {
+                put64(o + 2, q0 | (q2 << 4));
+                put64(o + 10, q1 | (q3 << 4));
+                continue;
+            }
+            uint64_t zz = 0x0101010101010101ull * zr[b / per_group];
+            if (kind == Q8_0) { /* q - z as int8: (128 + q) - z never borrows across bytes; the xor makes it two's complement */
+                const uint64_t bias = 0x8080808080808080ull;
+                put64(o + 2, ((q0 | bias) - zz) ^ bias);
+                put64(o + 10, ((q1 | bias) - zz) ^ bias);
+                put64(o + 18, ((q2 | bias) - zz) ^ bias);
+                put64(o + 26, ((q3 | bias) - zz) ^ bias);
+                continue;
+            }
+            /* Q5_0: q - z + 16 in [1, 31], no carry between bytes; bit 4 to qh (bit k for k), the low nibbles to qs */
+            uint64_t add = 0x1010101010101010ull - zz;
+            q0 += add; q1 += add; q2 += add; q3 += add;
+            uint32_t qh = bit4s(q0) | (bit4s(q1) << 8) | (bit4s(q2) << 16) | ((uint32_t)bit4s(q3) << 24);
+            memcpy(o + 2, &qh, 4);
+            const uint64_t lo = 0x0F0F0F0F0F0F0F0Full;
+            put64(o + 6, (q0 & lo) | ((q2 & lo) << 4));
+            put64(o + 14, (q1 & lo) | ((q3 & lo) << 4));
+        }
+    }
+}
+
+/* a contiguous buffer of at least `need` bytes, or an error naming it */
+static int need(Py_buffer *b, const char *name, Py_ssize_t bytes) {
+    if (bytes < 0 || b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, needs %zd", name, b->len, bytes);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_awq_to_ct(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    Py_ssize_t k, c, c0, c1, g0, g1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*nn:awq_to_ct", &src, &k, &c, &c0, &c1, &out, &g0, &g1))
+        return NULL;
+    PyObject *res = NULL;
+    if (k <= 0 || k % 8 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1 || g0 < 0 || g1 > k / 8 || g0 > g1) {
+        PyErr_Format(PyExc_ValueError, "awq_to_ct: K %zd, C %zd, words [%zd, %zd), groups [%zd, %zd) disagree", k, c, c0,
+                     c1, g0, g1);
+    } else if (need(&src, "src", 4 * k * c) && need(&out, "out", 4 * 8 * (c1 - c0) * (k / 8))) {
+        Py_BEGIN_ALLOW_THREADS
+        awq_to_ct((const uint32_t *)src.buf, k, c, c0, c1, (uint32_t *)out.buf, g0, g1);
+        Py_END_ALLOW_THREADS
+        res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *py_awq_to_gptq(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    Py_ssize_t k, c, g0, g1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnw*nn:awq_to_gptq", &src, &k, &c, &out, &g0, &g1))
+        return NULL;
+    PyObject *res = NULL;
+    if (k <= 0 || k % 8 || c <= 0 || g0 < 0 || g1 > k / 8 || g0 > g1) {
+        PyErr_Format(PyExc_ValueError, "awq_to_gptq: K %zd, C %zd, groups [%zd, %zd) disagree", k, c, g0, g1);
+    } else if (need(&src, "src", 4 * k * c) && need(&out, "out", 4 * k * c)) {
+        uint32_t *tmp = PyMem_RawMalloc(4 * (size_t)(8 * c));
+        if (tmp == NULL) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            awq_to_gptq((const uint32_t *)src.buf, c, (uint32_t *)out.buf, g0, g1, tmp);
+            Py_END_ALLOW_THREADS
+            PyMem_RawFree(tmp);
+            res = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *py_ct_to_gguf(PyObject *self, PyObject *args) {
+    Py_buffer ct, rows, z, d, out;
+    Py_ssize_t n, kw, m, groups, r0, r1;
+    int kind;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nny*y*nny*iw*nn:ct_to_gguf", &ct, &m, &kw, &rows, &z, &groups, &n, &d, &kind, &out,
+                          &r0, &r1))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t nb = kw / 4;
+    int permuted = rows.len > 0;
+    if (kind < 0 || kind > 2 || kw <= 0 || kw % 4 || m <= 0 || n <= 0 || groups <= 0 || nb % groups || r0 < 0 ||
+        r1 > n || r0 > r1 || (!permuted && m != n)) {
+        PyErr_Format(PyExc_ValueError, "ct_to_gguf: rows %zd of %zd words, %zd out, %zd groups, kind %d, [%zd, %zd) "
+                     "disagree", m, kw, n, groups, kind, r0, r1);
+    } else if (need(&ct, "ct", 4 * m * kw) && (!permuted || need(&rows, "rows", 8 * n)) &&
+               need(&z, "z", n * groups) && need(&d, "d", 2 * n * nb) && need(&out, "out", n * nb * BLOCK_BYTES[kind])) {
+        const int64_t *rp = permuted ? (const int64_t *)rows.buf : NULL;
+        int bad = 0;
+        for (Py_ssize_t r = r0; permuted && r < r1; r++)
+            bad |= rp[r] < 0 || rp[r] >= m;
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "ct_to_gguf: a row index outside [0, %zd)", m);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            ct_to_gguf((const uint32_t *)ct.buf, kw, rp, (const uint8_t *)z.buf, groups, nb / groups,
+                       (const uint16_t *)d.buf, kind, (uint8_t *)out.buf, r0, r1);
+            Py_END_ALLOW_THREADS
+            res = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&ct);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&out);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
+     "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
+     "groups [g0, g1) of out (8 (c1 - c0), K/8); contiguous little-endian uint32 buffers; releases the GIL."},
+    {"awq_to_gptq", py_awq_to_gptq, METH_VARARGS,
+     "awq_to_gptq(src, K, C, out, g0, g1): AWQ words (K, C) -> GPTQ words (K/8, 8 C), groups [g0, g1); out may be "
+     "src's own buffer; contiguous little-endian uint32 buffers; releases the GIL."},
+    {"ct_to_gguf", py_ct_to_gguf, METH_VARARGS,
+     "ct_to_gguf(ct, M, KW, rows, z, G, N, d, kind, out, r0, r1): GGUF blocks (kind 0 Q4_0, 1 Q5_0, 2 Q8_0) of "
+     "out rows [r0, r1) of N, row r from ct row rows[r] of M (rows empty: r), KW words each; z (N, G) uint8 "
+     "zero-points, d (N, KW/4) fp16 bits; releases the GIL."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels", "packq's compiled CPU kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__ckernels(void) { return PyModule_Create(&module); }

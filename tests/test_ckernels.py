@@ -1,0 +1,232 @@
+"""packq's C kernels (packq/backends/_ckernels.c) write the plain core's and the reference encoder's bytes.
+
+AWQ -> GPTQ (into a new array and over its input, experts stacked), AWQ -> compressed-tensors' weight_packed rows
+(any block of word columns, any share of the groups), GGUF's Q4_0 / Q5_0 / Q8_0 blocks of a column block (rows
+permuted within it); each against the array-API core or :func:`packq.formats.gguf.encode`, with negative controls;
+bad buffers refused with a ValueError naming them; and whole conversions write the same files with and without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _paths import route
+from hypothesis import given
+from hypothesis import strategies as st
+
+from packq.backends import numpy as numpy_backend
+from packq.formats import awq
+from packq.formats import compressed_tensors as ct
+from packq.formats import gguf as G
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = [(8, 1), (8, 8), (16, 24), (64, 5), (32, 17), (256, 40), (2, 16, 8), (3, 24, 7)]
+
+
+def _ck():
+    ck = numpy_backend.c_kernels()
+    if ck is None:
+        pytest.skip("packq's C extension is not built here")
+    return ck
+
+
+def _words(shape, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32)
+
+
+def _core():
+    import array_api_compat.numpy as xp
+
+    return xp
+
+
+def test_the_c_extension_is_built():
+    """Wherever a C compiler exists (this project's machines and CI), pip built the extension: otherwise every
+    property below would skip its C route."""
+    if os.environ.get("PACKQ_CEXT") == "0":
+        pytest.skip("PACKQ_CEXT=0")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here: packq installs without its C kernels")
+    assert numpy_backend.c_kernels() is not None, "packq/backends/_ckernels.c was not built: reinstall packq (pip install -e .)"
+
+
+@given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**32 - 1))
+def test_awq_to_gptq_equals_plain_core(shape, seed):
+    ck = _ck()
+    qw = _words(shape, seed)
+    want = np.asarray(awq.weight_to_gptq(_core(), qw))
+    got = numpy_backend.weight_to_gptq_c(qw, ck)
+    assert got.dtype == np.int32 and got.shape == want.shape and got.tobytes() == want.tobytes()
+    mine = qw.copy()
+    over = numpy_backend.weight_to_gptq_c(mine, ck, over=True)
+    assert np.shares_memory(over, mine) and over.tobytes() == want.tobytes()
+    with route("C"):  # the public dispatch and the in-place route take it
+        assert numpy_backend.weight_to_gptq(None, qw).tobytes() == want.tobytes()
+        assert numpy_backend.BACKEND.run_over(awq.weight_to_gptq, qw.copy()).tobytes() == want.tobytes()
+
+
+@given(shape=st.sampled_from([s for s in SHAPES if len(s) == 2]), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_awq_to_ct_rows_equal_plain_core(shape, seed, data):
+    """Any block of word columns, into a given buffer, by the public row function (threaded) and by one call per
+    share of the groups."""
+    ck = _ck()
+    qw = _words(shape, seed)
+    plain = np.asarray(ct.weight_from_awq(_core(), qw))
+    k, c = shape
+    c0 = data.draw(st.integers(0, c - 1))
+    c1 = data.draw(st.integers(c0 + 1, c))
+    buf = np.full(32 * (c1 - c0) * k // 8, 0xAB, np.uint8)
+    with route("C"):
+        got = numpy_backend.weight_to_ct_rows(qw, c0, c1, buf)
+    assert np.shares_memory(got, buf) and got.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
+    out = np.full((8 * (c1 - c0), k // 8), 0x5A5A5A5A, np.uint32)
+    cut = data.draw(st.integers(0, k // 8))
+    ck.awq_to_ct(qw, k, c, c0, c1, out, 0, cut)
+    ck.awq_to_ct(qw, k, c, c0, c1, out, cut, k // 8)
+    assert out.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
+
+
+@st.composite
+def gguf_pieces(draw):
+    k = draw(st.sampled_from([32, 64, 128, 256]))
+    c = draw(st.sampled_from([1, 2, 3, 17]))
+    group = draw(st.sampled_from([g for g in (32, 64, 128, k) if k % g == 0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    words = rng.integers(-(2**31), 2**31, (k, c), dtype=np.int64).astype(np.int32)
+    z = rng.integers(0, 16, (k // group, 8 * c)).astype(np.int16)
+    gguf_type = draw(st.sampled_from(G.QUANTIZED))
+    if gguf_type == "Q4_0" or draw(st.booleans()):
+        z[:] = 8
+    s = rng.standard_normal(z.shape).astype(draw(st.sampled_from([np.float16, np.float32])))
+    c0 = draw(st.integers(0, c - 1))
+    c1 = draw(st.integers(c0 + 1, c))
+    cols = np.arange(8 * c0, 8 * c1)
+    if draw(st.booleans()):
+        cols = rng.permutation(cols)
+    return words, z, s, c0, c1, cols, gguf_type
+
+
+def _blocks(words, z, s, c0, c1, cols, gguf_type, out=None):
+    g = np.arange(words.shape[0], dtype=np.int32) // (words.shape[0] // s.shape[0])
+    d = G.block_scales(s[:, cols], g)
+    return numpy_backend.gguf_blocks_awq_words(words, c0, c1, cols, z, d, gguf_type, out)
+
+
+@given(gguf_pieces(), st.booleans())
+def test_gguf_blocks_equal_the_encoders(p, into):
+    """The C route's blocks are :func:`packq.formats.gguf.encode`'s bytes and the NumPy route's, into a given buffer
+    or a new array."""
+    words, z, s, c0, c1, cols, gguf_type = p
+    q = numpy_backend.unpack_awq_u8(words)[:, cols]
+    want = G.encode(q, z[:, cols], s[:, cols], gguf_type).tobytes()
+    with route("no C"):
+        assert _blocks(*p).tobytes() == want
+    out = np.full(len(want), 0xCD, np.uint8) if into else None
+    with route("C"):
+        got = _blocks(*p, out=out)
+    assert got.dtype == np.uint8 and got.tobytes() == want
+    assert out is None or np.shares_memory(got, out)
+
+
+def test_negative_controls():
+    """The comparisons above can fail: a group share left out leaves its words unwritten; a changed zero-point, a
+    flipped code bit or reversed rows change the blocks; numba's kernel run over its own input is wrong where the C
+    kernel, which copies each group aside first, is right."""
+    ck = _ck()
+    qw = _words((64, 5), 3)
+    plain = np.asarray(ct.weight_from_awq(_core(), qw))
+    out = np.zeros((40, 8), np.uint32)
+    ck.awq_to_ct(qw, 64, 5, 0, 5, out, 0, 7)
+    assert out.tobytes() != plain.tobytes() and out[:, :7].tobytes() == plain.view(np.uint32)[:, :7].tobytes()
+    words, z = _words((128, 2), 5), np.random.default_rng(1).integers(0, 16, (2, 16)).astype(np.int16)
+    s, cols = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float16), np.arange(16)
+    with route("C"):
+        for t in ("Q5_0", "Q8_0"):
+            want = _blocks(words, z, s, 0, 2, cols, t).tobytes()
+            other = z.copy()
+            other[1, 3] = (other[1, 3] + 1) % 16
+            flipped = words.copy()
+            flipped[70, 1] ^= 1 << 9
+            assert _blocks(words, other, s, 0, 2, cols, t).tobytes() != want
+            assert _blocks(flipped, z, s, 0, 2, cols, t).tobytes() != want
+            assert _blocks(words, z, s, 0, 2, cols[::-1].copy(), t).tobytes() != want
+        assert _blocks(words, z, s, 0, 2, cols, "Q4_0") is None  # Q4_0 only where every zero-point is 8
+
+
+def test_bad_buffers_and_ranges_named():
+    ck = _ck()
+    qw = np.zeros((16, 3), np.int32)
+    with pytest.raises(ValueError, match=r"src: 188 bytes, needs 192"):
+        ck.awq_to_ct(np.zeros(47, np.int32), 16, 3, 0, 3, np.zeros((24, 2), np.int32), 0, 2)
+    with pytest.raises(ValueError, match=r"out: 188 bytes, needs 192"):
+        ck.awq_to_ct(qw, 16, 3, 0, 3, np.zeros(47, np.int32), 0, 2)
+    with pytest.raises(ValueError, match=r"awq_to_ct: K 16, C 3, words \[2, 4\)"):
+        ck.awq_to_ct(qw, 16, 3, 2, 4, np.zeros(64, np.int32), 0, 2)
+    with pytest.raises(ValueError, match=r"awq_to_gptq: K 12"):
+        ck.awq_to_gptq(qw, 12, 3, qw, 0, 1)
+    with pytest.raises(ValueError, match=r"awq_to_gptq: .*groups \[0, 3\)"):
+        ck.awq_to_gptq(qw, 16, 3, qw, 0, 3)
+    with pytest.raises(ValueError, match="not C-contiguous"):  # a strided view is no contiguous buffer
+        ck.awq_to_gptq(np.zeros((16, 6), np.int32)[:, ::2], 16, 3, qw, 0, 2)
+    with pytest.raises(TypeError):  # a read-only output
+        ck.awq_to_gptq(qw, 16, 3, bytes(192), 0, 2)
+    ctw, z, d = np.zeros((8, 4), np.uint32), np.zeros((8, 1), np.uint8), np.zeros((8, 1), np.uint16)
+    with pytest.raises(ValueError, match=r"ct_to_gguf: a row index outside \[0, 8\)"):
+        ck.ct_to_gguf(ctw, 8, 4, np.full(8, 8, np.int64), z, 1, 8, d, 1, np.zeros(8 * 22, np.uint8), 0, 8)
+    with pytest.raises(ValueError, match=r"out: 175 bytes, needs 176"):
+        ck.ct_to_gguf(ctw, 8, 4, b"", z, 1, 8, d, 1, np.zeros(175, np.uint8), 0, 8)
+    with pytest.raises(ValueError, match=r"kind 3"):
+        ck.ct_to_gguf(ctw, 8, 4, b"", z, 1, 8, d, 3, np.zeros(8 * 34, np.uint8), 0, 8)
+    with pytest.raises(TypeError, match=r"qweight: expected int32 or uint32 words, got float32"):
+        numpy_backend.weight_to_gptq_c(np.zeros((8, 1), np.float32), ck)
+    with pytest.raises(ValueError, match=r"gguf_blocks_awq_words: out must be 176 contiguous bytes"):
+        _blocks(np.zeros((32, 1), np.int32), np.full((1, 8), 8, np.int16), np.ones((1, 8), np.float16), 0, 1,
+                np.arange(8), "Q5_0", out=np.zeros(170, np.uint8))
+
+
+@pytest.mark.parametrize("to", ["gptq", "compressed-tensors", "mlx", "gguf"])
+def test_conversions_write_the_same_files_without_the_c_kernels(tmp_path, monkeypatch, to):
+    """The example checkpoint converted with the C kernels and without them (numba off too, so the ufuncs): the same
+    bytes in every file; GGUF through the Llama stand-in of tests/test_gguf_convert.py (the example has no
+    tokenizer)."""
+    import gguf_checkpoints as C
+
+    from packq.checkpoint import convert_checkpoint
+
+    monkeypatch.setenv("PACKQ_NUMBA", "0")
+    numpy_backend.numba_kernels.cache_clear()
+    monkeypatch.setattr(numpy_backend, "_kernels_now", lambda wait=False: None)
+    if to == "gguf":
+        pytest.importorskip("gguf")
+        module = types.ModuleType("packq.checkpoint.gguf_model")
+        module.describe = C.describe
+        monkeypatch.setitem(sys.modules, "packq.checkpoint.gguf_model", module)
+    kw = {"for_engine": "tgi"} if to == "gptq" else {"to": to}
+    ck, calls = _ck(), []
+    def counting(name):
+        real = getattr(ck, name)
+        return lambda *a: (calls.append(name), real(*a))[1]
+
+    counted = types.SimpleNamespace(**{name: counting(name) for name in ("awq_to_gptq", "awq_to_ct", "ct_to_gguf")})
+    digests = []
+    for how in ("C", "no C"):
+        out = tmp_path / (f"{how}.gguf" if to == "gguf" else how)
+        with route(how), monkeypatch.context() as m:
+            if how == "C":
+                m.setattr(numpy_backend, "c_kernels", lambda: counted)
+            convert_checkpoint(ROOT / "examples" / "tiny-llama-awq", out, **kw)
+        files = sorted(f for f in out.rglob("*") if f.is_file()) if out.is_dir() else [out]
+        digests.append({f.relative_to(out).as_posix() if out.is_dir() else "DST": f.read_bytes() for f in files})
+    assert digests[0] == digests[1] and digests[0]
+    # the C route ran its kernels: AWQ -> GPTQ; weight_packed's rows (compressed-tensors, MLX); GGUF's blocks
+    assert set(calls) == {"gptq": {"awq_to_gptq"}, "gguf": {"awq_to_ct", "ct_to_gguf"}}.get(to, {"awq_to_ct"})
+    numpy_backend.numba_kernels.cache_clear()
