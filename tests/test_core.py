@@ -294,6 +294,20 @@ def test_numpy_awq_to_compressed_tensors_weight_equals_plain_core(qw, block):
         np.testing.assert_array_equal(fast, plain)
 
 
+@given(qw=word_arrays(FAST_SHAPES))
+def test_numpy_unpack_awq_fast_path_equals_plain_core(qw):
+    """unpack_awq by table look-ups (the backend's fast path): the core's int32 values in logical column order."""
+    import array_api_compat.numpy as xp
+
+    from packq.backends import numpy as numpy_backend
+
+    plain = np.asarray(awq.unpack_awq(xp, qw))
+    fast = numpy_backend.BACKEND.run(awq.unpack_awq, qw)
+    assert numpy_backend.NumpyBackend.fast_paths.get(awq.unpack_awq) is not None
+    assert fast.dtype == plain.dtype == np.int32 and fast.shape == plain.shape
+    np.testing.assert_array_equal(fast, plain)
+
+
 @given(qz=word_arrays(FAST_SHAPES), offset=st.sampled_from([-1, 0, 1]))
 def test_numpy_zero_point_fast_paths_equal_plain_core(qz, offset):
     """The NumPy backend's whole-word zero-point reorders agree with the core, both ways, any offset."""

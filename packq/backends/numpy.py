@@ -955,7 +955,10 @@ class NumpyBackend(Backend):
                   awq.zeros_to_gptq: _nibble_reorder(tuple(awq.REVERSE_AWQ_PACK_ORDER), -1),
                   awq.zeros_to_awq: _nibble_reorder(tuple(awq.AWQ_PACK_ORDER), 1),
                   ct.from_gptq: _contiguous_transposes(ct.from_gptq), ct.to_gptq: _contiguous_transposes(ct.to_gptq),
-                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2)), ct.weight_from_awq: weight_to_ct}
+                  ct.swap: lambda _, x: np.ascontiguousarray(np.swapaxes(x, -1, -2)), ct.weight_from_awq: weight_to_ct,
+                  # by table look-ups, and without importing array_api_compat's NumPy namespace (0.15-0.4 s), which
+                  # packed-to-packed conversions reading AWQ zero-points would otherwise pay
+                  awq.unpack_awq: lambda _, words: unpack_awq_u8(words).astype(np.int32)}
 
     #: core function -> its fast path written over its input (``run_over``)
     in_place = {awq.weight_to_gptq: _over(weight_to_gptq_ufuncs, weight_to_gptq_numba, weight_to_gptq_c),
