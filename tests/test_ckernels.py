@@ -27,7 +27,8 @@ from packq.formats import compressed_tensors as ct
 from packq.formats import gguf as G
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = [(8, 1), (8, 8), (16, 24), (64, 5), (32, 17), (256, 40), (2, 16, 8), (3, 24, 7)]
+#: tiles of 16 words and 64 groups: whole ones (SSE2 stores), partial ones, several of each (1040 = 2 x 64 + 2 groups)
+SHAPES = [(8, 1), (8, 8), (16, 24), (64, 5), (32, 17), (256, 40), (1040, 33), (2, 16, 8), (3, 24, 7)]
 
 
 def _ck():
