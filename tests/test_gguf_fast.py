@@ -244,3 +244,39 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
         assert summaries["words"] == summaries["kernels"], src
         assert summaries["kernels"]["max_weight_error"] == summaries["before"]["max_weight_error"], src
         assert summaries["kernels"].keys() == summaries["before"].keys()
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
+def test_a_rounding_plan_counts_each_module_once(tmp_path, monkeypatch, gguf_type):
+    """F16/BF16 of an AWQ source: each module's rounding counts and largest error come from one pass over its
+    histogram (the census's), which the plan's max_weight_error then reads; the same error as counted again."""
+    pytest.importorskip("gguf")
+    import types
+
+    import gguf_checkpoints as C
+
+    from packq.checkpoint import convert_checkpoint
+    from packq.checkpoint.formats import gguf as F
+
+    _kernels()
+    module = types.ModuleType("packq.checkpoint.gguf_model")
+    module.describe = C.describe
+    monkeypatch.setitem(sys.modules, "packq.checkpoint.gguf_model", module)
+    monkeypatch.setattr(numpy_backend, "_kernels_now", lambda wait=False: numpy_backend.numba_kernels())
+    calls = []
+    real = G.rounding_by_histogram
+    monkeypatch.setattr(G, "rounding_by_histogram", lambda *a: (calls.append(1), real(*a))[1])
+    s = convert_checkpoint(EXAMPLE, tmp_path / "a.gguf", to="gguf", gguf_type=gguf_type, allow_inexact=True)
+    assert s["max_weight_error"] > 0 and calls
+    once = len(calls)
+    census = F.module_census
+
+    def without_errors(*a, **k):  # the plan recounts where the census has no errors (a source without histograms)
+        c = census(*a, **k)
+        c.max_error = None
+        return c
+
+    monkeypatch.setattr(F, "module_census", without_errors)
+    calls.clear()
+    again = convert_checkpoint(EXAMPLE, tmp_path / "b.gguf", to="gguf", gguf_type=gguf_type, allow_inexact=True)
+    assert again["max_weight_error"] == s["max_weight_error"] and len(calls) == 2 * once

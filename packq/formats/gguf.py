@@ -262,18 +262,25 @@ class Census:
     """How many blocks of a module (or a model) each quantized type holds exactly, and what rounding costs.
 
     ``blocks`` and ``exact[type]`` count blocks of 32 weights; ``weights`` counts weights, and
-    ``rounded[type]`` the weights that F16 or BF16 rounding changes (F32 changes none). Censuses add.
+    ``rounded[type]`` the weights that F16 or BF16 rounding changes (F32 changes none); ``max_error[type]`` the
+    largest weight error that rounding makes, where the census found it (None: not counted). Censuses add.
     """
 
     blocks: int = 0
     weights: int = 0
     exact: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUANTIZED, 0))
     rounded: dict[str, int] = field(default_factory=lambda: {"F16": 0, "BF16": 0})
+    max_error: dict[str, float] | None = None
 
     def __add__(self, other: Census) -> Census:
+        worst = None
+        if self.max_error is not None and other.max_error is not None:
+            worst = {t: max(self.max_error[t], other.max_error[t]) for t in self.max_error}
+        elif not self.blocks or not other.blocks:  # an empty census knows its (no) errors
+            worst = self.max_error if not other.blocks else other.max_error
         return Census(self.blocks + other.blocks, self.weights + other.weights,
                       {t: self.exact[t] + other.exact[t] for t in QUANTIZED},
-                      {t: self.rounded[t] + other.rounded[t] for t in self.rounded})
+                      {t: self.rounded[t] + other.rounded[t] for t in self.rounded}, worst)
 
     def holds(self, gguf_type: str) -> bool:
         """Whether ``gguf_type`` holds every weight counted exactly."""

@@ -133,8 +133,8 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
         bounds = numpy_kernels.awq_code_bounds_t(words) if rounding else numpy_kernels.awq_code_bounds_words(words)
         if bounds is not None and (hist is not None or not rounding):  # the kernels: one pass over the words each
             total = G.census_of_bounds(*bounds, z, s)
-            if hist is not None:
-                total.rounded = G.rounding_by_histogram(z, s, hist)[0]
+            if hist is not None:  # and the largest errors, which a plan that rounds then reads from here
+                total.rounded, total.max_error = G.rounding_by_histogram(z, s, hist)
             return total
         try:
             for r0 in range(0, k, rows):
@@ -145,7 +145,7 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
         except ValueError as err:
             raise CheckpointError(f"{ckpt.root}: {prefix}: {err}") from None
         if hist is not None:  # the roundings from each (group, column)'s 16 products, weighted by their codes' counts
-            total.rounded = G.rounding_by_histogram(z, s, hist)[0]
+            total.rounded, total.max_error = G.rounding_by_histogram(z, s, hist)
         return total
     q, z, s, g = module_integers(ckpt, prefix, read_word)
     q, z, s = (x.reshape(-1, *x.shape[-2:]) for x in (q, z, s))
@@ -436,6 +436,8 @@ def _expected(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndar
 
 
 def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
+    if p.census is not None and p.census.max_error is not None and p.gguf_type in p.census.max_error:
+        return p.census.max_error[p.gguf_type]  # found by the census already (from the same products)
     worst = 0.0
     t = p.tensor
     for prefix in t.sources:
