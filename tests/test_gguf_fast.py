@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import ROUTES, route
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -140,13 +141,18 @@ def test_rounding_by_histogram_is_the_census_and_error_of_every_weight(m):
             assert errors[t] == want or (np.isnan(errors[t]) and np.isnan(want))
 
 
-@given(st.sampled_from(KS), st.sampled_from((1, 2, 17)), st.integers(0, 2**32 - 1))
-def test_awq_byte_table_unpack_is_unpack_awq(k, c, seed):
+@pytest.mark.parametrize("how", ROUTES)
+@given(k=st.sampled_from(KS), c=st.sampled_from((1, 2, 17)), seed=st.integers(0, 2**32 - 1))
+def test_awq_byte_unpack_is_unpack_awq(how, k, c, seed):
+    """By the C kernel (shifts) and without it (byte-table look-ups): the plain core's values."""
+    import array_api_compat.numpy as xp
+
     words = np.random.default_rng(seed).integers(0, 2**32, (k, c), dtype=np.uint64).astype(np.uint32).view(np.int32)
-    want = np.asarray(BACKEND.run(awq.unpack_awq, words))
-    assert np.array_equal(numpy_backend.unpack_awq_u8(words), want)
-    out = np.empty((k, 8 * c), np.uint8)
-    assert numpy_backend.unpack_awq_u8(words, out=out) is out and np.array_equal(out, want)
+    want = np.asarray(awq.unpack_awq(xp, words))
+    with route(how):
+        assert np.array_equal(numpy_backend.unpack_awq_u8(words), want)
+        out = np.empty((k, 8 * c), np.uint8)
+        assert numpy_backend.unpack_awq_u8(words, out=out) is out and np.array_equal(out, want)
 
 
 @given(modules())

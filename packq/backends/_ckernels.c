@@ -193,6 +193,19 @@ static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, c
     }
 }
 
+/* AWQ words to their 4-bit values, one byte each, in logical column order: word i's slot s (its nibble s) is byte
+ * 8 i + AWQ_ORDER[s], so slots 0-3 are the even bytes and slots 4-7 the odd ones; words [i0, i1) */
+static void awq_unpack_u8(const uint32_t *src, uint64_t *out, Py_ssize_t i0, Py_ssize_t i1) {
+    for (Py_ssize_t i = i0; i < i1; i++) {
+        uint64_t e = src[i] & 0xFFFFu, o = src[i] >> 16;
+        e = (e | (e << 24)) & 0x000000FF000000FFull;
+        o = (o | (o << 24)) & 0x000000FF000000FFull;
+        e = (e | (e << 12)) & 0x000F000F000F000Full;
+        o = (o | (o << 12)) & 0x000F000F000F000Full;
+        out[i] = e | (o << 8); /* little-endian: byte j of out[i] is value 8 i + j */
+    }
+}
+
 /* a contiguous buffer of at least `need` bytes, or an error naming it */
 static int need(Py_buffer *b, const char *name, Py_ssize_t bytes) {
     if (bytes < 0 || b->len < bytes) {
@@ -249,6 +262,26 @@ static PyObject *py_awq_to_gptq(PyObject *self, PyObject *args) {
     return res;
 }
 
+static PyObject *py_awq_unpack_u8(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    Py_ssize_t n, i0, i1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nw*nn:awq_unpack_u8", &src, &n, &out, &i0, &i1))
+        return NULL;
+    PyObject *res = NULL;
+    if (n < 0 || i0 < 0 || i1 > n || i0 > i1) {
+        PyErr_Format(PyExc_ValueError, "awq_unpack_u8: %zd words, [%zd, %zd) disagree", n, i0, i1);
+    } else if (need(&src, "src", 4 * n) && need(&out, "out", 8 * n)) {
+        Py_BEGIN_ALLOW_THREADS
+        awq_unpack_u8((const uint32_t *)src.buf, (uint64_t *)out.buf, i0, i1);
+        Py_END_ALLOW_THREADS
+        res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyObject *py_ct_to_gguf(PyObject *self, PyObject *args) {
     Py_buffer ct, rows, z, d, out;
     Py_ssize_t n, kw, m, groups, r0, r1;
@@ -295,6 +328,9 @@ static PyMethodDef methods[] = {
     {"awq_to_gptq", py_awq_to_gptq, METH_VARARGS,
      "awq_to_gptq(src, K, C, out, g0, g1): AWQ words (K, C) -> GPTQ words (K/8, 8 C), groups [g0, g1); out may be "
      "src's own buffer; contiguous little-endian uint32 buffers; releases the GIL."},
+    {"awq_unpack_u8", py_awq_unpack_u8, METH_VARARGS,
+     "awq_unpack_u8(src, n, out, i0, i1): n AWQ words -> their 8 n values, one byte each, in logical column order, "
+     "words [i0, i1); contiguous little-endian buffers; releases the GIL."},
     {"ct_to_gguf", py_ct_to_gguf, METH_VARARGS,
      "ct_to_gguf(ct, M, KW, rows, z, G, N, d, kind, out, r0, r1): GGUF blocks (kind 0 Q4_0, 1 Q5_0, 2 Q8_0) of "
      "out rows [r0, r1) of N, row r from ct row rows[r] of M (rows empty: r), KW words each; z (N, G) uint8 "
