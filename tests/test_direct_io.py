@@ -65,9 +65,9 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
     entries = [(f"t{i}", "U8", (n,), n) for i, t in enumerate(tensors) for n in [sum(p[-1] for p in t)]]
     w = S.SafetensorsWriter(path, entries, {"k": "v"})
     if wrap is not None:
-        w._file = wrap(w._file)
+        w._out.file = wrap(w._out.file)
     size = len(S.header_for(entries, {"k": "v"})) + sum(e[3] for e in entries)
-    assert (w._stage is not None) == (direct and size >= 4096)
+    assert (w._out.stage is not None) == (direct and size >= 4096)
     with src.open() as f:
         for (name, _, _, n), t in zip(entries, tensors):
             w.start(name, n)
@@ -77,7 +77,7 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
                 else:
                     w.append_copy(f, "src", p[1], p[2])
             w.end()
-    still = w._stage is not None
+    still = w._out.stage is not None
     w.close()
     return still
 
@@ -169,12 +169,12 @@ def test_negative_control_a_lost_carry_is_caught(tmp_path, monkeypatch):
     src = _source(tmp_path, 40_000)
     tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)]]
     _write(tmp_path / "plain", tensors, src, 3, direct=True)
-    real = S.SafetensorsWriter._flush
+    real = S.StagedWriter._flush
 
     def lossy(self, nbytes):
         real(self, nbytes)
-        self._staged = 0  # the carried partial block forgotten
+        self.staged = 0  # the carried partial block forgotten
 
-    monkeypatch.setattr(S.SafetensorsWriter, "_flush", lossy)
+    monkeypatch.setattr(S.StagedWriter, "_flush", lossy)
     _write(tmp_path / "lossy", tensors, src, 3, direct=True)
     assert (tmp_path / "lossy").read_bytes() != (tmp_path / "plain").read_bytes()

@@ -161,8 +161,8 @@ def test_verify_catches_a_wrong_block(tmp_path, monkeypatch):
     C.make_gptq(tmp_path / "src", sym=True)
     real = fmt.chunks
 
-    def corrupt(ckpt, p, read_word):
-        for i, piece in enumerate(real(ckpt, p, read_word)):
+    def corrupt(ckpt, p, read_word, buffers=None):
+        for i, piece in enumerate(real(ckpt, p, read_word, buffers)):
             piece = piece() if callable(piece) else piece  # a piece made on the writer's threads, made here
             if p.name == "blk.0.ffn_down.weight" and i == 0:
                 piece = piece.copy()
