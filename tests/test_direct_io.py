@@ -65,9 +65,9 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
     entries = [(f"t{i}", "U8", (n,), n) for i, t in enumerate(tensors) for n in [sum(p[-1] for p in t)]]
     w = S.SafetensorsWriter(path, entries, {"k": "v"})
     if wrap is not None:
-        w._file = wrap(w._file)
+        w._out.file = wrap(w._out.file)
     size = len(S.header_for(entries, {"k": "v"})) + sum(e[3] for e in entries)
-    assert (w._stage is not None) == (direct and size >= 4096)
+    assert (w._out.stage is not None) == (direct and size >= 4096)
     with src.open() as f:
         for (name, _, _, n), t in zip(entries, tensors):
             w.start(name, n)
@@ -77,7 +77,7 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
                 else:
                     w.append_copy(f, "src", p[1], p[2])
             w.end()
-    still = w._stage is not None
+    still = w._out.stage is not None
     w.close()
     return still
 
@@ -169,12 +169,170 @@ def test_negative_control_a_lost_carry_is_caught(tmp_path, monkeypatch):
     src = _source(tmp_path, 40_000)
     tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)]]
     _write(tmp_path / "plain", tensors, src, 3, direct=True)
-    real = S.SafetensorsWriter._flush
+    real = S.StagedWriter._flush
 
     def lossy(self, nbytes):
         real(self, nbytes)
-        self._staged = 0  # the carried partial block forgotten
+        self.staged = 0  # the carried partial block forgotten
 
-    monkeypatch.setattr(S.SafetensorsWriter, "_flush", lossy)
+    monkeypatch.setattr(S.StagedWriter, "_flush", lossy)
     _write(tmp_path / "lossy", tensors, src, 3, direct=True)
     assert (tmp_path / "lossy").read_bytes() != (tmp_path / "plain").read_bytes()
+
+
+# ------------------------------------------------------------------ the GGUF container's tensor data
+def _gguf_tensors(sizes: list[list[int]], seed: int, buffers: S.Buffers | None = None):
+    """I8 tensors (one byte per element, so any size) whose data come in pieces of the given sizes, some made by
+    calls (as the worker threads make a module's pieces), some taken from ``buffers``; and each tensor's bytes."""
+    from packq.checkpoint.containers.gguf import Tensor
+
+    rng = np.random.default_rng(seed)
+    tensors, datas = [], []
+    for i, pieces in enumerate(sizes):
+        data = rng.integers(0, 256, sum(pieces), np.uint8)
+        cuts = np.cumsum([0, *pieces])
+
+        def made(a, b, data=data, j=0):
+            if buffers is None:
+                return data[a:b].copy()
+            out = buffers.take(b - a)
+            out[:] = data[a:b]
+            return out
+
+        def parts(cuts=cuts, made=made):
+            for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                yield made(a, b) if j % 2 else (lambda a=a, b=b: made(a, b))
+
+        tensors.append(Tensor(f"t{i}", 24, (int(cuts[-1]),), int(cuts[-1]), parts))  # 24: GGML_TYPE_I8
+        datas.append(data)
+    return tensors, datas
+
+
+def _gguf_reference(path, name: str, datas) -> None:
+    """The same file by gguf-py's own writer, from whole tensors (the independent truth)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(name)
+    for i, d in enumerate(datas):
+        w.add_tensor(f"t{i}", d.view(np.int8), raw_dtype=gguf.GGMLQuantizationType.I8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gguf_write(path, sizes, seed: int, name: str, monkeypatch, wrap=None, buffers=None, spans=None) -> list[bool]:
+    """packq's GGUF writer on those tensors; whether its staged writer started, and ended, writing directly (and, to
+    ``spans``, the blocks its data start and end in)."""
+    spans = [] if spans is None else spans
+    import packq.checkpoint.containers.gguf as CG
+
+    seen: list[bool] = []
+
+    class Spy(S.StagedWriter):
+        def __init__(self, file, size, buffers=None):
+            super().__init__(file, size, buffers)
+            seen.append(self.stage is not None)
+            spans.append((self.position // 4096, (self.position + size) // 4096))
+            if wrap is not None:
+                self.file = wrap(self.file)
+
+        def close(self):
+            seen.append(self.stage is not None)
+            super().close()
+
+    monkeypatch.setattr(CG, "StagedWriter", Spy)
+    tensors, _ = _gguf_tensors(sizes, seed, buffers)
+    CG.write(path, "llama", [("general.name", name, None)], tensors, buffers=buffers)
+    monkeypatch.setattr(CG, "StagedWriter", S.StagedWriter)
+    return seen
+
+
+gguf_sizes = st.lists(st.lists(st.integers(1, 20_000), min_size=1, max_size=5), min_size=1, max_size=4)
+
+
+@needs_direct
+@given(sizes=gguf_sizes, seed=st.integers(0, 2**32 - 1), name=st.text("ab", min_size=1, max_size=6000),  # (gguf-py skips an empty name)
+       chunk=st.sampled_from([4096, 3 * 4096, 1 << 16]))
+def test_gguf_direct_writes_equal_gguf_pys_own_file(tmp_path_factory, sizes, seed, name, chunk):
+    """The data section starts wherever the metadata ends (``name``'s length moves it through a block); direct
+    writes, and buffered ones where there is no O_DIRECT, both give the file gguf-py writes from whole tensors."""
+    pytest.importorskip("gguf")
+    tmp = tmp_path_factory.mktemp("g")
+    _, datas = _gguf_tensors(sizes, seed)
+    _gguf_reference(tmp / "ref.gguf", name, datas)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "DIRECT_CHUNK", chunk)
+        spans: list[tuple[int, int]] = []
+        seen = _gguf_write(tmp / "direct.gguf", sizes, seed, name, mp, buffers=S.Buffers(), spans=spans)
+        (first, last), = spans
+        assert seen == [last > first] * 2  # every flush direct, unless the data end in the block they start in
+        mp.delattr(os, "O_DIRECT")
+        assert _gguf_write(tmp / "buffered.gguf", sizes, seed, name, mp) == [False, False]
+    ref = (tmp / "ref.gguf").read_bytes()
+    assert (tmp / "direct.gguf").read_bytes() == ref
+    assert (tmp / "buffered.gguf").read_bytes() == ref
+
+
+@needs_direct
+@pytest.mark.parametrize("how", ["einval", "short", "aligned short"])
+def test_gguf_a_refused_direct_write_goes_on_buffered_with_the_same_bytes(tmp_path, monkeypatch, how):
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(S, "DIRECT_CHUNK", 3 * 4096)
+    sizes, name = [[10_000, 20_000, 7], [30_000]], "x" * 1234
+    seen = _gguf_write(tmp_path / "refused.gguf", sizes, 5, name, monkeypatch, wrap=lambda f: _Refusing(f, how))
+    assert seen == [True, how == "aligned short"]
+    _, datas = _gguf_tensors(sizes, 5)
+    _gguf_reference(tmp_path / "ref.gguf", name, datas)
+    assert (tmp_path / "refused.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+@needs_direct
+def test_gguf_on_a_file_system_without_direct_io_is_written_buffered(tmp_path, monkeypatch):
+    import fcntl
+
+    pytest.importorskip("gguf")
+    real = fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    sizes, name = [[10_000, 20_000], [5]], "y" * 99
+    monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    assert _gguf_write(tmp_path / "refused.gguf", sizes, 6, name, monkeypatch) == [False, False]
+    monkeypatch.setattr(fcntl, "fcntl", real)
+    _, datas = _gguf_tensors(sizes, 6)
+    _gguf_reference(tmp_path / "ref.gguf", name, datas)
+    assert (tmp_path / "refused.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+@needs_direct
+def test_gguf_negative_control_a_first_block_not_read_back_is_caught(tmp_path, monkeypatch):
+    """The comparison above sees a writer that stages zeros instead of the metadata's bytes in the data's first
+    block (which the first direct write rewrites)."""
+    pytest.importorskip("gguf")
+    sizes, name = [[10_000, 20_000]], "z" * 777
+    _, datas = _gguf_tensors(sizes, 7)
+    _gguf_reference(tmp_path / "ref.gguf", name, datas)
+    real = S.StagedWriter._start_direct
+
+    def forgetful(self, size):
+        real(self, size)
+        if self.stage is not None:
+            self.stage[: self.staged] = 0
+
+    monkeypatch.setattr(S.StagedWriter, "_start_direct", forgetful)
+    assert _gguf_write(tmp_path / "lossy.gguf", sizes, 7, name, monkeypatch) == [True, True]
+    assert (tmp_path / "lossy.gguf").read_bytes() != (tmp_path / "ref.gguf").read_bytes()
+
+
+def test_gguf_written_pieces_go_back_to_the_buffers(tmp_path, monkeypatch):
+    """Every piece taken from the job's buffers (and the staging buffer) is free again once the file is written."""
+    pytest.importorskip("gguf")
+    buffers = S.Buffers(keep=64)
+    sizes = [[10_000, 20_000, 7, 9000], [30_000, 1]]
+    _gguf_write(tmp_path / "m.gguf", sizes, 8, "n", monkeypatch, buffers=buffers)
+    assert not buffers._out and len(buffers._free) >= 2

@@ -161,8 +161,8 @@ def test_verify_catches_a_wrong_block(tmp_path, monkeypatch):
     C.make_gptq(tmp_path / "src", sym=True)
     real = fmt.chunks
 
-    def corrupt(ckpt, p, read_word):
-        for i, piece in enumerate(real(ckpt, p, read_word)):
+    def corrupt(ckpt, p, read_word, buffers=None):
+        for i, piece in enumerate(real(ckpt, p, read_word, buffers)):
             piece = piece() if callable(piece) else piece  # a piece made on the writer's threads, made here
             if p.name == "blk.0.ffn_down.weight" and i == 0:
                 piece = piece.copy()
@@ -243,4 +243,82 @@ def test_without_the_gguf_package_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: import raises ImportError
     rc, err = _cli(capsys, tmp_path / "src", tmp_path / "m.gguf")
     assert rc == 2 and err.count("\n") == 1 and "pip install 'packq[gguf]'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.fixture
+def direct_flushes(monkeypatch):
+    """The tensor data's direct writes, counted (in blocks of 4096 bytes, so that these small files have several)."""
+    import packq.checkpoint.safetensors as S
+
+    monkeypatch.setattr(S, "DIRECT_CHUNK", 4096)
+    flushed: list[int] = []
+    real = S.StagedWriter._flush
+
+    def counting(self, nbytes):
+        flushed.append(nbytes)
+        real(self, nbytes)
+
+    monkeypatch.setattr(S.StagedWriter, "_flush", counting)
+    return flushed
+
+
+@pytest.mark.parametrize("how", ["interrupt", "disk full"])
+def test_an_interrupted_write_leaves_no_dst(tmp_path, monkeypatch, capsys, direct_flushes, how):
+    """Interrupted (Ctrl-C) or failing (a full disk) after some tensor data was written directly: no DST, no hidden
+    file, no lock; the failure one line."""
+    import errno
+
+    import packq.checkpoint.safetensors as S
+    from packq.checkpoint.formats import gguf as fmt
+
+    C.make_gptq(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "whole.gguf", to="gguf")
+    assert direct_flushes  # (the direct path is the one interrupted below)
+    (tmp_path / "whole.gguf").unlink()
+    direct_flushes.clear()
+    real_chunks, real_flush = fmt.chunks, S.StagedWriter._flush
+    started: list[str] = []
+
+    def interrupted(ckpt, p, read_word, buffers=None):
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        started.append(p.name)
+        yield from real_chunks(ckpt, p, read_word, buffers)
+
+    def full(self, nbytes):
+        if len(direct_flushes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_flush(self, nbytes)
+
+    if how == "interrupt":
+        monkeypatch.setattr(fmt, "chunks", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", to="gguf")
+    else:
+        monkeypatch.setattr(S.StagedWriter, "_flush", full)
+        rc, err = _cli(capsys, tmp_path / "src", tmp_path / "m.gguf", "--to", "gguf")
+        assert rc == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert direct_flushes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("how", ["more", "less"])
+def test_more_or_less_data_than_planned_is_refused(tmp_path, monkeypatch, capsys, how):
+    """A tensor whose pieces add up to more or fewer bytes than planned: one line, nothing left behind."""
+    from packq.checkpoint.formats import gguf as fmt
+
+    C.make_gptq(tmp_path / "src")
+    real = fmt.chunks
+
+    def wrong(ckpt, p, read_word, buffers=None):
+        pieces = list(real(ckpt, p, read_word, buffers))
+        if p.name == "blk.0.ffn_down.weight":
+            pieces = [*pieces, np.zeros(1, np.uint8)] if how == "more" else pieces[:-1]
+        yield from pieces
+
+    monkeypatch.setattr(fmt, "chunks", wrong)
+    rc, err = _cli(capsys, tmp_path / "src", tmp_path / "m.gguf", "--to", "gguf")
+    want = "more data than planned" if how == "more" else "planned"
+    assert rc == 2 and err.count("\n") == 1 and "blk.0.ffn_down.weight" in err and want in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

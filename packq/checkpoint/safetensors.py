@@ -305,10 +305,11 @@ class Reader:
             return (self.array_bits(name).astype(np.uint32) << 16).view(np.float32)
         return self.array(name)
 
-    def array_bits(self, name: str) -> np.ndarray:
-        """The tensor's elements as unsigned integers of their width (any byte-sized dtype, bfloat16 included)."""
+    def array_bits(self, name: str, buffers: Buffers | None = None) -> np.ndarray:
+        """The tensor's elements as unsigned integers of their width (any byte-sized dtype, bfloat16 included); read
+        into a buffer of ``buffers`` when given (give it back once nothing reads it)."""
         t = self.tensors[name]
-        return self._read(t).view(f"<u{DTYPES[t.dtype][1] // 8}").reshape(t.shape)
+        return self._read(t, buffers).view(f"<u{DTYPES[t.dtype][1] // 8}").reshape(t.shape)
 
 
 class Buffers:
@@ -387,105 +388,158 @@ WRITE_CHUNK = 128 << 10
 DIRECT_CHUNK = 8 << 20
 
 
-class SafetensorsWriter:
-    """Writes a file whose tensors are declared up front and then written one by one, in order.
+class StagedWriter:
+    """Appends bytes to an open unbuffered file, directly from an aligned staging buffer where the file system takes it.
 
-    Where the file system takes direct I/O (Linux: ext4, xfs, btrfs...), the bytes go to the disk from an
-    aligned staging buffer (``O_DIRECT``), past the page cache: a buffered write costs the kernel a page-cache
-    copy and, at the fsync, the writeback, about 0.3 s of system time per GB on this project's 2-core machine
-    against under 0.1 s direct (2026-12-01, 512 MB: buffered and fsynced 1.6 GB/s, direct 2.0-2.4 GB/s); the
-    result is then not in the page cache, as with any copy tool writing directly. Bytes copied from the
-    source are read straight into the staging buffer. Only the file's last partial block is written
-    buffered; the file is fsynced at :meth:`close` as before. Elsewhere, or where a direct write is refused,
-    buffered writes of :data:`WRITE_CHUNK`.
+    Where it does (Linux: ext4, xfs, btrfs...), the bytes go to the disk from an aligned staging buffer
+    (``O_DIRECT``), past the page cache: a buffered write costs the kernel a page-cache copy and, at the fsync,
+    the writeback, about 0.3 s of system time per GB on this project's 2-core machine against under 0.1 s
+    direct (2026-12-01, 512 MB: buffered and fsynced 1.6 GB/s, direct 2.0-2.4 GB/s); the result is then not in
+    the page cache, as with any copy tool writing directly. Bytes copied from a source file are read straight
+    into the staging buffer. Only the file's last partial block is written buffered (:meth:`close`). Elsewhere,
+    or where a direct write is refused (EINVAL, a short write), buffered writes of :data:`WRITE_CHUNK`: the
+    same bytes in every case.
+
+    ``file`` (``open(path, "xb", buffering=0)``, or ``"r+b"``) is positioned where the bytes go, which need not be
+    on a block boundary: the bytes of that first partial block already in the file are read back into the
+    staging buffer, and rewritten with the first direct write, so that every direct write starts and ends on a
+    block boundary of the file. ``size``: the bytes that will follow (the staging buffer is no larger). The
+    owner fsyncs and closes ``file``; this writer never closes it.
     """
 
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], buffers: Buffers | None = None):
-        self.path = path
-        self.entries = entries
-        head = header_for(entries, metadata, path)
-        self._buffers = Buffers() if buffers is None else buffers  # the staging buffer comes from these
-        self._stage: np.ndarray | None = None  # the aligned staging buffer while writing directly
-        self._staged = 0
-        with io_errors(path):
-            self._file = open(path, "xb", buffering=0)
-            self._start_direct(len(head) + sum(e[3] for e in entries))
-            self._write_all(memoryview(head))
-        self._next = 0
-        self._left = 0
+    def __init__(self, file: Any, size: int, buffers: Buffers | None = None) -> None:
+        self.file = file
+        self.buffers = Buffers() if buffers is None else buffers  # the staging buffer comes from these
+        self.stage: np.ndarray | None = None  # the aligned staging buffer while writing directly
+        self.staged = 0  # bytes in it, from the file's block boundary at its current position
+        self.position = file.tell()  # where the next byte appended goes
+        self._start_direct(size)
 
     def _start_direct(self, size: int) -> None:
         direct = getattr(os, "O_DIRECT", 0)
-        if not direct or size < _ALIGN:
+        head = self.position % _ALIGN  # bytes of the first block already written (another writer's header)
+        if not direct or head + size < _ALIGN:
             return
         import fcntl
 
-        fd = self._file.fileno()
-        try:  # no larger than the file (rounded up to whole blocks)
-            stage = self._buffers.take(min(DIRECT_CHUNK, -(-size // _ALIGN) * _ALIGN))
+        fd = self.file.fileno()
+        try:  # no larger than the data (rounded up to whole blocks)
+            stage = self.buffers.take(min(DIRECT_CHUNK, -(-(head + size) // _ALIGN) * _ALIGN))
         except MemoryError:  # buffered writes need no buffer
             return
-        try:
+        try:  # (read back before O_DIRECT, which would want the read aligned too)
+            if head and os.preadv(fd, [stage[:head].data], self.position - head) != head:
+                raise OSError(errno.EIO, "the first block reads back short")
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
-        except OSError:  # EINVAL: this file system has no direct I/O
-            self._buffers.give(stage)
+        except OSError:  # EINVAL: this file system has no direct I/O; EBADF: a file opened write-only
+            self.buffers.give(stage)
             return
-        self._stage = stage
+        if head:
+            self.file.seek(self.position - head)
+        self.stage, self.staged = stage, head
 
     def _stop_direct(self) -> None:
         """Buffered writes from here on (the last partial block, or a file system that refused a direct write)."""
         import fcntl
 
-        fd = self._file.fileno()
+        fd = self.file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        stage, n, self._stage, self._staged = self._stage, self._staged, None, 0
+        stage, n, self.stage, self.staged = self.stage, self.staged, None, 0
         if stage is not None:
-            self._write_all(stage[:n].data)
-            self._buffers.give(stage)
+            self._buffered(stage[:n].data)
+            self.buffers.give(stage)
 
     def _flush(self, nbytes: int) -> None:
         """Write the staged bytes' first ``nbytes`` (a multiple of the alignment) directly; keep the rest staged."""
-        assert self._stage is not None and nbytes % _ALIGN == 0
-        view = self._stage[:nbytes].data
+        assert self.stage is not None and nbytes % _ALIGN == 0
+        view = self.stage[:nbytes].data
         while view.nbytes:
             try:
-                done = self._file.write(view)
+                done = self.file.write(view)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 done = 0  # a direct write refused (an alignment this file system wants larger): buffered instead
             if done % _ALIGN or not done:  # a short write (a file size limit, a full disk): buffered from here
-                rest = self._staged - (nbytes - view.nbytes) - done
-                self._stage[:rest] = self._stage[nbytes - view.nbytes + done : self._staged].copy()
-                self._staged = rest
+                rest = self.staged - (nbytes - view.nbytes) - done
+                self.stage[:rest] = self.stage[nbytes - view.nbytes + done : self.staged].copy()
+                self.staged = rest
                 self._stop_direct()
                 return
             view = view[done:]
-        self._stage[: self._staged - nbytes] = self._stage[nbytes : self._staged].copy()
-        self._staged -= nbytes
+        self.stage[: self.staged - nbytes] = self.stage[nbytes : self.staged].copy()
+        self.staged -= nbytes
 
     def _room(self) -> memoryview:
         """The free part of the staging buffer, flushed first if full."""
-        assert self._stage is not None
-        if self._staged == self._stage.nbytes:
-            self._flush(self._staged)
-        return self._stage[self._staged :].data if self._stage is not None else memoryview(b"")
+        assert self.stage is not None
+        if self.staged == self.stage.nbytes:
+            self._flush(self.staged)
+        return self.stage[self.staged :].data if self.stage is not None else memoryview(b"")
 
-    def _write_all(self, view: memoryview) -> None:
-        while view.nbytes and self._stage is not None:
+    def _buffered(self, view: memoryview) -> None:
+        # in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios) allocate
+        # page-cache folios as large as the write, and on a machine whose memory is fragmented by its page
+        # cache that costs 2 s of system time per GB written from 8 MB writes, 0.3 s from 128 KB ones
+        while view.nbytes:
+            view = view[self.file.write(view[:WRITE_CHUNK]) :]
+
+    def write(self, view: memoryview) -> None:
+        """Append the bytes of ``view`` (a byte-format memoryview)."""
+        self.position += view.nbytes
+        while view.nbytes and self.stage is not None:
             room = self._room()
-            if self._stage is None:
+            if self.stage is None:
                 break
             n = min(room.nbytes, view.nbytes)
             # NumPy's copy lets go of the GIL (the worker threads convert meanwhile); a memoryview copy would not
-            np.copyto(self._stage[self._staged : self._staged + n], np.frombuffer(view[:n], np.uint8))
-            self._staged += n
+            np.copyto(self.stage[self.staged : self.staged + n], np.frombuffer(view[:n], np.uint8))
+            self.staged += n
             view = view[n:]
-        # buffered, in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios)
-        # allocate page-cache folios as large as the write, and on a machine whose memory is fragmented by its
-        # page cache that costs 2 s of system time per GB written from 8 MB writes, 0.3 s from 128 KB ones
-        while view.nbytes:
-            view = view[self._file.write(view[:WRITE_CHUNK]) :]
+        self._buffered(view)
+
+    def copy(self, source: Reader, name: str, offset: int, nbytes: int) -> None:
+        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``: read straight into the staging
+        buffer when writing directly, else copied by the kernel."""
+        self.position += nbytes
+        begin, end = source.tensors[name].begin + offset, source.tensors[name].begin + offset + nbytes
+        while begin < end and self.stage is not None:
+            room = self._room()
+            if self.stage is None:
+                break
+            n = min(room.nbytes, end - begin)
+            source.read_into(begin, room[:n], name)
+            self.staged += n
+            begin += n
+        source.copy_to(name, self.file, begin - source.tensors[name].begin, end - begin)
+
+    def close(self) -> None:
+        """Write what is staged: whole blocks directly, the last partial block buffered. (Not fsync, not close.)"""
+        if self.stage is not None:
+            self._flush(self.staged // _ALIGN * _ALIGN)
+            self._stop_direct()
+
+    def abort(self) -> None:
+        """Give the staging buffer back, writing nothing more."""
+        if self.stage is not None:
+            self.buffers.give(self.stage)
+            self.stage = None
+
+
+class SafetensorsWriter:
+    """Writes a file whose tensors are declared up front and then written one by one, in order, through a
+    :class:`StagedWriter` (directly where the file system takes it); fsynced at :meth:`close`."""
+
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], buffers: Buffers | None = None):
+        self.path = path
+        self.entries = entries
+        head = header_for(entries, metadata, path)
+        with io_errors(path):
+            self._file = open(path, "xb", buffering=0)
+            self._out = StagedWriter(self._file, len(head) + sum(e[3] for e in entries), buffers)
+            self._out.write(memoryview(head))
+        self._next = 0
+        self._left = 0
 
     def _expect(self, name: str, nbytes: int) -> None:
         expected_name, _, _, expected = self.entries[self._next]
@@ -503,26 +557,15 @@ class SafetensorsWriter:
         if view.nbytes > self._left:
             raise AssertionError(f"{str(self.path)!r}: {view.nbytes} bytes given where {self._left} remained")
         with io_errors(self.path):
-            self._write_all(view)
+            self._out.write(view)
         self._left -= view.nbytes
 
     def append_copy(self, source: Reader, name: str, offset: int, nbytes: int) -> None:
-        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name``: read straight into the staging
-        buffer when writing directly, else copied by the kernel."""
+        """Append bytes [offset, offset + nbytes) of ``source``'s tensor ``name`` (:meth:`StagedWriter.copy`)."""
         if nbytes > self._left:
             raise AssertionError(f"{str(self.path)!r}: {nbytes} bytes given where {self._left} remained")
-        begin, end = source.tensors[name].begin + offset, source.tensors[name].begin + offset + nbytes
-        while begin < end and self._stage is not None:
-            with io_errors(self.path):
-                room = self._room()
-            if self._stage is None:
-                break
-            n = min(room.nbytes, end - begin)
-            source.read_into(begin, room[:n], name)
-            self._staged += n
-            begin += n
         with io_errors(self.path):
-            source.copy_to(name, self._file, begin - source.tensors[name].begin, end - begin)
+            self._out.copy(source, name, offset, nbytes)
         self._left -= nbytes
 
     def end(self) -> None:
@@ -550,17 +593,13 @@ class SafetensorsWriter:
         self.finish()
         try:
             with io_errors(self.path):
-                if self._stage is not None:
-                    self._flush(self._staged // _ALIGN * _ALIGN)
-                    self._stop_direct()  # the last partial block, buffered
+                self._out.close()
                 os.fsync(self._file.fileno())
         finally:
             self._file.close()
 
     def abort(self) -> None:
-        if self._stage is not None:
-            self._buffers.give(self._stage)
-            self._stage = None
+        self._out.abort()
         self._file.close()
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
-from packq.checkpoint.safetensors import WRITE_CHUNK
+from packq.checkpoint.safetensors import Buffers, StagedWriter
 from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class GGUFFile(Container):
         gplan = fmt.plan(ckpt, model, job.options.get("gguf_type") or "auto", bool(job.options.get("allow_inexact")),
                          job.read_word)
         tensors = [Tensor(p.name, blocks.TYPES[p.gguf_type].ggml, p.shape, p.nbytes,
-                          functools.partial(fmt.chunks, ckpt, p, job.read_word)) for p in gplan.tensors]
+                          functools.partial(fmt.chunks, ckpt, p, job.read_word, job.buffers)) for p in gplan.tensors]
         keys = {k for k, _, _ in model.metadata}
         own = [(k, v, gguf.GGUFValueType.UINT32) for k, v in (("general.file_type", gplan.file_type),
                ("general.quantization_version", gguf.GGML_QUANT_VERSION)) if k not in keys]
@@ -101,7 +101,7 @@ class GGUFFile(Container):
 
     def write(self, job: Job, plan: Plan, tmp: Path, bar: Progress) -> None:
         model, _, tensors, metadata = plan.detail
-        write(tmp, model.arch, metadata, tensors, bar.update)
+        write(tmp, model.arch, metadata, tensors, bar.update, job.buffers)
         plan.summary["file_bytes"] = tmp.stat().st_size  # bytes_out counts tensor data; this, the whole file
 
     def verify(self, job: Job, plan: Plan, tmp: Path, check_each: Callable[[Callable[[str], None]], None]) -> None:
@@ -113,9 +113,15 @@ class GGUFFile(Container):
 
 
 def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: list[Tensor],
-          progress: Callable[[int], None] | None = None) -> None:
+          progress: Callable[[int], None] | None = None, buffers: Buffers | None = None) -> None:
     """Write the GGUF file ``path`` (which must not exist): header, metadata in order, tensor infos, then every
-    tensor's pieces in order, each tensor aligned; fsynced before it returns."""
+    tensor's pieces in order, each tensor aligned; fsynced before it returns.
+
+    gguf-py writes the header, metadata and tensor infos; the tensor data (nearly all of the file) then goes
+    through a :class:`~packq.checkpoint.safetensors.StagedWriter`, directly to the disk where the file system
+    takes it, as the safetensors folder's files do. Each piece, once written, is given back to ``buffers``
+    (where it is one of theirs), for the pieces after it.
+    """
     gguf = gguf_package()
     writer = gguf.GGUFWriter(None, arch)
     for key, value, vtype in metadata:
@@ -140,17 +146,35 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             writer.write_ti_data_to_file()
             assert writer.fout is not None
             out = writer.fout[0]
-            _pad(out)
-            with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="packq-gguf") as pool:
-                for t in tensors:
-                    _write_tensor(path, out, t, pool, progress)
+            _pad(out, out.tell())
             out.flush()
-            os.fsync(out.fileno())
+            made = os.fstat(out.fileno())
+            # gguf-py's file is write-only and buffered; the data goes through a descriptor of our own that can
+            # read back the first partial block (for direct writes), opened on the same file (checked below)
+            data = open(path, "r+b", buffering=0)
         finally:
             writer.close()
+        try:
+            st = os.fstat(data.fileno())
+            if (st.st_dev, st.st_ino, st.st_size) != (made.st_dev, made.st_ino, made.st_size):
+                raise CheckpointError(f"{path}: replaced or written by another program while packq wrote it")
+            data.seek(0, os.SEEK_END)
+            staged = StagedWriter(data, sum(t.nbytes + -t.nbytes % ALIGNMENT for t in tensors), buffers)
+            try:
+                with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="packq-gguf") as pool:
+                    for t in tensors:
+                        _write_tensor(path, staged, t, pool, progress, buffers)
+                staged.close()
+            except BaseException:
+                staged.abort()
+                raise
+            os.fsync(data.fileno())
+        finally:
+            data.close()
 
 
-def _write_tensor(path: Path, out: Any, t: Tensor, pool: ThreadPoolExecutor, progress: Callable[[int], None] | None) -> None:
+def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pool: ThreadPoolExecutor, progress: Callable[[int], None] | None,
+                  buffers: Buffers | None) -> None:
     """One tensor's pieces in order, the next few made on the pool while one is written; then the alignment."""
     pieces = iter(t.pieces())
     pending: deque[Future[np.ndarray]] = deque()
@@ -177,23 +201,25 @@ def _write_tensor(path: Path, out: Any, t: Tensor, pool: ThreadPoolExecutor, pro
             written += data.nbytes
             if written > t.nbytes:
                 raise CheckpointError(f"{path}: {t.name}: more data than planned ({t.nbytes} bytes)")
-            for i in range(0, data.nbytes, WRITE_CHUNK):  # as the safetensors writer does, and for its reason:
-                out.write(data[i : i + WRITE_CHUNK])  # large writes cost the kernel far more (WRITE_CHUNK's note)
+            out.write(data)  # staged (copied) or written: the piece's memory is free again
             if progress is not None:
                 progress(data.nbytes)
-            del piece, data
+            del data
+            if buffers is not None:
+                buffers.give(piece)
+            del piece
     finally:
         for fut in pending:
             fut.cancel()
     if written != t.nbytes:
         raise CheckpointError(f"{path}: {t.name}: {written} bytes made, {t.nbytes} planned")
-    _pad(out)
+    _pad(out, out.position)
 
 
-def _pad(out: Any) -> None:
-    n = -out.tell() % ALIGNMENT
+def _pad(out: Any, position: int) -> None:
+    n = -position % ALIGNMENT
     if n:
-        out.write(b"\0" * n)
+        out.write(memoryview(b"\0" * n))
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from packq.formats.engines import FIELD, WORD, read_v1
 
 if TYPE_CHECKING:
     from packq.checkpoint.gguf_model import GGUFModel, GGUFTensor
+    from packq.checkpoint.safetensors import Buffers
 
 NAME = "gguf"
 #: ``--gguf-type`` choices; auto: the smallest of Q4_0, Q5_0, Q8_0 that holds a tensor exactly
@@ -297,9 +298,13 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
     return q.reshape(-1, *q.shape[-2:]), z.reshape(-1, *z.shape[-2:]), s.reshape(-1, *s.shape[-2:]), g
 
 
-def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | None = None
+           ) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
     """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
-    expert by expert, which the writer runs on worker threads, a few ahead, in order)."""
+    expert by expert, which the writer runs on worker threads, a few ahead, in order).
+
+    A piece may be (a view of) a buffer taken from ``buffers``, which the writer gives back once the piece is
+    written: so no piece may view a buffer that a later piece still reads."""
     t = p.tensor
     if t.values is not None:
         yield np.asarray(t.values, dtype="<f4").view(np.uint8)
@@ -313,7 +318,7 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
                 for n0, n1 in _columns(n, k):
-                    yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type)
+                    yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers)
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
@@ -322,7 +327,7 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool) -> Iterator[np.ndarray
             del q, z, s
         return
     for name in t.sources:
-        yield _plain_bytes(ckpt, name, p)
+        yield _plain_bytes(ckpt, name, p, buffers)
 
 
 def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
@@ -363,9 +368,11 @@ def encode(q: np.ndarray, z: np.ndarray, s: np.ndarray, gguf_type: str, g: np.nd
     return G.encode(q, z, s, gguf_type, g)
 
 
-def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray, g: np.ndarray, gguf_type: str) -> np.ndarray:
+def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray, g: np.ndarray, gguf_type: str,
+               buffers: Buffers | None = None) -> np.ndarray:
     """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
-    :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes)."""
+    :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes). ``buffers``: where the piece's
+    memory may come from (the writer gives it back once written; see :func:`chunks`)."""
     zc, sc = z[:, cols], s[:, cols]
     whole = _whole_words(cols)
     c0, c1 = whole or (0, 0)
@@ -392,21 +399,29 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     return G.encode(q, zc, sc, gguf_type, g)
 
 
-def _plain_values(ckpt: Checkpoint, name: str, p: Planned) -> np.ndarray:
-    """A plain tensor's stored values (bfloat16 as its uint16 bits), rows permuted where planned."""
+def _plain_values(ckpt: Checkpoint, name: str, p: Planned, buffers: Buffers | None = None) -> np.ndarray:
+    """A plain tensor's stored values (bfloat16 as its uint16 bits), rows permuted where planned; read into a buffer
+    of ``buffers`` when given (given back here where the permutation copied the rows)."""
     shard = next(s for s in ckpt.shards.values() if name in s.tensors)
     with shard.open() as f:
-        a = f.array_bits(name) if p.stored == "BF16" else f.array(name)
+        a = f.array_bits(name, buffers) if p.stored == "BF16" else f.array(name, buffers)
     if p.tensor.row_perm is not None:
-        a = a[np.asarray(p.tensor.row_perm)]
+        read, a = a, a[np.asarray(p.tensor.row_perm)]
+        if buffers is not None:
+            buffers.give(read)
     return a
 
 
-def _plain_bytes(ckpt: Checkpoint, name: str, p: Planned) -> np.ndarray:
-    a = _plain_values(ckpt, name, p)
+def _plain_bytes(ckpt: Checkpoint, name: str, p: Planned, buffers: Buffers | None = None) -> np.ndarray:
+    """A plain tensor's bytes in the file: its stored values (a buffer of ``buffers`` where they are kept as stored,
+    which the writer gives back), or those widened to float32."""
+    a = _plain_values(ckpt, name, p, buffers)
     if p.gguf_type == "F32":  # norms as llama.cpp wants them; bfloat16 and float16 widen exactly
+        read = a
         a = (a.astype(np.uint32) << 16).view(np.float32) if p.stored == "BF16" else a.astype(np.float32)
         a = a.astype("<f4")
+        if buffers is not None:
+            buffers.give(read)
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
