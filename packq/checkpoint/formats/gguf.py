@@ -377,10 +377,13 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     whole = _whole_words(cols)
     c0, c1 = whole or (0, 0)
     if G.TYPES[gguf_type].quantized:
-        if whole:  # whole-word bit operations (no numba to load; a few operations per 8 weights)
-            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type)
+        if whole:  # the C kernels or whole-word bit operations (no numba to load), into a reused buffer
+            out = None if buffers is None else buffers.take(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type, out)
             if fast is not None:
                 return fast
+            if buffers is not None and out is not None:
+                buffers.give(out)
             rowof = np.empty(cols.size, np.int64)  # else the kernel, each word read once
             rowof[cols - c0] = np.arange(cols.size)
             fast = numpy_kernels.gguf_blocks_awq_rows_t(words[:, c0 // 8: c1 // 8], rowof, z[:, c0:c1],
