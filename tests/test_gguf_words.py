@@ -4,6 +4,8 @@ over the words) is the census of the codes; each with a negative control."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _paths import ROUTES, route
@@ -156,3 +158,60 @@ def test_byte_reduction_bounds_negative_control():
     qmin, qmax = numpy_backend.awq_code_bounds_words(words)
     col = 8 + awq.AWQ_PACK_ORDER[1]
     assert qmax[1, col] == 9 and np.count_nonzero(qmax != 5) == 1 and (qmin == 5).all()
+
+
+@st.composite
+def modules_for_q4_0(draw):
+    """A 4-bit AWQ module whose codes sometimes all fit Q4_0 around their zero-points (narrow codes, z near 8) and
+    sometimes not, scales fp16 values or not."""
+    k = draw(st.sampled_from(KS))
+    c = draw(st.sampled_from(WORD_COLUMNS))
+    group = draw(st.sampled_from([g for g in (32, 64, 128, k) if k % g == 0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    words = rng.integers(-(2**31), 2**31, (k, c), dtype=np.int64).astype(np.int32)
+    z = rng.integers(0, 16, (k // group, 8 * c)).astype(np.int16)
+    if draw(st.booleans()):  # codes 4-11 (0x4 | 0..7 in each nibble), zero-points 8 or 7: Q4_0 holds them
+        words = (words & np.int32(0x33333333)) | np.int32(0x44444444)
+        z = np.where(rng.random(z.shape) < 0.5, 8, 7).astype(np.int16)
+        if draw(st.booleans()):  # one code out of Q4_0's range
+            r, w = draw(st.integers(0, k - 1)), draw(st.integers(0, c - 1))
+            words[r, w] |= np.int32(0xF)
+    s = rng.standard_normal(z.shape).astype(np.float16 if draw(st.booleans()) else np.float32)
+    return words, z, s
+
+
+@given(m=modules_for_q4_0())
+def test_q4_0_decision_by_early_stop_is_the_census(m):
+    """The plan's "auto" looks for one block Q4_0 does not hold (stopping there): its answer is the whole census's."""
+    from packq.checkpoint.formats import gguf as F
+
+    words, z, s = m
+    full = G.census_of_bounds(*numpy_backend.awq_code_bounds_words(words), z, s)
+    assert F._q4_0_holds(words, z, s) == full.holds("Q4_0")
+
+
+def test_the_plans_census_decides_as_the_whole_census(tmp_path, monkeypatch):
+    """On the example checkpoint: for "auto", Q5_0 and Q8_0 the decision census gives each module the whole census's
+    verdict (and exact counts for the type it decides); for Q5_0/Q8_0 it reads no code, for "auto" only until a block
+    Q4_0 does not hold."""
+    from packq.checkpoint.folder import open_checkpoint
+    from packq.checkpoint.formats import gguf as F
+
+    ckpt = open_checkpoint(Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq")
+    monkeypatch.setattr(F, "CENSUS_BYTES", 4096)  # a group of rows at a time: the example's modules are small
+    rows = []
+    real = numpy_backend.awq_code_bounds_words
+    monkeypatch.setattr(numpy_backend, "awq_code_bounds_words", lambda w, *a: (rows.append(w.shape[0]), real(w, *a))[1])
+    for prefix in ckpt.modules:
+        rows.clear()
+        full = F.module_census(ckpt, prefix, rounding=False)
+        whole = sum(rows)
+        for decide in ("auto", "Q5_0", "Q8_0"):
+            rows.clear()
+            c = F.module_census(ckpt, prefix, rounding=False, decide=decide)
+            assert (c.blocks, c.weights) == (full.blocks, full.weights)
+            if decide == "auto":
+                assert c.smallest() == full.smallest() and c.exact["Q5_0"] == full.exact["Q5_0"]
+                assert sum(rows) < whole or full.holds("Q4_0")
+            else:
+                assert c.holds(decide) == full.holds(decide) and c.exact[decide] == full.exact[decide] and not rows

@@ -12,9 +12,10 @@ expert), so memory holds one piece, never a whole tensor, let alone the model.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +162,16 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             data.seek(0, os.SEEK_END)
             staged = StagedWriter(data, sum(t.nbytes + -t.nbytes % ALIGNMENT for t in tensors), buffers)
             try:
-                with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="packq-gguf") as pool:
-                    for t in tensors:
-                        _write_tensor(path, staged, t, pool, progress, buffers)
+                with (ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="packq-gguf") as pool,
+                      ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-gguf-read") as ahead):
+                    # the next tensor's first step (reading its module's arrays) on a thread of its own while this
+                    # one is written: the reads and the writes were in turn on this thread, the workers idle meanwhile
+                    following = ahead.submit(_begin, tensors[0]) if tensors else None
+                    for i, t in enumerate(tensors):
+                        assert following is not None
+                        pieces = following.result()
+                        following = ahead.submit(_begin, tensors[i + 1]) if i + 1 < len(tensors) else None
+                        _write_tensor(path, staged, t, pieces, pool, progress, buffers)
                 staged.close()
             except BaseException:
                 staged.abort()
@@ -173,10 +181,16 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             data.close()
 
 
-def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pool: ThreadPoolExecutor, progress: Callable[[int], None] | None,
-                  buffers: Buffers | None) -> None:
+def _begin(t: Tensor) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+    """The tensor's pieces, the first one already taken (which reads what the tensor is made from)."""
+    it = iter(t.pieces())
+    first = next(it, None)
+    return it if first is None else itertools.chain((first,), it)
+
+
+def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[np.ndarray | Callable[[], np.ndarray]],
+                  pool: ThreadPoolExecutor, progress: Callable[[int], None] | None, buffers: Buffers | None) -> None:
     """One tensor's pieces in order, the next few made on the pool while one is written; then the alignment."""
-    pieces = iter(t.pieces())
     pending: deque[Future[np.ndarray]] = deque()
 
     def fill() -> None:

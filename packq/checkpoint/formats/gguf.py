@@ -108,24 +108,51 @@ def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray, 
     return words, numpy_kernels.unpack_awq_u8(a["qzeros"].view(np.int32)).astype(np.int16), s
 
 
+def _q4_0_holds(words: np.ndarray, z: np.ndarray, s: np.ndarray) -> bool:
+    """Whether every block of a 4-bit AWQ module fits Q4_0 (codes less their zero-point in [-8, 7]; its scales
+    fp16 values), by the codes' block bounds a group of rows at a time, stopping at the first block that does not."""
+    k, groups = words.shape[0], s.shape[0]
+    step = max(1, CENSUS_BYTES // max(1, 4 * words.shape[1]) // (k // groups)) * (k // groups)  # whole groups of rows
+    for r0 in range(0, k, step):
+        r1 = min(k, r0 + step)
+        g0, g1 = r0 // (k // groups), r1 // (k // groups)
+        part = G.census_of_bounds(*numpy_kernels.awq_code_bounds_words(words[r0:r1]), z[g0:g1], s[g0:g1])
+        if not part.holds("Q4_0"):
+            return False
+    return True
+
+
 def _columns(n: int, k: int) -> list[tuple[int, int]]:
     width = max(32, COLUMN_WEIGHTS // max(k, 1) // 32 * 32)
     return [(n0, min(n, n0 + width)) for n0 in range(0, n, width)]
 
 
-def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True) -> G.Census:
+def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True,
+                  decide: str | None = None) -> G.Census:
     """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block);
-    ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0)."""
+    ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0).
+
+    ``decide`` ("auto", "Q5_0" or "Q8_0", without ``rounding``): only what a plan of that type decides by need be
+    exact. A 4-bit AWQ code less a 4-bit zero-point is always in Q5_0's and Q8_0's ranges, so the census of codes
+    spanning [0, 15] counts those two types exactly without reading the words; for "auto" the words are then read
+    only until a block that Q4_0 does not hold (the first few rows of a random asymmetric module), and the census
+    returned counts Q4_0's exact blocks as at least those of that span (fewer than all: what decides)."""
     total = G.Census()
     direct = _awq_arrays(ckpt, prefix)
     if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
         words, z, s = direct
         k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
-        if not rounding and np.all(z == 8):  # symmetric: every q - 8 of a 4-bit code is in [-8, 7], Q4_0's (and the
-            # others') range, whatever the codes, so the block ranges need no pass over the words: the census of
-            # codes spanning [0, 15] is the module's (only the scales decide, as for any source)
-            span = np.zeros((k // G.BLOCK, n), np.uint8)
+        span = np.zeros((k // G.BLOCK, n), np.uint8)
+        if not rounding and (np.all(z == 8) or decide in ("Q5_0", "Q8_0")):  # symmetric: every q - 8 of a 4-bit
+            # code is in [-8, 7], Q4_0's (and the others') range, whatever the codes, so the block ranges need no
+            # pass over the words: the census of codes spanning [0, 15] is the module's (only the scales decide, as
+            # for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
             return G.census_of_bounds(span, np.full_like(span, 15), z, s)
+        if not rounding and decide == "auto":
+            worst = G.census_of_bounds(span, np.full_like(span, 15), z, s)
+            if worst.holds("Q5_0") and not _q4_0_holds(words, z, s):
+                return worst  # Q4_0 does not hold: the plan takes Q5_0, whose count is exact
+            # else the whole census: Q4_0 may hold, or no type does (the refusal names the best one's count)
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
         hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
@@ -231,7 +258,8 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
         shape = (len(mods), *m.lead, m.n, m.k) if len(mods) > 1 else (*m.lead, m.n, m.k)
         census = G.Census()
         for prefix in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
-            census += module_census(ckpt, prefix, read_word, rounding=forced in ("F16", "BF16"))
+            census += module_census(ckpt, prefix, read_word, rounding=forced in ("F16", "BF16"),
+                                    decide=forced if forced in ("Q5_0", "Q8_0") else "auto" if forced is None else None)
         chosen = forced or census.smallest()
         if chosen is None:  # no block type holds it: F16, what AWQ/GPTQ engines compute, if the user accepts that
             p = Planned(t.name, "F16", shape, t, census, exact=False)
