@@ -162,6 +162,43 @@ def test_a_file_system_without_direct_io_is_written_buffered(tmp_path, monkeypat
 
 
 @needs_direct
+def test_full_stages_are_written_on_the_writer_thread_and_its_errors_reach_the_writer(tmp_path, monkeypatch):
+    """A full staging buffer is written on the writer thread while the other fills (the same bytes, checked above);
+    an error there (a full disk) is raised by the writer's next step, and abort gives every buffer back."""
+    import threading
+
+    monkeypatch.setattr(S, "DIRECT_CHUNK", 3 * 4096)
+    src = _source(tmp_path, 40_000)
+    tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)], [("copy", 0, 30_000)]]
+    threads: list[str] = []
+    real = S.StagedWriter._direct
+
+    def seen(self, view):
+        threads.append(threading.current_thread().name)
+        return real(self, view)
+
+    monkeypatch.setattr(S.StagedWriter, "_direct", seen)
+    _write(tmp_path / "a", tensors, src, 3, direct=True)
+    assert any(t.startswith("packq-write") for t in threads) and threads[-1] == threading.current_thread().name
+
+    def full(self, view):
+        if threading.current_thread().name.startswith("packq-write"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, view)
+
+    monkeypatch.setattr(S.StagedWriter, "_direct", full)
+    buffers = S.Buffers()
+    out = S.StagedWriter(open(tmp_path / "b", "xb", buffering=0), 100_000, buffers)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(10):
+            out.write(memoryview(bytes(10_000)))
+        out.close()
+    out.abort()
+    out.file.close()
+    assert not buffers._out and out._pool is None
+
+
+@needs_direct
 def test_negative_control_a_lost_carry_is_caught(tmp_path, monkeypatch):
     """The comparison above sees a writer that drops the staged bytes after a flush (the partial block that
     the next flush must carry)."""

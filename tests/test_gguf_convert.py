@@ -253,13 +253,13 @@ def direct_flushes(monkeypatch):
 
     monkeypatch.setattr(S, "DIRECT_CHUNK", 4096)
     flushed: list[int] = []
-    real = S.StagedWriter._flush
+    real = S.StagedWriter._direct
 
-    def counting(self, nbytes):
-        flushed.append(nbytes)
-        real(self, nbytes)
+    def counting(self, view):
+        flushed.append(view.nbytes)
+        return real(self, view)
 
-    monkeypatch.setattr(S.StagedWriter, "_flush", counting)
+    monkeypatch.setattr(S.StagedWriter, "_direct", counting)
     return flushed
 
 
@@ -277,7 +277,7 @@ def test_an_interrupted_write_leaves_no_dst(tmp_path, monkeypatch, capsys, direc
     assert direct_flushes  # (the direct path is the one interrupted below)
     (tmp_path / "whole.gguf").unlink()
     direct_flushes.clear()
-    real_chunks, real_flush = fmt.chunks, S.StagedWriter._flush
+    real_chunks, real_direct = fmt.chunks, S.StagedWriter._direct
     started: list[str] = []
 
     def interrupted(ckpt, p, read_word, buffers=None):
@@ -286,17 +286,17 @@ def test_an_interrupted_write_leaves_no_dst(tmp_path, monkeypatch, capsys, direc
         started.append(p.name)
         yield from real_chunks(ckpt, p, read_word, buffers)
 
-    def full(self, nbytes):
+    def full(self, view):  # (on the writer thread: the error reaches the conversion at the next handover)
         if len(direct_flushes) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_flush(self, nbytes)
+        return real_direct(self, view)
 
     if how == "interrupt":
         monkeypatch.setattr(fmt, "chunks", interrupted)
         with pytest.raises(KeyboardInterrupt):
             convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", to="gguf")
     else:
-        monkeypatch.setattr(S.StagedWriter, "_flush", full)
+        monkeypatch.setattr(S.StagedWriter, "_direct", full)
         rc, err = _cli(capsys, tmp_path / "src", tmp_path / "m.gguf", "--to", "gguf")
         assert rc == 2 and err.count("\n") == 1 and "No space left on device" in err, err
     assert direct_flushes

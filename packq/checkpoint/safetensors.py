@@ -22,6 +22,7 @@ import re
 import struct
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,11 @@ class StagedWriter:
         self.stage: np.ndarray | None = None  # the aligned staging buffer while writing directly
         self.staged = 0  # bytes in it, from the file's block boundary at its current position
         self.position = file.tell()  # where the next byte appended goes
+        # a full staging buffer is written on a thread of its own while the other one fills: a direct write waits
+        # for the disk (0.7 s a GB here), which the copies into the stage and the conversions then overlap
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future[int], np.ndarray, int] | None = None  # (its write, the buffer, its bytes)
+        self._spare: np.ndarray | None = None
         self._start_direct(size)
 
     def _start_direct(self, size: int) -> None:
@@ -448,34 +454,84 @@ class StagedWriter:
         if stage is not None:
             self._buffered(stage[:n].data)
             self.buffers.give(stage)
+        if self._spare is not None:
+            self.buffers.give(self._spare)
+            self._spare = None
 
     def _flush(self, nbytes: int) -> None:
-        """Write the staged bytes' first ``nbytes`` (a multiple of the alignment) directly; keep the rest staged."""
+        """Write the staged bytes' first ``nbytes`` (a multiple of the alignment) directly, on this thread; keep the
+        rest staged."""
         assert self.stage is not None and nbytes % _ALIGN == 0
-        view = self.stage[:nbytes].data
+        done = self._direct(self.stage[:nbytes].data)
+        if done < nbytes:  # refused or short (a file size limit, a full disk, another alignment): buffered from here
+            rest = self.staged - done
+            self.stage[:rest] = self.stage[done : self.staged].copy()
+            self.staged = rest
+            self._stop_direct()
+            return
+        self.stage[: self.staged - nbytes] = self.stage[nbytes : self.staged].copy()
+        self.staged -= nbytes
+
+    def _room(self) -> memoryview:
+        """The free part of the staging buffer; a full one is sent to be written first (:meth:`_send`)."""
+        assert self.stage is not None
+        if self.staged == self.stage.nbytes:
+            self._send()
+        return self.stage[self.staged :].data if self.stage is not None else memoryview(b"")
+
+    def _send(self) -> None:
+        """Write the full staging buffer directly on the writer thread and go on in the other buffer (once the
+        previous write is done, so that the file's bytes stay in order)."""
+        assert self.stage is not None
+        self._join()
+        if self.stage is None:  # that write was refused: everything is written buffered from now on
+            return
+        full, n = self.stage, self.staged
+        spare = self._spare if self._spare is not None else self.buffers.take(full.nbytes)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-write")
+        self._pending = (self._pool.submit(self._direct, full[:n].data), full, n)
+        self.stage, self.staged, self._spare = spare, 0, None
+
+    def _direct(self, view: memoryview) -> int:
+        """Write ``view`` (whole blocks) directly: every direct write goes through here. The bytes written, fewer
+        where a write was refused (EINVAL: an alignment this file system wants larger) or short."""
+        written = 0
         while view.nbytes:
             try:
                 done = self.file.write(view)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                done = 0  # a direct write refused (an alignment this file system wants larger): buffered instead
-            if done % _ALIGN or not done:  # a short write (a file size limit, a full disk): buffered from here
-                rest = self.staged - (nbytes - view.nbytes) - done
-                self.stage[:rest] = self.stage[nbytes - view.nbytes + done : self.staged].copy()
-                self.staged = rest
-                self._stop_direct()
-                return
+                return written
+            if done % _ALIGN or not done:
+                return written + done
+            written += done
             view = view[done:]
-        self.stage[: self.staged - nbytes] = self.stage[nbytes : self.staged].copy()
-        self.staged -= nbytes
+        return written
 
-    def _room(self) -> memoryview:
-        """The free part of the staging buffer, flushed first if full."""
-        assert self.stage is not None
-        if self.staged == self.stage.nbytes:
-            self._flush(self.staged)
-        return self.stage[self.staged :].data if self.stage is not None else memoryview(b"")
+    def _join(self) -> None:
+        """Wait for the write sent last; where it was refused or short, write the rest of its bytes and what is
+        staged since buffered, and stay buffered (the same bytes in the same order)."""
+        if self._pending is None:
+            return
+        fut, sent, n = self._pending
+        self._pending = None
+        try:
+            done = fut.result()
+        except BaseException:
+            self.buffers.give(sent)
+            raise
+        if done == n:
+            self._spare = sent
+            return
+        import fcntl
+
+        fd = self.file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._buffered(sent[done:n].data)
+        self.buffers.give(sent)
+        self._stop_direct()
 
     def _buffered(self, view: memoryview) -> None:
         # in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios) allocate
@@ -515,15 +571,36 @@ class StagedWriter:
 
     def close(self) -> None:
         """Write what is staged: whole blocks directly, the last partial block buffered. (Not fsync, not close.)"""
-        if self.stage is not None:
-            self._flush(self.staged // _ALIGN * _ALIGN)
-            self._stop_direct()
+        try:
+            self._join()
+            if self.stage is not None:
+                self._flush(self.staged // _ALIGN * _ALIGN)
+                self._stop_direct()
+        finally:
+            self._shutdown()
 
     def abort(self) -> None:
-        """Give the staging buffer back, writing nothing more."""
-        if self.stage is not None:
-            self.buffers.give(self.stage)
-            self.stage = None
+        """Give the staging buffers back, writing nothing more (a write under way is waited for)."""
+        try:
+            if self._pending is not None:
+                fut, sent, _ = self._pending
+                self._pending = None
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - aborting already: the first error is the one reported
+                    pass
+                self.buffers.give(sent)
+            for b in (self.stage, self._spare):
+                if b is not None:
+                    self.buffers.give(b)
+            self.stage = self._spare = None
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class SafetensorsWriter:
