@@ -133,9 +133,9 @@ def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int)
         groups = w_out.numel() // (8 * c) if c else 0
         dst = w_out
         if to_gptq:
-            w_programs = triton.cdiv(groups, ROWS) * triton.cdiv(c, WORDS)
+            w_programs = _cdiv(groups, ROWS) * _cdiv(c, WORDS)
         else:
-            w_programs = triton.cdiv(groups * 8, AWQ_ROWS) * triton.cdiv(c, AWQ_WORDS)
+            w_programs = _cdiv(groups * 8, AWQ_ROWS) * _cdiv(c, AWQ_WORDS)
     zwords = 0
     if qzeros is not None:
         zsrc = qzeros.contiguous()
@@ -148,13 +148,19 @@ def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int)
     zsrc = zsrc if zsrc is not None else src
     zdst = zdst if zdst is not None else dst
     assert src is not None
-    grid = (w_programs + triton.cdiv(zwords, ZWORDS),)
+    grid = (w_programs + _cdiv(zwords, ZWORDS),)
     # launch on the tensors' device; CPU tensors reach here only in Triton's interpreter (the tests, no GPU)
     on_current = src.device.type != "cuda" or src.device.index == torch.cuda.current_device()
     kernel, tiles = (_awq_to_gptq, (ROWS, WORDS, ZWORDS)) if to_gptq else (_gptq_to_awq, (AWQ_ROWS, AWQ_WORDS, ZWORDS))
     with contextlib.nullcontext() if on_current else torch.cuda.device(src.device):
         _run(kernel, grid, (src, dst, zsrc, zdst), (groups, c, zwords, w_programs, offset), tiles)
     return w_out, z_out
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` in plain integers: Triton's is a constexpr function, whose call costs microseconds of the
+    host's time, twice or three times a launch (benchmarks/results/h200/host_act_order.txt)."""
+    return -(-a // b)
 
 
 #: compiled kernels by everything Triton specializes a launch on: (kernel, device, tiles, warps, each
@@ -390,7 +396,7 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
     w, z, s = _batch(qweight), _batch(qzeros), _batch(scales)
     gsize = k // groups
     one = gsize % DQ_ROWS == 0
-    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(c, DQ_WORDS), w.shape[0])
+    grid = (_cdiv(k, DQ_ROWS) * _cdiv(c, DQ_WORDS), w.shape[0])
     with _on(qweight):
         _fast(_dequant_awq, grid, (w, z, s, out), (k, c, groups, gsize),
               {"BK": DQ_ROWS, "BJ": DQ_WORDS, "ONE_GROUP": one}, DQ_WARPS)
@@ -413,10 +419,10 @@ def dequantize_gptq_checked(qweight: Any, qzeros: Any, scales: Any, g_idx: Any, 
     its own (those were 5-10 us of device time a call on an H200, beside a 17-44 us kernel on the 4096-wide
     layers: benchmarks/results/h200, 2026-12-02), and the host's wait is for the work queued before the kernel,
     as the copy of a separate reduction's result was."""
-    if not takes((qweight, qzeros, scales, g_idx)) or any(d == 0 for d in qweight.shape) or g_idx.numel() == 0:
+    if not takes((qweight, qzeros, scales, g_idx)) or 0 in qweight.shape or g_idx.numel() == 0:
         return None
     slot = _take_slot(g_idx)
-    out = _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zeros, slot.memory)
+    out = _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zeros, slot.memory, taken=True)
     view = slot.view
     if g_idx.device.type != "cuda":  # Triton's interpreter (the tests): the kernel has run
         _slots.free[slot.device].append(slot)
@@ -487,8 +493,10 @@ def _take_slot(x: Any) -> _Slot:
 
 
 def _dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, bits: int, zeros: str,
-                     slot: Any | None) -> Any | None:
-    if not takes((qweight, qzeros, scales, g_idx)):
+                     slot: Any | None, taken: bool = False) -> Any | None:
+    """:func:`dequantize_gptq`, its kernel's program (0, 0) writing g_idx's range into ``slot`` unless None;
+    ``taken``: :func:`takes` is known to hold."""
+    if not (taken or takes((qweight, qzeros, scales, g_idx))):
         return None
     *lead, kw, n = qweight.shape
     k = kw * 32 // bits
@@ -502,7 +510,7 @@ def _dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, 
     gi = w if g_idx is None else (g_idx if g_idx.dtype in (torch.int32, torch.int64) else g_idx.to(torch.int64)).contiguous()
     one = g_idx is None and gsize % DQ_ROWS == 0
     check = slot is not None
-    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS) + check, w.shape[0])
+    grid = (_cdiv(k, DQ_ROWS) * _cdiv(n, DQ_COLS) + check, w.shape[0])
     # 3-bit act-order: each row would read its group's zero field from the bit stream (two gathered words per
     # value, 5.4x a copy of the output on an H200, 8192 x 28672); the fields unpacked once, one byte each, are a
     # gather like the scales' (groups x N bytes, under 1% of the output)
@@ -510,7 +518,7 @@ def _dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, 
     with _on(qweight):
         if unpacked:
             zu = torch.empty((z.shape[0] * groups, n), dtype=torch.int8, device=z.device)
-            _fast(_unpack_zeros3, (triton.cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
+            _fast(_unpack_zeros3, (_cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
             z = zu
         _fast(_dequant_gptq, grid, (w, z, s, gi, out, slot if check else w), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
               {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None,
