@@ -93,7 +93,8 @@ class TorchBackend(Backend):
 
     def minmax_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int) -> Callable[[], tuple[int, int]] | None:
         """On CUDA, where the Triton kernel that clamps the index array will run: its minimum and maximum reduced and
-        copied to the host without waiting (see ``triton_kernels.minmax_later``)."""
+        copied to the host without waiting (see ``triton_kernels.minmax_later``): the older path, taken where
+        :data:`CHECK_IN_KERNEL` is False (:meth:`run_range_later` takes the range from the kernel itself)."""
         x = arrays[index]
         kernels = triton_kernels()
         if (kernels is None or x.device.type not in self.kernel_devices or fn not in kernels.CLAMPED

@@ -19,8 +19,8 @@ GPTQ, columns in AWQ's slot order for AWQ); at 3 bits each value is read from th
 stream, the word (or the two words it straddles) reloaded from the cache. Where the tile lies in one
 quantization group (no g_idx, BK dividing the group size) the group's zero-points and scales are one
 row broadcast over the tile; otherwise every row gathers its own (act-order: its g_idx entry clamped to
-the groups that exist, so that the public call may check the range after the launch, see
-:func:`minmax_later`). The value is
+the groups that exist, so that the public call may check the range after the launch: the kernel's
+program (0, 0) writes g_idx's range into pinned host memory, see :func:`dequantize_gptq_checked`). The value is
 (q - z) * s computed in float32 and rounded once to the scales' dtype: (q - z) is an integer of at
 most 9 bits, so the float32 product of it and a float16 or bfloat16 scale is exact and its one
 rounding gives the bits of the core's product in the scales' dtype; float32 scales are multiplied in
@@ -559,7 +559,7 @@ def _on(x: Any) -> Any:
 
 
 #: core functions whose kernels read their index arrays clamped into range, so that a range check may wait
-#: until after the launch (Backend.minmax_later)
+#: until after the launch (Backend.run_range_later)
 CLAMPED = {gptq.dequantize_gptq}
 
 #: core dequantization -> kernel taking the same arrays (None for absent ones) and static arguments, or
