@@ -8,7 +8,9 @@ segment where columns are split), so a process reads the shards of its own devic
 Layout conversions run afterwards on the devices: each module's whole conversion (weights, zero-points,
 scales, the cast) is one compiled function, made once per distinct signature (layout, format, shapes,
 dtypes, shardings) and reused by every module that shares it, so a Llama-shaped checkpoint compiles
-three or four functions per layout, not one per module and step. Sharded modules convert under
+three or four functions per layout, not one per module and step. They are compiled on threads from the
+headers while the bytes are read, and a module whose compile is still running is set aside while the next
+modules are read (up to one shard's bytes), then converted in order. Sharded modules convert under
 ``shard_map``, each device its own block (every conversion is local to whole words and groups), with
 no collective. Tensors a layout keeps as stored pass through without a copy. With JAX's persistent
 compilation cache enabled (``jax_compilation_cache_dir``, and ``jax_persistent_cache_min_compile_time_secs``
