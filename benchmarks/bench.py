@@ -302,6 +302,7 @@ def gpu_dequant(layers: str | None = None) -> list[dict]:
     import torch
 
     from packq.backends import jax as jax_backend
+    from packq.backends import torch as torch_backend
     from packq.formats import gptq
 
     dev, gpu = torch.device("cuda"), jax.devices("gpu")[0]
@@ -358,6 +359,7 @@ def gpu_dequant(layers: str | None = None) -> list[dict]:
         from packq.backends import triton_kernels as tk
 
         host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+        slot = torch.zeros(3, dtype=torch.int64, pin_memory=True)  # where the act-order kernel writes g_idx's range
         for bits in (4, 3, 2, 8):
             gw, gz = raw_words(k * bits + n, (k * bits // 32, n)), raw_words(k + n + bits, (groups, n * bits // 32))
             t_gw, t_gz = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev)
@@ -370,19 +372,38 @@ def gpu_dequant(layers: str | None = None) -> list[dict]:
                 check(packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), ref)
                 t[f"torch cuda gptq {bits}-bit{what} (triton), back to back"] = back_to_back(
                     lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), 20)
+                if tg is not None:  # the older range check: a reduction and a copy of its own before the kernel
+                    torch_backend.CHECK_IN_KERNEL = False
+                    try:
+                        check(packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), ref)
+                        t[f"torch cuda gptq {bits}-bit{what} (triton), back to back, range by a reduction of its own"] = (
+                            back_to_back(lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, tg, bits=bits), 20))
+                    finally:
+                        torch_backend.CHECK_IN_KERNEL = True
                 try:  # device time alone; act-order: the public call's device work (min/max, its copy, the kernel)
                     if tg is None:
                         t[f"torch cuda gptq {bits}-bit (triton), CUDA graph, raw words"] = graph_ms(
                             lambda: packq.dequantize_gptq(t_gw, t_gz, t_s, None, bits=bits))
                     else:
-                        def device_work():
+                        def device_work():  # the older path's
                             both = torch.empty(2, dtype=tg.dtype, device=dev)
                             torch.aminmax(tg, out=(both[0], both[1]))
                             host.copy_(both, non_blocking=True)
                             return tk.dequantize_gptq(t_gw, t_gz, t_s, tg, bits, "v1")
 
+                        def in_kernel():  # what the public call queues now: the kernel, one program writing the range
+                            return tk._dequantize_gptq(t_gw, t_gz, t_s, tg, bits, "v1", slot)
+
                         check(device_work(), ref)
-                        t[f"torch cuda gptq {bits}-bit act-order (triton), CUDA graph of its device work"] = graph_ms(device_work)
+                        slot[2] = 0
+                        check(in_kernel(), ref)
+                        torch.cuda.synchronize()
+                        assert slot.tolist() == [int(g_idx.min()), int(g_idx.max()), 1], slot
+                        t[f"torch cuda gptq {bits}-bit act-order (triton), CUDA graph of its device work"] = graph_ms(in_kernel)
+                        t[f"torch cuda gptq {bits}-bit act-order (triton), CUDA graph of its device work, range by a "
+                          "reduction of its own"] = graph_ms(device_work)
+                        t[f"torch cuda gptq {bits}-bit act-order (triton), CUDA graph of the kernel alone (no range)"] = (
+                            graph_ms(lambda: tk.dequantize_gptq(t_gw, t_gz, t_s, tg, bits, "v1")))
                 except Exception as e:  # noqa: BLE001  reported; the back-to-back rows stand
                     print(f"  CUDA graph timing: {type(e).__name__}: {str(e)[:300]}")
                 check(packq.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits), ref)
@@ -397,6 +418,11 @@ def gpu_dequant(layers: str | None = None) -> list[dict]:
                     check(pk.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=bits, zeros="v1"), ref)
                     t[f"jax gptq {bits}-bit{what} pallas"] = jax_ms(
                         lambda a: pk.dequantize_gptq(a, j_gz, j_s, jg, bits=bits, zeros="v1"), j_gw)
+                    if jg is not None and bits == 3:  # every way of giving the kernel its zero-points
+                        for z3 in pk.ZEROS3:
+                            check(pk.dequantize_gptq(j_gw, j_gz, j_s, jg, bits=3, zeros="v1", zeros3=z3), ref)
+                            t[f"jax gptq 3-bit act-order pallas, zeros3={z3}"] = jax_ms(
+                                lambda a, z3=z3: pk.dequantize_gptq(a, j_gz, j_s, jg, bits=3, zeros="v1", zeros3=z3), j_gw)
                     if jg is not None:  # the public call's device work: g_idx's min and max, the kernel
                         work = jax.jit(lambda a, g: (jax_backend._minmax(g), pk.dequantize_gptq(a, j_gz, j_s, g, bits=bits,
                                                                                                 zeros="v1")))

@@ -78,20 +78,21 @@ def _run_range_checked(be: backends.Backend, fn: Callable[..., Any], arrays: tup
 
     Where the backend reads that array clamped into range and its device runs asynchronously (torch on CUDA
     through the Triton kernel; JAX), the check does not read the values before the launch, which would make the
-    device idle for the host's round trip and the launch: the minimum and maximum are reduced on the device and
-    copied to the host without a wait, the work is launched, and the call waits for that small copy alone (not
-    for the work) before it returns or raises. So an out-of-range array still raises the same ValueError and no
+    device idle for the host's round trip and the launch: the minimum and maximum are reduced on the device
+    (JAX: a reduction copied to the host without a wait, before the work; torch CUDA: by one program of the
+    kernel itself, into pinned host memory) and the call waits for them alone (not for the work) before it
+    returns or raises. So an out-of-range array still raises the same ValueError and no
     result is returned; the work already launched reads clamped indices, never out of bounds, and its output
     is dropped.
     """
     x = arrays[index]
-    wait = None
+    later = None
     if be.is_concrete(x) and not any(d == 0 for d in V.shape_of(x)):
-        wait = be.minmax_later(fn, arrays, index)
-    if wait is None:
+        later = be.run_range_later(fn, arrays, index, **static)
+    if later is None:
         _check_range(be, x, name, lo, hi, why)
         return be.run(fn, *arrays, **static)
-    out = be.run(fn, *arrays, **static)
+    out, wait = later
     _check_bounds(*wait(), name, lo, hi, why)
     return out
 

@@ -23,6 +23,9 @@ import torch
 import packq
 from packq.backends import torch as torch_backend
 
+#: public torch calls whose g_idx range came from the kernel itself (triton_kernels.dequantize_gptq_checked)
+RANGE_FROM_KERNEL = [0]
+
 SHAPES = [(8, 8), (128, 16), (4096, 512), (11008, 512), (8, 64, 40), (16, 256, 96), (32, 8), (1024, 3)]
 
 
@@ -59,6 +62,8 @@ def main() -> int:
                 checked += 1
                 if not np.array_equal(np.asarray(got), want):
                     failures.append(f"jax {shape} {name}")
+    from packq.backends import pallas_kernels as pk
+
     pallas_traced = _count_pallas_traces()
     dq_checked, dq_failures = dequantization(rng, dev, gpu)
     ao_checked, ao_failures = act_order_range(rng, dev, gpu)
@@ -68,7 +73,11 @@ def main() -> int:
                       "dequantization_failures": dq_failures,
                       "pallas_kernels_traced": sorted(pallas_traced),
                       "jax_pallas_use_mosaic_gpu_default": getattr(jax.config, "jax_pallas_use_mosaic_gpu", None),
-                      "act_order_range_checks": ao_checked, "act_order_range_failures": ao_failures}, indent=1))
+                      "act_order_range_checks": ao_checked, "act_order_range_failures": ao_failures,
+                      "torch_range_from_the_kernel": torch_backend.CHECK_IN_KERNEL,
+                      "torch_calls_with_the_range_from_the_kernel": RANGE_FROM_KERNEL[0],
+                      "pallas_3bit_act_order_zeros": pk.ZEROS3[0]},
+                     indent=1))
     failures += dq_failures + ao_failures
     return 1 if failures else 0
 
@@ -81,9 +90,11 @@ def _count_pallas_traces() -> set[str]:
     seen: set[str] = set()
     real_gptq, real_awq = pk.dequantize_gptq, pk.dequantize_awq
 
-    def gptq(qw, qz, s, g_idx=None, *, bits, zeros, experts=1, interpret=False):
-        seen.add(f"gptq {bits}-bit act_order={g_idx is not None} experts={experts} {tuple(qw.shape)}")
-        return real_gptq(qw, qz, s, g_idx, bits=bits, zeros=zeros, experts=experts, interpret=interpret)
+    def gptq(qw, qz, s, g_idx=None, *, bits, zeros, experts=1, interpret=False, zeros3=None):
+        zeros3 = zeros3 or pk.ZEROS3[0]
+        seen.add(f"gptq {bits}-bit act_order={g_idx is not None} experts={experts} {tuple(qw.shape)}"
+                 + (f" zeros3={zeros3}" if bits == 3 and g_idx is not None else ""))
+        return real_gptq(qw, qz, s, g_idx, bits=bits, zeros=zeros, experts=experts, interpret=interpret, zeros3=zeros3)
 
     def awq(qw, qz, s, interpret=False):
         seen.add(f"awq {tuple(qw.shape)}")
@@ -103,7 +114,14 @@ def act_order_range(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]
     from packq.backends import triton_kernels as tk
 
     checked, failures = 0, []
-    k, n, groups = 4096, 1024, 32
+    k, n, groups = 4096, 1024, 32  # g_idx over 4 of the range program's chunks
+    real_checked = tk.dequantize_gptq_checked
+
+    def counted(*a, **kw):
+        RANGE_FROM_KERNEL[0] += 1
+        return real_checked(*a, **kw)
+
+    tk.dequantize_gptq_checked = counted
     for bits in (2, 3, 4, 8):
         gw = rng.integers(-(2**31), 2**31, (k * bits // 32, n), dtype=np.int64).astype(np.int32)
         gz = rng.integers(-(2**31), 2**31, (groups, n * bits // 32), dtype=np.int64).astype(np.int32)
@@ -116,34 +134,58 @@ def act_order_range(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]
         want = reference(packq.dequantize_gptq, "float16", gw, gz, scales, good, bits=bits, zeros="v1")
         tw, tz, ts = torch.from_numpy(gw).to(dev), torch.from_numpy(gz).to(dev), torch.from_numpy(scales).to(dev)
         jw, jz, js = (jax.device_put(a, gpu) for a in (gw, gz, scales))
-        for lib in ("torch", "jax"):
-            for dt in (np.int32, np.int64) if lib == "torch" else (np.int32,):
-                tag = f"{lib} {bits}-bit g_idx {np.dtype(dt).name}"
-                if lib == "torch":
-                    got = tk.dequantize_gptq(tw, tz, ts, torch.from_numpy(wild.astype(dt)).to(dev), bits, "v1")
-                    got = _bits_of(got.cpu().view(torch.int16).numpy())
-                else:
-                    got = _bits_of(np.asarray(pk.dequantize_gptq(jw, jz, js, jax.device_put(wild, gpu), bits=bits,
-                                                                 zeros="v1")))
-                checked += 1
-                if not np.array_equal(got, want_clamped):
-                    failures.append(f"{tag}: kernel on an out-of-range g_idx differs from NumPy on the clamped one")
-                bad = torch.from_numpy(wild.astype(dt)).to(dev) if lib == "torch" else jax.device_put(wild, gpu)
-                args = (tw, tz, ts) if lib == "torch" else (jw, jz, js)
-                try:
-                    packq.dequantize_gptq(*args, bad, bits=bits)
-                    failures.append(f"{tag}: an out-of-range g_idx did not raise")
-                except ValueError as e:
-                    expected = (f"g_idx must hold values in [0, {groups - 1}] (indices of the {groups} groups of qzeros), "
-                                f"got values in [{wild.min()}, {wild.max()}]")
-                    if str(e) != expected:
-                        failures.append(f"{tag}: raised {e!r}")
-                okg = torch.from_numpy(good.astype(dt)).to(dev) if lib == "torch" else jax.device_put(good, gpu)
-                after = packq.dequantize_gptq(*args, okg, bits=bits)
-                after = _bits_of(after.cpu().view(torch.int16).numpy()) if lib == "torch" else _bits_of(np.asarray(after))
-                checked += 1
-                if not np.array_equal(after, want):
-                    failures.append(f"{tag}: the call after the refused one differs from NumPy")
+        # torch: the range from the kernel itself (the default), and from a reduction of its own; JAX: every way the
+        # 3-bit act-order kernel takes its zero-points
+        ways = [("torch", dt, w) for dt in (np.int32, np.int64) for w in ("in kernel", "reduction")]
+        ways += [("jax", np.int32, z3) for z3 in (pk.ZEROS3 if bits == 3 else pk.ZEROS3[:1])]
+        for lib, dt, way in ways:
+            tag = f"{lib} {bits}-bit g_idx {np.dtype(dt).name} ({way})"
+            torch_backend.CHECK_IN_KERNEL = way != "reduction"
+            if lib == "torch":
+                got = tk.dequantize_gptq(tw, tz, ts, torch.from_numpy(wild.astype(dt)).to(dev), bits, "v1")
+                got = _bits_of(got.cpu().view(torch.int16).numpy())
+            else:
+                got = _bits_of(np.asarray(pk.dequantize_gptq(jw, jz, js, jax.device_put(wild, gpu), bits=bits,
+                                                             zeros="v1", zeros3=way)))
+            checked += 1
+            if not np.array_equal(got, want_clamped):
+                failures.append(f"{tag}: kernel on an out-of-range g_idx differs from NumPy on the clamped one")
+            bad = torch.from_numpy(wild.astype(dt)).to(dev) if lib == "torch" else jax.device_put(wild, gpu)
+            args = (tw, tz, ts) if lib == "torch" else (jw, jz, js)
+            try:
+                packq.dequantize_gptq(*args, bad, bits=bits)
+                failures.append(f"{tag}: an out-of-range g_idx did not raise")
+            except ValueError as e:
+                expected = (f"g_idx must hold values in [0, {groups - 1}] (indices of the {groups} groups of qzeros), "
+                            f"got values in [{wild.min()}, {wild.max()}]")
+                if str(e) != expected:
+                    failures.append(f"{tag}: raised {e!r}")
+            okg = torch.from_numpy(good.astype(dt)).to(dev) if lib == "torch" else jax.device_put(good, gpu)
+            after = packq.dequantize_gptq(*args, okg, bits=bits)
+            after = _bits_of(after.cpu().view(torch.int16).numpy()) if lib == "torch" else _bits_of(np.asarray(after))
+            checked += 1
+            if not np.array_equal(after, want):
+                failures.append(f"{tag}: the call after the refused one differs from NumPy")
+        torch_backend.CHECK_IN_KERNEL = True
+        # the kernel's range behind a long queue (the wait blocks on the kernel once its spin is over), and a call
+        # whose wait never ran (its slot stays busy until its kernel ends: the next call's range is its own)
+        tbad, tgood = torch.from_numpy(wild).to(dev), torch.from_numpy(good).to(dev)
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of the GPU's clock
+        try:
+            packq.dequantize_gptq(tw, tz, ts, tbad, bits=bits)
+            failures.append(f"torch {bits}-bit behind a long queue: an out-of-range g_idx did not raise")
+        except ValueError as e:
+            if f"got values in [{wild.min()}, {wild.max()}]" not in str(e):
+                failures.append(f"torch {bits}-bit behind a long queue: raised {e!r}")
+        checked += 1
+        torch.cuda._sleep(50_000_000)
+        tk.dequantize_gptq_checked(tw, tz, ts, tbad, bits, "v1")  # never waited for
+        out, wait = tk.dequantize_gptq_checked(tw, tz, ts, tgood, bits, "v1")
+        got_range = wait()
+        checked += 1
+        if got_range != (int(good.min()), int(good.max())) or not np.array_equal(_bits_of(out.cpu().view(torch.int16).numpy()),
+                                                                                 want):
+            failures.append(f"torch {bits}-bit after an unwaited call: range {got_range} or its bits wrong")
     torch.cuda.synchronize()
     return checked, failures
 
@@ -235,6 +277,19 @@ def dequantization(rng: np.random.Generator, dev, gpu) -> tuple[int, list[str]]:
                                                       bits=bits, zeros=zeros),
                                 packq.dequantize_gptq(jax.device_put(gw, gpu), jax.device_put(gz, gpu), js, jg,
                                                       bits=bits, zeros=zeros), want)
+                        if act and bits == 3:  # the Pallas kernel's every way of taking the zero-points (the public
+                            # call above took the default), called as the JAX backend calls it
+                            from packq.backends import pallas_kernels as pk
+
+                            if pk.supported(k, n, groups, pk.BN, True):
+                                experts = int(np.prod(lead))
+                                for z3 in pk.ZEROS3:
+                                    got = pk.dequantize_gptq(
+                                        jax.device_put(gw.reshape(-1, n), gpu), jax.device_put(gz.reshape(-1, gz.shape[-1]), gpu),
+                                        jax.device_put(scales.reshape(-1, n), gpu), jg, bits=3, zeros=zeros, experts=experts,
+                                        zeros3=z3)
+                                    compare(f"gptq 3-bit {zeros} act=True pallas zeros3={z3} {lead} {k}x{n} g{groups} {dtype}",
+                                            None, got.reshape(*lead, k, n), want)
     # negative control: a corrupted result fails the same comparison
     aw, az = words(128, 8), words(1, 8)
     sc = np.full((1, 64), 0.1, np.float16)

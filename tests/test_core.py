@@ -587,11 +587,11 @@ PALLAS_SHAPES = [(64, 256, 1), (64, 256, 2)]
 
 @given(bits=st.sampled_from([2, 3, 4, 8]), shape=st.sampled_from(PALLAS_SHAPES), zeros=st.sampled_from(["v1", "v2"]),
        dtype=st.sampled_from(["float16", "bfloat16", "float32"]), act_order=st.booleans(), experts=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2**32 - 1))
-def test_pallas_gptq_kernels_equal_the_core_interpreted(bits, shape, zeros, dtype, act_order, experts, seed):
+       zeros3=st.sampled_from(["nibbles", "bytes"]), seed=st.integers(0, 2**32 - 1))
+def test_pallas_gptq_kernels_equal_the_core_interpreted(bits, shape, zeros, dtype, act_order, experts, zeros3, seed):
     """The JAX GPU kernels for GPTQ at every width (3 bits: fields straddling words), with act-order (each row's
-    zero-points and scales gathered by g_idx) and with stacked experts folded into the rows, in Pallas's
-    interpreter on the CPU: the core's bits."""
+    zero-points and scales gathered by g_idx; at 3 bits from the zero fields repacked at 4 bits, or as bytes) and
+    with stacked experts folded into the rows, in Pallas's interpreter on the CPU: the core's bits."""
     import jax.numpy as jnp
 
     pk = pytest.importorskip("packq.backends.pallas_kernels")
@@ -608,8 +608,9 @@ def test_pallas_gptq_kernels_equal_the_core_interpreted(bits, shape, zeros, dtyp
                     dtype=dtype)
     g_idx = jnp.asarray(rng.permutation(np.arange(k) // (k // groups)).astype(np.int32)) if act_order else None
     assert pk.supported(k, n, groups, pk.BN, act_order)
+    assert set(pk.ZEROS3) == {"nibbles", "bytes"}
     got = pk.dequantize_gptq(qw.reshape(-1, n), qz.reshape(-1, qz.shape[-1]), s.reshape(-1, n), g_idx, bits=bits,
-                             zeros=zeros, experts=experts, interpret=True).reshape(experts, k, n)
+                             zeros=zeros, experts=experts, interpret=True, zeros3=zeros3).reshape(experts, k, n)
     want = gptq.dequantize_gptq(jnp, qw, qz, s, g_idx, bits=bits, zeros=zeros)
     view = np.uint32 if dtype == "float32" else np.uint16
     assert got.dtype == want.dtype and np.array_equal(np.asarray(got).view(view), np.asarray(want).view(view))
@@ -626,13 +627,14 @@ def test_pallas_act_order_clamps_g_idx_and_a_flipped_bit_is_caught():
 
     rng = np.random.default_rng(11)
     k, n, groups = 64, 256, 4
-    for bits in (3, 4):
+    for bits, zeros3 in ((3, "nibbles"), (3, "bytes"), (4, "nibbles")):
         qw = jnp.asarray(rng.integers(-(2**31), 2**31, (k * bits // 32, n), dtype=np.int64).astype(np.int32))
         qz = jnp.asarray(rng.integers(-(2**31), 2**31, (groups, n * bits // 32), dtype=np.int64).astype(np.int32))
         s = jnp.asarray(rng.standard_normal((groups, n)), dtype="float16")
         wild = rng.integers(-50, 50, k).astype(np.int32)
         assert (wild < 0).any() and (wild >= groups).any()
-        got = np.asarray(pk.dequantize_gptq(qw, qz, s, jnp.asarray(wild), bits=bits, zeros="v2", interpret=True)).view(np.uint16)
+        got = np.asarray(pk.dequantize_gptq(qw, qz, s, jnp.asarray(wild), bits=bits, zeros="v2", interpret=True,
+                                            zeros3=zeros3)).view(np.uint16)
         want = np.asarray(gptq.dequantize_gptq(jnp, qw, qz, s, jnp.asarray(np.clip(wild, 0, groups - 1)), bits=bits,
                                                zeros="v2")).view(np.uint16)
         assert np.array_equal(got, want)

@@ -58,6 +58,16 @@ class Backend:
         and return the function that waits for that copy alone and returns them. None: check before running."""
         return None
 
+    def run_range_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int,
+                        **static: Any) -> tuple[Any, Callable[[], tuple[int, int]]] | None:
+        """``run(fn, *arrays, **static)`` launched before the range of ``arrays[index]`` is known: the result and the
+        function that returns that range, where this backend's ``run`` reads the array clamped (see
+        :meth:`minmax_later`); None: check before running."""
+        wait = self.minmax_later(fn, arrays, index)
+        if wait is None:
+            return None
+        return self.run(fn, *arrays, **static), wait
+
     def is_concrete(self, x: Any) -> bool:
         """Whether values of ``x`` can be read now (False for a tracer inside jit)."""
         return True

@@ -13,7 +13,7 @@ word rows once and shifts every field out of them. At 3 bits the tile's 32 rows 
 constant of its row, the word its field starts in and the next one. Without ``g_idx`` the tile lies in one
 group: one row of zero-points and scales, broadcast. With ``g_idx`` every row gathers its own group's
 zero-points and scales from the column tile's (groups x BN) block (loads of the cache, as the torch kernel
-does; at 3 bits the zero fields are unpacked to bytes first); its group index is clamped to the groups that
+does; at 3 bits the zero fields are repacked at 4 bits first, see :func:`dequantize_gptq`); its group index is clamped to the groups that
 exist, so an out-of-range ``g_idx`` can never read outside the arrays (the public call checks the range and
 raises; see :mod:`packq._api`).
 
@@ -138,25 +138,32 @@ def _gptq_kernel(w_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int):
     o_ref[...] = ((q - z).astype(jnp.float32) * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zadd: int, groups: int, row_tiles: int,
-                           unpacked: bool):
+def _gptq_act_order_kernel(w_ref, g_ref, z_ref, s_ref, o_ref, *, bits: int, zbits: int, zadd: int, groups: int,
+                           row_tiles: int):
     """Each row's group from g_idx (clamped into [0, groups)), plus the first group of the row tile's expert.
-    ``unpacked``: ``z_ref`` holds the zero-points' fields, one int8 each (3 bits)."""
+    ``zbits``: how ``z_ref`` holds the zero-points: packed at that width (4 for 3-bit weights, repacked by the
+    caller), or 0 for their fields one int8 each."""
     mask = (1 << bits) - 1
     q = _tile_q(w_ref, bits)
     expert = pl.program_id(0) // row_tiles
     g = jnp.clip(g_ref[...], 0, groups - 1)[:, None] + expert * groups  # (BK, 1)
-    z = z_ref[g[:, 0], :].astype(jnp.int32) if unpacked else _zero_row(z_ref, g, bits)
+    z = z_ref[g[:, 0], :].astype(jnp.int32) if zbits == 0 else _zero_row(z_ref, g, zbits)
     z = (z + zadd) & mask
     s = s_ref[g[:, 0], :]
     o_ref[...] = ((q - z).astype(jnp.float32) * s.astype(jnp.float32)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "zeros", "experts", "interpret"))
+#: how 3-bit act-order gives its kernel the zero-points: "nibbles" (repacked at 4 bits) or "bytes" (one int8 each)
+ZEROS3 = ("nibbles", "bytes")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "zeros", "experts", "interpret", "zeros3"))
 def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *, bits: int, zeros: str,
-                    experts: int = 1, interpret: bool = False) -> Any:
+                    experts: int = 1, interpret: bool = False, zeros3: str = ZEROS3[0]) -> Any:
     """GPTQ (E*K*bits/32, N) words, (E*G, N*bits/32) zeros, (E*G, N) scales (``experts`` E stacked along the rows),
-    optional g_idx (K,) shared by the experts, bits 2/3/4/8 -> (E*K, N) in the scales' dtype."""
+    optional g_idx (K,) shared by the experts, bits 2/3/4/8 -> (E*K, N) in the scales' dtype. ``zeros3``: one of
+    :data:`ZEROS3`, how 3-bit act-order gathers its zero-points (the first is the faster on an H200; the other stays
+    for the benchmark's comparison)."""
     kw, n = qweight.shape
     k = kw * 32 // bits
     groups = qzeros.shape[0]
@@ -178,15 +185,21 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *
     row_tiles = (k // experts) // BK  # of one expert
     per_expert = groups // experts
     # 3 bits: each row gathering its zero field from the bit stream takes two gathered words per value (1.21x a
-    # copy of the output on an H200, 8192 x 28672); the fields unpacked first by XLA (groups x N bytes, under 1%
-    # of the output) are one gathered byte, like the scales
-    unpacked = bits == 3
-    if unpacked:
-        qzeros = B.unpack(jnp, qzeros, "column", 3).astype(jnp.int8)
-        zcols = BN
+    # copy of the output on an H200, 8192 x 28672) and one gathered byte per value (the fields unpacked by XLA)
+    # 1.29x; the fields repacked by XLA at 4 bits (groups x N / 2 bytes, under 1% of the output) are gathered as
+    # 4-bit act-order's are, one word per 8 columns (benchmarks/results/h200/bench_dequant.txt, 2026-12-02)
+    zbits = bits
+    if bits == 3:
+        if zeros3 not in ZEROS3:
+            raise ValueError(f"zeros3 must be one of {ZEROS3}, got {zeros3!r}")
+        fields = B.unpack(jnp, qzeros, "column", 3)
+        if zeros3 == "nibbles":
+            qzeros, zbits, zcols = B.pack(jnp, fields, "column", 4), 4, BN // 8
+        else:
+            qzeros, zbits, zcols = fields.astype(jnp.int8), 0, BN
     return _call(
-        functools.partial(_gptq_act_order_kernel, bits=bits, zadd=zadd, groups=per_expert, row_tiles=row_tiles,
-                          unpacked=unpacked),
+        functools.partial(_gptq_act_order_kernel, bits=bits, zbits=zbits, zadd=zadd, groups=per_expert,
+                          row_tiles=row_tiles),
         out_shape=out_shape, grid=(k // BK, n // BN),
         in_specs=[wspec,
                   pl.BlockSpec((BK,), lambda i, j: (i % row_tiles,)),

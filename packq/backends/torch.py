@@ -93,13 +93,28 @@ class TorchBackend(Backend):
 
     def minmax_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int) -> Callable[[], tuple[int, int]] | None:
         """On CUDA, where the Triton kernel that clamps the index array will run: its minimum and maximum reduced and
-        copied to the host without waiting (see ``triton_kernels.minmax_later``)."""
+        copied to the host without waiting (see ``triton_kernels.minmax_later``): the older path, taken where
+        :data:`CHECK_IN_KERNEL` is False (:meth:`run_range_later` takes the range from the kernel itself)."""
         x = arrays[index]
         kernels = triton_kernels()
         if (kernels is None or x.device.type not in self.kernel_devices or fn not in kernels.CLAMPED
                 or not kernels.takes(arrays)):
             return None
         return kernels.minmax_later(x)
+
+    def run_range_later(self, fn: Callable[..., Any], arrays: Sequence[Any], index: int,
+                        **static: Any) -> tuple[Any, Callable[[], tuple[int, int]]] | None:
+        """On CUDA, where the Triton kernel that clamps g_idx runs: that kernel also writes g_idx's range into pinned
+        host memory, which the function returned reads (see ``triton_kernels.dequantize_gptq_checked``); no
+        reduction or copy of its own."""
+        kernels = triton_kernels()
+        x = arrays[index]
+        if (kernels is not None and x.device.type in self.kernel_devices and fn in kernels.CLAMPED and index == 3
+                and CHECK_IN_KERNEL):
+            got = kernels.dequantize_gptq_checked(*arrays, **static)
+            if got is not None:
+                return got
+        return super().run_range_later(fn, arrays, index, **static)
 
     def run_all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> tuple[Any, ...]:
         """Several core calls; on CUDA, the weight and zero conversions of one public call in one launch."""
@@ -129,5 +144,9 @@ class TorchBackend(Backend):
     def as_int32(self, x: Any) -> Any:
         return x.view(torch.int32)
 
+
+#: act-order on CUDA: g_idx's range from the kernel itself (False: a reduction and a copy of its own before the
+#: launch, ``triton_kernels.minmax_later``; the benchmark measures both)
+CHECK_IN_KERNEL = True
 
 BACKEND = TorchBackend(xp)

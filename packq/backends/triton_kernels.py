@@ -19,8 +19,8 @@ GPTQ, columns in AWQ's slot order for AWQ); at 3 bits each value is read from th
 stream, the word (or the two words it straddles) reloaded from the cache. Where the tile lies in one
 quantization group (no g_idx, BK dividing the group size) the group's zero-points and scales are one
 row broadcast over the tile; otherwise every row gathers its own (act-order: its g_idx entry clamped to
-the groups that exist, so that the public call may check the range after the launch, see
-:func:`minmax_later`). The value is
+the groups that exist, so that the public call may check the range after the launch: the kernel's
+program (0, 0) writes g_idx's range into pinned host memory, see :func:`dequantize_gptq_checked`). The value is
 (q - z) * s computed in float32 and rounded once to the scales' dtype: (q - z) is an integer of at
 most 9 bits, so the float32 product of it and a float16 or bfloat16 scale is exact and its one
 rounding gives the bits of the core's product in the scales' dtype; float32 scales are multiplied in
@@ -31,6 +31,8 @@ Checked bit for bit against the array-API core on a GPU (scripts/gpu_torch_check
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -131,9 +133,9 @@ def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int)
         groups = w_out.numel() // (8 * c) if c else 0
         dst = w_out
         if to_gptq:
-            w_programs = triton.cdiv(groups, ROWS) * triton.cdiv(c, WORDS)
+            w_programs = _cdiv(groups, ROWS) * _cdiv(c, WORDS)
         else:
-            w_programs = triton.cdiv(groups * 8, AWQ_ROWS) * triton.cdiv(c, AWQ_WORDS)
+            w_programs = _cdiv(groups * 8, AWQ_ROWS) * _cdiv(c, AWQ_WORDS)
     zwords = 0
     if qzeros is not None:
         zsrc = qzeros.contiguous()
@@ -146,13 +148,19 @@ def _launch(to_gptq: bool, qweight: Any | None, qzeros: Any | None, offset: int)
     zsrc = zsrc if zsrc is not None else src
     zdst = zdst if zdst is not None else dst
     assert src is not None
-    grid = (w_programs + triton.cdiv(zwords, ZWORDS),)
+    grid = (w_programs + _cdiv(zwords, ZWORDS),)
     # launch on the tensors' device; CPU tensors reach here only in Triton's interpreter (the tests, no GPU)
     on_current = src.device.type != "cuda" or src.device.index == torch.cuda.current_device()
     kernel, tiles = (_awq_to_gptq, (ROWS, WORDS, ZWORDS)) if to_gptq else (_gptq_to_awq, (AWQ_ROWS, AWQ_WORDS, ZWORDS))
     with contextlib.nullcontext() if on_current else torch.cuda.device(src.device):
         _run(kernel, grid, (src, dst, zsrc, zdst), (groups, c, zwords, w_programs, offset), tiles)
     return w_out, z_out
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` in plain integers: Triton's is a constexpr function, whose call costs microseconds of the
+    host's time, twice or three times a launch (benchmarks/results/h200/host_act_order.txt)."""
+    return -(-a // b)
 
 
 #: compiled kernels by everything Triton specializes a launch on: (kernel, device, tiles, warps, each
@@ -254,13 +262,48 @@ def _dequant_awq(qw, qz, sc, out, k, c, groups, gsize,
 
 
 @triton.jit
-def _dequant_gptq(qw, qz, sc, gi, out, k, n, groups, gsize, zadd,
+def _range_to_host(gi, k, chk, CHUNK: tl.constexpr):
+    """The minimum and maximum of ``gi[:k]`` (k > 0) into ``chk[0]``, ``chk[1]`` (int64), then 1 into ``chk[2]``,
+    released at system scope: ``chk`` is pinned host memory, which the host reads without waiting for the kernel."""
+    first = tl.load(gi).to(tl.int64)
+    lo = tl.full((CHUNK,), 0, tl.int64) + first
+    hi = lo
+    for start in range(0, k, CHUNK):
+        idx = start + tl.arange(0, CHUNK)
+        m = idx < k
+        g = tl.where(m, tl.load(gi + idx, mask=m, other=0).to(tl.int64), first)
+        lo = tl.minimum(lo, g)
+        hi = tl.maximum(hi, g)
+    tl.store(chk, tl.min(lo, axis=0))
+    tl.store(chk + 1, tl.max(hi, axis=0))
+    tl.atomic_xchg(chk + 2, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _dequant_gptq(qw, qz, sc, gi, out, chk, k, n, groups, gsize, zadd,
                   BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  HAS_GIDX: tl.constexpr, UNPACKED_Z: tl.constexpr):
+                  HAS_GIDX: tl.constexpr, UNPACKED_Z: tl.constexpr, CHECK: tl.constexpr):
     """GPTQ qweight (K*BITS/32, N) -> (K, N): a tile of BK rows x BN columns; batch on axis 1.
     ``zadd`` is 1 for v1 zeros (stored z - 1, read modulo 2**BITS), 0 for v2. ``UNPACKED_Z``: ``qz`` is the
-    zero-points' fields, one int8 each (G, N) (3-bit act-order, see :func:`dequantize_gptq`)."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    zero-points' fields, one int8 each (G, N) (3-bit act-order, see :func:`dequantize_gptq`). ``CHECK``: program
+    (0, 0) reduces g_idx's range into ``chk`` (:func:`_range_to_host`), the tiles are programs 1.. of axis 0."""
+    pid = tl.program_id(0)
+    if CHECK:
+        if pid == 0:
+            if tl.program_id(1) == 0:
+                _range_to_host(gi, k, chk, 1024)
+        else:
+            _gptq_tile(qw, qz, sc, gi, out, pid - 1, k, n, groups, gsize, zadd, BITS, BK, BN, ONE_GROUP, HAS_GIDX,
+                       UNPACKED_Z)
+    else:
+        _gptq_tile(qw, qz, sc, gi, out, pid, k, n, groups, gsize, zadd, BITS, BK, BN, ONE_GROUP, HAS_GIDX, UNPACKED_Z)
+
+
+@triton.jit
+def _gptq_tile(qw, qz, sc, gi, out, pid, k, n, groups, gsize, zadd,
+               BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ONE_GROUP: tl.constexpr,
+               HAS_GIDX: tl.constexpr, UNPACKED_Z: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
     col_blocks = tl.cdiv(n, BN)
     r0 = (pid // col_blocks) * BK
     cols = (pid % col_blocks) * BN + tl.arange(0, BN)
@@ -353,7 +396,7 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
     w, z, s = _batch(qweight), _batch(qzeros), _batch(scales)
     gsize = k // groups
     one = gsize % DQ_ROWS == 0
-    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(c, DQ_WORDS), w.shape[0])
+    grid = (_cdiv(k, DQ_ROWS) * _cdiv(c, DQ_WORDS), w.shape[0])
     with _on(qweight):
         _fast(_dequant_awq, grid, (w, z, s, out), (k, c, groups, gsize),
               {"BK": DQ_ROWS, "BJ": DQ_WORDS, "ONE_GROUP": one}, DQ_WARPS)
@@ -362,7 +405,98 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any) -> Any | None:
 
 def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, bits: int, zeros: str) -> Any | None:
     """The core's ``dequantize_gptq`` in one launch, or None for inputs the kernel does not take."""
-    if not takes((qweight, qzeros, scales, g_idx)):
+    return _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zeros, None)
+
+
+def dequantize_gptq_checked(qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bits: int,
+                            zeros: str) -> tuple[Any, Callable[[], tuple[int, int]]] | None:
+    """:func:`dequantize_gptq` with a non-empty act-order ``g_idx``, and the function that returns g_idx's minimum
+    and maximum, or None for inputs the kernel does not take.
+
+    The kernel's program (0, 0) reduces g_idx (the values the other programs read, clamped) and writes the range,
+    then a flag, into pinned host memory; the function returned spins on that flag, which is set as soon as the
+    kernel starts, not when it ends, and reads the range. So the range check costs no launch, reduction or copy of
+    its own (those were 5-10 us of device time a call on an H200, beside a 17-44 us kernel on the 4096-wide
+    layers: benchmarks/results/h200, 2026-12-02), and the host's wait is for the work queued before the kernel,
+    as the copy of a separate reduction's result was."""
+    if not takes((qweight, qzeros, scales, g_idx)) or 0 in qweight.shape or g_idx.numel() == 0:
+        return None
+    slot = _take_slot(g_idx)
+    out = _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zeros, slot.memory, taken=True)
+    view = slot.view
+    if g_idx.device.type != "cuda":  # Triton's interpreter (the tests): the kernel has run
+        _slots.free[slot.device].append(slot)
+        return out, lambda: (int(view[0]), int(view[1]))
+    done = slot.done
+    assert done is not None  # (a CUDA slot's)
+    with _on(g_idx):
+        done.record()
+    _slots.busy.append(slot)
+
+    def wait() -> tuple[int, int]:
+        if view[2] != 1:
+            deadline = time.perf_counter() + SPIN_S
+            while view[2] != 1 and not done.query():  # (a kernel that ended has set the flag: read it once more)
+                if time.perf_counter() > deadline:  # a long queue before the kernel: wait without spinning
+                    done.synchronize()
+                    break
+            if view[2] != 1:  # never seen in a run; the range read the plain way rather than a wrong one
+                return minmax_later(g_idx)()
+        lo, hi = int(view[0]), int(view[1])
+        _slots.busy.remove(slot)  # its kernel writes nothing more into it
+        _slots.free[slot.device].append(slot)
+        return lo, hi
+
+    return out, wait
+
+
+#: how long a range check spins on its flag before it blocks on the kernel's end (the flag comes when the kernel
+#: starts: after the work queued before it)
+SPIN_S = 2e-3
+
+
+class _Slot:
+    """Pinned int64[3] that one kernel writes a g_idx's minimum, maximum and a flag into, its NumPy view, and the
+    event recorded after that kernel."""
+
+    def __init__(self, x: Any) -> None:
+        self.device = (x.device.type, x.device.index)
+        with _on(x):
+            self.memory = torch.zeros(3, dtype=torch.int64, pin_memory=x.device.type == "cuda")
+            self.done = torch.cuda.Event() if x.device.type == "cuda" else None
+        self.view = self.memory.numpy()
+
+
+class _Slots(threading.local):
+    """A thread's slots: free ones by device, and busy ones (a kernel launched, its flag not yet read). A slot
+    is free again once its wait has read the flag (its kernel writes nothing after it) or its kernel has ended, so
+    no two kernels that may still write share a slot: a call whose wait never ran (an interrupt) costs a slot,
+    never a wrong range."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[str, int | None], list[_Slot]] = {}
+        self.busy: list[_Slot] = []
+
+
+_slots = _Slots()
+
+
+def _take_slot(x: Any) -> _Slot:
+    free = _slots.free.setdefault((x.device.type, x.device.index), [])
+    if not free and _slots.busy:  # slots left busy by waits that never ran: free those whose kernel has ended
+        for slot in [b for b in _slots.busy if b.done is not None and b.done.query()]:
+            _slots.busy.remove(slot)
+            _slots.free[slot.device].append(slot)
+    slot = free.pop() if free else _Slot(x)
+    slot.view[2] = 0  # no kernel that may still write it has this slot
+    return slot
+
+
+def _dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, bits: int, zeros: str,
+                     slot: Any | None, taken: bool = False) -> Any | None:
+    """:func:`dequantize_gptq`, its kernel's program (0, 0) writing g_idx's range into ``slot`` unless None;
+    ``taken``: :func:`takes` is known to hold."""
+    if not (taken or takes((qweight, qzeros, scales, g_idx))):
         return None
     *lead, kw, n = qweight.shape
     k = kw * 32 // bits
@@ -375,7 +509,8 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, b
     # an unused pointer still needs a tensor; int32 and int64 indices are read as they are (no cast's launch)
     gi = w if g_idx is None else (g_idx if g_idx.dtype in (torch.int32, torch.int64) else g_idx.to(torch.int64)).contiguous()
     one = g_idx is None and gsize % DQ_ROWS == 0
-    grid = (triton.cdiv(k, DQ_ROWS) * triton.cdiv(n, DQ_COLS), w.shape[0])
+    check = slot is not None
+    grid = (_cdiv(k, DQ_ROWS) * _cdiv(n, DQ_COLS) + check, w.shape[0])
     # 3-bit act-order: each row would read its group's zero field from the bit stream (two gathered words per
     # value, 5.4x a copy of the output on an H200, 8192 x 28672); the fields unpacked once, one byte each, are a
     # gather like the scales' (groups x N bytes, under 1% of the output)
@@ -383,11 +518,11 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, g_idx: Any | None, b
     with _on(qweight):
         if unpacked:
             zu = torch.empty((z.shape[0] * groups, n), dtype=torch.int8, device=z.device)
-            _fast(_unpack_zeros3, (triton.cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
+            _fast(_unpack_zeros3, (_cdiv(zu.numel(), ZU_BLOCK),), (z, zu), (zu.numel(), n), {"BLOCK": ZU_BLOCK}, 4)
             z = zu
-        _fast(_dequant_gptq, grid, (w, z, s, gi, out), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
+        _fast(_dequant_gptq, grid, (w, z, s, gi, out, slot if check else w), (k, n, groups, gsize, 1 if zeros == "v1" else 0),
               {"BITS": bits, "BK": DQ_ROWS, "BN": DQ_COLS, "ONE_GROUP": one, "HAS_GIDX": g_idx is not None,
-               "UNPACKED_Z": unpacked}, DQ_WARPS)
+               "UNPACKED_Z": unpacked, "CHECK": check}, DQ_WARPS)
     return out
 
 
@@ -424,7 +559,7 @@ def _on(x: Any) -> Any:
 
 
 #: core functions whose kernels read their index arrays clamped into range, so that a range check may wait
-#: until after the launch (Backend.minmax_later)
+#: until after the launch (Backend.run_range_later)
 CLAMPED = {gptq.dequantize_gptq}
 
 #: core dequantization -> kernel taking the same arrays (None for absent ones) and static arguments, or

@@ -8,7 +8,9 @@ segment where columns are split), so a process reads the shards of its own devic
 Layout conversions run afterwards on the devices: each module's whole conversion (weights, zero-points,
 scales, the cast) is one compiled function, made once per distinct signature (layout, format, shapes,
 dtypes, shardings) and reused by every module that shares it, so a Llama-shaped checkpoint compiles
-three or four functions per layout, not one per module and step. Sharded modules convert under
+three or four functions per layout, not one per module and step. They are compiled on threads from the
+headers while the bytes are read, and a module whose compile is still running is set aside while the next
+modules are read (up to one shard's bytes), then converted in order. Sharded modules convert under
 ``shard_map``, each device its own block (every conversion is local to whole words and groups), with
 no collective. Tensors a layout keeps as stored pass through without a copy. With JAX's persistent
 compilation cache enabled (``jax_compilation_cache_dir``, and ``jax_persistent_cache_min_compile_time_secs``
@@ -451,14 +453,34 @@ class _Loader:
                 _host_kernels(bool(on_host), sum(self.ckpt.modules[p].infos["qweight"].nbytes for p in on_host)):
             self.executables = {key: pool.submit(_executable, *key) for key in jobs}
             out = {name: make(name, info, s) for name, (info, s) in planned.items() if name not in self.module_of}
+            # a module whose conversion is still compiling is read and set aside, and the next ones are read
+            # meanwhile (its compile off the critical path: the first compressed-tensors module waited 1 s for
+            # its compile on an H200, benchmarks/results/h200/load_gpu_profile.txt), up to one shard's bytes of
+            # stored arrays set aside; they are converted, in order, as their compiles finish
+            by_module: dict[str, dict[str, jax.Array]] = {}
+            waiting: list[tuple[Module, dict[str, jax.Array], Any]] = []
+            limit = max((sum(i.nbytes for i in sh.tensors.values()) for sh in self.ckpt.shards.values()), default=0)
             for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
                 if m.prefix in on_host:
-                    out.update(self._host_module(m, planned))
+                    by_module[m.prefix] = self._host_module(m, planned)
                     continue
                 stored = {n: make(n, *planned[n]) for n in m.names.values() if n in planned}
-                out.update(self._module(m, stored))
+                waiting.append((m, stored, self._job(m, stored)))
+                while waiting and (_ready(waiting[0][2]) or sum(_nbytes(w[1]) for w in waiting) > limit):
+                    wm, wstored, _ = waiting.pop(0)
+                    by_module[wm.prefix] = self._module(wm, wstored)
                 del stored
+            for wm, wstored, _ in waiting:
+                by_module[wm.prefix] = self._module(wm, wstored)
+            del waiting
+            for m in self.ckpt.modules.values():  # the modules' outputs in the checkpoint's order, as before
+                out.update(by_module.pop(m.prefix))
         return out
+
+    def _job(self, m: Module, stored: dict[str, jax.Array]) -> Future | None:
+        """The compile started ahead for this module's conversion, if any."""
+        a = {part: stored[name] for part, name in m.names.items() if name in stored}
+        return getattr(self, "executables", {}).get((self._static(m), _signature(a), self._module_sharding(m)))
 
     def _static(self, m: Module) -> _Static:
         fmt = self.ckpt.format
@@ -469,9 +491,7 @@ class _Loader:
     def _module(self, m: Module, stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
         s = self._module_sharding(m)
         a = {part: stored[name] for part, name in m.names.items() if name in stored}
-        st = self._static(m)
-        job = getattr(self, "executables", {}).get((st, _signature(a), s))
-        res = _convert_module(st, a, s, job)
+        res = _convert_module(self._static(m), a, s, self._job(m, stored))
         return self._named(m, s, res, "g_idx" in a)
 
     def _named(self, m: Module, s: Sharding, res: dict[str, jax.Array], has_g_idx: bool) -> dict[str, jax.Array]:
@@ -600,6 +620,15 @@ def _convert_module(st: _Static, a: dict[str, jax.Array], s: Sharding, job: Futu
             pass
     out.update(fn(*args))
     return out
+
+
+def _ready(job: Future | None) -> bool:
+    """Whether a module's conversion can run without waiting for its compile (none started, or done)."""
+    return job is None or job.done()
+
+
+def _nbytes(arrays: dict[str, jax.Array]) -> int:
+    return sum(x.nbytes for x in arrays.values())
 
 
 def _dtype_name(safetensors_dtype: str) -> str:

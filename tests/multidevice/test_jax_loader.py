@@ -260,6 +260,45 @@ def test_one_compile_per_distinct_module_signature(mesh, monkeypatch):
         assert len(seen) == before, layout
 
 
+def test_modules_are_read_on_while_their_compile_runs(mesh, monkeypatch):
+    """A module whose conversion is still compiling is set aside and the next modules are read meanwhile; it is
+    converted once its compile is done: the same arrays, names, order and shardings as a load that waits. (The XLA
+    path, as on GPUs; compiles slowed by 0.3 s each so that they are still running when the first modules are read.)"""
+    import time
+
+    from packq.checkpoint import jax_loader
+
+    monkeypatch.setenv("PACKQ_JAX_HOST", "0")
+    quantized = set(open_checkpoint(EXAMPLE).modules)
+    events: list[str] = []
+    real_exe, real_module, real_array = jax_loader._executable, _Loader._module, _Loader._array
+
+    def slow(*key):
+        time.sleep(0.3)
+        return real_exe(*key)
+
+    monkeypatch.setattr(jax_loader, "_executable", slow)
+    monkeypatch.setattr(_Loader, "_module", lambda self, m, stored: events.append(f"convert {m.prefix}")
+                        or real_module(self, m, stored))
+    monkeypatch.setattr(_Loader, "_array", lambda self, name, info, sh: events.append(f"read {name}")
+                        or real_array(self, name, info, sh))
+    for layout in ("compressed-tensors", "dequantized"):
+        s = {WEIGHTS: NamedSharding(mesh, P("y", None) if layout == "compressed-tensors" else P(None, "y"))}  # columns
+        jax_loader._compiled.cache_clear()
+        jax_loader._EXECUTABLES.clear()
+        events.clear()
+        got = packq.jax.load(EXAMPLE, layout=layout, shardings=s)
+        first = events.index(next(e for e in events if e.startswith("convert")))
+        modules_read = {p for p in quantized if any(e.startswith(f"read {p}.") for e in events[:first])}
+        assert len(modules_read) > 1, (layout, events[: first + 1])  # read on before the first conversion
+        monkeypatch.setattr(jax_loader, "_executable", real_exe)
+        waited = packq.jax.load(EXAMPLE, layout=layout, shardings=s)
+        monkeypatch.setattr(jax_loader, "_executable", slow)
+        assert list(got) == list(waited), layout
+        for name, x in waited.items():
+            assert got[name].sharding == x.sharding and np.asarray(got[name]).tobytes() == np.asarray(x).tobytes(), name
+
+
 @pytest.mark.parametrize("host, compiled", [("0", 6), ("1", 3)])
 def test_a_second_process_takes_the_compiles_from_the_persistent_cache(tmp_path, host, compiled):
     """With jax_compilation_cache_dir set (and jax_persistent_cache_min_compile_time_secs at 0: these compiles

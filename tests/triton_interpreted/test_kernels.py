@@ -154,15 +154,16 @@ def test_act_order_reads_out_of_range_g_idx_clamped(bits, lead, seed):
 
 def test_out_of_range_g_idx_raises_after_the_launch(monkeypatch):
     """The public call with the kernels (CPU tensors in the interpreter standing in for CUDA ones): the range of
-    g_idx comes from ``minmax_later`` while the kernel runs, a g_idx in range gives the core's bits, one out of range
-    raises the ValueError that names g_idx, the range expected and the range it holds."""
+    g_idx comes from the kernel itself (``dequantize_gptq_checked``: one program reduces it into the slot the host
+    reads), a g_idx in range gives the core's bits, one out of range raises the ValueError that names g_idx, the
+    range expected and the range it holds; so does the older path, a reduction of its own (``minmax_later``)."""
     import packq
     from packq.backends import torch as torch_backend
 
     monkeypatch.setattr(torch_backend.TorchBackend, "kernel_devices", ("cuda", "cpu"))
     calls = []
-    real = tk.minmax_later
-    monkeypatch.setattr(tk, "minmax_later", lambda x: calls.append(x) or real(x))
+    real = tk.dequantize_gptq_checked
+    monkeypatch.setattr(tk, "dequantize_gptq_checked", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
     rng = np.random.default_rng(3)
     k, n, groups = 64, 32, 2
     qw, qz = _rand_words(rng, (k * 4 // 32, n)), _rand_words(rng, (groups, n * 4 // 32))
@@ -172,8 +173,8 @@ def test_out_of_range_g_idx_raises_after_the_launch(monkeypatch):
     assert len(calls) == 1
     bad = g_idx.clone()
     bad[5], bad[9] = -1, 7
-    with pytest.raises(ValueError, match=r"^g_idx must hold values in \[0, 1\] \(indices of the 2 groups of qzeros\), "
-                                         r"got values in \[-1, 7\]$"):
+    message = r"^g_idx must hold values in \[0, 1\] \(indices of the 2 groups of qzeros\), got values in \[-1, 7\]$"
+    with pytest.raises(ValueError, match=message):
         packq.dequantize_gptq(qw, qz, sc, bad)
     assert len(calls) == 2
     wide = torch.tensor(np.arange(k) // (k // groups), dtype=torch.int64) + (1 << 40)  # past int32: still refused
@@ -182,4 +183,28 @@ def test_out_of_range_g_idx_raises_after_the_launch(monkeypatch):
     # float64 scales take the core, which does not clamp: the check stays before the work
     with pytest.raises(ValueError, match="got values in"):
         packq.dequantize_gptq(qw, qz, sc.to(torch.float64), bad)
-    assert len(calls) == 3
+    assert len(calls) == 4 and not tk._slots.busy
+    # the older path: the same result and the same error
+    monkeypatch.setattr(torch_backend, "CHECK_IN_KERNEL", False)
+    _exact(packq.dequantize_gptq(qw, qz, sc, g_idx), gptq.dequantize_gptq(xp, qw, qz, sc, g_idx, bits=4, zeros="v1"))
+    with pytest.raises(ValueError, match=message):
+        packq.dequantize_gptq(qw, qz, sc, bad)
+    assert len(calls) == 4
+
+
+@given(bits=st.sampled_from([2, 3, 4, 8]), lo=st.integers(-(2**40), 3), hi=st.integers(0, 2**40),
+       at=st.lists(st.integers(0, 2499), min_size=2, max_size=2), wide=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_the_kernel_reads_the_range_of_g_idx_over_every_chunk(bits, lo, hi, at, wide, seed):
+    """The range program reads g_idx in chunks of 1024: a K of 2528 (three chunks, the last ragged) with its extremes
+    anywhere gives the range NumPy reads, int32 and int64, and the kernel's bits are the core's on the clamped
+    g_idx."""
+    k, n, groups = 2528, 32, 4
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, groups, k)
+    g[at[0]], g[at[1]] = lo, max(hi, lo)
+    g_idx = torch.from_numpy(g if wide else np.clip(g, -(2**31), 2**31 - 1).astype(np.int32))
+    qw, qz = _rand_words(rng, (k * bits // 32, n)), _rand_words(rng, (groups, n * bits // 32))
+    sc = _scales(rng, (groups, n), "float16")
+    out, wait = tk.dequantize_gptq_checked(qw, qz, sc, g_idx, bits, "v2")
+    assert wait() == (int(g_idx.min()), int(g_idx.max()))
+    _exact(out, gptq.dequantize_gptq(xp, qw, qz, sc, g_idx.clamp(0, groups - 1), bits=bits, zeros="v2"))
