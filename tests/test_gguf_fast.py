@@ -1,5 +1,5 @@
 """GGUF's fast paths write the array-API encoder's bytes: the compiled block kernels (from unpacked codes and from AWQ
-words read in place), the byte-table AWQ unpack, the census by block bounds, and whole conversions with and without
+words read in place), the byte-wise AWQ unpack, the census by block bounds, and whole conversions with and without
 the kernels; each with a negative control (a changed input changes the bytes, so the comparison can fail)."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_rounding_by_histogram_is_the_census_and_error_of_every_weight(m):
 @pytest.mark.parametrize("how", ROUTES)
 @given(k=st.sampled_from(KS), c=st.sampled_from((1, 2, 17)), seed=st.integers(0, 2**32 - 1))
 def test_awq_byte_unpack_is_unpack_awq(how, k, c, seed):
-    """By the C kernel (shifts) and without it (byte-table look-ups): the plain core's values."""
+    """By the C kernel (shifts) and without it (strided byte operations): the plain core's values."""
     import array_api_compat.numpy as xp
 
     words = np.random.default_rng(seed).integers(0, 2**32, (k, c), dtype=np.uint64).astype(np.uint32).view(np.int32)

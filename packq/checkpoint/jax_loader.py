@@ -577,21 +577,11 @@ def _awq_on_host(layout: str, w: np.ndarray, z: np.ndarray, scales: np.ndarray) 
 
 def _awq_uint4(qweight: np.ndarray) -> np.ndarray:
     """An AWQ qweight (..., K, N/8) as JAX's uint4 values (..., K, N) on NumPy, each nibble written straight to its
-    column from the words' bytes (little-endian): 2.4x faster than through GPTQ's words and unpacking them, for the
-    same bytes (tests/multidevice/test_jax_loader.py compares them with the XLA path's); by the C kernel where it is
-    built (4x these byte operations)."""
+    column (:func:`packq.backends.numpy.unpack_awq_u8`): 2.4x faster than through GPTQ's words and unpacking them,
+    for the same bytes (tests/multidevice/test_jax_loader.py compares them with the XLA path's)."""
     from packq.backends import numpy as numpy_backend
 
-    if numpy_backend.c_kernels() is not None:
-        return numpy_backend.unpack_awq_u8(qweight).view(jnp.uint4)
-    b = np.ascontiguousarray(qweight).view(np.uint8).reshape(*qweight.shape, 4)
-    out = np.empty((*qweight.shape, 8), np.uint8)
-    for p, col in enumerate(awq_format.AWQ_PACK_ORDER):  # nibble p of a word is column AWQ_PACK_ORDER[p] of its 8
-        if p % 2:
-            np.right_shift(b[..., p // 2], np.uint8(4), out=out[..., col])
-        else:
-            np.bitwise_and(b[..., p // 2], np.uint8(15), out=out[..., col])
-    return out.reshape(*qweight.shape[:-1], -1).view(jnp.uint4)
+    return numpy_backend.unpack_awq_u8(qweight).view(jnp.uint4)
 
 
 def _signature(a: dict[str, jax.Array]) -> tuple[Any, ...]:

@@ -75,7 +75,7 @@ def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
     for e in range(flat.shape[0]):
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            if awq_layout:  # unpack_awq's values, by byte tables, in place
+            if awq_layout:  # unpack_awq's values, one byte each (unpack_awq_u8), in place
                 numpy_kernels.unpack_awq_u8(flat[e, r0:r1], out=q[e, r0:r1])
             else:
                 q[e, r0 * per // nwords: r1 * per // nwords] = numpy_backend.run(
