@@ -444,12 +444,15 @@ class StagedWriter:
             self.file.seek(self.position - head)
         self.stage, self.staged = stage, head
 
-    def _stop_direct(self) -> None:
-        """Buffered writes from here on (the last partial block, or a file system that refused a direct write)."""
+    def _stop_direct(self, first: memoryview | None = None) -> None:
+        """Buffered writes from here on (the last partial block, or a file system that refused a direct write):
+        ``first`` (the bytes a refused write on the writer thread left), then what is staged."""
         import fcntl
 
         fd = self.file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        if first is not None:
+            self._buffered(first)
         stage, n, self.stage, self.staged = self.stage, self.staged, None, 0
         if stage is not None:
             self._buffered(stage[:n].data)
@@ -525,13 +528,8 @@ class StagedWriter:
         if done == n:
             self._spare = sent
             return
-        import fcntl
-
-        fd = self.file.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        self._buffered(sent[done:n].data)
+        self._stop_direct(sent[done:n].data)
         self.buffers.give(sent)
-        self._stop_direct()
 
     def _buffered(self, view: memoryview) -> None:
         # in slices of WRITE_CHUNK: one large write() makes the kernel (6.18, ext4 with large folios) allocate
