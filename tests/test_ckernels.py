@@ -2,7 +2,7 @@
 
 AWQ -> GPTQ (into a new array and over its input, experts stacked), AWQ -> compressed-tensors' weight_packed rows
 (any block of word columns, any share of the groups), GGUF's Q4_0 / Q5_0 / Q8_0 blocks of a column block (rows
-permuted within it); each against the array-API core or :func:`packq.formats.gguf.encode`, with negative controls;
+permuted within it), by way of weight_packed's rows and in one pass from the words; each against the array-API core or :func:`packq.formats.gguf.encode`, with negative controls;
 bad buffers refused with a ValueError naming them; and whole conversions write the same files with and without them.
 """
 
@@ -138,6 +138,24 @@ def test_gguf_blocks_equal_the_encoders(p, into):
     assert out is None or np.shares_memory(got, out)
 
 
+@given(gguf_pieces(), st.booleans())
+def test_fused_gguf_blocks_equal_the_encoders(p, into):
+    """The one-pass kernel (AWQ words, zero-points and scales as stored, no weight_packed rows between) writes
+    :func:`packq.formats.gguf.encode`'s bytes, rows permuted within the words, float16 or float32 scales (rounded to
+    fp16 as :func:`packq.formats.gguf.block_scales` rounds them); Q4_0 only where every zero-point is 8."""
+    _ck()
+    words, z, s, c0, c1, cols, gguf_type = p
+    q = numpy_backend.unpack_awq_u8(words)[:, cols]
+    want = G.encode(q, z[:, cols], s[:, cols], gguf_type).tobytes()
+    out = np.full(len(want), 0xCD, np.uint8) if into else None
+    with route("C"):
+        got = numpy_backend.gguf_blocks_awq_fused(words, c0, c1, cols, z, s, gguf_type, out)
+    assert got is not None and got.dtype == np.uint8 and got.tobytes() == want
+    assert out is None or np.shares_memory(got, out)
+    with route("no C"):
+        assert numpy_backend.gguf_blocks_awq_fused(words, c0, c1, cols, z, s, gguf_type) is None
+
+
 def test_negative_controls():
     """The comparisons above can fail: a group share left out leaves its words unwritten; a changed zero-point, a
     flipped code bit or reversed rows change the blocks; numba's kernel run over its own input is wrong where the C
@@ -161,6 +179,19 @@ def test_negative_controls():
             assert _blocks(flipped, z, s, 0, 2, cols, t).tobytes() != want
             assert _blocks(words, z, s, 0, 2, cols[::-1].copy(), t).tobytes() != want
         assert _blocks(words, z, s, 0, 2, cols, "Q4_0") is None  # Q4_0 only where every zero-point is 8
+        fused = numpy_backend.gguf_blocks_awq_fused
+        for t in ("Q5_0", "Q8_0"):  # the one-pass kernel: the same controls, and a changed scale too
+            want = fused(words, 0, 2, cols, z, s, t).tobytes()
+            assert want == _blocks(words, z, s, 0, 2, cols, t).tobytes()
+            other, flipped, scaled = z.copy(), words.copy(), s.copy()
+            other[1, 3] = (other[1, 3] + 1) % 16
+            flipped[70, 1] ^= 1 << 9
+            scaled[1, 9] *= 2
+            assert fused(words, 0, 2, cols, other, s, t).tobytes() != want
+            assert fused(flipped, 0, 2, cols, z, s, t).tobytes() != want
+            assert fused(words, 0, 2, cols, z, scaled, t).tobytes() != want
+            assert fused(words, 0, 2, cols[::-1].copy(), z, s, t).tobytes() != want
+        assert fused(words, 0, 2, cols, z, s, "Q4_0") is None
 
 
 def test_bad_buffers_and_ranges_named():
@@ -195,6 +226,19 @@ def test_bad_buffers_and_ranges_named():
         ck.awq_unpack_u8(np.zeros(3, np.uint32), 3, np.zeros(24, np.uint8), 0, 4)
     with pytest.raises(TypeError, match=r"qweight: expected int32 or uint32 words, got float32"):
         numpy_backend.weight_to_gptq_c(np.zeros((8, 1), np.float32), ck)
+    zz, ss = np.zeros((1, 8), np.uint8), np.zeros((1, 8), np.uint16)
+    with pytest.raises(ValueError, match=r"awq_to_gguf: an output row outside \[0, 8\)"):
+        ck.awq_to_gguf(np.zeros((32, 1), np.uint32), 32, 1, 0, 1, np.full(8, 8, np.int64), zz, ss, 32, 1, np.zeros(176, np.uint8))
+    with pytest.raises(ValueError, match=r"out: 175 bytes, needs 176"):
+        ck.awq_to_gguf(np.zeros((32, 1), np.uint32), 32, 1, 0, 1, b"", zz, ss, 32, 1, np.zeros(175, np.uint8))
+    with pytest.raises(ValueError, match=r"awq_to_gguf: K 32, C 1, words \[0, 1\), 16 rows a group"):
+        ck.awq_to_gguf(np.zeros((32, 1), np.uint32), 32, 1, 0, 1, b"", zz, ss, 16, 1, np.zeros(176, np.uint8))
+    with pytest.raises(ValueError, match=r"s: 16 bytes, needs 32"):  # two groups' scales where one is given
+        ck.awq_to_gguf(np.zeros((64, 1), np.uint32), 64, 1, 0, 1, b"", np.zeros((2, 8), np.uint8), ss, 32, 1,
+                       np.zeros(352, np.uint8))
+    with pytest.raises(ValueError, match=r"gguf_blocks_awq_fused: out must be 176 contiguous bytes"):
+        numpy_backend.gguf_blocks_awq_fused(np.zeros((32, 1), np.int32), 0, 1, np.arange(8), np.full((1, 8), 8, np.int16),
+                                            np.ones((1, 8), np.float16), "Q5_0", out=np.zeros(170, np.uint8))
     with pytest.raises(ValueError, match=r"gguf_blocks_awq_words: out must be 176 contiguous bytes"):
         _blocks(np.zeros((32, 1), np.int32), np.full((1, 8), 8, np.int16), np.ones((1, 8), np.float16), 0, 1,
                 np.arange(8), "Q5_0", out=np.zeros(170, np.uint8))
@@ -235,5 +279,5 @@ def test_conversions_write_the_same_files_without_the_c_kernels(tmp_path, monkey
         digests.append({f.relative_to(out).as_posix() if out.is_dir() else "DST": f.read_bytes() for f in files})
     assert digests[0] == digests[1] and digests[0]
     # the C route ran its kernels: AWQ -> GPTQ; weight_packed's rows (compressed-tensors, MLX); GGUF's blocks
-    assert {"gptq": {"awq_to_gptq"}, "gguf": {"awq_to_ct", "ct_to_gguf"}}.get(to, {"awq_to_ct"}) <= set(calls)
+    assert {"gptq": {"awq_to_gptq"}, "gguf": {"awq_to_gguf"}}.get(to, {"awq_to_ct"}) <= set(calls)
     numpy_backend.numba_kernels.cache_clear()

@@ -200,7 +200,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
 
 @pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"])
 def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, monkeypatch, gguf_type):
-    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the whole-word path, of the kernels, of the
+    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the fused C kernel, of the whole-word path, of the kernels, of the
     array-API fallbacks and of the route before the AWQ fast paths (module_integers and encode) are one file; the
     kernels ran (the whole-word path off), and the whole-word path ran for AWQ's quantized types."""
     pytest.importorskip("gguf")
@@ -218,11 +218,17 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
     C.make_gptq(tmp_path / "gptq", bits=4, group=32)
     for src in (EXAMPLE, tmp_path / "gptq"):
         files, summaries = {}, {}
-        for how in ("words", "kernels", "fallback", "before"):
+        for how in ("fused", "words", "kernels", "fallback", "before"):
             calls: list[bool] = []
             words: list[bool] = []
+            fused: list[bool] = []
             with monkeypatch.context() as m:
-                real_words = numpy_backend.gguf_blocks_awq_words
+                real_words, real_fused = numpy_backend.gguf_blocks_awq_words, numpy_backend.gguf_blocks_awq_fused
+                if how == "fused":  # the one C kernel from the words, zero-points and scales as stored
+                    m.setattr(numpy_backend, "gguf_blocks_awq_fused",
+                              lambda *a: (r := real_fused(*a), fused.append(r is not None))[0])
+                else:  # the other routes without it
+                    m.setattr(numpy_backend, "gguf_blocks_awq_fused", lambda *a: None)
                 if how == "words":
                     m.setattr(numpy_backend, "gguf_blocks_awq_words",
                               lambda *a: (r := real_words(*a), words.append(r is not None))[0])
@@ -244,10 +250,12 @@ def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, 
                 assert all(calls) and (bool(calls) or (src != EXAMPLE and gguf_type in ("f16", "bf16", "f32")))
             if how == "words" and src == EXAMPLE and gguf_type in ("q5_0", "q8_0"):  # the example is asymmetric: no Q4_0
                 assert words and all(words)
+            if how == "fused" and src == EXAMPLE and gguf_type in ("q5_0", "q8_0") and numpy_backend.c_kernels():
+                assert fused and all(fused)
             files[how] = dst.read_bytes()
             summaries[how] = {key: v for key, v in s.items() if key not in ("dst", "seconds", "elapsed")}
-        assert files["words"] == files["kernels"] == files["fallback"] == files["before"], src
-        assert summaries["words"] == summaries["kernels"], src
+        assert files["fused"] == files["words"] == files["kernels"] == files["fallback"] == files["before"], src
+        assert summaries["fused"] == summaries["words"] == summaries["kernels"], src
         assert summaries["kernels"]["max_weight_error"] == summaries["before"]["max_weight_error"], src
         assert summaries["kernels"].keys() == summaries["before"].keys()
 

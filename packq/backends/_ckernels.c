@@ -193,6 +193,70 @@ static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, c
     }
 }
 
+/* one GGUF block (kind) at o from a column's 4 compressed-tensors words q[0..3] (8 consecutive k each), its
+ * zero-point zv and fp16 scale bits dv: ct_to_gguf's arithmetic */
+static inline void gguf_block(uint8_t *o, const uint32_t q[4], unsigned zv, uint16_t dv, int kind) {
+    memcpy(o, &dv, 2);
+    uint64_t q0 = spread(q[0]), q1 = spread(q[1]), q2 = spread(q[2]), q3 = spread(q[3]);
+    if (kind == Q4_0) {
+        put64(o + 2, q0 | (q2 << 4));
+        put64(o + 10, q1 | (q3 << 4));
+        return;
+    }
+    uint64_t zz = 0x0101010101010101ull * zv;
+    if (kind == Q8_0) {
+        const uint64_t bias = 0x8080808080808080ull;
+        put64(o + 2, ((q0 | bias) - zz) ^ bias);
+        put64(o + 10, ((q1 | bias) - zz) ^ bias);
+        put64(o + 18, ((q2 | bias) - zz) ^ bias);
+        put64(o + 26, ((q3 | bias) - zz) ^ bias);
+        return;
+    }
+    uint64_t add = 0x1010101010101010ull - zz;
+    q0 += add; q1 += add; q2 += add; q3 += add;
+    uint32_t qh = bit4s(q0) | (bit4s(q1) << 8) | (bit4s(q2) << 16) | ((uint32_t)bit4s(q3) << 24);
+    memcpy(o + 2, &qh, 4);
+    const uint64_t lo = 0x0F0F0F0F0F0F0F0Full;
+    put64(o + 6, (q0 & lo) | ((q2 & lo) << 4));
+    put64(o + 14, (q1 & lo) | ((q3 & lo) << 4));
+}
+
+/* AWQ words (K, C) -> GGUF blocks of the source columns of word columns [c0, c1), in one pass (awq_to_ct's lane
+ * transpose, then each block as ct_to_gguf makes it, with no weight_packed rows in memory between): source column
+ * col goes to out row rowof[col - 8 c0] (rowof NULL: col - 8 c0), each row nb = K/32 blocks; a block's zero-point
+ * z[g][col - 8 c0] (uint8) and fp16 scale bits s[g][col - 8 c0] of its group g = 32 b / per (rows per group, a
+ * multiple of 32): z and s (G, 8 (c1 - c0)), the checkpoint's columns of these words. Per tile of 16 word columns: each block's 32 rows of 16 words read
+ * (one 64-byte line each), transposed in 4 groups of 8 rows, its 128 blocks stored. */
+static void awq_to_gguf(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1,
+                        const int64_t *rowof, const uint8_t *z, const uint16_t *s, Py_ssize_t per, int kind,
+                        uint8_t *out) {
+    Py_ssize_t nb = k / 32, bs = BLOCK_BYTES[kind], row = nb * bs, m = 8 * (c1 - c0);
+    uint32_t v[4][8][TILE]; /* [8-row group of the block][slot s][word in tile] */
+    for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {
+        int nw = (int)(wt + TILE < c1 ? TILE : c1 - wt);
+        for (Py_ssize_t b = 0; b < nb; b++) {
+            for (int h = 0; h < 4; h++) {
+                const uint32_t *rows = src + (32 * b + 8 * h) * c + wt;
+                for (int i = 0; i < 8; i++) {
+                    memcpy(v[h][i], rows + i * c, 4 * (size_t)nw);
+                    if (nw < TILE)
+                        memset(v[h][i] + nw, 0, 4 * (size_t)(TILE - nw));
+                }
+                transpose_lanes(v[h]);
+            }
+            Py_ssize_t g = 32 * b / per;
+            const uint8_t *zg = z + g * m;
+            const uint16_t *sg = s + g * m;
+            for (int l = 0; l < nw; l++)
+                for (int sl = 0; sl < 8; sl++) {
+                    Py_ssize_t col = 8 * (wt + l) + AWQ_ORDER[sl], r = col - 8 * c0;
+                    uint32_t q[4] = {v[0][sl][l], v[1][sl][l], v[2][sl][l], v[3][sl][l]};
+                    gguf_block(out + (rowof ? rowof[r] : r) * row + b * bs, q, zg[r], sg[r], kind);
+                }
+        }
+    }
+}
+
 /* AWQ words to their 4-bit values, one byte each, in logical column order: word i's slot s (its nibble s) is byte
  * 8 i + AWQ_ORDER[s], so slots 0-3 are the even bytes and slots 4-7 the odd ones; words [i0, i1) */
 static void awq_unpack_u8(const uint32_t *src, uint64_t *out, Py_ssize_t i0, Py_ssize_t i1) {
@@ -321,6 +385,46 @@ static PyObject *py_ct_to_gguf(PyObject *self, PyObject *args) {
     return res;
 }
 
+static PyObject *py_awq_to_gguf(PyObject *self, PyObject *args) {
+    Py_buffer src, rowof, z, sc, out;
+    Py_ssize_t k, c, c0, c1, per;
+    int kind;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*y*niw*:awq_to_gguf", &src, &k, &c, &c0, &c1, &rowof, &z, &sc, &per, &kind,
+                          &out))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t m = 8 * (c1 - c0), groups = per > 0 ? k / per : 0;
+    int permuted = rowof.len > 0;
+    if (kind < 0 || kind > 2 || k <= 0 || k % 32 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1 || per <= 0 || per % 32 ||
+        k % per) {
+        PyErr_Format(PyExc_ValueError, "awq_to_gguf: K %zd, C %zd, words [%zd, %zd), %zd rows a group, kind %d "
+                     "disagree", k, c, c0, c1, per, kind);
+    } else if (need(&src, "src", 4 * k * c) && (!permuted || need(&rowof, "rowof", 8 * m)) &&
+               need(&z, "z", groups * m) && need(&sc, "s", 2 * groups * m) &&
+               need(&out, "out", m * (k / 32) * BLOCK_BYTES[kind])) {
+        const int64_t *rp = permuted ? (const int64_t *)rowof.buf : NULL;
+        int bad = 0;
+        for (Py_ssize_t r = 0; permuted && r < m; r++)
+            bad |= rp[r] < 0 || rp[r] >= m;
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "awq_to_gguf: an output row outside [0, %zd)", m);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            awq_to_gguf((const uint32_t *)src.buf, k, c, c0, c1, rp, (const uint8_t *)z.buf, (const uint16_t *)sc.buf,
+                        per, kind, (uint8_t *)out.buf);
+            Py_END_ALLOW_THREADS
+            res = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&rowof);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&sc);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -335,6 +439,11 @@ static PyMethodDef methods[] = {
      "ct_to_gguf(ct, M, KW, rows, z, G, N, d, kind, out, r0, r1): GGUF blocks (kind 0 Q4_0, 1 Q5_0, 2 Q8_0) of "
      "out rows [r0, r1) of N, row r from ct row rows[r] of M (rows empty: r), KW words each; z (N, G) uint8 "
      "zero-points, d (N, KW/4) fp16 bits; releases the GIL."},
+    {"awq_to_gguf", py_awq_to_gguf, METH_VARARGS,
+     "awq_to_gguf(src, K, C, c0, c1, rowof, z, s, per, kind, out): GGUF blocks (kind 0 Q4_0, 1 Q5_0, 2 Q8_0) of "
+     "the source columns of AWQ word columns [c0, c1) of src (K, C), column col to out row rowof[col - 8 c0] (rowof "
+     "empty: col - 8 c0); z (G, 8 (c1 - c0)) uint8 zero-points and s (G, 8 (c1 - c0)) fp16 scale bits of those "
+     "columns, groups of per rows; releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -814,6 +814,42 @@ def _zip_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return a
 
 
+def gguf_blocks_awq_fused(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, scales: np.ndarray,
+                          gguf_type: str, out: np.ndarray | None = None) -> np.ndarray | None:
+    """:func:`gguf_blocks_awq_words`'s bytes by one C kernel reading the AWQ words, zero-points and scales as stored:
+    no compressed-tensors rows between, no per-block scale array (``scales`` (G, N), each block's ``d`` the fp16
+    rounding of its group's scale, what :func:`packq.formats.gguf.block_scales` gives for groups of a multiple of
+    32 rows). None without the C kernels, for Q4_0 where a zero-point of these columns is not 8, and for the
+    shapes :func:`gguf_blocks_awq_words` refuses (the caller then takes that path, which gives the same bytes or
+    the error)."""
+    ck = c_kernels()
+    if ck is None or gguf_type not in GGUF_KINDS or qweight.ndim != 2 or 0 in qweight.shape:
+        return None
+    k, c = qweight.shape
+    n, groups = 8 * (c1 - c0), z.shape[0] if z.ndim == 2 else 0
+    if (k % G.BLOCK or not 0 <= c0 < c1 <= c or z.ndim != 2 or z.shape != (groups, 8 * c) or scales.shape != z.shape
+            or not groups or k % groups or (k // groups) % G.BLOCK or cols.shape != (n,)):
+        return None
+    zc = z[:, 8 * c0: 8 * c1]  # cols is a permutation of these columns
+    if gguf_type == "Q4_0" and not np.all(zc == 8):
+        return None
+    t = G.TYPES[gguf_type]
+    size = n * (k // G.BLOCK) * t.nbytes
+    if out is not None and (out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != size):
+        raise ValueError(f"gguf_blocks_awq_fused: out must be {size} contiguous bytes, got {out.dtype} {out.shape}")
+    rel = cols - 8 * c0
+    rowof: bytes | np.ndarray = b""
+    if not np.array_equal(rel, np.arange(n)):
+        rowof = np.empty(n, np.int64)
+        rowof[rel] = np.arange(n)
+    with np.errstate(over="ignore"):  # fp16 rounding of float32 (or widened bfloat16) scales, as block_scales does
+        bits = np.ascontiguousarray(scales[:, 8 * c0: 8 * c1], np.float16).view(np.uint16)
+    res = np.empty(size, np.uint8) if out is None else out.reshape(-1)
+    ck.awq_to_gguf(_words(qweight), k, c, c0, c1, rowof, np.ascontiguousarray(zc, np.uint8), bits, k // groups,
+                   GGUF_KINDS[gguf_type], res)
+    return res.reshape(n, (k // G.BLOCK) * t.nbytes)
+
+
 def gguf_blocks_awq_words(qweight: np.ndarray, c0: int, c1: int, cols: np.ndarray, z: np.ndarray, d: np.ndarray,
                           gguf_type: str, out: np.ndarray | None = None) -> np.ndarray | None:
     """:func:`packq.formats.gguf.encode`'s bytes (len(cols), K/32 * block bytes) of Q4_0, Q5_0 or Q8_0 from a 2-D 4-bit

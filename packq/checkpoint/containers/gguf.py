@@ -25,7 +25,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
-from packq.checkpoint.safetensors import Buffers, StagedWriter
+from packq.checkpoint.safetensors import Buffers, GiveBack, StagedWriter
 from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 ALIGNMENT = 32
 #: pieces made on worker threads at once (NumPy releases the GIL: 1.5x on 2 cores, measured), and how many wait
 WORKERS, LOOKAHEAD = 2, 3
+
+Piece = np.ndarray | Callable[[], np.ndarray] | GiveBack
 
 
 def gguf_package() -> Any:
@@ -54,8 +56,9 @@ class Tensor:
     ggml_type: int
     shape: tuple[int, ...]
     nbytes: int
-    #: uint8 arrays whose bytes follow each other, or calls that make them (run on worker threads, in order)
-    pieces: Callable[[], Iterable[np.ndarray | Callable[[], np.ndarray]]]
+    #: uint8 arrays whose bytes follow each other, or calls that make them (run on worker threads, in order), and
+    #: GiveBack markers (buffers the pieces before them were made from)
+    pieces: Callable[[], Iterable[Piece]]
 
 
 class GGUFFile(Container):
@@ -181,17 +184,17 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             data.close()
 
 
-def _begin(t: Tensor) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+def _begin(t: Tensor) -> Iterator[Piece]:
     """The tensor's pieces, the first one already taken (which reads what the tensor is made from)."""
     it = iter(t.pieces())
     first = next(it, None)
     return it if first is None else itertools.chain((first,), it)
 
 
-def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[np.ndarray | Callable[[], np.ndarray]],
+def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[Piece],
                   pool: ThreadPoolExecutor, progress: Callable[[int], None] | None, buffers: Buffers | None) -> None:
     """One tensor's pieces in order, the next few made on the pool while one is written; then the alignment."""
-    pending: deque[Future[np.ndarray]] = deque()
+    pending: deque[Future[Any]] = deque()
 
     def fill() -> None:
         while len(pending) < LOOKAHEAD:
@@ -200,8 +203,8 @@ def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[np.
                 return
             if callable(piece):
                 pending.append(pool.submit(piece))
-            else:
-                done: Future[np.ndarray] = Future()
+            else:  # bytes, or a GiveBack (taken in order too: every piece before it is then written)
+                done: Future[Any] = Future()
                 done.set_result(piece)
                 pending.append(done)
 
@@ -211,6 +214,11 @@ def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[np.
         while pending:
             piece = pending.popleft().result()
             fill()  # the next pieces are made while this one is written
+            if isinstance(piece, GiveBack):
+                for a in piece.arrays:
+                    if buffers is not None:
+                        buffers.give(a)
+                continue
             data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             written += data.nbytes
             if written > t.nbytes:

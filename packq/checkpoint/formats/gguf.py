@@ -25,7 +25,8 @@ import numpy as np
 from packq.backends import numpy as numpy_kernels
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
-from packq.checkpoint.model import Checkpoint
+from packq.checkpoint.model import Checkpoint, module_array
+from packq.checkpoint.safetensors import GiveBack
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
@@ -93,19 +94,27 @@ def module_integers(ckpt: Checkpoint, prefix: str, read_word: bool = False
     return q, z.astype(np.int16), a["scales"], None if g_idx is None else g_idx.astype(np.int32)
 
 
-def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """A 2-D 4-bit AWQ module's words (K, N/8) int32, zero-points (G, N) int16 and scales, for the paths that read
-    the words in place; None for other sources (and for groups of rows that GGUF blocks straddle, K not a multiple
-    of 32 or of the groups: those take module_integers, whose census names what is wrong)."""
+def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A 2-D 4-bit AWQ module's zero-points (G, N) int16 and scales, for the paths that read its words in place
+    (:func:`_awq_words`: a plan that decides from zero-points and scales alone reads none); None for other sources
+    (and for groups of rows that GGUF blocks straddle, K not a multiple of 32 or of the groups: those take
+    module_integers, whose census names what is wrong), decided from the headers."""
     m = ckpt.modules[prefix]
-    if ckpt.format.method != "awq" or m.lead or m.bits != 4:
+    if ckpt.format.method != "awq" or m.lead or m.bits != 4 or m.transposed or "g_idx" in m.names:
         return None
-    a = module_arrays(ckpt, prefix)
-    words, s = a["qweight"].view(np.int32), a["scales"]
-    k, groups = words.shape[0], s.shape[0]
-    if not groups or k % groups or (k // groups) % G.BLOCK or "g_idx" in a:
+    k, groups = m.infos["qweight"].shape[0], m.infos["scales"].shape[0]
+    if not groups or k % groups or (k // groups) % G.BLOCK:
         return None
-    return words, numpy_kernels.unpack_awq_u8(a["qzeros"].view(np.int32)).astype(np.int16), s
+    z = numpy_kernels.unpack_awq_u8(module_array(ckpt, m, "qzeros").view(np.int32)).astype(np.int16)
+    return z, module_array(ckpt, m, "scales", floats=True)
+
+
+def _awq_words(ckpt: Checkpoint, prefix: str, buffers: Buffers | None = None) -> np.ndarray:
+    """An AWQ module's words (K, N/8) int32 as stored; read into a buffer of ``buffers`` where given (the caller
+    gives it back once nothing reads them)."""
+    m = ckpt.modules[prefix]
+    with ckpt.shards[m.files["qweight"]].open() as f:
+        return f.array(m.names["qweight"], buffers).view(np.int32)
 
 
 def _q4_0_holds(words: np.ndarray, z: np.ndarray, s: np.ndarray) -> bool:
@@ -140,14 +149,16 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
     total = G.Census()
     direct = _awq_arrays(ckpt, prefix)
     if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
-        words, z, s = direct
-        k, n, size = words.shape[0], s.shape[1], words.shape[0] // s.shape[0]
+        z, s = direct
+        k, n = ckpt.modules[prefix].infos["qweight"].shape[0], s.shape[1]
+        size = k // s.shape[0]
         span = np.zeros((k // G.BLOCK, n), np.uint8)
         if not rounding and (np.all(z == 8) or decide in ("Q5_0", "Q8_0")):  # symmetric: every q - 8 of a 4-bit
             # code is in [-8, 7], Q4_0's (and the others') range, whatever the codes, so the block ranges need no
-            # pass over the words: the census of codes spanning [0, 15] is the module's (only the scales decide, as
-            # for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
+            # pass over the words (none are read): the census of codes spanning [0, 15] is the module's (only the
+            # scales decide, as for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
             return G.census_of_bounds(span, np.full_like(span, 15), z, s)
+        words = _awq_words(ckpt, prefix)
         if not rounding and decide == "auto":
             worst = G.census_of_bounds(span, np.full_like(span, 15), z, s)
             if worst.holds("Q5_0") and not _q4_0_holds(words, z, s):
@@ -327,12 +338,14 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
 
 
 def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | None = None
-           ) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
+           ) -> Iterator[np.ndarray | Callable[[], np.ndarray] | GiveBack]:
     """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
     expert by expert, which the writer runs on worker threads, a few ahead, in order).
 
     A piece may be (a view of) a buffer taken from ``buffers``, which the writer gives back once the piece is
-    written: so no piece may view a buffer that a later piece still reads."""
+    written: so no piece may view a buffer that a later piece still reads. What the pieces are made from (an AWQ
+    module's words, read into a buffer of ``buffers``) follows them as a :class:`GiveBack`, no bytes of the file:
+    the writer gives it back once every piece before it is written."""
     t = p.tensor
     if t.values is not None:
         yield np.asarray(t.values, dtype="<f4").view(np.uint8)
@@ -341,12 +354,15 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
         for prefix in t.sources:
             direct = _awq_arrays(ckpt, prefix)
             if direct is not None:  # AWQ words read in place by the kernels, whole rows moved by the permutation
-                words, z, s = direct
+                z, s = direct
+                words = _awq_words(ckpt, prefix, buffers)
                 k, n = words.shape[0], s.shape[1]
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
                 for n0, n1 in _columns(n, k):
                     yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers)
+                yield GiveBack((words,))  # its buffer, once every piece made from it is written
+                del words
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
@@ -365,10 +381,10 @@ def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
     direct = _awq_arrays(ckpt, prefix)
     if direct is None or p.gguf_type not in numpy_kernels.GGUF_KINDS:
         return False
-    words, z, s = direct
+    z, s = direct
     if p.gguf_type == "Q4_0" and not np.all(z == 8):
         return False
-    k, n = words.shape[0], s.shape[1]
+    k, n = ckpt.modules[prefix].infos["qweight"].shape[0], s.shape[1]
     order = np.arange(n) if p.tensor.row_perm is None else np.asarray(p.tensor.row_perm)
     return all(_whole_words(order[n0:n1]) for n0, n1 in _columns(n, k))
 
@@ -401,13 +417,21 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     """The GGUF rows of source columns ``cols`` of an AWQ module: the block kernel on the words in place, else
     :func:`packq.formats.gguf.encode` of those columns' codes (the same bytes). ``buffers``: where the piece's
     memory may come from (the writer gives it back once written; see :func:`chunks`)."""
-    zc, sc = z[:, cols], s[:, cols]
     whole = _whole_words(cols)
     c0, c1 = whole or (0, 0)
+    if G.TYPES[gguf_type].quantized and whole:  # one C kernel on the words, zero-points and scales as stored
+        out = None if buffers is None else buffers.take(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+        fast = numpy_kernels.gguf_blocks_awq_fused(words, c0 // 8, c1 // 8, cols, z, s, gguf_type, out)
+        if fast is not None:
+            return fast
+        if buffers is not None and out is not None:
+            buffers.give(out)
+    zc, sc = z[:, cols], s[:, cols]
     if G.TYPES[gguf_type].quantized:
-        if whole:  # the C kernels or whole-word bit operations (no numba to load), into a reused buffer
+        if whole:  # the whole-word bit operations (no numba to load), into a reused buffer
             out = None if buffers is None else buffers.take(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
-            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g), gguf_type, out)
+            fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g),
+                                                       gguf_type, out)
             if fast is not None:
                 return fast
             if buffers is not None and out is not None:
@@ -488,9 +512,9 @@ def _max_error(ckpt: Checkpoint, p: Planned, read_word: bool) -> float:
     t = p.tensor
     for prefix in t.sources:
         direct = _awq_arrays(ckpt, prefix) if p.gguf_type in ("F16", "BF16") else None
-        hist = None if direct is None else numpy_kernels.awq_histogram_t(direct[0], direct[2].shape[0])
+        hist = None if direct is None else numpy_kernels.awq_histogram_t(_awq_words(ckpt, prefix), direct[1].shape[0])
         if direct is not None and hist is not None:  # from each (group, column)'s 16 products, those present
-            worst = max(worst, G.rounding_by_histogram(direct[1], direct[2], hist)[1][p.gguf_type])
+            worst = max(worst, G.rounding_by_histogram(direct[0], direct[1], hist)[1][p.gguf_type])
             continue
         q, z, s, g = _module_rows(ckpt, prefix, None, read_word)
         for e in range(q.shape[0]):
