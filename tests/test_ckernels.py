@@ -2,8 +2,9 @@
 
 AWQ -> GPTQ (into a new array and over its input, experts stacked), AWQ -> compressed-tensors' weight_packed rows
 (any block of word columns, any share of the groups), GGUF's Q4_0 / Q5_0 / Q8_0 blocks of a column block (rows
-permuted within it), by way of weight_packed's rows and in one pass from the words; each against the array-API core or :func:`packq.formats.gguf.encode`, with negative controls;
-bad buffers refused with a ValueError naming them; and whole conversions write the same files with and without them.
+permuted within it), by way of weight_packed's rows and in one pass from the words; each against the array-API
+core or :func:`packq.formats.gguf.encode`, with negative controls; bad buffers refused with a ValueError naming
+them; and whole conversions write the same files with and without them.
 """
 
 from __future__ import annotations

@@ -200,9 +200,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
 
 @pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"])
 def test_conversions_with_and_without_the_kernels_write_the_same_file(tmp_path, monkeypatch, gguf_type):
-    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the fused C kernel, of the whole-word path, of the kernels, of the
-    array-API fallbacks and of the route before the AWQ fast paths (module_integers and encode) are one file; the
-    kernels ran (the whole-word path off), and the whole-word path ran for AWQ's quantized types."""
+    """AWQ (words read in place) and GPTQ v2 (unpacked codes): the file of the fused C kernel, of the whole-word path,
+    of the kernels, of the array-API fallbacks and of the route before the AWQ fast paths (module_integers and encode)
+    are one file; the kernels ran (the whole-word path off), and the fused kernel and the whole-word path ran for
+    AWQ's quantized types."""
     pytest.importorskip("gguf")
     import types
 

@@ -89,7 +89,22 @@ def test_symmetric_census_without_the_words_is_the_codes_census(p):
     k = words.shape[0]
     span = np.zeros((k // G.BLOCK, z.shape[1]), np.uint8)
     q = numpy_backend.unpack_awq_u8(words)
-    assert G.census_of_bounds(span, np.full_like(span, 15), z, s) == G.census(q.astype(np.int32), z, s, rounding=False)
+    want = G.census(q.astype(np.int32), z, s, rounding=False)
+    assert G.census_of_bounds(span, np.full_like(span, 15), z, s) == want
+    from packq.checkpoint.formats import gguf as F  # and counted once per (group, column), each weighing its blocks
+
+    assert F._full_span(z, s, k // z.shape[0] // G.BLOCK) == want
+
+
+@given(pieces())
+def test_full_span_census_counts_as_block_by_block(p):
+    """Any zero-points, scales fp16 values or not: (group, column) by (group, column) as block by block."""
+    from packq.checkpoint.formats import gguf as F
+
+    words, z, s, *_ = p
+    k = words.shape[0]
+    span = np.zeros((k // G.BLOCK, z.shape[1]), np.uint8)
+    assert F._full_span(z, s, k // z.shape[0] // G.BLOCK) == G.census_of_bounds(span, np.full_like(span, 15), z, s)
 
 
 @pytest.mark.parametrize("how", ROUTES)
@@ -192,22 +207,24 @@ def test_q4_0_decision_by_early_stop_is_the_census(m):
 
 def test_the_plans_census_decides_as_the_whole_census(tmp_path, monkeypatch):
     """On the example checkpoint: for "auto", Q5_0 and Q8_0 the decision census gives each module the whole census's
-    verdict (and exact counts for the type it decides); for Q5_0/Q8_0 it reads no code, for "auto" only until a block
+    verdict (and exact counts for the type it decides); for Q5_0/Q8_0 it reads no word, for "auto" only until a block
     Q4_0 does not hold."""
     from packq.checkpoint.folder import open_checkpoint
     from packq.checkpoint.formats import gguf as F
 
     ckpt = open_checkpoint(Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq")
     monkeypatch.setattr(F, "CENSUS_BYTES", 4096)  # a group of rows at a time: the example's modules are small
-    rows = []
-    real = numpy_backend.awq_code_bounds_words
+    rows, reads = [], []
+    real, real_words = numpy_backend.awq_code_bounds_words, F._awq_words
     monkeypatch.setattr(numpy_backend, "awq_code_bounds_words", lambda w, *a: (rows.append(w.shape[0]), real(w, *a))[1])
+    monkeypatch.setattr(F, "_awq_words", lambda *a: (reads.append(a[1]), real_words(*a))[1])
     for prefix in ckpt.modules:
         rows.clear()
         full = F.module_census(ckpt, prefix, rounding=False)
         whole = sum(rows)
         for decide in ("auto", "Q5_0", "Q8_0"):
             rows.clear()
+            reads.clear()
             c = F.module_census(ckpt, prefix, rounding=False, decide=decide)
             assert (c.blocks, c.weights) == (full.blocks, full.weights)
             if decide == "auto":
@@ -215,3 +232,4 @@ def test_the_plans_census_decides_as_the_whole_census(tmp_path, monkeypatch):
                 assert sum(rows) < whole or full.holds("Q4_0")
             else:
                 assert c.holds(decide) == full.holds(decide) and c.exact[decide] == full.exact[decide] and not rows
+                assert not reads  # not even read from the file

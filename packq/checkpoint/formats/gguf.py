@@ -131,6 +131,15 @@ def _q4_0_holds(words: np.ndarray, z: np.ndarray, s: np.ndarray) -> bool:
     return True
 
 
+def _full_span(z: np.ndarray, s: np.ndarray, blocks: int) -> G.Census:
+    """The census of a module whose every block's codes span [0, 15], ``blocks`` blocks a group: a group's blocks
+    share its zero-point and scale, so each (group, column) is counted once and weighs ``blocks`` (the same counts
+    as :func:`packq.formats.gguf.census_of_bounds` block by block, a quarter of its work at groups of 128)."""
+    span = np.zeros(z.shape, np.uint8)
+    c = G.census_of_bounds(span, np.full_like(span, 15), z, s)
+    return G.Census(c.blocks * blocks, c.weights * blocks, {t: v * blocks for t, v in c.exact.items()}, dict(c.rounded))
+
+
 def _columns(n: int, k: int) -> list[tuple[int, int]]:
     width = max(32, COLUMN_WEIGHTS // max(k, 1) // 32 * 32)
     return [(n0, min(n, n0 + width)) for n0 in range(0, n, width)]
@@ -152,15 +161,14 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
         z, s = direct
         k, n = ckpt.modules[prefix].infos["qweight"].shape[0], s.shape[1]
         size = k // s.shape[0]
-        span = np.zeros((k // G.BLOCK, n), np.uint8)
         if not rounding and (np.all(z == 8) or decide in ("Q5_0", "Q8_0")):  # symmetric: every q - 8 of a 4-bit
             # code is in [-8, 7], Q4_0's (and the others') range, whatever the codes, so the block ranges need no
             # pass over the words (none are read): the census of codes spanning [0, 15] is the module's (only the
             # scales decide, as for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
-            return G.census_of_bounds(span, np.full_like(span, 15), z, s)
+            return _full_span(z, s, size // G.BLOCK)
         words = _awq_words(ckpt, prefix)
         if not rounding and decide == "auto":
-            worst = G.census_of_bounds(span, np.full_like(span, 15), z, s)
+            worst = _full_span(z, s, size // G.BLOCK)
             if worst.holds("Q5_0") and not _q4_0_holds(words, z, s):
                 return worst  # Q4_0 does not hold: the plan takes Q5_0, whose count is exact
             # else the whole census: Q4_0 may hold, or no type does (the refusal names the best one's count)
