@@ -167,14 +167,7 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             try:
                 with (ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="packq-gguf") as pool,
                       ThreadPoolExecutor(max_workers=1, thread_name_prefix="packq-gguf-read") as ahead):
-                    # the next tensor's first step (reading its module's arrays) on a thread of its own while this
-                    # one is written: the reads and the writes were in turn on this thread, the workers idle meanwhile
-                    following = ahead.submit(_begin, tensors[0]) if tensors else None
-                    for i, t in enumerate(tensors):
-                        assert following is not None
-                        pieces = following.result()
-                        following = ahead.submit(_begin, tensors[i + 1]) if i + 1 < len(tensors) else None
-                        _write_tensor(path, staged, t, pieces, pool, progress, buffers)
+                    _write_tensors(path, staged, tensors, _stream(tensors, ahead), pool, progress, buffers)
                 staged.close()
             except BaseException:
                 staged.abort()
@@ -191,38 +184,65 @@ def _begin(t: Tensor) -> Iterator[Piece]:
     return it if first is None else itertools.chain((first,), it)
 
 
-def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[Piece],
-                  pool: ThreadPoolExecutor, progress: Callable[[int], None] | None, buffers: Buffers | None) -> None:
-    """One tensor's pieces in order, the next few made on the pool while one is written; then the alignment."""
-    pending: deque[Future[Any]] = deque()
+def _stream(tensors: list[Tensor], ahead: ThreadPoolExecutor) -> Iterator[tuple[int, Piece]]:
+    """Every tensor's pieces in file order, each with its tensor's index; the next tensor's first step (reading its
+    module's arrays) on the thread ``ahead`` while this one's pieces are made and written (the reads and the writes
+    were in turn on one thread, the workers idle meanwhile)."""
+    following = ahead.submit(_begin, tensors[0]) if tensors else None
+    for i in range(len(tensors)):
+        assert following is not None
+        pieces = following.result()
+        following = ahead.submit(_begin, tensors[i + 1]) if i + 1 < len(tensors) else None
+        for piece in pieces:
+            yield i, piece
+
+
+def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream: Iterator[tuple[int, Piece]],
+                   pool: ThreadPoolExecutor, progress: Callable[[int], None] | None, buffers: Buffers | None) -> None:
+    """The tensors' pieces in order, each tensor then padded to the alignment; the next few pieces made on the pool
+    while one is written, across tensor boundaries (a tensor's last pieces are made while the next one's first are:
+    waiting for each tensor to drain left the workers idle between the 75 tensors of a 7B model)."""
+    pending: deque[tuple[int, Future[Any]]] = deque()
 
     def fill() -> None:
         while len(pending) < LOOKAHEAD:
-            piece = next(pieces, None)
-            if piece is None:
+            item = next(stream, None)
+            if item is None:
                 return
+            i, piece = item
             if callable(piece):
-                pending.append(pool.submit(piece))
+                pending.append((i, pool.submit(piece)))
             else:  # bytes, or a GiveBack (taken in order too: every piece before it is then written)
                 done: Future[Any] = Future()
                 done.set_result(piece)
-                pending.append(done)
+                pending.append((i, done))
 
-    written = 0
+    written = [0] * len(tensors)
+    current = 0  # the tensor being written; those before it are complete and padded
+
+    def finish(i: int) -> None:
+        if written[i] != tensors[i].nbytes:
+            raise CheckpointError(f"{path}: {tensors[i].name}: {written[i]} bytes made, {tensors[i].nbytes} planned")
+        _pad(out, out.position)
+
     try:
         fill()
         while pending:
-            piece = pending.popleft().result()
+            i, fut = pending.popleft()
+            piece = fut.result()
             fill()  # the next pieces are made while this one is written
+            while current < i:
+                finish(current)
+                current += 1
             if isinstance(piece, GiveBack):
                 for a in piece.arrays:
                     if buffers is not None:
                         buffers.give(a)
                 continue
             data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-            written += data.nbytes
-            if written > t.nbytes:
-                raise CheckpointError(f"{path}: {t.name}: more data than planned ({t.nbytes} bytes)")
+            written[i] += data.nbytes
+            if written[i] > tensors[i].nbytes:
+                raise CheckpointError(f"{path}: {tensors[i].name}: more data than planned ({tensors[i].nbytes} bytes)")
             out.write(data)  # staged (copied) or written: the piece's memory is free again
             if progress is not None:
                 progress(data.nbytes)
@@ -230,12 +250,12 @@ def _write_tensor(path: Path, out: StagedWriter, t: Tensor, pieces: Iterator[Pie
             if buffers is not None:
                 buffers.give(piece)
             del piece
+        while current < len(tensors):
+            finish(current)
+            current += 1
     finally:
-        for fut in pending:
+        for _, fut in pending:
             fut.cancel()
-    if written != t.nbytes:
-        raise CheckpointError(f"{path}: {t.name}: {written} bytes made, {t.nbytes} planned")
-    _pad(out, out.position)
 
 
 def _pad(out: Any, position: int) -> None:
