@@ -15,7 +15,6 @@ pytest.importorskip("gguf")
 import gguf_checkpoints as C  # noqa: E402
 
 from packq.checkpoint import convert_checkpoint, inspect_checkpoint  # noqa: E402
-from packq.checkpoint.folder import open_checkpoint  # noqa: E402
 from packq.cli import main  # noqa: E402
 from packq.errors import CheckpointError  # noqa: E402
 from packq.formats import gguf as G  # noqa: E402
@@ -174,38 +173,6 @@ def test_verify_catches_a_wrong_block(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="blk.0.ffn_down.weight does not dequantize"):
         convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", to="gguf", verify=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-
-
-def test_module_words_are_read_into_reused_buffers_and_given_back(tmp_path, monkeypatch):
-    """An AWQ module's words are read into a buffer of the conversion's Buffers and given back once the module's
-    last piece is written (its GiveBack), never before: memory stays a few modules' words, however many modules."""
-    import packq.checkpoint.safetensors as S
-    from packq.checkpoint.formats import gguf as fmt
-
-    read, given, written = [], [], []
-    real_words, real_give, real_write = fmt._awq_words, S.Buffers.give, S.StagedWriter.write
-
-    def words(ckpt, prefix, buffers=None):
-        w = real_words(ckpt, prefix, buffers)
-        read.append((prefix, w, buffers is not None, len(written)))
-        return w
-
-    def give(self, a):
-        given.append((a, len(written)))
-        real_give(self, a)
-
-    monkeypatch.setattr(fmt, "_awq_words", words)
-    monkeypatch.setattr(S.Buffers, "give", give)
-    monkeypatch.setattr(S.StagedWriter, "write", lambda self, view: (written.append(view.nbytes), real_write(self, view))[1])
-    convert_checkpoint(EXAMPLE, tmp_path / "a.gguf", to="gguf", gguf_type="q8_0")
-    from_writer = [r for r in read if r[2]]
-    assert from_writer and len(from_writer) == len({r[0] for r in from_writer})  # every module's words, once each
-    for prefix, w, _, _ in from_writer:
-        back = [i for a, i in given if np.shares_memory(a, w)]
-        assert back, prefix  # given back ...
-        # ... after the module's pieces were written: its tensor's bytes, Q8_0 of K x N weights, before the give-back
-        m = open_checkpoint(EXAMPLE).modules[prefix]
-        assert sum(written[: back[0]]) >= m.k * m.n // 32 * 34
 
 
 def test_streamed_in_column_blocks(tmp_path, monkeypatch):

@@ -354,14 +354,6 @@ class Buffers:
                 self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].nbytes))
 
 
-@dataclass(frozen=True)
-class GiveBack:
-    """In a stream of pieces, no bytes: buffers of :class:`Buffers` that the pieces before it were made from (a
-    module's words), which the writer gives back once every piece before it is written."""
-
-    arrays: tuple[np.ndarray, ...]
-
-
 def _skip(buf: np.ndarray) -> int:
     """Bytes from the start of ``buf`` to its first page boundary."""
     return -buf.ctypes.data % _ALIGN

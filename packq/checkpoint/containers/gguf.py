@@ -25,7 +25,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
-from packq.checkpoint.safetensors import Buffers, GiveBack, StagedWriter
+from packq.checkpoint.safetensors import Buffers, StagedWriter
 from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ ALIGNMENT = 32
 #: pieces made on worker threads at once (NumPy releases the GIL: 1.5x on 2 cores, measured), and how many wait
 WORKERS, LOOKAHEAD = 2, 3
 
-Piece = np.ndarray | Callable[[], np.ndarray] | GiveBack
+Piece = np.ndarray | Callable[[], np.ndarray]
 
 
 def gguf_package() -> Any:
@@ -56,8 +56,7 @@ class Tensor:
     ggml_type: int
     shape: tuple[int, ...]
     nbytes: int
-    #: uint8 arrays whose bytes follow each other, or calls that make them (run on worker threads, in order), and
-    #: GiveBack markers (buffers the pieces before them were made from)
+    #: uint8 arrays whose bytes follow each other, or calls that make them (run on worker threads, in order)
     pieces: Callable[[], Iterable[Piece]]
 
 
@@ -212,7 +211,7 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             i, piece = item
             if callable(piece):
                 pending.append((i, pool.submit(piece)))
-            else:  # bytes, or a GiveBack (taken in order too: every piece before it is then written)
+            else:
                 done: Future[Any] = Future()
                 done.set_result(piece)
                 pending.append((i, done))
@@ -234,11 +233,6 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             while current < i:
                 finish(current)
                 current += 1
-            if isinstance(piece, GiveBack):
-                for a in piece.arrays:
-                    if buffers is not None:
-                        buffers.give(a)
-                continue
             data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             written[i] += data.nbytes
             if written[i] > tensors[i].nbytes:

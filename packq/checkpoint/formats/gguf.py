@@ -26,7 +26,6 @@ from packq.backends import numpy as numpy_kernels
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
 from packq.checkpoint.model import Checkpoint, module_array
-from packq.checkpoint.safetensors import GiveBack
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
@@ -109,12 +108,11 @@ def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray] 
     return z, module_array(ckpt, m, "scales", floats=True)
 
 
-def _awq_words(ckpt: Checkpoint, prefix: str, buffers: Buffers | None = None) -> np.ndarray:
-    """An AWQ module's words (K, N/8) int32 as stored; read into a buffer of ``buffers`` where given (the caller
-    gives it back once nothing reads them)."""
+def _awq_words(ckpt: Checkpoint, prefix: str) -> np.ndarray:
+    """An AWQ module's words (K, N/8) int32 as stored."""
     m = ckpt.modules[prefix]
     with ckpt.shards[m.files["qweight"]].open() as f:
-        return f.array(m.names["qweight"], buffers).view(np.int32)
+        return f.array(m.names["qweight"]).view(np.int32)
 
 
 def _q4_0_holds(words: np.ndarray, z: np.ndarray, s: np.ndarray) -> bool:
@@ -346,14 +344,12 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
 
 
 def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | None = None
-           ) -> Iterator[np.ndarray | Callable[[], np.ndarray] | GiveBack]:
+           ) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
     """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
     expert by expert, which the writer runs on worker threads, a few ahead, in order).
 
     A piece may be (a view of) a buffer taken from ``buffers``, which the writer gives back once the piece is
-    written: so no piece may view a buffer that a later piece still reads. What the pieces are made from (an AWQ
-    module's words, read into a buffer of ``buffers``) follows them as a :class:`GiveBack`, no bytes of the file:
-    the writer gives it back once every piece before it is written."""
+    written: so no piece may view a buffer that a later piece still reads."""
     t = p.tensor
     if t.values is not None:
         yield np.asarray(t.values, dtype="<f4").view(np.uint8)
@@ -363,14 +359,14 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
             direct = _awq_arrays(ckpt, prefix)
             if direct is not None:  # AWQ words read in place by the kernels, whole rows moved by the permutation
                 z, s = direct
-                words = _awq_words(ckpt, prefix, buffers)
+                # (fresh memory, not a buffer of ``buffers``: NumPy maps large arrays on huge pages, so their faults
+                # cost little, and the buffers kept for reuse held 30 MB more at the peak for no gain, measured)
+                words = _awq_words(ckpt, prefix)
                 k, n = words.shape[0], s.shape[1]
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
                 for n0, n1 in _columns(n, k):
                     yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers)
-                yield GiveBack((words,))  # its buffer, once every piece made from it is written
-                del words
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
