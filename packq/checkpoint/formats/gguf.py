@@ -98,14 +98,20 @@ def _awq_arrays(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray] 
     (:func:`_awq_words`: a plan that decides from zero-points and scales alone reads none); None for other sources
     (and for groups of rows that GGUF blocks straddle, K not a multiple of 32 or of the groups: those take
     module_integers, whose census names what is wrong), decided from the headers."""
+    if not _awq_direct(ckpt, prefix):
+        return None
     m = ckpt.modules[prefix]
-    if ckpt.format.method != "awq" or m.lead or m.bits != 4 or m.transposed or "g_idx" in m.names:
-        return None
-    k, groups = m.infos["qweight"].shape[0], m.infos["scales"].shape[0]
-    if not groups or k % groups or (k // groups) % G.BLOCK:
-        return None
     z = numpy_kernels.unpack_awq_u8(module_array(ckpt, m, "qzeros").view(np.int32)).astype(np.int16)
     return z, module_array(ckpt, m, "scales", floats=True)
+
+
+def _awq_direct(ckpt: Checkpoint, prefix: str) -> bool:
+    """Whether :func:`_awq_arrays` takes the module (from its headers alone)."""
+    m = ckpt.modules[prefix]
+    if ckpt.format.method != "awq" or m.lead or m.bits != 4 or m.transposed or "g_idx" in m.names:
+        return False
+    k, groups = m.infos["qweight"].shape[0], m.infos["scales"].shape[0]
+    return bool(groups) and not k % groups and not (k // groups) % G.BLOCK
 
 
 def _awq_words(ckpt: Checkpoint, prefix: str) -> np.ndarray:
@@ -115,7 +121,21 @@ def _awq_words(ckpt: Checkpoint, prefix: str) -> np.ndarray:
         return f.array(m.names["qweight"]).view(np.int32)
 
 
-def _q4_0_holds(words: np.ndarray, z: np.ndarray, s: np.ndarray) -> bool:
+class _Rows:
+    """An AWQ module's words read a block of rows at a time, as they are sliced (``rows[r0:r1]``): a decision
+    that stops early reads only what it looked at."""
+
+    def __init__(self, ckpt: Checkpoint, prefix: str) -> None:
+        m = ckpt.modules[prefix]
+        self.shard, self.name, self.shape = ckpt.shards[m.files["qweight"]], m.names["qweight"], m.infos["qweight"].shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1, _ = rows.indices(self.shape[0])
+        with self.shard.open() as f:
+            return f.rows(self.name, r0, r1).view(np.int32)
+
+
+def _q4_0_holds(words: np.ndarray | _Rows, z: np.ndarray, s: np.ndarray) -> bool:
     """Whether every block of a 4-bit AWQ module fits Q4_0 (codes less their zero-point in [-8, 7]; its scales
     fp16 values), by the codes' block bounds a group of rows at a time, stopping at the first block that does not."""
     k, groups = words.shape[0], s.shape[0]
@@ -133,6 +153,12 @@ def _full_span(z: np.ndarray, s: np.ndarray, blocks: int) -> G.Census:
     """The census of a module whose every block's codes span [0, 15], ``blocks`` blocks a group: a group's blocks
     share its zero-point and scale, so each (group, column) is counted once and weighs ``blocks`` (the same counts
     as :func:`packq.formats.gguf.census_of_bounds` block by block, a quarter of its work at groups of 128)."""
+    if s.dtype == np.float16 and z.size and 0 <= int(z.min()) and int(z.max()) < 16:
+        # every scale an fp16 value: a type holds a (group, column) by its zero-point alone, codes 0 - z to 15 - z
+        # in its range; so the count of each zero-point decides (the same counts, a tenth of the work)
+        per = np.bincount(z.ravel().astype(np.intp), minlength=16)
+        exact = {t: int(per[max(0, 15 - G.TYPES[t].hi): min(15, -G.TYPES[t].lo) + 1].sum()) * blocks for t in G.QUANTIZED}
+        return G.Census(z.size * blocks, z.size * blocks * G.BLOCK, exact, {"F16": 0, "BF16": 0})
     span = np.zeros(z.shape, np.uint8)
     c = G.census_of_bounds(span, np.full_like(span, 15), z, s)
     return G.Census(c.blocks * blocks, c.weights * blocks, {t: v * blocks for t, v in c.exact.items()}, dict(c.rounded))
@@ -164,12 +190,12 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
             # pass over the words (none are read): the census of codes spanning [0, 15] is the module's (only the
             # scales decide, as for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
             return _full_span(z, s, size // G.BLOCK)
-        words = _awq_words(ckpt, prefix)
         if not rounding and decide == "auto":
             worst = _full_span(z, s, size // G.BLOCK)
-            if worst.holds("Q5_0") and not _q4_0_holds(words, z, s):
+            if worst.holds("Q5_0") and not _q4_0_holds(_Rows(ckpt, prefix), z, s):  # (the words it looks at only)
                 return worst  # Q4_0 does not hold: the plan takes Q5_0, whose count is exact
             # else the whole census: Q4_0 may hold, or no type does (the refusal names the best one's count)
+        words = _awq_words(ckpt, prefix)
         rows = max(size, CENSUS_BYTES // n // size * size)
         buf = np.empty((min(rows, k), n), np.uint8)
         hist = numpy_kernels.awq_histogram_t(words, s.shape[0]) if rounding else None
@@ -382,13 +408,12 @@ def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
     """Whether :func:`chunks` makes every piece of this module by the whole-word path (no numba kernel): a 2-D 4-bit
     AWQ module, pieces of whole words (the row permutation moving rows within them), Q5_0 or Q8_0, or Q4_0 of zero-points
     that are all 8 (:func:`packq.backends.numpy.gguf_blocks_awq_words`)."""
-    direct = _awq_arrays(ckpt, prefix)
-    if direct is None or p.gguf_type not in numpy_kernels.GGUF_KINDS:
+    if not _awq_direct(ckpt, prefix) or p.gguf_type not in numpy_kernels.GGUF_KINDS:
         return False
-    z, s = direct
-    if p.gguf_type == "Q4_0" and not np.all(z == 8):
-        return False
-    k, n = ckpt.modules[prefix].infos["qweight"].shape[0], s.shape[1]
+    if p.gguf_type == "Q4_0" and not np.all(_awq_arrays(ckpt, prefix)[0] == 8):  # type: ignore[index]
+        return False  # (only Q4_0 reads the zero-points: Q5_0 and Q8_0 take any)
+    m = ckpt.modules[prefix]
+    k, n = m.infos["qweight"].shape[0], m.n
     order = np.arange(n) if p.tensor.row_perm is None else np.asarray(p.tensor.row_perm)
     return all(_whole_words(order[n0:n1]) for n0, n1 in _columns(n, k))
 
