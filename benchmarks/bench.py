@@ -186,6 +186,10 @@ def cpu_jax(quick: bool) -> dict[str, dict[str, tuple[float, float]]]:
     return out
 
 
+#: the NumPy backend's routes timed on the CPU: its C kernels (the default where built), numba's, its ufuncs
+ROUTES = {"C": "C kernels", "numba": "numba, no C", "ufuncs": "ufuncs, no C, no numba"}
+
+
 def cpu(quick: bool) -> list[dict]:
     import torch
 
@@ -209,29 +213,31 @@ def cpu(quick: bool) -> list[dict]:
         assert np.array_equal(seed_weight(torch, tq).numpy(), ref)
         repeat = 5 if quick else 15
 
-        def numpy_path(kernels: bool) -> tuple[float, float]:
+        def routes(r: str) -> None:  # the NumPy backend's kernels, fastest first: C, then numba, then the ufuncs
             numpy_backend.numba_kernels.cache_clear()
-            os.environ["PACKQ_NUMBA"] = "1" if kernels else "0"
+            os.environ["PACKQ_CEXT"] = "1" if r == "C" else "0"
+            os.environ["PACKQ_NUMBA"] = "1" if r == "numba" else "0"
+
+        def numpy_path(r: str) -> tuple[float, float]:
+            routes(r)
             assert np.array_equal(packq.fast_awq_to_gptq(qw, zeros)[0], ref)
             return timed(lambda: packq.fast_awq_to_gptq(qw, zeros), repeat)
 
-        def torch_path(kernels: bool) -> tuple[float, float]:
-            numpy_backend.numba_kernels.cache_clear()
-            os.environ["PACKQ_NUMBA"] = "1" if kernels else "0"
+        def torch_path(r: str) -> tuple[float, float]:
+            routes(r)
             tz = torch.from_numpy(zeros)
             assert np.array_equal(packq.fast_awq_to_gptq(tq, tz)[0].numpy(), ref)
             return timed(lambda: packq.fast_awq_to_gptq(tq, tz), repeat)
 
         m = {
             "copy (numpy)": timed(lambda: qw.copy(), repeat),
-            "packq numpy (numba)": numpy_path(True),
-            "packq numpy (ufuncs, no numba)": numpy_path(False),
-            "packq torch cpu (numba)": torch_path(True),
-            "packq torch cpu (ufuncs, no numba)": torch_path(False),
+            **{f"packq numpy ({name})": numpy_path(r) for r, name in ROUTES.items()},
+            **{f"packq torch cpu ({name})": torch_path(r) for r, name in ROUTES.items()},
             **{f"{impl}, async dispatch": v for impl, v in jax_rows[label].items()},
             **{f"{impl}, sync dispatch": tuple(v) for impl, v in sync[label].items()},
             "seed torch": timed(lambda: seed_weight(torch, tq), seed_repeat),
         }
+        os.environ.pop("PACKQ_CEXT")
         os.environ.pop("PACKQ_NUMBA")
         numpy_backend.numba_kernels.cache_clear()
         report(rows, label, k, n, mb, {i: v[0] for i, v in m.items()}, "copy (numpy)", f"threads={numpy_backend.threads()}",

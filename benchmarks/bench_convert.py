@@ -5,7 +5,8 @@
 Prints, from one run: each conversion's wall time against the floor of writing its bytes, timed
 interleaved with it (repetition by repetition, page cache warm for both; medians): for the packed
 targets `cp -r SRC DST && sync` of the source folder, for the float targets `cp -r` of that
-repetition's own output and `sync` (packq fsyncs what it writes, so the copy is made durable too);
+repetition's own output and `sync` (packq fsyncs what it writes, so the copy is made durable too), and
+that too for a packed target writing more than 1.2x the source's bytes (GGUF Q5_0, Q8_0);
 the conversion process's peak resident memory against the largest shard and the largest tensor; and
 the machine's load (`uptime`) before and after, since the machines are shared. Bit-exactness in the
 same run: each target is converted once more with `--verify` (every module dequantized from source
@@ -133,6 +134,8 @@ TARGETS = {"gptq": ["--for", "tgi"], "compressed-tensors": ["--to", "compressed-
            # MLX affine (MLX's float form is --to float16/bfloat16/float32: mlx-lm loads those folders as they are)
            "mlx": ["--to", "mlx"], "mlx-f16": ["--to", "mlx", "--mlx-scales", "float16"]}
 #: floor: cp -r of the target's own output (float outputs); the others: cp -r SRC DST (relayouts)
+#: a target writing more than this many times the source's bytes is timed against a copy of its own output too
+BIGGER = 1.2
 FLOATS = ("float16", "bfloat16", "float32", "gguf-f16", "gguf-bf16", "gguf-f32")
 #: the source each target reads: the AWQ checkpoint, it with Llama's config and a tokenizer, or its symmetric variant
 SOURCES = {t: "llama" for t in TARGETS if t.startswith("gguf")} | {"gguf-q4_0": "llama-sym"}
@@ -222,7 +225,8 @@ def main() -> None:
             verified[target] = _digest(out)
             _remove(out)
         cp_t: list[float] = []
-        own_t: dict[str, list[float]] = {t: [] for t in targets if t in FLOATS}
+        own_t: dict[str, list[float]] = {t: [] for t in targets}
+        sizes: dict[str, int] = {}
         conv_t: dict[str, list[float]] = {t: [] for t in targets}
         peaks: dict[str, list[int]] = {t: [] for t in targets}
         for i in range(args.repeat):  # interleaved, so that drifts of a shared machine hit every row alike
@@ -235,7 +239,10 @@ def main() -> None:
                 assert r.returncode == 0, r.stderr
                 conv_t[target].append(t)
                 peaks[target].append(int(r.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024)
-                if target in FLOATS:  # the floor of writing these bytes: a copy of this very output, made durable
+                sizes[target] = sum(f.stat().st_size for f in (out.rglob("*") if out.is_dir() else [out]) if f.is_file())
+                # the floor of writing these bytes: a copy of this very output, made durable; for the float targets,
+                # and for those that write notably more than the source (GGUF Q5_0's 5.5 and Q8_0's 8.5 bits a weight)
+                if target in FLOATS or sizes[target] > BIGGER * total:
                     copy = _out(tmp, f"copy{i}", target)
                     t, _ = _timed(["sh", "-c", f"cp -r '{out}' '{copy}' && sync"], row=f"own {target}")
                     own_t[target].append(t)
@@ -260,6 +267,10 @@ def main() -> None:
                 print(f"packq convert to {target}: {m:6.2f} s ({runs}) = {m / cp_m:.2f}x cp -r SRC && sync "
                       f"(per repetition {', '.join(f'{x:.2f}' for x in ratios)}x)")
                 print(f"    {_cpu(target)} (cp -r && sync: {_cpu('cp').removeprefix('CPU ')})")
+                if own_t[target]:
+                    own = statistics.median(own_t[target])
+                    print(f"    writes {sizes[target] / total:.2f}x the source's bytes: {m / own:.2f}x cp -r of its own "
+                          f"output && sync ({own:.2f} s)")
             print(f"    peak RSS {peak / 1e6:6.0f} MB = {peak / largest_shard:.2f}x the largest shard, "
                   f"{peak / largest_tensor:.1f}x the largest tensor; every output equal to a --verify'd conversion "
                   f"({args.backend} backend, process start and imports included)")
