@@ -152,49 +152,9 @@ static const Py_ssize_t BLOCK_BYTES[3] = {18, 22, 34};
 
 static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
-/* GGUF blocks of rows of 4-bit codes in compressed-tensors' words (each word 8 consecutive k of one row, nibble i
- * = k 8 j + i): out row r from ct row rows[r] (or r), its blocks of 32 k, each block's zero-point z[r][block /
- * per_group] (uint8) and fp16 scale bits d[r][block]; ggml's block_q4_0 (every zero-point 8), q5_0, q8_0. Rows
- * [r0, r1) only. The codes less a 4-bit zero-point never leave Q5_0's or Q8_0's ranges: nothing to clip. */
-static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, const uint8_t *z, Py_ssize_t groups,
-                       Py_ssize_t per_group, const uint16_t *d, int kind, uint8_t *out, Py_ssize_t r0, Py_ssize_t r1) {
-    Py_ssize_t nb = kw / 4, bs = BLOCK_BYTES[kind];
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint32_t *w = ct + (rows ? rows[r] : r) * kw;
-        const uint8_t *zr = z + r * groups;
-        const uint16_t *dr = d + r * nb;
-        uint8_t *o = out + r * nb * bs;
-        for (Py_ssize_t b = 0; b < nb; b++, w += 4, o += bs) {
-            memcpy(o, &dr[b], 2);
-            uint64_t q0 = spread(w[0]), q1 = spread(w[1]), q2 = spread(w[2]), q3 = spread(w[3]);
-            if (kind == Q4_0) {
-                put64(o + 2, q0 | (q2 << 4));
-                put64(o + 10, q1 | (q3 << 4));
-                continue;
-            }
-            uint64_t zz = 0x0101010101010101ull * zr[b / per_group];
-            if (kind == Q8_0) { /* q - z as int8: (128 + q) - z never borrows across bytes; the xor makes it two's complement */
-                const uint64_t bias = 0x8080808080808080ull;
-                put64(o + 2, ((q0 | bias) - zz) ^ bias);
-                put64(o + 10, ((q1 | bias) - zz) ^ bias);
-                put64(o + 18, ((q2 | bias) - zz) ^ bias);
-                put64(o + 26, ((q3 | bias) - zz) ^ bias);
-                continue;
-            }
-            /* Q5_0: q - z + 16 in [1, 31], no carry between bytes; bit 4 to qh (bit k for k), the low nibbles to qs */
-            uint64_t add = 0x1010101010101010ull - zz;
-            q0 += add; q1 += add; q2 += add; q3 += add;
-            uint32_t qh = bit4s(q0) | (bit4s(q1) << 8) | (bit4s(q2) << 16) | ((uint32_t)bit4s(q3) << 24);
-            memcpy(o + 2, &qh, 4);
-            const uint64_t lo = 0x0F0F0F0F0F0F0F0Full;
-            put64(o + 6, (q0 & lo) | ((q2 & lo) << 4));
-            put64(o + 14, (q1 & lo) | ((q3 & lo) << 4));
-        }
-    }
-}
-
 /* one GGUF block (kind) at o from a column's 4 compressed-tensors words q[0..3] (8 consecutive k each), its
- * zero-point zv and fp16 scale bits dv: ct_to_gguf's arithmetic */
+ * zero-point zv and fp16 scale bits dv. The codes less a 4-bit zero-point never leave Q5_0's or Q8_0's ranges:
+ * nothing to clip. */
 static inline void gguf_block(uint8_t *o, const uint32_t q[4], unsigned zv, uint16_t dv, int kind) {
     memcpy(o, &dv, 2);
     uint64_t q0 = spread(q[0]), q1 = spread(q[1]), q2 = spread(q[2]), q3 = spread(q[3]);
@@ -204,7 +164,7 @@ static inline void gguf_block(uint8_t *o, const uint32_t q[4], unsigned zv, uint
         return;
     }
     uint64_t zz = 0x0101010101010101ull * zv;
-    if (kind == Q8_0) {
+    if (kind == Q8_0) { /* q - z as int8: (128 + q) - z never borrows across bytes; the xor makes it two's complement */
         const uint64_t bias = 0x8080808080808080ull;
         put64(o + 2, ((q0 | bias) - zz) ^ bias);
         put64(o + 10, ((q1 | bias) - zz) ^ bias);
@@ -212,6 +172,7 @@ static inline void gguf_block(uint8_t *o, const uint32_t q[4], unsigned zv, uint
         put64(o + 26, ((q3 | bias) - zz) ^ bias);
         return;
     }
+    /* Q5_0: q - z + 16 in [1, 31], no carry between bytes; bit 4 to qh (bit k for k), the low nibbles to qs */
     uint64_t add = 0x1010101010101010ull - zz;
     q0 += add; q1 += add; q2 += add; q3 += add;
     uint32_t qh = bit4s(q0) | (bit4s(q1) << 8) | (bit4s(q2) << 16) | ((uint32_t)bit4s(q3) << 24);
@@ -221,12 +182,30 @@ static inline void gguf_block(uint8_t *o, const uint32_t q[4], unsigned zv, uint
     put64(o + 14, (q1 & lo) | ((q3 & lo) << 4));
 }
 
+/* GGUF blocks of rows of 4-bit codes in compressed-tensors' words (each word 8 consecutive k of one row, nibble i
+ * = k 8 j + i): out row r from ct row rows[r] (or r), its blocks of 32 k, each block's zero-point z[r][block /
+ * per_group] (uint8) and fp16 scale bits d[r][block]; ggml's block_q4_0 (every zero-point 8), q5_0, q8_0. Rows
+ * [r0, r1) only. */
+static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, const uint8_t *z, Py_ssize_t groups,
+                       Py_ssize_t per_group, const uint16_t *d, int kind, uint8_t *out, Py_ssize_t r0, Py_ssize_t r1) {
+    Py_ssize_t nb = kw / 4, bs = BLOCK_BYTES[kind];
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint32_t *w = ct + (rows ? rows[r] : r) * kw;
+        const uint8_t *zr = z + r * groups;
+        const uint16_t *dr = d + r * nb;
+        uint8_t *o = out + r * nb * bs;
+        for (Py_ssize_t b = 0; b < nb; b++, w += 4, o += bs)
+            gguf_block(o, w, zr[b / per_group], dr[b], kind);
+    }
+}
+
 /* AWQ words (K, C) -> GGUF blocks of the source columns of word columns [c0, c1), in one pass (awq_to_ct's lane
  * transpose, then each block as ct_to_gguf makes it, with no weight_packed rows in memory between): source column
  * col goes to out row rowof[col - 8 c0] (rowof NULL: col - 8 c0), each row nb = K/32 blocks; a block's zero-point
  * z[g][col - 8 c0] (uint8) and fp16 scale bits s[g][col - 8 c0] of its group g = 32 b / per (rows per group, a
- * multiple of 32): z and s (G, 8 (c1 - c0)), the checkpoint's columns of these words. Per tile of 16 word columns: each block's 32 rows of 16 words read
- * (one 64-byte line each), transposed in 4 groups of 8 rows, its 128 blocks stored. */
+ * multiple of 32): z and s (G, 8 (c1 - c0)), the checkpoint's columns of these words. Per tile of 16 word columns:
+ * each block's 32 rows of 16 words read (one 64-byte line each), transposed in 4 groups of 8 rows, its 128 blocks
+ * stored. */
 static void awq_to_gguf(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1,
                         const int64_t *rowof, const uint8_t *z, const uint16_t *s, Py_ssize_t per, int kind,
                         uint8_t *out) {
