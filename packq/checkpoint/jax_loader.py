@@ -425,13 +425,15 @@ class _Loader:
         where, blocks = self._host_blocks(name, info, sharding, None)
         return _put(info.shape, sharding, {d: blocks[k] for d, k in where.items()})
 
-    def _host_module(self, m: Module, planned: dict[str, tuple[TensorInfo, Sharding]]) -> dict[str, jax.Array]:
+    def _host_module(self, m: Module, planned: dict[str, tuple[TensorInfo, Sharding]], slot: int = 0) -> _HostJob:
         """A module converted on the host: each distinct set of device blocks (replicas share one) by
         ``_conversion`` on NumPy, each output block put on its devices with the module's sharding, as the XLA
-        path's shard_map gives it (every conversion is local to a device's block)."""
-        s, st = self._module_sharding(m), self._static(m)
+        path's shard_map gives it (every conversion is local to a device's block). Its blocks are read here, into
+        the reusable buffers of ``slot``, and converted on the pool's threads, while the caller reads the next module
+        into the other slot's; :meth:`_host_finish` waits for them and makes the arrays."""
         parts = {part: n for part, n in m.names.items() if n in planned}
-        read = {part: self._host_blocks(n, *planned[n], scratch=part) for part, n in parts.items()}
+        read = {part: self._host_blocks(n, *planned[n], scratch=f"{part}/{slot}") for part, n in parts.items()}
+        st = self._static(m)
         devices = list(read[next(iter(read))][0])
         scratch = list(getattr(self, "_scratch_pool", {}).values())
         keys = {d: tuple(read[part][0][d] for part in parts) for d in devices}
@@ -455,19 +457,24 @@ class _Loader:
             return out
 
         # the blocks on threads: NumPy's ufuncs, packq's C kernels and PJRT's copies release the GIL
-        done = dict(zip(unique := list(holders), self._pool().map(convert, unique)))
-        per_device = {d: done[k] for d, k in keys.items()}
-        read.clear()  # the stored blocks, once converted
+        return _HostJob(m, keys, {k: self._pool().submit(convert, k) for k in holders}, "g_idx" in parts)
+
+    def _host_finish(self, job: _HostJob) -> dict[str, jax.Array]:
+        """The arrays of a module that :meth:`_host_module` started."""
+        m, s = job.module, self._module_sharding(job.module)
+        done = {k: f.result() for k, f in job.futures.items()}
+        per_device = {d: done[k] for d, k in job.keys.items()}
+        first = next(iter(per_device.values()))
         out: dict[str, jax.Array] = {}
-        for name in per_device[devices[0]]:
+        for name in first:
             shape = self._output_shape(m, name)
             sh = _like(s, len(shape))
-            if isinstance(per_device[devices[0]][name], dict):  # put on the threads already
+            if isinstance(first[name], dict):  # put on the threads already
                 placed = [res[name][d] for d, res in per_device.items()]  # type: ignore[index]
                 out[name] = _assemble(shape, sh, placed)
             else:
                 out[name] = _put(shape, sh, {d: res[name] for d, res in per_device.items()})  # type: ignore[misc]
-        return self._named(m, s, out, "g_idx" in parts)
+        return self._named(m, s, out, job.has_g_idx)
 
     def _unpack_scratch(self, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
         """This thread's reusable buffer for a block that PJRT copies before its put returns (4-bit values)."""
@@ -508,9 +515,14 @@ class _Loader:
             by_module: dict[str, dict[str, jax.Array]] = {}
             waiting: list[tuple[Module, dict[str, jax.Array], Any]] = []
             limit = max((sum(i.nbytes for i in sh.tensors.values()) for sh in self.ckpt.shards.values()), default=0)
-            for m in self.ckpt.modules.values():  # one module at a time: its stored arrays are dropped once converted
+            # the host path: module i + 1 read (into the other slot's buffers) while module i converts on threads
+            started: _HostJob | None = None
+            for i, m in enumerate(self.ckpt.modules.values()):  # one module at a time: stored arrays dropped once converted
                 if m.prefix in on_host:
-                    by_module[m.prefix] = self._host_module(m, planned)
+                    job = self._host_module(m, planned, i % 2)
+                    if started is not None:
+                        by_module[started.module.prefix] = self._host_finish(started)
+                    started = job
                     continue
                 stored = {n: make(n, *planned[n]) for n in m.names.values() if n in planned}
                 waiting.append((m, stored, self._job(m, stored)))
@@ -518,6 +530,8 @@ class _Loader:
                     wm, wstored, _ = waiting.pop(0)
                     by_module[wm.prefix] = self._module(wm, wstored)
                 del stored
+            if started is not None:
+                by_module[started.module.prefix] = self._host_finish(started)
             for wm, wstored, _ in waiting:
                 by_module[wm.prefix] = self._module(wm, wstored)
             del waiting
@@ -549,6 +563,15 @@ class _Loader:
         if self.layout == "compressed-tensors":
             res["weight_shape"] = jax.device_put(np.array([*m.lead, m.n, m.k], np.int32), _like(s, 1))
         return {f"{m.prefix}.{part}": x for part, x in res.items()}
+
+
+class _HostJob(NamedTuple):
+    """A module the host path has read and is converting: its devices' block keys, each distinct key's conversion."""
+
+    module: Module
+    keys: dict[Any, tuple[Any, ...]]
+    futures: dict[tuple[Any, ...], Future]
+    has_g_idx: bool
 
 
 class _Static(NamedTuple):
