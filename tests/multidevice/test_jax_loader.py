@@ -529,3 +529,20 @@ def test_pjrt_copies_4_bit_arrays_before_device_put_returns():
         host[:] = 15 - host
         for x in put:
             assert np.asarray(x).astype(np.uint8).tobytes() == values.tobytes(), n
+
+
+@pytest.mark.parametrize("kernels", ["C", "no C"])
+def test_the_host_paths_int4_with_and_without_the_c_kernels(monkeypatch, mesh, tmp_path, kernels):
+    """int4's values unpacked into each conversion thread's reused buffer (C kernel on that thread) or by the
+    ufuncs, put by that thread: the XLA path's arrays, split or replicated, stacked experts too."""
+    from packq.backends import numpy as numpy_backend
+
+    if kernels == "no C":
+        monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
+    for split in ("replicated", "columns", "rows"):
+        spec = SPLITS[split]
+        kw = {} if spec is None else {"shardings": {WEIGHTS: NamedSharding(mesh, spec)}}
+        _assert_identical(*_both_paths(monkeypatch, EXAMPLE, layout="int4", **kw))
+    _experts(tmp_path)
+    s = {r".*": NamedSharding(mesh, P("y", None, "x"))}
+    _assert_identical(*_both_paths(monkeypatch, tmp_path, layout="int4", shardings=s))
