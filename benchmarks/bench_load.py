@@ -13,6 +13,11 @@ load average after each repeat, and printed beside what it is compared with:
 - JAX's start plus reading the files: the above, then every shard read into host memory;
 - the same, then each shard's bytes put on the devices as one array (the floor of any loader);
 - ``safetensors.flax.load_file`` of every shard (where safetensors is installed);
+- JAX's start plus writing layout "dequantized"'s bytes once into fresh memory (mapped as the host path maps its
+  blocks, on 2 threads): the floor of any loader that makes those arrays, since on this project's VM a fresh page
+  costs far more than writing it (about 0.3 s a GB in 4 KiB pages);
+- JAX's start plus putting layout "int4"'s 4-bit values on the devices from host buffers that are reused (2
+  threads): PJRT's own cost for those arrays, which it packs two a byte into memory of its own;
 - ``packq.jax.load`` in every layout, with JAX's persistent compilation cache off, then on (a first run
   filling a fresh cache directory, then the timed runs reading it). Each run also prints, from JAX's
   monitoring events, how many functions it compiled, their compile seconds and the cache hits;
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -71,6 +77,28 @@ elif mode in ("read", "read+put"):
             data = f.read()
         if mode == "read+put":
             out[name] = jax.device_put(np.frombuffer(data, np.uint8), devices[0])
+elif mode == "fresh":  # the memory floor of a layout: its bytes written once to fresh memory, as the host path maps it
+    import mmap, threading
+    from concurrent.futures import ThreadPoolExecutor
+    block, total = 8 << 20, int(os.environ["FRESH_BYTES"])
+    def one(i):
+        n = min(block, total - i)
+        a = np.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+        a.fill(1)
+        return a
+    with ThreadPoolExecutor(2) as pool:
+        kept = list(pool.map(one, range(0, total, block)))
+elif mode == "put4":  # PJRT's own cost for int4's arrays: its 4-bit values put, from host buffers reused, 2 threads
+    from concurrent.futures import ThreadPoolExecutor
+    import jax.numpy as jnp
+    block, total = 1 << 22, int(os.environ["PUT4_VALUES"])
+    host = [(np.arange(block) % 16).astype(np.uint8).view(jnp.uint4) for _ in range(2)]
+    def one(i):
+        n = min(block, total - i)
+        return jax.device_put(host[(i // block) % 2][:n], devices[(i // block) % len(devices)])
+    with ThreadPoolExecutor(1) as even, ThreadPoolExecutor(1) as odd:  # each host buffer used by one thread only
+        futures = [(odd if (i // block) % 2 else even).submit(one, i) for i in range(0, total, block)]
+        out = {str(k): f.result() for k, f in enumerate(futures)}
 elif mode == "flax":
     from safetensors.flax import load_file
     for name in files:
@@ -135,6 +163,28 @@ def child(mode: str, src: Path, platform: str, env: dict[str, str]) -> tuple[flo
     return wall - info["check_s"], info  # the check after the load is not the load's time
 
 
+def _dequantized_bytes(src: Path) -> int:
+    """The bytes of layout "dequantized"'s arrays: each quantized module's (K, N) weight in its scales' dtype, every
+    other tensor as stored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from packq.checkpoint.folder import open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    quantized = {name for m in ckpt.modules.values() for name in m.names.values()}
+    other = sum(i.nbytes for sh in ckpt.shards.values() for name, i in sh.tensors.items() if name not in quantized)
+    weights = sum(math.prod(m.lead) * m.k * m.n * m.infos["scales"].nbytes // max(1, math.prod(m.infos["scales"].shape))
+                  for m in ckpt.modules.values())
+    return other + weights
+
+
+def _int4_values(src: Path) -> int:
+    """The 4-bit values of layout "int4"'s arrays: each quantized module's (K, N) weight and (groups, N) zeros."""
+    from packq.checkpoint.folder import open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    return sum(math.prod(m.lead) * (m.k + m.groups) * m.n for m in ckpt.modules.values())
+
+
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -166,7 +216,9 @@ def main() -> None:
         cached = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         xla = {**base, "PACKQ_JAX_HOST": "0"}
         xla_cached = {**cached, "PACKQ_JAX_HOST": "0"}
-        runs = [("start", base), ("read", base), ("read+put", base), ("flax", base)]
+        fresh, values4 = _dequantized_bytes(src), _int4_values(src)
+        runs = [("start", base), ("read", base), ("read+put", base), ("flax", base), ("fresh", {**base, "FRESH_BYTES": str(fresh)}),
+                ("put4", {**base, "PUT4_VALUES": str(values4)})]
         runs += [(layout, base) for layout in layouts] + [(f"{layout} (cached)", cached) for layout in cached_layouts]
         if args.platform == "cpu" and not args.no_xla:  # the XLA path, as before the host path, for comparison
             converting = [layout for layout in layouts if layout not in ("source", "awq")]
@@ -218,7 +270,9 @@ def main() -> None:
         print(row("  + the bytes put on the device", "read+put", "read"))
         if "flax" in got:
             print(row("safetensors.flax.load_file, every shard", "flax", "read"))
-        for name, _ in runs[4:]:
+        print(row(f"  + writing dequantized's {fresh / 1e9:.2f} GB to fresh memory", "fresh", "read") + "   (its writes alone)")
+        print(row(f"  + putting int4's {values4 / 1e9:.2f} G 4-bit values", "put4", "read") + "   (PJRT's packing alone)")
+        for name, _ in runs[6:]:
             i = got[name][0] if len(got[name]) == 1 else got[name][1]  # a timed run's events, not the checking one's
             vs = "source" if "cached" not in name else "source (cached)"
             print(row(f"packq.jax.load {name}", name, "read") + (f", {med[name] / med[vs]:.2f}x {vs}"

@@ -282,3 +282,141 @@ def test_conversions_write_the_same_files_without_the_c_kernels(tmp_path, monkey
     # the C route ran its kernels: AWQ -> GPTQ; weight_packed's rows (compressed-tensors, MLX); GGUF's blocks
     assert {"gptq": {"awq_to_gptq"}, "gguf": {"awq_to_gguf"}}.get(to, {"awq_to_ct"}) <= set(calls)
     numpy_backend.numba_kernels.cache_clear()
+
+
+# ------------------------------------------------------------------ AWQ dequantization (packq.jax.load's host path)
+#: (K, words a row, group size): groups of 16 rows or more (where the table pays), one group or many, odd word counts
+DEQUANT_SHAPES = [(16, 1, 16), (32, 3, 16), (64, 2, 64), (128, 5, 32), (256, 17, 128), (96, 7, 48)]
+#: (scales' dtype, output dtype or None for the scales'): the direct kernel's three kinds, then the table's others
+DEQUANT_DTYPES = [("float16", None), ("float32", None), ("float16", "float32"), ("float16", "bfloat16"),
+                  ("bfloat16", None), ("float32", "float16")]
+
+
+def _dtype(name):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _every_bit_pattern(shape, name, rng):
+    """Scales drawn from every bit pattern of their dtype: NaNs, infinities, subnormals and zeros among them."""
+    bits = {2: np.uint16, 4: np.uint32}[_dtype(name).itemsize]
+    return rng.integers(0, 1 << (8 * np.dtype(bits).itemsize), shape, dtype=np.uint64).astype(bits).view(_dtype(name))
+
+
+def _dequant_case(shape, seed, scale_dtype):
+    k, c, gs = shape
+    rng = np.random.default_rng(seed)
+    qw, qz = _words((k, c), seed), _words((k // gs, c), seed + 1)
+    return qw, qz, _every_bit_pattern((k // gs, 8 * c), scale_dtype, rng)
+
+
+def _dequant_want(qw, qz, s, out):
+    from packq.backends.numpy import BACKEND
+    from packq.formats import gptq
+
+    with np.errstate(all="ignore"):
+        want = np.asarray(BACKEND.run(gptq.dequantize_awq, qw, qz, s, plain=True))  # the array-API core
+        return want if out is None else want.astype(_dtype(out))
+
+
+@given(shape=st.sampled_from(DEQUANT_SHAPES), seed=st.integers(0, 2**30), dtypes=st.sampled_from(DEQUANT_DTYPES),
+       direct=st.booleans(), block=st.booleans(), threaded=st.booleans())
+def test_awq_dequant_rows_equal_plain_core(shape, seed, dtypes, direct, block, threaded):
+    """dequantize_awq_rows writes the plain core's dequantization cast to the output dtype, bit for bit, for scales
+    of every bit pattern: by the direct kernel (AVX2 + F16C) where it covers the dtypes and by the table's look-ups
+    otherwise, over threads or not, from a whole qweight or from a block of columns of a wider one (read in place)."""
+    _ck()
+    scale_dtype, out = dtypes
+    qw, qz, s = _dequant_case(shape, seed, scale_dtype)
+    want = _dequant_want(qw, qz, s, out)
+    words = qw
+    if block:  # the block of columns a device takes, inside the box the loader read
+        wide = _words((shape[0], 3 * shape[1] + 2), seed + 2)
+        wide[:, shape[1] + 1 : 2 * shape[1] + 1] = qw
+        words = wide[:, shape[1] + 1 : 2 * shape[1] + 1]
+        assert not words.flags.c_contiguous
+    z = numpy_backend.unpack_awq_u8(qz)
+    with np.errstate(all="ignore"):
+        got = numpy_backend.dequantize_awq_rows(words, z, s, None if out is None else _dtype(out), threaded=threaded,
+                                                direct=direct)
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def test_awq_dequant_direct_is_there_and_declines_what_it_does_not_cover():
+    """On x86-64 (this project's machines) the direct kernel runs; where the table would not pay (groups of fewer than
+    16 rows), for 1-byte outputs and without the C kernels the function declines (None: the caller takes the core)."""
+    import platform
+
+    ck = _ck()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert ck.has_direct()
+    qw, qz, s = _dequant_case((64, 2, 8), 1, "float16")  # 8 groups of 8 rows: a table of 16 entries a group is 2x K
+    z = numpy_backend.unpack_awq_u8(qz)
+    assert numpy_backend.dequantize_awq_rows(qw, z, s) is None
+    qw, qz, s = _dequant_case((64, 2, 32), 1, "float16")
+    z = numpy_backend.unpack_awq_u8(qz)
+    assert numpy_backend.dequantize_awq_rows(qw, z, s, np.dtype(np.int8)) is None
+    with route("no C"):
+        assert numpy_backend.dequantize_awq_rows(qw, z, s) is None
+
+
+def test_awq_dequant_negative_controls():
+    """The comparison above can fail: a changed zero-point, a flipped code bit, a changed scale, a share of rows left
+    out, each changes the output of both kernels."""
+    _ck()
+    qw, qz, s = _dequant_case((128, 5, 32), 7, "float16")
+    s = np.where(np.isfinite(s) & (np.abs(s) < 1000), s, np.float16(1)).astype(np.float16)  # no overflow: no warnings
+    want = _dequant_want(qw, qz, s, None).tobytes()
+    z = numpy_backend.unpack_awq_u8(qz)
+    for direct in (True, False):
+        assert numpy_backend.dequantize_awq_rows(qw, z, s, direct=direct).tobytes() == want
+        other = z.copy()
+        other[2, 9] ^= 1
+        flipped = qw.copy()
+        flipped[70, 3] ^= 1 << 13
+        scaled = s.copy()
+        scaled[1, 30] = -scaled[1, 30] if scaled[1, 30] else np.float16(1)
+        assert numpy_backend.dequantize_awq_rows(qw, other, s, direct=direct).tobytes() != want
+        assert numpy_backend.dequantize_awq_rows(flipped, z, s, direct=direct).tobytes() != want
+        assert numpy_backend.dequantize_awq_rows(qw, z, scaled, direct=direct).tobytes() != want
+    ck = numpy_backend.c_kernels()
+    out = np.zeros((128, 40), np.float16)
+    ck.awq_dequant_direct(qw, 0, 5, 128, 5, z, s.view(np.uint16), 4, 32, 0, out.view(np.uint16), 0, 64)  # rows [0, 64)
+    assert out.tobytes() != want and out[:64].tobytes() == np.frombuffer(want, np.float16).reshape(128, 40)[:64].tobytes()
+
+
+def test_awq_dequant_bad_buffers_and_arguments_named():
+    ck = _ck()
+    qw, z = np.zeros((32, 2), np.int32), np.zeros((2, 16), np.uint8)
+    s, out = np.zeros((2, 16), np.uint16), np.zeros((32, 16), np.uint16)
+    table = np.zeros((2, 16, 16), np.uint16)
+    with pytest.raises(ValueError, match=r"src: 252 bytes, needs 256"):
+        ck.awq_dequant(np.zeros(63, np.int32), 0, 2, 32, 2, table, 2, 16, 2, out, 0, 32)
+    with pytest.raises(ValueError, match=r"src: 256 bytes, needs 260"):  # one word of offset past the end
+        ck.awq_dequant(qw, 1, 2, 32, 2, table, 2, 16, 2, out, 0, 32)
+    with pytest.raises(ValueError, match=r"table: 1024 bytes, needs 2048"):
+        ck.awq_dequant(qw, 0, 2, 32, 2, table, 2, 16, 4, np.zeros((32, 16), np.uint32), 0, 32)
+    with pytest.raises(ValueError, match=r"out: 1022 bytes, needs 1024"):
+        ck.awq_dequant(qw, 0, 2, 32, 2, table, 2, 16, 2, np.zeros(511, np.uint16), 0, 32)
+    with pytest.raises(ValueError, match=r"awq_dequant: K 32, C 2, offset 0, stride 1, 2 groups of 16"):
+        ck.awq_dequant(qw, 0, 1, 32, 2, table, 2, 16, 2, out, 0, 32)  # rows closer than their words
+    with pytest.raises(ValueError, match=r"3 groups of 16"):
+        ck.awq_dequant(qw, 0, 2, 32, 2, table, 3, 16, 2, out, 0, 32)
+    with pytest.raises(ValueError, match=r"size 3"):
+        ck.awq_dequant(qw, 0, 2, 32, 2, table, 2, 16, 3, out, 0, 32)
+    with pytest.raises(ValueError, match=r"rows \[0, 33\)"):
+        ck.awq_dequant(qw, 0, 2, 32, 2, table, 2, 16, 2, out, 0, 33)
+    if ck.has_direct():
+        with pytest.raises(ValueError, match=r"zeros: 31 bytes, needs 32"):
+            ck.awq_dequant_direct(qw, 0, 2, 32, 2, z.reshape(-1)[:31], s, 2, 16, 0, out, 0, 32)
+        with pytest.raises(ValueError, match=r"scales: 64 bytes, needs 128"):
+            ck.awq_dequant_direct(qw, 0, 2, 32, 2, z, s, 2, 16, 1, np.zeros((32, 16), np.uint32), 0, 32)
+        with pytest.raises(ValueError, match=r"out: 1024 bytes, needs 2048"):
+            ck.awq_dequant_direct(qw, 0, 2, 32, 2, z, s, 2, 16, 2, out, 0, 32)
+        with pytest.raises(ValueError, match=r"kind 3"):
+            ck.awq_dequant_direct(qw, 0, 2, 32, 2, z, s, 2, 16, 3, out, 0, 32)
+    with pytest.raises(ValueError, match=r"dequantize_awq_rows: qweight \(32, 2\), zeros \(2, 8\)"):
+        numpy_backend.dequantize_awq_rows(qw, z[:, :8], s.view(np.float16))
+    with pytest.raises(ValueError, match=r"out must be C-contiguous float16 \(32, 16\), got float16 \(16, 32\)"):
+        numpy_backend.dequantize_awq_rows(qw, z, s.view(np.float16), out=np.zeros((16, 32), np.float16))

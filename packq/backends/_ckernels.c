@@ -1,4 +1,5 @@
-/* packq's compiled CPU kernels: the AWQ word transpose and GGUF's blocks, in one pass each, without the GIL.
+/* packq's compiled CPU kernels: the AWQ word transpose, GGUF's blocks and AWQ's dequantization, in one pass each,
+ * without the GIL.
  *
  * Built by setuptools when a C compiler is there (an optional extension: without one, packq installs and the
  * NumPy ufunc paths write the same bytes). numba kernels exist too (packq[fast]), but loading numba costs about
@@ -404,6 +405,156 @@ static PyObject *py_awq_to_gguf(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* AWQ words to their dequantized values by look-up, in logical column order and row-major like the core's
+ * dequantize_awq: out (K, 8C) row k, column 8 w + AWQ_ORDER[s] = table[k / gs][8 w + AWQ_ORDER[s]][nibble s of word
+ * (k, w)], where the table holds, per (group, column), the 16 products (q - z) * s already rounded to the output
+ * dtype (by NumPy, as the core rounds them: no float arithmetic here, so every bit is the core's). Words come as
+ * rows of C words `stride` words apart (a device's block of a wider tensor, read in place); entries and outputs
+ * are T (2 or 4 bytes); rows [r0, r1). */
+#define AWQ_DEQUANT_ROWS(NAME, T)                                                                                    \
+    static void NAME(const uint32_t *src, Py_ssize_t stride, Py_ssize_t c, const T *table, Py_ssize_t gs, T *out,      \
+                     Py_ssize_t r0, Py_ssize_t r1) {                                                                  \
+        Py_ssize_t n = 8 * c;                                                                                         \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                                        \
+            const uint32_t *w = src + r * stride;                                                                     \
+            const T *t = table + (r / gs) * n * 16;                                                                   \
+            T *o = out + r * n;                                                                                       \
+            for (Py_ssize_t j = 0; j < c; j++, t += 128, o += 8) {                                                    \
+                uint32_t x = w[j];                                                                                    \
+                o[0] = t[0 * 16 + (x & 15u)];                                                                         \
+                o[2] = t[2 * 16 + ((x >> 4) & 15u)];                                                                  \
+                o[4] = t[4 * 16 + ((x >> 8) & 15u)];                                                                  \
+                o[6] = t[6 * 16 + ((x >> 12) & 15u)];                                                                 \
+                o[1] = t[1 * 16 + ((x >> 16) & 15u)];                                                                 \
+                o[3] = t[3 * 16 + ((x >> 20) & 15u)];                                                                 \
+                o[5] = t[5 * 16 + ((x >> 24) & 15u)];                                                                 \
+                o[7] = t[7 * 16 + (x >> 28)];                                                                         \
+            }                                                                                                         \
+        }                                                                                                             \
+    }
+AWQ_DEQUANT_ROWS(awq_dequant_rows16, uint16_t)
+AWQ_DEQUANT_ROWS(awq_dequant_rows32, uint32_t)
+
+static PyObject *py_awq_dequant(PyObject *self, PyObject *args) {
+    Py_buffer src, table, out;
+    Py_ssize_t off, stride, k, c, groups, gs, r0, r1;
+    int size;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnny*nniw*nn:awq_dequant", &src, &off, &stride, &k, &c, &table, &groups, &gs, &size,
+                          &out, &r0, &r1))
+        return NULL;
+    PyObject *res = NULL;
+    if (k <= 0 || c <= 0 || off < 0 || stride < c || gs <= 0 || k % gs || groups != k / gs || (size != 2 && size != 4) ||
+        r0 < 0 || r1 > k || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "awq_dequant: K %zd, C %zd, offset %zd, stride %zd, %zd groups of %zd, size %d, "
+                     "rows [%zd, %zd) disagree", k, c, off, stride, groups, gs, size, r0, r1);
+    } else if (need(&src, "src", 4 * (off + (k - 1) * stride + c)) && need(&table, "table", size * groups * 8 * c * 16) &&
+               need(&out, "out", size * k * 8 * c)) {
+        const uint32_t *w = (const uint32_t *)src.buf + off;
+        Py_BEGIN_ALLOW_THREADS
+        if (size == 2)
+            awq_dequant_rows16(w, stride, c, (const uint16_t *)table.buf, gs, (uint16_t *)out.buf, r0, r1);
+        else
+            awq_dequant_rows32(w, stride, c, (const uint32_t *)table.buf, gs, (uint32_t *)out.buf, r0, r1);
+        Py_END_ALLOW_THREADS
+        res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&out);
+    return res;
+}
+
+/* The same values without the table where the CPU has AVX2 and F16C (x86-64 since 2013-2015), 8 columns a word at a
+ * time: (q - z) exactly in float32 (|q - z| <= 15), times the scale (float16 scales widened exactly), rounded once
+ * to the output by the hardware's round-to-nearest-even, as NumPy rounds float32 to float16 in the core. A float16
+ * scale's product is exact in float32 (4 bits times 11), so the one rounding is the core's; a NaN's result is the
+ * quiet NaN both give. kind 0: float16 scales -> float16, 1: float32 -> float32, 2: float16 -> float16 -> float32
+ * (the core's cast after it). The rounding mode is set to the default for the call (MXCSR 0x1F80). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_DIRECT 1
+__attribute__((target("avx2,f16c"))) static void awq_dequant_direct(const uint32_t *src, Py_ssize_t stride, Py_ssize_t c,
+                                                                   const uint8_t *zeros, const void *scales, int kind,
+                                                                   Py_ssize_t gs, void *out, Py_ssize_t r0, Py_ssize_t r1) {
+    const __m256i shifts = _mm256_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28); /* column j: nibble s, AWQ_ORDER[s] = j */
+    const __m256i low = _mm256_set1_epi32(15);
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    Py_ssize_t n = 8 * c;
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(0x1F80);
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint32_t *w = src + r * stride;
+        Py_ssize_t g = r / gs;
+        const uint8_t *z = zeros + g * n;
+        for (Py_ssize_t j = 0; j < c; j++) {
+            __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[j]), shifts), low);
+            __m256i zz = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + 8 * j)));
+            __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, zz));
+            if (kind == 1) {
+                __m256 p = _mm256_mul_ps(d, _mm256_loadu_ps((const float *)scales + g * n + 8 * j));
+                _mm256_storeu_ps((float *)out + r * n + 8 * j, p);
+                continue;
+            }
+            __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)scales + g * n + 8 * j)));
+            __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(d, sc), round);
+            if (kind == 0)
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + r * n + 8 * j), h);
+            else
+                _mm256_storeu_ps((float *)out + r * n + 8 * j, _mm256_cvtph_ps(h));
+        }
+    }
+    _mm_setcsr(csr);
+}
+
+static int direct_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#else
+#define HAVE_DIRECT 0
+static int direct_supported(void) { return 0; }
+#endif
+
+static PyObject *py_has_direct(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(direct_supported());
+}
+
+static PyObject *py_awq_dequant_direct(PyObject *self, PyObject *args) {
+    Py_buffer src, zeros, scales, out;
+    Py_ssize_t off, stride, k, c, groups, gs, r0, r1;
+    int kind;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*nniw*nn:awq_dequant_direct", &src, &off, &stride, &k, &c, &zeros, &scales, &groups,
+                          &gs, &kind, &out, &r0, &r1))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t in = kind == 1 ? 4 : 2, osz = kind == 0 ? 2 : 4;
+    if (!direct_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "awq_dequant_direct: this CPU lacks AVX2 and F16C (see has_direct())");
+    } else if (k <= 0 || c <= 0 || off < 0 || stride < c || gs <= 0 || k % gs || groups != k / gs || kind < 0 || kind > 2 ||
+               r0 < 0 || r1 > k || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "awq_dequant_direct: K %zd, C %zd, offset %zd, stride %zd, %zd groups of %zd, kind %d, "
+                     "rows [%zd, %zd) disagree", k, c, off, stride, groups, gs, kind, r0, r1);
+    } else if (need(&src, "src", 4 * (off + (k - 1) * stride + c)) && need(&zeros, "zeros", groups * 8 * c) &&
+               need(&scales, "scales", in * groups * 8 * c) && need(&out, "out", osz * k * 8 * c)) {
+#if HAVE_DIRECT
+        const uint32_t *w = (const uint32_t *)src.buf + off;
+        Py_BEGIN_ALLOW_THREADS
+        awq_dequant_direct(w, stride, c, (const uint8_t *)zeros.buf, scales.buf, kind, gs, out.buf, r0, r1);
+        Py_END_ALLOW_THREADS
+#endif
+        res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&zeros);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -423,6 +574,15 @@ static PyMethodDef methods[] = {
      "the source columns of AWQ word columns [c0, c1) of src (K, C), column col to out row rowof[col - 8 c0] (rowof "
      "empty: col - 8 c0); z (G, 8 (c1 - c0)) uint8 zero-points and s (G, 8 (c1 - c0)) fp16 scale bits of those "
      "columns, groups of per rows; releases the GIL."},
+    {"awq_dequant", py_awq_dequant, METH_VARARGS,
+     "awq_dequant(src, off, stride, K, C, table, G, gs, size, out, r0, r1): AWQ words (K rows of C words, row k at word "
+     "off + k stride of src) -> out (K, 8 C) of size-byte values table[k / gs][column][nibble], the table (G, 8 C, 16), "
+     "G = K / gs; rows [r0, r1); little-endian buffers; releases the GIL."},
+    {"has_direct", py_has_direct, METH_NOARGS, "has_direct(): whether awq_dequant_direct runs here (AVX2 and F16C)."},
+    {"awq_dequant_direct", py_awq_dequant_direct, METH_VARARGS,
+     "awq_dequant_direct(src, off, stride, K, C, zeros, scales, G, gs, kind, out, r0, r1): as awq_dequant without a "
+     "table: zeros (G, 8 C) uint8, scales (G, 8 C) float16 (kind 0: out float16, 2: out float32) or float32 (kind 1); "
+     "rows [r0, r1); little-endian buffers; releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

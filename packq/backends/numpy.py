@@ -613,6 +613,66 @@ def dequantize_gptq_t(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, g_
     return out
 
 
+def _rows_in_place(a: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """A 2-D array of 4-byte words as (a C-contiguous array holding it, the word offset of its first row there, the
+    words from one row to the next): a block of columns of a wider array is read where it is, not copied out."""
+    a = _native(a)
+    k, c = a.shape
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if (a.itemsize == 4 and a.strides[1] == 4 and (k == 1 or (a.strides[0] % 4 == 0 and a.strides[0] >= 4 * c))
+            and root.flags.c_contiguous and (a.ctypes.data - root.ctypes.data) % 4 == 0):
+        return root, (a.ctypes.data - root.ctypes.data) // 4, a.strides[0] // 4 if k > 1 else c
+    return np.ascontiguousarray(a), 0, c
+
+
+def dequantize_awq_rows(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, dtype: Any = None,
+                        out: np.ndarray | None = None, threaded: bool = True, direct: bool = True) -> np.ndarray | None:
+    """``dequantize_awq(...).astype(dtype)`` laid out as the core lays it out, (K, N) row-major, by packq's C kernels:
+    from a 2-D AWQ qweight (K, N/8) whose rows are contiguous (a block of columns is read in place) and its
+    zero-points unpacked in column order, (groups, N) uint8; into ``out`` (C-contiguous) where given; rows shared
+    over threads unless ``threaded`` is False. Where the CPU has AVX2 and F16C (and ``direct``), float16 -> float16,
+    float16 -> float32 and float32 -> float32 are computed 8 values at a time (exactly the core's products and one
+    rounding); otherwise each value is looked up in :func:`dequant_table`, whose products NumPy computes as the core
+    does. None without the C kernels, where the table would not pay (:func:`_table_pays`) or for outputs of other
+    than 2 or 4 bytes (the caller then takes the core)."""
+    ck = c_kernels()
+    if ck is None or not _table_pays(qweight, z, scales, 4, qweight.shape[0]):
+        return None
+    k, c = qweight.shape
+    groups = scales.shape[0]
+    if z.shape != (groups, 8 * c) or scales.shape != (groups, 8 * c) or k % groups:  # the kernels read unchecked
+        raise ValueError(f"dequantize_awq_rows: qweight {qweight.shape}, zeros {z.shape} and scales {scales.shape} disagree")
+    out_dt = scales.dtype if dtype is None else np.dtype(dtype)
+    if out_dt.itemsize not in (2, 4):
+        return None
+    if out is None:
+        out = np.empty((k, 8 * c), out_dt)
+    if out.shape != (k, 8 * c) or out.dtype != out_dt or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous {out_dt} {(k, 8 * c)}, got {out.dtype} {out.shape}")
+    words, off, stride = _rows_in_place(qweight)
+    kind = {("float16", "float16"): 0, ("float32", "float32"): 1, ("float16", "float32"): 2}.get((scales.dtype.name, out_dt.name))
+    o = _bits_view(out)
+    if direct and kind is not None and ck.has_direct():
+        zu8 = np.ascontiguousarray(z, np.uint8)
+        sc = _bits_view(np.ascontiguousarray(_native(scales)))
+
+        def rows(r0: int, r1: int) -> None:
+            ck.awq_dequant_direct(words, off, stride, k, c, zu8, sc, groups, k // groups, kind, o, r0, r1)
+    else:
+        table = dequant_table(z, scales, 4, lambda t: t if dtype is None else t.astype(out_dt))
+        t = _bits_view(table)
+
+        def rows(r0: int, r1: int) -> None:
+            ck.awq_dequant(words, off, stride, k, c, t, groups, k // groups, table.itemsize, o, r0, r1)
+
+    if threaded:
+        _split(k, 8 * c * out_dt.itemsize, rows)
+    else:
+        rows(0, k)
+    return out
+
 def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """AWQ words (..., R, C) to their values (..., R, 8C) uint8 in logical column order: ``unpack_awq``'s values, one
     byte each; into ``out`` (C-contiguous, that shape) where given. By the C kernel where it is built, else by one

@@ -299,11 +299,12 @@ def test_modules_are_read_on_while_their_compile_runs(mesh, monkeypatch):
             assert got[name].sharding == x.sharding and np.asarray(got[name]).tobytes() == np.asarray(x).tobytes(), name
 
 
-@pytest.mark.parametrize("host, compiled", [("0", 6), ("1", 3)])
+@pytest.mark.parametrize("host, compiled", [("0", 6), ("1", 0)])
 def test_a_second_process_takes_the_compiles_from_the_persistent_cache(tmp_path, host, compiled):
     """With jax_compilation_cache_dir set (and jax_persistent_cache_min_compile_time_secs at 0: these compiles
     take milliseconds), a second load in a new process reads every compiled conversion from the cache: 3 shapes x
-    2 layouts by the XLA path (PACKQ_JAX_HOST=0, as on GPUs); on CPU devices' host path only "dequantized"'s 3."""
+    2 layouts by the XLA path (PACKQ_JAX_HOST=0, as on GPUs). CPU devices' host path compiles nothing for this
+    AWQ checkpoint, "dequantized" included (packq's C kernel), in either process."""
     import subprocess
     import sys
 
@@ -327,6 +328,9 @@ print(json.dumps(events))
         r = subprocess.run([sys.executable, "-c", worker, str(EXAMPLE)], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    if not compiled:
+        assert runs[0] == runs[1] == {"hits": 0, "compiles": 0}
+        return
     assert runs[0]["hits"] == 0 and runs[0]["compiles"] == compiled and any((tmp_path / "cache").iterdir())
     assert runs[1]["hits"] == runs[1]["compiles"] == compiled  # every one from the cache
 
@@ -450,11 +454,11 @@ def test_the_host_path_for_stacked_experts_and_single_devices(monkeypatch, tmp_p
 
 
 def test_the_host_path_compiles_nothing_and_holds_a_replicated_tensor_once(mesh):
-    """No XLA program for any layout but "dequantized" (whose float products XLA computes), and a tensor
+    """No XLA program for any layout of an AWQ checkpoint ("dequantized" by packq's C kernel), and a tensor
     replicated over the 8 devices is one host buffer that all of them use (PJRT's zero-copy of aligned memory)."""
     seen = _compiles()
     outs = {}
-    for layout in ("source", "gptq", "awq", "compressed-tensors", "int4"):
+    for layout in ("source", "gptq", "awq", "compressed-tensors", "int4", "dequantized"):
         before = len(seen)
         s = {WEIGHTS: NamedSharding(mesh, P("y", None) if layout == "compressed-tensors" else P(None, "y"))}
         outs[layout] = packq.jax.load(EXAMPLE, layout=layout, shardings=s)
@@ -481,3 +485,64 @@ def test_the_host_paths_arrays_survive_donation_and_later_loads(mesh):
     for n, a in first.items():
         assert np.asarray(a).tobytes() == want[n], n
     assert np.asarray(second[name]).tobytes() == want[name]
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kernel", ["direct", "table", "no C"])
+def test_the_host_paths_dequantization_is_the_xla_paths(monkeypatch, mesh, dtype, kernel):
+    """AWQ "dequantized" on the host, by the direct kernel (AVX2 + F16C), by the table's look-ups (the direct kernel
+    switched off) or, without packq's C kernels, by XLA as before: the XLA path's arrays bit for bit, in every
+    output dtype, split by columns, by rows, both ways or replicated, stacked experts too."""
+    from packq.backends import numpy as numpy_backend
+
+    if kernel == "no C":
+        monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
+    elif numpy_backend.c_kernels() is None:
+        pytest.skip("packq's C extension is not built here")
+    elif kernel == "table":
+        monkeypatch.setattr(numpy_backend.c_kernels(), "has_direct", lambda: False)
+    for split in ("replicated", "columns", "rows", "2-D"):
+        spec = SPLITS[split]
+        kw = {} if spec is None else {"shardings": {WEIGHTS: NamedSharding(mesh, spec)}}
+        _assert_identical(*_both_paths(monkeypatch, EXAMPLE, layout="dequantized", dtype=dtype, **kw))
+
+
+def test_the_host_paths_dequantization_of_stacked_experts_compiles_nothing(monkeypatch, tmp_path, mesh):
+    _experts(tmp_path)
+    seen = _compiles()
+    s = {r".*": NamedSharding(mesh, P("y", None, "x"))}
+    host = packq.jax.load(tmp_path, layout="dequantized", shardings=s)
+    jax.block_until_ready(host)
+    assert not seen
+    monkeypatch.setenv("PACKQ_JAX_HOST", "0")
+    _assert_identical(host, packq.jax.load(tmp_path, layout="dequantized", shardings=s))
+
+
+def test_pjrt_copies_4_bit_arrays_before_device_put_returns():
+    """The host path unpacks int4's values into a buffer each conversion thread reuses for the next block, which is
+    right only while PJRT copies (packs) 4-bit host arrays before device_put returns, as jax 0.10's CPU client does:
+    overwritten right after the put, the arrays keep the values put, whatever their size."""
+    for n in (1 << 10, 1 << 16, 1 << 22):
+        values = (np.arange(n) % 16).astype(np.uint8)
+        host = values.copy()
+        put = [jax.device_put(host.view(jnp.uint4), d) for d in jax.devices()[:3]]
+        host[:] = 15 - host
+        for x in put:
+            assert np.asarray(x).astype(np.uint8).tobytes() == values.tobytes(), n
+
+
+@pytest.mark.parametrize("kernels", ["C", "no C"])
+def test_the_host_paths_int4_with_and_without_the_c_kernels(monkeypatch, mesh, tmp_path, kernels):
+    """int4's values unpacked into each conversion thread's reused buffer (C kernel on that thread) or by the
+    ufuncs, put by that thread: the XLA path's arrays, split or replicated, stacked experts too."""
+    from packq.backends import numpy as numpy_backend
+
+    if kernels == "no C":
+        monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
+    for split in ("replicated", "columns", "rows"):
+        spec = SPLITS[split]
+        kw = {} if spec is None else {"shardings": {WEIGHTS: NamedSharding(mesh, spec)}}
+        _assert_identical(*_both_paths(monkeypatch, EXAMPLE, layout="int4", **kw))
+    _experts(tmp_path)
+    s = {r".*": NamedSharding(mesh, P("y", None, "x"))}
+    _assert_identical(*_both_paths(monkeypatch, tmp_path, layout="int4", shardings=s))
