@@ -321,6 +321,183 @@ static PyObject *py_ct_to_gguf(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* ---- MLX's differing-weight counts (packq/checkpoint/formats/mlx.py) ----
+ * A weight of MLX's 4-bit weight (compressed-tensors' weight_packed layout: row n holds K codes, nibble i of word w is
+ * k = 8 w + i) differs from the source's in an MLX arithmetic depending only on its code and its (row, group)'s scale
+ * and zero-point, so the caller gives each (row, group) a mask: bit c set where code c differs in MLX's "cpu"
+ * arithmetic, bit 16 + c where it differs in "metal". The counts are the weights whose code's bits are set. */
+
+/* counts[0] ("cpu"), counts[1] ("metal") += over rows [ra, rb), words [wa, wb) (multiples of 4) of rows of kw words,
+ * masks[r * groups + w / wpg] the mask of row r's word w (wpg words per group, a multiple of 4): word by word */
+static void mlx_count_scalar(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg,
+                             Py_ssize_t ra, Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb, uint64_t counts[2]) {
+    for (Py_ssize_t r = ra; r < rb; r++) {
+        const uint32_t *row = ct + r * kw;
+        uint64_t acc = 0; /* "cpu" in the low 32 bits, "metal" in the high: at most K each */
+        for (Py_ssize_t w = wa; w < wb; w++) {
+            uint32_t m = masks[r * groups + w / wpg];
+            uint64_t mm = (uint64_t)(m & 0xFFFFu) | ((uint64_t)(m >> 16) << 32);
+            uint32_t x = row[w];
+            for (int i = 0; i < 8; i++)
+                acc += (mm >> ((x >> (4 * i)) & 15u)) & 0x0000000100000001ull;
+        }
+        counts[0] += acc & 0xFFFFFFFFull;
+        counts[1] += acc >> 32;
+    }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <tmmintrin.h>
+#define MLX_SSSE3 1
+/* mlx_count_scalar by SSSE3's byte shuffle: each (row, group)'s mask as a 16-byte table (byte c: its "cpu" bit in bit
+ * 0, its "metal" bit in bit 4), looked up for the 32 codes of 4 words at once (4 words lie in one group: groups are
+ * 32, 64 or 128 codes), summed in bytes (at most 7 lookups of 2 codes per byte before a nibble could carry) */
+__attribute__((target("ssse3"))) static void mlx_count_ssse3(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks,
+                                                             Py_ssize_t groups, Py_ssize_t wpg, Py_ssize_t ra,
+                                                             Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb,
+                                                             uint64_t counts[2]) {
+    const __m128i lo = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
+    const __m128i sel = _mm_set_epi8((char)0x80, 64, 32, 16, 8, 4, 2, 1, (char)0x80, 64, 32, 16, 8, 4, 2, 1);
+    const __m128i one = _mm_set1_epi8(1), sixteen = _mm_set1_epi8(16);
+    __m128i cpu = zero, metal = zero;
+    for (Py_ssize_t r = ra; r < rb; r++) {
+        const uint32_t *row = ct + r * kw;
+        const uint32_t *mr = masks + r * groups;
+        __m128i acc = zero, table = zero;
+        int n = 0;
+        for (Py_ssize_t w = wa; w < wb; w += 4) {
+            if (w == wa || w % wpg == 0) {
+                uint32_t m = mr[w / wpg];
+                __m128i c = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 8) & 0xFFu)),
+                                           (long long)(0x0101010101010101ull * (m & 0xFFu)));
+                __m128i t = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 24) & 0xFFu)),
+                                           (long long)(0x0101010101010101ull * ((m >> 16) & 0xFFu)));
+                table = _mm_or_si128(_mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(c, sel), sel), one),
+                                     _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(t, sel), sel), sixteen));
+            }
+            __m128i x = _mm_loadu_si128((const __m128i *)(row + w));
+            __m128i a = _mm_shuffle_epi8(table, _mm_and_si128(x, lo));
+            __m128i b = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(x, 4), lo));
+            acc = _mm_add_epi8(acc, _mm_add_epi8(a, b));
+            if (++n == 7 || w + 4 >= wb) {
+                cpu = _mm_add_epi64(cpu, _mm_sad_epu8(_mm_and_si128(acc, lo), zero));
+                metal = _mm_add_epi64(metal, _mm_sad_epu8(_mm_and_si128(_mm_srli_epi16(acc, 4), lo), zero));
+                acc = zero;
+                n = 0;
+            }
+        }
+    }
+    uint64_t v[2];
+    _mm_storeu_si128((__m128i *)v, cpu);
+    counts[0] += v[0] + v[1];
+    _mm_storeu_si128((__m128i *)v, metal);
+    counts[1] += v[0] + v[1];
+}
+
+static int mlx_simd(void) {
+    static int have = -1;
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("ssse3") ? 1 : 0;
+    }
+    return have;
+}
+#else
+#define MLX_SSSE3 0
+static int mlx_simd(void) { return 0; }
+#endif
+
+static void mlx_count(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg,
+                      Py_ssize_t ra, Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb, int simd, uint64_t counts[2]) {
+#if MLX_SSSE3
+    if (simd) {
+        mlx_count_ssse3(ct, kw, masks, groups, wpg, ra, rb, wa, wb, counts);
+        return;
+    }
+#endif
+    (void)simd;
+    mlx_count_scalar(ct, kw, masks, groups, wpg, ra, rb, wa, wb, counts);
+}
+
+/* awq_to_ct, and each tile's 8 TILE rows x TILE_G words counted while they are in the cache (the words [g0, g1)
+ * multiples of 4); masks: (8 (c1 - c0), groups), the output rows' */
+static void awq_to_ct_mlx(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1, uint32_t *out,
+                          Py_ssize_t g0, Py_ssize_t g1, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg, int simd,
+                          uint64_t counts[2]) {
+    Py_ssize_t kw = k / 8;
+    for (Py_ssize_t gt = g0; gt < g1; gt += TILE_G) {
+        Py_ssize_t ge = gt + TILE_G < g1 ? gt + TILE_G : g1;
+        for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {
+            Py_ssize_t we = wt + TILE < c1 ? wt + TILE : c1;
+            awq_to_ct(src, k, c, wt, we, out + 8 * (wt - c0) * kw, gt, ge);
+            mlx_count(out, kw, masks, groups, wpg, 8 * (wt - c0), 8 * (we - c0), gt, ge, simd, counts);
+        }
+    }
+}
+
+/* the checks both entry points share: rows of kw words, groups of wpg words, words [g0, g1) */
+static int mlx_args(const char *fn, Py_ssize_t kw, Py_ssize_t groups, Py_ssize_t g0, Py_ssize_t g1) {
+    if (kw <= 0 || kw % 4 || groups <= 0 || kw % groups || (kw / groups) % 4 || g0 < 0 || g1 > kw || g0 > g1 || g0 % 4 ||
+        g1 % 4) {
+        PyErr_Format(PyExc_ValueError, "%s: rows of %zd words, %zd groups, words [%zd, %zd) disagree (groups of a "
+                     "multiple of 4 words, the range whole chunks of 4)", fn, kw, groups, g0, g1);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_awq_to_ct_mlx(PyObject *self, PyObject *args) {
+    Py_buffer src, out, masks;
+    Py_ssize_t k, c, c0, c1, g0, g1, groups;
+    int simd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*nny*np:awq_to_ct_mlx", &src, &k, &c, &c0, &c1, &out, &g0, &g1, &masks, &groups,
+                          &simd))
+        return NULL;
+    PyObject *res = NULL;
+    if (k <= 0 || k % 8 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1) {
+        PyErr_Format(PyExc_ValueError, "awq_to_ct_mlx: K %zd, C %zd, words [%zd, %zd) disagree", k, c, c0, c1);
+    } else if (mlx_args("awq_to_ct_mlx", k / 8, groups, g0, g1) && need(&src, "src", 4 * k * c) &&
+               need(&out, "out", 4 * 8 * (c1 - c0) * (k / 8)) && need(&masks, "masks", 4 * 8 * (c1 - c0) * groups)) {
+        uint64_t counts[2] = {0, 0};
+        simd = simd && mlx_simd();
+        Py_BEGIN_ALLOW_THREADS
+        awq_to_ct_mlx((const uint32_t *)src.buf, k, c, c0, c1, (uint32_t *)out.buf, g0, g1, (const uint32_t *)masks.buf,
+                      groups, k / 8 / groups, simd, counts);
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("KK", (unsigned long long)counts[0], (unsigned long long)counts[1]);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&masks);
+    return res;
+}
+
+static PyObject *py_mlx_count(PyObject *self, PyObject *args) {
+    Py_buffer ct, masks;
+    Py_ssize_t n, kw, groups, r0, r1, g0, g1;
+    int simd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nny*nnnnnp:mlx_count", &ct, &n, &kw, &masks, &groups, &r0, &r1, &g0, &g1, &simd))
+        return NULL;
+    PyObject *res = NULL;
+    if (n <= 0 || r0 < 0 || r1 > n || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "mlx_count: %zd rows, rows [%zd, %zd) disagree", n, r0, r1);
+    } else if (mlx_args("mlx_count", kw, groups, g0, g1) && need(&ct, "ct", 4 * n * kw) &&
+               need(&masks, "masks", 4 * n * groups)) {
+        uint64_t counts[2] = {0, 0};
+        simd = simd && mlx_simd();
+        Py_BEGIN_ALLOW_THREADS
+        mlx_count((const uint32_t *)ct.buf, kw, (const uint32_t *)masks.buf, groups, kw / groups, r0, r1, g0, g1, simd,
+                  counts);
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("KK", (unsigned long long)counts[0], (unsigned long long)counts[1]);
+    }
+    PyBuffer_Release(&ct);
+    PyBuffer_Release(&masks);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -335,6 +512,14 @@ static PyMethodDef methods[] = {
      "ct_to_gguf(ct, M, KW, rows, z, G, N, d, kind, out, r0, r1): GGUF blocks (kind 0 Q4_0, 1 Q5_0, 2 Q8_0) of "
      "out rows [r0, r1) of N, row r from ct row rows[r] of M (rows empty: r), KW words each; z (N, G) uint8 "
      "zero-points, d (N, KW/4) fp16 bits; releases the GIL."},
+    {"awq_to_ct_mlx", py_awq_to_ct_mlx, METH_VARARGS,
+     "awq_to_ct_mlx(src, K, C, c0, c1, out, g0, g1, masks, G, simd) -> (cpu, metal): awq_to_ct, and the written words "
+     "[g0, g1) (multiples of 4) of its rows counted against masks (8 (c1 - c0), G) uint32 (bit c: code c differs in "
+     "MLX's cpu arithmetic, bit 16 + c: in metal); simd: SSSE3 where the CPU has it; releases the GIL."},
+    {"mlx_count", py_mlx_count, METH_VARARGS,
+     "mlx_count(ct, N, KW, masks, G, r0, r1, g0, g1, simd) -> (cpu, metal): the codes of rows [r0, r1), words [g0, "
+     "g1) of 4-bit weight_packed words (N, KW) whose bits are set in masks (N, G) uint32 (as awq_to_ct_mlx); "
+     "releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

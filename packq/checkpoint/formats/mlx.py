@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,14 +131,24 @@ class MLX(CheckpointFormat):
     def differences(self, job: Job, m: Module, dtype: str) -> dict[str, int]:
         """How many of a module's weights MLX computes differently from the source's, per backend, for scales and
         biases in ``dtype``: each rounded to the source's dtype and compared (+0 and -0 alike). A weight's MLX value
-        and source value depend only on its code and its (group, column)'s scale and zero-point, so the count is each
-        (group, column)'s histogram of codes weighted by which of its 2**bits codes differ (:func:`counts_by_histogram`;
-        the codes counted by the compiled kernel from AWQ's words), not every weight dequantized (155x a copy for
-        float16 scales, 2026-12-01); weight by weight where a group holds fewer weights than codes (8 bits)."""
+        and source value depend only on its code and its (group, column)'s scale and zero-point, so each (group,
+        column) gets a mask of the codes that differ (:func:`code_masks`, each (scale, zero-point) computed once per
+        conversion by :class:`MaskTable`) and the count is the weights whose code's bit is set: by the C kernel from
+        4-bit words (:func:`packq.backends.numpy.mlx_counts`), else from each (group, column)'s histogram of codes
+        (:func:`counts_by_masks`); weight by weight where a group holds fewer weights than codes (8 bits)."""
         source = SOURCE_DTYPES[m.infos["scales"].dtype]
-        counts = dict.fromkeys(M.ARITHMETIC, 0)
         a = module_arrays(job.ckpt, m.prefix)  # matrices: stacked experts are refused
         levels, size = 1 << m.bits, m.k // m.groups
+        if levels <= size and m.bits == 4 and numpy_kernels.c_kernels() is not None:
+            masks = self.masks(job, m, dtype, a)
+            if job.ckpt.format.method == "awq":
+                words = numpy_kernels.weight_to_ct_rows(a["qweight"], 0, m.n // 8)
+            else:  # GPTQ's words (K/8, N): compressed-tensors' weight_packed transposed back
+                words = np.ascontiguousarray(_swap(a["qweight"].view(np.int32)))
+            got = numpy_kernels.mlx_counts(words, masks)
+            assert got is not None
+            return dict(zip(M.ARITHMETIC, got))
+        counts = dict.fromkeys(M.ARITHMETIC, 0)
         width = max(32, BLOCK // m.k // 32 * 32) if m.n % 32 == 0 else m.n  # whole words at every width
         for n0 in range(0, m.n, width):
             block = _columns(job, m, a, n0, min(m.n, n0 + width))
@@ -149,9 +160,18 @@ class MLX(CheckpointFormat):
                 if job.ckpt.format.method == "awq":
                     hist = numpy_kernels.awq_histogram_t(np.ascontiguousarray(block["qweight"]), m.groups)
                 q, z, s = _canonical(job, m, block, weights=hist is None)
-                part = counts_by_histogram(z, s, code_histogram(q, m.groups, levels) if hist is None else hist, dtype, source)
+                table = _table(job, dtype, source, levels)
+                part = counts_by_masks(code_histogram(q, m.groups, levels) if hist is None else hist, table(z, s))
             counts = {b: counts[b] + part[b] for b in M.ARITHMETIC}
         return counts
+
+    def masks(self, job: Job, m: Module, dtype: str, a: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """A module's (N, G) masks of the codes whose weights MLX computes unlike the source's (:func:`code_masks`)
+        for scales and biases in ``dtype``."""
+        a = a if a is not None else {p: module_array(job.ckpt, m, p, floats=p == "scales") for p in ("qzeros", "scales")}
+        _, z, s = _canonical(job, m, a, weights=False)
+        table = _table(job, dtype, SOURCE_DTYPES[m.infos["scales"].dtype], 1 << m.bits)
+        return np.ascontiguousarray(_swap(table(z, s)))
 
     @staticmethod
     def scales_biases(s: np.ndarray, z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +308,121 @@ def counts_by_histogram(z: np.ndarray, s: np.ndarray, hist: np.ndarray, dtype: s
         differ = (got != want).reshape(n, groups, levels)
         counts[arithmetic] = int(np.einsum("gnv,ngv->", hist, differ, dtype=np.int64))
     return counts
+
+
+def code_masks(z: np.ndarray, s: np.ndarray, dtype: str, source: str, levels: int) -> np.ndarray:
+    """Per (group, column) of canonical z and s (G, N), which of its ``levels`` (at most 16) codes MLX computes, from
+    scales and biases in ``dtype``, unlike the source's (q - z) * s (both rounded to the source's dtype, +0 and -0
+    alike): (G, N) uint32, bit c set where code c differs in MLX's "cpu" arithmetic, bit 16 + c in "metal". Every
+    code of every (group, column) dequantized both ways: the products :func:`counts_by_histogram` compares.
+
+    Examples
+    --------
+    A float16 scale of 0.1 and zero-point 8 in float16: the codes that differ on MLX's CPU (two roundings), none on
+    Metal (one rounding of s * q + b, here the source's)
+
+    >>> import numpy as np
+    >>> mask = int(code_masks(np.full((1, 1), 8, np.int16), np.full((1, 1), 0.1, np.float16), "float16", "float16", 16)[0, 0])
+    >>> [c for c in range(16) if mask >> c & 1], [c for c in range(16) if mask >> (16 + c) & 1]
+    ([6, 7, 9, 10, 12, 15], [])
+    """
+    if not 0 < levels <= 16:
+        raise ValueError(f"levels: expected 1 to 16 codes (a mask of 16 bits), got {levels}")
+    groups, n = z.shape
+    codes = np.broadcast_to(np.tile(np.arange(levels, dtype=np.int16), groups)[:, None], (groups * levels, n))
+    with np.errstate(all="ignore"):  # infinite and NaN products compare as their bits, as in counts_direct
+        want = _swap(_zero_alike(M.round_to(dequantize(codes, z, s, None), source)))  # (N, G * levels)
+        scales, biases = MLX.scales_biases(s, z, dtype)
+        bit = np.uint32(1) << np.arange(levels, dtype=np.uint32)
+        out = np.zeros((n, groups), np.uint32)
+        for i, arithmetic in enumerate(M.ARITHMETIC):
+            got = _zero_alike(M.round_to(M.dequantize(_swap(codes), scales, biases, dtype, arithmetic), source))
+            differ = (got != want).reshape(n, groups, levels)
+            out |= np.bitwise_or.reduce(np.where(differ, bit, np.uint32(0)), axis=-1) << np.uint32(16 * i)
+    return _swap(out)
+
+
+class MaskTable:
+    """:func:`code_masks` of float16 or bfloat16 source scales, each (scale, zero-point) pair computed once and kept:
+    a mask depends only on the scale's 16 bits and the zero-point, so a table of 2**16 x (levels + 1) pairs holds every
+    mask a conversion needs (a 1 GB checkpoint's 12.6 million (group, column)s have about 150 thousand distinct pairs);
+    float32 scales, or zero-points outside [0, levels], are computed pair by pair.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z, s = np.array([[8, 3]], np.int16), np.array([[0.1, 0.1]], np.float16)
+    >>> table = MaskTable("float16", "float16", 16)
+    >>> bool((table(z, s) == code_masks(z, s, "float16", "float16", 16)).all())
+    True
+    """
+
+    def __init__(self, dtype: str, source: str, levels: int) -> None:
+        self.dtype, self.source, self.levels = dtype, source, levels
+        self.zn = levels + 1  # a GPTQ v1 source's zero-points (stored z - 1) reach 2**bits
+        self._known = self._table = None
+        if source in ("float16", "bfloat16"):
+            self._known = np.zeros(65536 * self.zn, bool)
+            self._table = np.zeros(65536 * self.zn, np.uint32)
+        self._lock = threading.Lock()
+
+    def _bits(self, s: np.ndarray) -> np.ndarray | None:
+        """The scales' 16 bits, or None where they are not float16/bfloat16 values."""
+        if self.source == "float16" and s.dtype == np.float16:
+            return np.ascontiguousarray(s).view(np.uint16)
+        if self.source == "bfloat16" and s.dtype == np.float32:
+            u = np.ascontiguousarray(s).view(np.uint32)
+            return None if (u & np.uint32(0xFFFF)).any() else (u >> np.uint32(16)).astype(np.uint16)
+        return None
+
+    def _values(self, bits: np.ndarray) -> np.ndarray:
+        if self.source == "float16":
+            return bits.astype(np.uint16).view(np.float16)
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def __call__(self, z: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """(G, N) uint32 masks of z and s (G, N): :func:`code_masks`."""
+        bits = self._bits(s) if self._table is not None else None
+        if bits is None or z.size == 0 or int(z.min()) < 0 or int(z.max()) >= self.zn:
+            return code_masks(z, s, self.dtype, self.source, self.levels)
+        assert self._known is not None and self._table is not None
+        key = bits.astype(np.int32) * self.zn + z.astype(np.int32)
+        with self._lock:
+            seen = np.zeros(self._known.size, bool)
+            seen[key] = True
+            new = np.flatnonzero(seen & ~self._known)
+            if new.size:
+                self._table[new] = code_masks((new % self.zn).astype(np.int16)[None], self._values(new // self.zn)[None],
+                                              self.dtype, self.source, self.levels)[0]
+                self._known[new] = True
+            return self._table[key]
+
+
+def counts_by_masks(hist: np.ndarray, masks: np.ndarray) -> dict[str, int]:
+    """Per MLX arithmetic, the weights whose code's bit is set in their (group, column)'s mask (:func:`code_masks`),
+    from each (group, column)'s histogram of codes ``hist`` (G, N, levels) and ``masks`` (G, N).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hist = np.array([[[2, 0, 1, 5]]])  # one (group, column): code 0 twice, 2 once, 3 five times
+    >>> counts_by_masks(hist, np.array([[0b1001 | 0b0100 << 16]], np.uint32))
+    {'cpu': 7, 'metal': 1}
+    """
+    levels = hist.shape[-1]
+    shifts = np.arange(levels, dtype=np.uint32)
+    return {arithmetic: int(np.einsum("gnv,gnv->", hist, (masks[..., None] >> (shifts + np.uint32(16 * i))) & np.uint32(1),
+                                      dtype=np.int64))
+            for i, arithmetic in enumerate(M.ARITHMETIC)}
+
+
+def _table(job: Job, dtype: str, source: str, levels: int) -> MaskTable:
+    """This conversion's :class:`MaskTable` for scales in ``dtype`` of ``source`` scales at ``levels`` codes."""
+    tables = job.options.setdefault("mlx_tables", {})
+    key = (dtype, source, levels)
+    if key not in tables:
+        tables[key] = MaskTable(dtype, source, levels)
+    return tables[key]
 
 
 def code_histogram(q: np.ndarray, groups: int, levels: int) -> np.ndarray:
