@@ -16,6 +16,7 @@ expert, others are refused.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import threading
 from pathlib import Path
@@ -117,9 +118,17 @@ class MLX(CheckpointFormat):
         # float32 from float16/bfloat16 scales is exact by construction wherever the products stay finite: only
         # modules with non-finite or huge scales (a corrupt source) are counted then; every module otherwise
         count = [p for p, m in ckpt.modules.items() if not (dtype == "float32" and source != "float32" and _tame(job, m))]
-        plan["modules"] = {p: c for p, c in ((p, self.differences(job, ckpt.modules[p], dtype)) for p in count)
-                           if any(c.values())}
+        # an explicit --mlx-scales refuses nothing, so its counts only go into the summary: where the C kernel
+        # converts a module's words they are counted there, tile by tile in the cache, as they are written (an extra
+        # pass over every word cost 0.35 s of 2.4 for a 1 GB checkpoint, 2026-12-02); the default float32 form must
+        # refuse before writing, so it counts first. Counted or not, DST appears only once after_write() has them all
+        pending = [p for p in count if job.options.get("mlx_scales") is not None and _counted_while_written(job, ckpt.modules[p])]
+        # prefix -> its masks, and {a piece's first word column: (its rows, (cpu, metal))}, from its first piece on
+        plan["pending"] = {p: {} for p in pending}
+        plan["modules"] = {p: c for p, c in ((p, self.differences(job, ckpt.modules[p], dtype)) for p in count
+                                             if p not in plan["pending"]) if any(c.values())}
         job.options["mlx_plan"] = plan
+        job.options["mlx_lock"] = threading.Lock()
         wrong = plan["modules"]
         if wrong and job.options.get("mlx_scales") is None and not job.options.get("allow_inexact"):
             total = {b: sum(c[b] for c in wrong.values()) for b in M.ARITHMETIC}
@@ -202,8 +211,45 @@ class MLX(CheckpointFormat):
         if m.transposed:  # compressed-tensors' weight_packed is MLX's weight, byte for byte
             return [Piece(f.tensors[m.names["qweight"]].nbytes, copy=(m.names["qweight"], 0))]
         # from AWQ: the bytes compressed-tensors' weight_packed gets, made by the same pieces (4.4x a copy whole,
-        # through a GPTQ array and its transposed copy; 2026-12-01)
+        # through a GPTQ array and its transposed copy; 2026-12-01), counted as they are made where prepare left it
+        if m.prefix in job.options["mlx_plan"]["pending"]:
+            return awq_weight_pieces(job, f, m, make=functools.partial(self._counted_piece, job, m))
         return awq_weight_pieces(job, f, m)
+
+    def _counted_piece(self, job: Job, m: Module, qweight: np.ndarray, c0: int, c1: int, out: np.ndarray) -> np.ndarray:
+        """A piece of MLX's weight (word columns [c0, c1) of AWQ's qweight), its weights counted by the C kernel as
+        it converts them; the module's counts go into the plan once all of its rows are counted."""
+        plan, lock = job.options["mlx_plan"], job.options["mlx_lock"]
+        with lock:
+            state = plan["pending"].get(m.prefix)
+            if state is not None and "masks" not in state:
+                state["masks"], state["done"] = self.masks(job, m, plan["scales"]), {}
+            masks = None if state is None or c0 in state["done"] else state["masks"][8 * c0: 8 * c1]
+        made = None if masks is None else numpy_kernels.weight_to_ct_piece_mlx(qweight, c0, c1, out, masks)
+        if made is None:  # counted already, or no C kernel now: after_write() counts what is left
+            return numpy_kernels.weight_to_ct_piece(qweight, c0, c1, out)
+        words, counts = made
+        with lock:
+            state = plan["pending"].get(m.prefix)
+            if state is not None and c0 not in state["done"]:
+                state["done"][c0] = (8 * (c1 - c0), counts)
+                if sum(rows for rows, _ in state["done"].values()) == m.n:  # every row counted
+                    total = {b: sum(c[i] for _, c in state["done"].values()) for i, b in enumerate(M.ARITHMETIC)}
+                    del plan["pending"][m.prefix]
+                    if any(total.values()):
+                        plan["modules"][m.prefix] = total
+        return words
+
+    def after_write(self, job: Job) -> None:
+        """The counts of the modules the writing pass did not count whole (none where the C kernel converted every
+        AWQ weight), then the plan's modules in the checkpoint's order."""
+        plan = job.options["mlx_plan"]
+        for prefix in list(plan["pending"]):
+            counts = self.differences(job, job.ckpt.modules[prefix], plan["scales"])
+            del plan["pending"][prefix]
+            if any(counts.values()):
+                plan["modules"][prefix] = counts
+        plan["modules"] = {p: plan["modules"][p] for p in job.ckpt.modules if p in plan["modules"]}
 
     def tensor(self, job: Job, f: Reader, m: Module, action: str) -> np.ndarray:
         if action == "mlx_weight":
@@ -226,6 +272,8 @@ class MLX(CheckpointFormat):
 
     def summary(self, job: Job) -> dict[str, Any]:
         plan = job.options["mlx_plan"]
+        if plan["pending"]:  # after_write() completes them before DST is committed
+            raise CheckpointError(f"MLX counts of {_names(list(plan['pending']))} were never completed")
         wrong = plan["modules"]
         per = {b: sum(c[b] for c in wrong.values()) for b in M.ARITHMETIC}
         scale_bytes = sum(2 * m.n * m.groups for m in job.ckpt.modules.values()) * np.dtype(
@@ -243,6 +291,8 @@ class MLX(CheckpointFormat):
         where = {name: shard for shard in map(SafetensorsFile, sorted(out.glob("*.safetensors"))) for name in shard.tensors}
         plan = job.options["mlx_plan"]
         dtype = plan["scales"]
+        if plan["pending"]:
+            raise CheckpointError(f"MLX counts of {_names(list(plan['pending']))} were never completed")
 
         def read(name: str) -> np.ndarray:
             with where[name].open() as f:
@@ -460,6 +510,13 @@ def _canonical(job: Job, m: Module, a: dict[str, np.ndarray], weights: bool = Tr
              .astype(np.int16) if weights else None)
         z = source_zero_points(job, a["qzeros"])
     return q, z, a["scales"]
+
+
+def _counted_while_written(job: Job, m: Module) -> bool:
+    """Whether the writing pass converts this module's weight by the C kernel that counts it (AWQ's 4-bit words, a
+    matrix, the NumPy backend, groups of whole 4-word chunks): :meth:`MLX.pieces`."""
+    return (job.ckpt.format.method == "awq" and not m.lead and m.bits == 4 and job.convert.be.name == "numpy"
+            and m.k % 32 == 0 and (m.k // m.groups) % 32 == 0 and numpy_kernels.c_kernels() is not None)
 
 
 def _tame(job: Job, m: Module) -> bool:
