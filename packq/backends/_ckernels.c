@@ -498,6 +498,53 @@ static PyObject *py_mlx_count(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* masks (N, G) of rows [n0, n1) from a table of masks by (scale's 16 bits, zero-point): out[n][g] = table[bits[g][n] * zn
+ * + z[g][n]], bits and z (G, N) as the source stores them (a gather and a transpose in one pass); returns 0 where a
+ * zero-point is not below zn (nothing read outside the table) */
+static int mlx_masks(const uint16_t *bits, const uint8_t *z, Py_ssize_t groups, Py_ssize_t n, const uint32_t *table,
+                     Py_ssize_t zn, uint32_t *out, Py_ssize_t n0, Py_ssize_t n1) {
+    int ok = 1;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const uint16_t *b = bits + g * n;
+        const uint8_t *zz = z + g * n;
+        for (Py_ssize_t j = n0; j < n1; j++) {
+            Py_ssize_t zj = zz[j];
+            ok &= zj < zn;
+            out[j * groups + g] = table[(Py_ssize_t)b[j] * zn + (zj < zn ? zj : 0)];
+        }
+    }
+    return ok;
+}
+
+static PyObject *py_mlx_masks(PyObject *self, PyObject *args) {
+    Py_buffer bits, z, table, out;
+    Py_ssize_t groups, n, zn, n0, n1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nny*nw*nn:mlx_masks", &bits, &z, &groups, &n, &table, &zn, &out, &n0, &n1))
+        return NULL;
+    PyObject *res = NULL;
+    if (groups <= 0 || n <= 0 || zn <= 0 || n0 < 0 || n1 > n || n0 > n1) {
+        PyErr_Format(PyExc_ValueError, "mlx_masks: %zd groups, %zd columns, %zd zero-points, [%zd, %zd) disagree", groups,
+                     n, zn, n0, n1);
+    } else if (need(&bits, "bits", 2 * groups * n) && need(&z, "z", groups * n) && need(&table, "table", 4 * 65536 * zn) &&
+               need(&out, "out", 4 * n * groups)) {
+        int ok;
+        Py_BEGIN_ALLOW_THREADS
+        ok = mlx_masks((const uint16_t *)bits.buf, (const uint8_t *)z.buf, groups, n, (const uint32_t *)table.buf, zn,
+                       (uint32_t *)out.buf, n0, n1);
+        Py_END_ALLOW_THREADS
+        if (ok)
+            res = Py_NewRef(Py_None);
+        else
+            PyErr_Format(PyExc_ValueError, "mlx_masks: a zero-point of %zd or more", zn);
+    }
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -520,6 +567,9 @@ static PyMethodDef methods[] = {
      "mlx_count(ct, N, KW, masks, G, r0, r1, g0, g1, simd) -> (cpu, metal): the codes of rows [r0, r1), words [g0, "
      "g1) of 4-bit weight_packed words (N, KW) whose bits are set in masks (N, G) uint32 (as awq_to_ct_mlx); "
      "releases the GIL."},
+    {"mlx_masks", py_mlx_masks, METH_VARARGS,
+     "mlx_masks(bits, z, G, N, table, ZN, out, n0, n1): out (N, G) uint32 rows [n0, n1) = table[bits * ZN + z] of "
+     "bits (G, N) uint16 and z (G, N) uint8 (every z below ZN, else ValueError); releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -179,8 +179,7 @@ class MLX(CheckpointFormat):
         for scales and biases in ``dtype``."""
         a = a if a is not None else {p: module_array(job.ckpt, m, p, floats=p == "scales") for p in ("qzeros", "scales")}
         _, z, s = _canonical(job, m, a, weights=False)
-        table = _table(job, dtype, SOURCE_DTYPES[m.infos["scales"].dtype], 1 << m.bits)
-        return np.ascontiguousarray(_swap(table(z, s)))
+        return _table(job, dtype, SOURCE_DTYPES[m.infos["scales"].dtype], 1 << m.bits).transposed(z, s)
 
     @staticmethod
     def scales_biases(s: np.ndarray, z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -405,10 +404,10 @@ def code_masks(z: np.ndarray, s: np.ndarray, dtype: str, source: str, levels: in
 
 
 class MaskTable:
-    """:func:`code_masks` of float16 or bfloat16 source scales, each (scale, zero-point) pair computed once and kept:
-    a mask depends only on the scale's 16 bits and the zero-point, so a table of 2**16 x (levels + 1) pairs holds every
-    mask a conversion needs (a 1 GB checkpoint's 12.6 million (group, column)s have about 150 thousand distinct pairs);
-    float32 scales, or zero-points outside [0, levels], are computed pair by pair.
+    """:func:`code_masks` of float16 or bfloat16 source scales from a table, filled once per conversion: a mask
+    depends only on the scale's 16 bits and the zero-point, so each scale value seen gets the masks of all its
+    zero-points in [0, levels] at once (a 1 GB checkpoint's 12.6 million (group, column)s have about 9,500 distinct
+    float16 scales); float32 scales, or zero-points outside [0, levels], are computed pair by pair.
 
     Examples
     --------
@@ -422,14 +421,16 @@ class MaskTable:
     def __init__(self, dtype: str, source: str, levels: int) -> None:
         self.dtype, self.source, self.levels = dtype, source, levels
         self.zn = levels + 1  # a GPTQ v1 source's zero-points (stored z - 1) reach 2**bits
-        self._known = self._table = None
+        self._scales = self._table = None
         if source in ("float16", "bfloat16"):
-            self._known = np.zeros(65536 * self.zn, bool)
+            self._scales = np.zeros(65536, bool)  # the scales whose masks the table holds
             self._table = np.zeros(65536 * self.zn, np.uint32)
         self._lock = threading.Lock()
 
     def _bits(self, s: np.ndarray) -> np.ndarray | None:
         """The scales' 16 bits, or None where they are not float16/bfloat16 values."""
+        if self._table is None:
+            return None
         if self.source == "float16" and s.dtype == np.float16:
             return np.ascontiguousarray(s).view(np.uint16)
         if self.source == "bfloat16" and s.dtype == np.float32:
@@ -437,27 +438,51 @@ class MaskTable:
             return None if (u & np.uint32(0xFFFF)).any() else (u >> np.uint32(16)).astype(np.uint16)
         return None
 
-    def _values(self, bits: np.ndarray) -> np.ndarray:
-        if self.source == "float16":
-            return bits.astype(np.uint16).view(np.float16)
-        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    def _fill(self, bits: np.ndarray) -> None:
+        """The masks of every zero-point of each scale in ``bits`` not yet in the table."""
+        assert self._scales is not None and self._table is not None
+        with self._lock:
+            present = np.zeros(65536, bool)
+            present[bits.ravel()] = True
+            new = np.flatnonzero(present & ~self._scales)
+            if new.size:
+                keys = (new[:, None] * self.zn + np.arange(self.zn)).ravel()
+                values = keys // self.zn
+                scales = (values.astype(np.uint16).view(np.float16) if self.source == "float16"
+                          else (values.astype(np.uint32) << np.uint32(16)).view(np.float32))
+                self._table[keys] = code_masks((keys % self.zn).astype(np.int16)[None], scales[None], self.dtype,
+                                               self.source, self.levels)[0]
+                self._scales[new] = True
+
+    def _fits(self, z: np.ndarray) -> bool:
+        return z.size > 0 and int(z.min()) >= 0 and int(z.max()) < self.zn
+
+    def prefill(self, s: np.ndarray) -> None:
+        """Put the masks of ``s``'s scales in the table (ahead of their use, on another thread)."""
+        bits = self._bits(s)
+        if bits is not None:
+            self._fill(bits)
 
     def __call__(self, z: np.ndarray, s: np.ndarray) -> np.ndarray:
         """(G, N) uint32 masks of z and s (G, N): :func:`code_masks`."""
-        bits = self._bits(s) if self._table is not None else None
-        if bits is None or z.size == 0 or int(z.min()) < 0 or int(z.max()) >= self.zn:
+        bits = self._bits(s)
+        if bits is None or not self._fits(z):
             return code_masks(z, s, self.dtype, self.source, self.levels)
-        assert self._known is not None and self._table is not None
-        key = bits.astype(np.int32) * self.zn + z.astype(np.int32)
-        with self._lock:
-            seen = np.zeros(self._known.size, bool)
-            seen[key] = True
-            new = np.flatnonzero(seen & ~self._known)
-            if new.size:
-                self._table[new] = code_masks((new % self.zn).astype(np.int16)[None], self._values(new // self.zn)[None],
-                                              self.dtype, self.source, self.levels)[0]
-                self._known[new] = True
-            return self._table[key]
+        assert self._table is not None
+        self._fill(bits)
+        return self._table[bits.astype(np.int32) * self.zn + z.astype(np.int32)]
+
+    def transposed(self, z: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """The masks of z and s (G, N) as (N, G), C-contiguous: by the C kernel's gather where it is built."""
+        ck = numpy_kernels.c_kernels()
+        bits = self._bits(s)
+        if ck is None or bits is None or not self._fits(z):
+            return np.ascontiguousarray(_swap(self(z, s)))
+        self._fill(bits)
+        groups, n = z.shape
+        out = np.empty((n, groups), np.uint32)
+        ck.mlx_masks(bits, np.ascontiguousarray(z, dtype=np.uint8), groups, n, self._table, self.zn, out, 0, n)
+        return out
 
 
 def counts_by_masks(hist: np.ndarray, masks: np.ndarray) -> dict[str, int]:
@@ -542,9 +567,12 @@ def _swap(x: np.ndarray) -> np.ndarray:
 
 
 def _zero_alike(x: np.ndarray) -> np.ndarray:
-    """Float bits with -0 as +0: both compute alike in a matmul."""
+    """Float bits with -0 as +0 and every NaN as one: each compute alike in a matmul. (Which NaN an operation of two
+    NaNs returns, its sign among them, depends on NumPy's loop for the array's shape and strides, not on the values:
+    a source's NaN scale counted 2 weights in one layout and 0 in another before NaNs were made one.)"""
     bits = np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}")
-    return np.where(x == 0, 0, bits)
+    nan = np.array(np.nan, x.dtype).view(bits.dtype)
+    return np.where(x == 0, 0, np.where(np.isnan(x), nan, bits))
 
 
 def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
