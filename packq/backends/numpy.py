@@ -1009,16 +1009,17 @@ def weight_to_ct_piece_mlx(qweight: np.ndarray, c0: int, c1: int, out: np.ndarra
     bounds = _chunk_bounds(kw, n)
 
     def work(i: int) -> tuple[int, int]:
-        return ck.awq_to_ct_mlx(src, k, c, c0, c1, res, bounds[i], bounds[i + 1], masks, masks.shape[1], True)
+        return ck.awq_to_ct_mlx(src, k, c, c0, c1, res, bounds[i], bounds[i + 1], masks, masks.shape[1], 2)
 
     parts = [work(0)] if n == 1 else list(_executor().map(work, range(n)))
     return res.view(np.int32), (sum(p[0] for p in parts), sum(p[1] for p in parts))
 
 
-def mlx_counts(ct: np.ndarray, masks: np.ndarray, simd: bool = True) -> tuple[int, int] | None:
+def mlx_counts(ct: np.ndarray, masks: np.ndarray, simd: int = 2) -> tuple[int, int] | None:
     """The 4-bit codes of weight_packed-layout words ``ct`` (N, K/8) whose bit is set in their (row, group)'s mask
-    (``masks`` (N, G) uint32, as :func:`weight_to_ct_piece_mlx`): ("cpu", "metal") counts by the C kernel (``simd``:
-    SSSE3 where the CPU has it, else word by word), or None without it."""
+    (``masks`` (N, G) uint32, as :func:`weight_to_ct_piece_mlx`): ("cpu", "metal") counts by the C kernel, or None
+    without it. ``simd``: the most to use of 2 (AVX2), 1 (SSSE3), 0 (word by word), as far as the CPU has them; every
+    level counts alike (tests/test_mlx_fast.py)."""
     ck = c_kernels()
     if ck is None:
         return None
