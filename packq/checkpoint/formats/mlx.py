@@ -129,6 +129,10 @@ class MLX(CheckpointFormat):
                                              if p not in plan["pending"]) if any(c.values())}
         job.options["mlx_plan"] = plan
         job.options["mlx_lock"] = threading.Lock()
+        if pending:  # their scales' masks made on a thread meanwhile (55 ms of NumPy at 1 GB), the first module's first
+            table = _table(job, dtype, source, 1 << ckpt.format.bits)
+            threading.Thread(target=_prefill, args=(job, table, [ckpt.modules[p] for p in pending]), name="packq-mlx-masks",
+                             daemon=True).start()
         wrong = plan["modules"]
         if wrong and job.options.get("mlx_scales") is None and not job.options.get("allow_inexact"):
             total = {b: sum(c[b] for c in wrong.values()) for b in M.ARITHMETIC}
@@ -387,19 +391,21 @@ def code_masks(z: np.ndarray, s: np.ndarray, dtype: str, source: str, levels: in
     if not 0 < levels <= 16:
         raise ValueError(f"levels: expected 1 to 16 codes (a mask of 16 bits), got {levels}")
     groups, n = z.shape
-    codes = np.broadcast_to(np.tile(np.arange(levels, dtype=np.int16), groups)[:, None], (groups * levels, n))
+    codes = np.broadcast_to(np.arange(levels, dtype=np.int16), (n, groups, levels))  # (N, G, levels): MLX's layout
     with np.errstate(all="ignore"):  # infinite and NaN products compare as their bits, as in counts_direct
         # the source's (q - z) * s as packq.formats.gptq.dequantize_grouped computes it, in NumPy itself (the array
         # API namespace takes 0.15 s to import, more than this whole function at a 1 GB checkpoint's 135k pairs)
-        qz = codes.reshape(groups, levels, n) - z[:, None, :]
-        want = _swap(_zero_alike(M.round_to((qz.astype(s.dtype) * s[:, None, :]).reshape(groups * levels, n), source)))
+        qz = codes - _swap(z)[:, :, None]
+        want = _zero_alike(M.round_to(qz.astype(s.dtype) * _swap(s)[:, :, None], source))
         scales, biases = MLX.scales_biases(s, z, dtype)
-        bit = np.uint32(1) << np.arange(levels, dtype=np.uint32)
         out = np.zeros((n, groups), np.uint32)
         for i, arithmetic in enumerate(M.ARITHMETIC):
-            got = _zero_alike(M.round_to(M.dequantize(_swap(codes), scales, biases, dtype, arithmetic), source))
-            differ = (got != want).reshape(n, groups, levels)
-            out |= np.bitwise_or.reduce(np.where(differ, bit, np.uint32(0)), axis=-1) << np.uint32(16 * i)
+            got = _zero_alike(M.round_to(M.dequantize(codes.reshape(n, groups * levels), scales, biases, dtype, arithmetic),
+                                         source))
+            # bit c of each (column, group) where code c differs: its levels bits packed, little-endian
+            packed = np.packbits(got.reshape(n, groups, levels) != want, axis=-1, bitorder="little")
+            bits = packed[..., 0].astype(np.uint32) | (packed[..., 1].astype(np.uint32) << np.uint32(8) if levels > 8 else 0)
+            out |= bits << np.uint32(16 * i)
     return _swap(out)
 
 
@@ -547,6 +553,15 @@ def _canonical(job: Job, m: Module, a: dict[str, np.ndarray], weights: bool = Tr
              .astype(np.int16) if weights else None)
         z = source_zero_points(job, a["qzeros"])
     return q, z, a["scales"]
+
+
+def _prefill(job: Job, table: MaskTable, modules: list[Module]) -> None:
+    """The table's masks of these modules' scales, ahead of the writing pass that needs them."""
+    try:
+        for m in modules:
+            table.prefill(module_array(job.ckpt, m, "scales", floats=True))
+    except Exception:  # noqa: BLE001 - only a head start: what needs the masks fills (and reports) them itself
+        return
 
 
 def _counted_while_written(job: Job, m: Module) -> bool:
