@@ -263,5 +263,5 @@ def test_an_interrupted_counting_write_leaves_no_dst(tmp_path, monkeypatch):
     monkeypatch.setattr(numpy_kernels, "weight_to_ct_piece_mlx", failing)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(EXAMPLE, tmp_path / "out", to="mlx", mlx_scales="float16")
-    assert len(calls) == 3 and not (tmp_path / "out").exists()
+    assert len(calls) >= 3 and not (tmp_path / "out").exists()  # (pieces queued behind it may still be made)
     assert [p.name for p in tmp_path.iterdir()] == []

@@ -395,15 +395,19 @@ __attribute__((target("ssse3"))) static void mlx_count_ssse3(const uint32_t *ct,
 }
 
 #include <immintrin.h>
-/* a (row, group)'s mask as mlx_count_ssse3's 16-byte table, in AVX2's VEX encoding */
-__attribute__((target("avx2"))) static inline __m128i mlx_table_avx2(uint32_t m) {
-    const __m128i sel = _mm_set_epi8((char)0x80, 64, 32, 16, 8, 4, 2, 1, (char)0x80, 64, 32, 16, 8, 4, 2, 1);
-    __m128i c = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 8) & 0xFFu)),
-                               (long long)(0x0101010101010101ull * (m & 0xFFu)));
-    __m128i t = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 24) & 0xFFu)),
-                               (long long)(0x0101010101010101ull * ((m >> 16) & 0xFFu)));
-    return _mm_or_si128(_mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(c, sel), sel), _mm_set1_epi8(1)),
-                        _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(t, sel), sel), _mm_set1_epi8(16)));
+/* the 16-byte tables (mlx_count_ssse3's) of masks lo and hi in the two halves: each mask's bytes broadcast by a
+ * shuffle (cpu bits 0-15 to bytes 0-15, metal bits 16-31 likewise), then each byte's own bit tested */
+__attribute__((target("avx2"))) static inline __m256i mlx_tables_avx2(uint32_t lo, uint32_t hi) {
+    const __m256i ic = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1,
+                                        1, 1, 1);
+    const __m256i im = _mm256_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+                                        3, 3, 3);
+    const __m256i sel = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, (char)0x80, 1, 2, 4, 8, 16, 32, 64, (char)0x80, 1, 2, 4, 8,
+                                         16, 32, 64, (char)0x80, 1, 2, 4, 8, 16, 32, 64, (char)0x80);
+    __m256i v = _mm256_set_epi32((int)hi, (int)hi, (int)hi, (int)hi, (int)lo, (int)lo, (int)lo, (int)lo);
+    __m256i c = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, ic), sel), sel);
+    __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, im), sel), sel);
+    return _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi8(1)), _mm256_and_si256(m, _mm256_set1_epi8(16)));
 }
 
 /* mlx_count_ssse3 on 32 bytes at once (AVX2's byte shuffle looks up each 16-byte half in its own table: the halves'
@@ -425,13 +429,12 @@ __attribute__((target("avx2"))) static void mlx_count_avx2(const uint32_t *ct, P
             if (w + 8 <= wb) {
                 Py_ssize_t g0 = w / wpg, g1 = (w + 4) / wpg;
                 if (g0 != g || g1 != g0) {
-                    __m128i t0 = mlx_table_avx2(mr[g0]);
-                    table = _mm256_set_m128i(g1 == g0 ? t0 : mlx_table_avx2(mr[g1]), t0);
+                    table = mlx_tables_avx2(mr[g0], mr[g1]);
                     g = g1 == g0 ? g0 : -1;
                 }
                 x = _mm256_loadu_si256((const __m256i *)(row + w));
             } else { /* the last 4 words: the high half looks up zeros (code 0 of an empty table: nothing counted) */
-                table = _mm256_set_m128i(_mm_setzero_si128(), mlx_table_avx2(mr[w / wpg]));
+                table = mlx_tables_avx2(mr[w / wpg], 0);
                 x = _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)(row + w)));
             }
             __m256i a = _mm256_shuffle_epi8(table, _mm256_and_si256(x, lo));
