@@ -89,6 +89,7 @@ from pathlib import Path  # noqa: E402
 
 from _paths import ROUTES, route  # noqa: E402
 
+from packq.checkpoint.formats import mlx as mlx_format  # noqa: E402
 from packq.checkpoint.formats.mlx import MaskTable, code_masks, counts_by_masks  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
@@ -265,3 +266,48 @@ def test_an_interrupted_counting_write_leaves_no_dst(tmp_path, monkeypatch):
         convert_checkpoint(EXAMPLE, tmp_path / "out", to="mlx", mlx_scales="float16")
     assert len(calls) >= 3 and not (tmp_path / "out").exists()  # (pieces queued behind it may still be made)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@st.composite
+def float16_scales(draw):
+    """float16 scales (G, N) with float16's extremes among random ones, and zero-points of AWQ, GPTQ v1 or wider."""
+    groups, n = draw(st.sampled_from([1, 2, 32])), draw(st.sampled_from([1, 7, 8, 40]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = rng.standard_normal((groups, n)) * draw(st.sampled_from([2.0**-24, 1e-3, 1.0, 3e4]))
+    extremes = np.array([65504.0, -65504.0, 2.0**-14, 2.0**-24, -(2.0**-24), 0.0, -0.0, np.inf, -np.inf], np.float32)
+    s = np.where(rng.random((groups, n)) < draw(st.sampled_from([0.0, 0.3, 1.0])), rng.choice(extremes, (groups, n)), s)
+    with np.errstate(over="ignore"):
+        s = s.astype(np.float16)
+    z = rng.integers(0, draw(st.sampled_from([16, 17, 256, 2**15])), (groups, n)).astype(np.int16)
+    return s, z
+
+
+@given(float16_scales(), st.sampled_from(["float16", "float32"]))
+def test_c_scales_biases_are_numpys(sz, dtype):
+    """The C kernel's scales and biases (F16C's conversions, transposed in one pass): the NumPy path's bytes, float16's
+    extremes, infinities (whose products with a zero-point of 0 are NaN) and signed zeros among them."""
+    s, z = sz
+    got = numpy_kernels.mlx_scales_biases(s, z, dtype)
+    if numpy_kernels.c_kernels() is None or got is None:
+        pytest.skip("no C extension, or no F16C on this CPU")
+    with np.errstate(all="ignore"):
+        want = [mlx_format._stored(x, dtype) for x in mlx_format.MLX.scales_biases(s, z, dtype)]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes()
+
+
+def test_c_scales_biases_leave_nans_to_numpy_and_see_each_zero_point():
+    """A NaN scale goes to NumPy's path (F16C would quiet a signalling NaN); one zero-point changed changes one bias."""
+    if numpy_kernels.c_kernels() is None or numpy_kernels.mlx_scales_biases(
+            np.ones((1, 1), np.float16), np.ones((1, 1), np.int16), "float16") is None:
+        pytest.skip("no C extension, or no F16C on this CPU")
+    s = np.full((2, 8), 0.1, np.float16)
+    z = np.full((2, 8), 8, np.int16)
+    nan = s.copy()
+    nan.view(np.uint16)[1, 3] = 0x7D00  # a signalling NaN
+    assert numpy_kernels.mlx_scales_biases(nan, z, "float16") is None
+    scales, biases = numpy_kernels.mlx_scales_biases(s, z, "float16")
+    z2 = z.copy()
+    z2[1, 3] = 9
+    _, other = numpy_kernels.mlx_scales_biases(s, z2, "float16")
+    assert np.flatnonzero((other != biases).ravel()).tolist() == [3 * 2 + 1]

@@ -611,6 +611,90 @@ static PyObject *py_mlx_masks(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* MLX's scales and biases from float16 scales s and zero-points z, both (G, N) as the source stores them: scales_out,
+ * biases_out (N, G), transposed, as float16 bits (f32 == 0) or float32 (f32 == 1); biases -(s * z) computed in float32
+ * and rounded once (RNE, F16C's conversion), scales converted exactly; columns [n0, n1). Exact against NumPy's
+ * astype for every scale but NaNs, which py_mlx_scales_biases leaves to NumPy (F16C quiets a signalling NaN). */
+#if MLX_SSSE3
+__attribute__((target("avx,f16c"))) static void mlx_scales_biases(const uint16_t *s, const int16_t *z, Py_ssize_t groups,
+                                                                  Py_ssize_t n, int f32, void *scales_out,
+                                                                  void *biases_out, Py_ssize_t n0, Py_ssize_t n1) {
+    float sv[8], bv[8];
+    uint16_t bh[8];
+    /* 8 columns at a time over every group: the output's 8 rows of G are written whole while in the cache (group by
+     * group over all columns, each store was to another line: 1.3 ms a 32 x 11008 module against 2.3 for NumPy) */
+    for (Py_ssize_t j = n0; j < n1; j += 8) {
+        int m = (int)(n1 - j < 8 ? n1 - j : 8);
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            uint16_t sh[8] = {0};
+            float zf[8] = {0};
+            memcpy(sh, s + g * n + j, 2 * (size_t)m);
+            const int16_t *zg = z + g * n + j;
+            for (int i = 0; i < m; i++)
+                zf[i] = (float)zg[i];
+            __m256 sf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sh));
+            /* -(s * z) as NumPy's negative: the sign bit flipped (0 - x would give +0 for x = +0) */
+            __m256 b = _mm256_xor_ps(_mm256_mul_ps(sf, _mm256_loadu_ps(zf)), _mm256_set1_ps(-0.0f));
+            if (f32) {
+                _mm256_storeu_ps(sv, sf);
+                _mm256_storeu_ps(bv, b);
+                for (int i = 0; i < m; i++) {
+                    ((float *)scales_out)[(j + i) * groups + g] = sv[i];
+                    ((float *)biases_out)[(j + i) * groups + g] = bv[i];
+                }
+            } else {
+                _mm_storeu_si128((__m128i *)bh, _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                for (int i = 0; i < m; i++) {
+                    ((uint16_t *)scales_out)[(j + i) * groups + g] = sh[i];
+                    ((uint16_t *)biases_out)[(j + i) * groups + g] = bh[i];
+                }
+            }
+        }
+    }
+}
+
+static int mlx_f16c(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+}
+#else
+static int mlx_f16c(void) { return 0; }
+#endif
+
+static PyObject *py_mlx_scales_biases(PyObject *self, PyObject *args) {
+    Py_buffer s, z, so, bo;
+    Py_ssize_t groups, n, n0, n1;
+    int f32;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nniw*w*nn:mlx_scales_biases", &s, &z, &groups, &n, &f32, &so, &bo, &n0, &n1))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t size = f32 ? 4 : 2;
+    int nan = 0;
+    if (s.len >= 2 * groups * n && groups > 0 && n > 0) /* a NaN scale (exponent all ones, a fraction): NumPy's */
+        for (Py_ssize_t i = 0; i < groups * n; i++)
+            nan |= (((const uint16_t *)s.buf)[i] & 0x7FFFu) > 0x7C00u;
+    if (!mlx_f16c() || nan) {
+        res = Py_NewRef(Py_False); /* no F16C, or a NaN: the caller computes them in NumPy */
+    } else if (groups <= 0 || n <= 0 || n0 < 0 || n1 > n || n0 > n1 || (f32 != 0 && f32 != 1)) {
+        PyErr_Format(PyExc_ValueError, "mlx_scales_biases: %zd groups, %zd columns, [%zd, %zd), f32 %d disagree", groups, n,
+                     n0, n1, f32);
+    } else if (need(&s, "s", 2 * groups * n) && need(&z, "z", 2 * groups * n) && need(&so, "scales_out", size * groups * n) &&
+               need(&bo, "biases_out", size * groups * n)) {
+#if MLX_SSSE3
+        Py_BEGIN_ALLOW_THREADS
+        mlx_scales_biases((const uint16_t *)s.buf, (const int16_t *)z.buf, groups, n, f32, so.buf, bo.buf, n0, n1);
+        Py_END_ALLOW_THREADS
+#endif
+        res = Py_NewRef(Py_True);
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&so);
+    PyBuffer_Release(&bo);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -637,6 +721,10 @@ static PyMethodDef methods[] = {
     {"mlx_masks", py_mlx_masks, METH_VARARGS,
      "mlx_masks(bits, z, G, N, table, ZN, out, n0, n1): out (N, G) uint32 rows [n0, n1) = table[bits * ZN + z] of "
      "bits (G, N) uint16 and z (G, N) uint8 (every z below ZN, else ValueError); releases the GIL."},
+    {"mlx_scales_biases", py_mlx_scales_biases, METH_VARARGS,
+     "mlx_scales_biases(s, z, G, N, f32, scales_out, biases_out, n0, n1) -> bool: MLX's scales and biases (N, G) "
+     "(float16 bits, or float32 with f32) of float16 scale bits s and int16 zero-points z (G, N), columns [n0, n1); "
+     "False (nothing written) where the CPU has no F16C or a scale is NaN (NumPy's then); releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1036,3 +1036,25 @@ def mlx_counts(ct: np.ndarray, masks: np.ndarray, simd: int = 2) -> tuple[int, i
 
     parts = [work(0)] if shares == 1 else list(_executor().map(work, range(shares)))
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def mlx_scales_biases(s: np.ndarray, z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """MLX's scales and biases (N, G) in ``dtype`` (float16 or float32) of float16 scales ``s`` and zero-points ``z``
+    (G, N) by the C kernel, transposed in the same pass: the bytes of ``packq.checkpoint.formats.mlx.MLX.scales_biases``
+    (biases -(s * z) in float32, rounded once). None where it does not apply (no C kernels or no F16C, another dtype,
+    zero-points wider than 16 bits,
+    a NaN scale, which the kernel finds): the caller's NumPy path then, whose bytes these are."""
+    ck = c_kernels()
+    if (ck is None or dtype not in ("float16", "float32") or s.dtype != np.float16 or s.ndim != 2 or z.shape != s.shape
+            or 0 in s.shape or z.dtype.kind not in "iu" or z.dtype.itemsize > 2):
+        return None
+    groups, n = s.shape
+    out = np.float16 if dtype == "float16" else np.float32
+    scales, biases = np.empty((n, groups), out), np.empty((n, groups), out)
+    if z.dtype != np.int16 and (z.dtype.itemsize < 2 or int(z.max(initial=0)) < 1 << 15):
+        z = z.astype(np.int16)  # (uint16 zero-points of 2**15 or more stay NumPy's)
+    if z.dtype != np.int16:
+        return None
+    done = ck.mlx_scales_biases(np.ascontiguousarray(s).view(np.uint16), np.ascontiguousarray(z), groups, n,
+                                int(dtype == "float32"), scales, biases, 0, n)
+    return (scales, biases) if done else None

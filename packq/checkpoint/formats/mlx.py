@@ -269,7 +269,8 @@ class MLX(CheckpointFormat):
         parts = {"qzeros": module_array(job.ckpt, m, "qzeros"), "scales": module_array(job.ckpt, m, "scales", floats=True)}
         q, z, s = _canonical(job, m, parts, weights=False)
         dtype = job.options["mlx_plan"]["scales"]
-        scales, biases = (_stored(x, dtype) for x in self.scales_biases(s, z, dtype))
+        made = numpy_kernels.mlx_scales_biases(s, z, dtype)  # float16 scales: one C pass (2 ms -> 0.3 ms a module)
+        scales, biases = made if made is not None else (_stored(x, dtype) for x in self.scales_biases(s, z, dtype))
         with lock:
             kept[(m.prefix, "mlx_biases" if action == "mlx_scales" else "mlx_scales")] = biases if action == "mlx_scales" else scales
         return scales if action == "mlx_scales" else biases
