@@ -465,6 +465,296 @@ static PyObject *py_awq_dequant(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* ---- MLX's differing-weight counts (packq/checkpoint/formats/mlx.py) ----
+ * A weight of MLX's 4-bit weight (compressed-tensors' weight_packed layout: row n holds K codes, nibble i of word w is
+ * k = 8 w + i) differs from the source's in an MLX arithmetic depending only on its code and its (row, group)'s scale
+ * and zero-point, so the caller gives each (row, group) a mask: bit c set where code c differs in MLX's "cpu"
+ * arithmetic, bit 16 + c where it differs in "metal". The counts are the weights whose code's bits are set. */
+
+/* counts[0] ("cpu"), counts[1] ("metal") += over rows [ra, rb), words [wa, wb) (multiples of 4) of rows of kw words,
+ * masks[r * groups + w / wpg] the mask of row r's word w (wpg words per group, a multiple of 4): word by word */
+static void mlx_count_scalar(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg,
+                             Py_ssize_t ra, Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb, uint64_t counts[2]) {
+    for (Py_ssize_t r = ra; r < rb; r++) {
+        const uint32_t *row = ct + r * kw;
+        uint64_t acc = 0; /* "cpu" in the low 32 bits, "metal" in the high: at most K each */
+        for (Py_ssize_t w = wa; w < wb; w++) {
+            uint32_t m = masks[r * groups + w / wpg];
+            uint64_t mm = (uint64_t)(m & 0xFFFFu) | ((uint64_t)(m >> 16) << 32);
+            uint32_t x = row[w];
+            for (int i = 0; i < 8; i++)
+                acc += (mm >> ((x >> (4 * i)) & 15u)) & 0x0000000100000001ull;
+        }
+        counts[0] += acc & 0xFFFFFFFFull;
+        counts[1] += acc >> 32;
+    }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <tmmintrin.h>
+#define MLX_SSSE3 1
+/* mlx_count_scalar by SSSE3's byte shuffle: each (row, group)'s mask as a 16-byte table (byte c: its "cpu" bit in bit
+ * 0, its "metal" bit in bit 4), looked up for the 32 codes of 4 words at once (4 words lie in one group: groups are
+ * 32, 64 or 128 codes), summed in bytes (at most 7 lookups of 2 codes per byte before a nibble could carry) */
+__attribute__((target("ssse3"))) static void mlx_count_ssse3(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks,
+                                                             Py_ssize_t groups, Py_ssize_t wpg, Py_ssize_t ra,
+                                                             Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb,
+                                                             uint64_t counts[2]) {
+    const __m128i lo = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
+    const __m128i sel = _mm_set_epi8((char)0x80, 64, 32, 16, 8, 4, 2, 1, (char)0x80, 64, 32, 16, 8, 4, 2, 1);
+    const __m128i one = _mm_set1_epi8(1), sixteen = _mm_set1_epi8(16);
+    __m128i cpu = zero, metal = zero;
+    for (Py_ssize_t r = ra; r < rb; r++) {
+        const uint32_t *row = ct + r * kw;
+        const uint32_t *mr = masks + r * groups;
+        __m128i acc = zero, table = zero;
+        int n = 0;
+        for (Py_ssize_t w = wa; w < wb; w += 4) {
+            if (w == wa || w % wpg == 0) {
+                uint32_t m = mr[w / wpg];
+                __m128i c = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 8) & 0xFFu)),
+                                           (long long)(0x0101010101010101ull * (m & 0xFFu)));
+                __m128i t = _mm_set_epi64x((long long)(0x0101010101010101ull * ((m >> 24) & 0xFFu)),
+                                           (long long)(0x0101010101010101ull * ((m >> 16) & 0xFFu)));
+                table = _mm_or_si128(_mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(c, sel), sel), one),
+                                     _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(t, sel), sel), sixteen));
+            }
+            __m128i x = _mm_loadu_si128((const __m128i *)(row + w));
+            __m128i a = _mm_shuffle_epi8(table, _mm_and_si128(x, lo));
+            __m128i b = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(x, 4), lo));
+            acc = _mm_add_epi8(acc, _mm_add_epi8(a, b));
+            if (++n == 7 || w + 4 >= wb) {
+                cpu = _mm_add_epi64(cpu, _mm_sad_epu8(_mm_and_si128(acc, lo), zero));
+                metal = _mm_add_epi64(metal, _mm_sad_epu8(_mm_and_si128(_mm_srli_epi16(acc, 4), lo), zero));
+                acc = zero;
+                n = 0;
+            }
+        }
+    }
+    uint64_t v[2];
+    _mm_storeu_si128((__m128i *)v, cpu);
+    counts[0] += v[0] + v[1];
+    _mm_storeu_si128((__m128i *)v, metal);
+    counts[1] += v[0] + v[1];
+}
+
+#include <immintrin.h>
+/* the 16-byte tables (mlx_count_ssse3's) of masks lo and hi in the two halves: each mask's bytes broadcast by a
+ * shuffle (cpu bits 0-15 to bytes 0-15, metal bits 16-31 likewise), then each byte's own bit tested */
+__attribute__((target("avx2"))) static inline __m256i mlx_tables_avx2(uint32_t lo, uint32_t hi) {
+    const __m256i ic = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1,
+                                        1, 1, 1);
+    const __m256i im = _mm256_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+                                        3, 3, 3);
+    const __m256i sel = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, (char)0x80, 1, 2, 4, 8, 16, 32, 64, (char)0x80, 1, 2, 4, 8,
+                                         16, 32, 64, (char)0x80, 1, 2, 4, 8, 16, 32, 64, (char)0x80);
+    __m256i v = _mm256_set_epi32((int)hi, (int)hi, (int)hi, (int)hi, (int)lo, (int)lo, (int)lo, (int)lo);
+    __m256i c = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, ic), sel), sel);
+    __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, im), sel), sel);
+    return _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi8(1)), _mm256_and_si256(m, _mm256_set1_epi8(16)));
+}
+
+/* mlx_count_ssse3 on 32 bytes at once (AVX2's byte shuffle looks up each 16-byte half in its own table: the halves'
+ * groups, which differ at groups of 32); 1.8x its speed at 4096 x 11008 (2026-12-02) */
+__attribute__((target("avx2"))) static void mlx_count_avx2(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks,
+                                                           Py_ssize_t groups, Py_ssize_t wpg, Py_ssize_t ra,
+                                                           Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb,
+                                                           uint64_t counts[2]) {
+    const __m256i lo = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    __m256i cpu = zero, metal = zero;
+    for (Py_ssize_t r = ra; r < rb; r++) {
+        const uint32_t *row = ct + r * kw;
+        const uint32_t *mr = masks + r * groups;
+        __m256i acc = zero, table = zero;
+        Py_ssize_t g = -1;
+        int n = 0;
+        for (Py_ssize_t w = wa; w < wb; w += 8) {
+            __m256i x;
+            if (w + 8 <= wb) {
+                Py_ssize_t g0 = w / wpg, g1 = (w + 4) / wpg;
+                if (g0 != g || g1 != g0) {
+                    table = mlx_tables_avx2(mr[g0], mr[g1]);
+                    g = g1 == g0 ? g0 : -1;
+                }
+                x = _mm256_loadu_si256((const __m256i *)(row + w));
+            } else { /* the last 4 words: the high half looks up zeros (code 0 of an empty table: nothing counted) */
+                table = mlx_tables_avx2(mr[w / wpg], 0);
+                x = _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)(row + w)));
+            }
+            __m256i a = _mm256_shuffle_epi8(table, _mm256_and_si256(x, lo));
+            __m256i b = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), lo));
+            acc = _mm256_add_epi8(acc, _mm256_add_epi8(a, b));
+            if (++n == 7 || w + 8 >= wb) {
+                cpu = _mm256_add_epi64(cpu, _mm256_sad_epu8(_mm256_and_si256(acc, lo), zero));
+                metal = _mm256_add_epi64(metal, _mm256_sad_epu8(_mm256_and_si256(_mm256_srli_epi16(acc, 4), lo), zero));
+                acc = zero;
+                n = 0;
+            }
+        }
+    }
+    uint64_t v[4];
+    _mm256_storeu_si256((__m256i *)v, cpu);
+    counts[0] += v[0] + v[1] + v[2] + v[3];
+    _mm256_storeu_si256((__m256i *)v, metal);
+    counts[1] += v[0] + v[1] + v[2] + v[3];
+}
+
+/* the fastest count the CPU has: 2 AVX2, 1 SSSE3, 0 word by word */
+static int mlx_simd(void) {
+    static int have = -1;
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx2") ? 2 : __builtin_cpu_supports("ssse3") ? 1 : 0;
+    }
+    return have;
+}
+#else
+#define MLX_SSSE3 0
+static int mlx_simd(void) { return 0; }
+#endif
+
+static void mlx_count(const uint32_t *ct, Py_ssize_t kw, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg,
+                      Py_ssize_t ra, Py_ssize_t rb, Py_ssize_t wa, Py_ssize_t wb, int simd, uint64_t counts[2]) {
+#if MLX_SSSE3
+    if (simd >= 2) {
+        mlx_count_avx2(ct, kw, masks, groups, wpg, ra, rb, wa, wb, counts);
+        return;
+    }
+    if (simd == 1) {
+        mlx_count_ssse3(ct, kw, masks, groups, wpg, ra, rb, wa, wb, counts);
+        return;
+    }
+#endif
+    (void)simd;
+    mlx_count_scalar(ct, kw, masks, groups, wpg, ra, rb, wa, wb, counts);
+}
+
+/* awq_to_ct, and each tile's 8 TILE rows x TILE_G words counted while they are in the cache (the words [g0, g1)
+ * multiples of 4); masks: (8 (c1 - c0), groups), the output rows' */
+static void awq_to_ct_mlx(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1, uint32_t *out,
+                          Py_ssize_t g0, Py_ssize_t g1, const uint32_t *masks, Py_ssize_t groups, Py_ssize_t wpg, int simd,
+                          uint64_t counts[2]) {
+    Py_ssize_t kw = k / 8;
+    for (Py_ssize_t gt = g0; gt < g1; gt += TILE_G) {
+        Py_ssize_t ge = gt + TILE_G < g1 ? gt + TILE_G : g1;
+        for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {
+            Py_ssize_t we = wt + TILE < c1 ? wt + TILE : c1;
+            awq_to_ct(src, k, c, wt, we, out + 8 * (wt - c0) * kw, gt, ge);
+            mlx_count(out, kw, masks, groups, wpg, 8 * (wt - c0), 8 * (we - c0), gt, ge, simd, counts);
+        }
+    }
+}
+
+/* the checks both entry points share: rows of kw words, groups of wpg words, words [g0, g1) */
+static int mlx_args(const char *fn, Py_ssize_t kw, Py_ssize_t groups, Py_ssize_t g0, Py_ssize_t g1) {
+    if (kw <= 0 || kw % 4 || groups <= 0 || kw % groups || (kw / groups) % 4 || g0 < 0 || g1 > kw || g0 > g1 || g0 % 4 ||
+        g1 % 4) {
+        PyErr_Format(PyExc_ValueError, "%s: rows of %zd words, %zd groups, words [%zd, %zd) disagree (groups of a "
+                     "multiple of 4 words, the range whole chunks of 4)", fn, kw, groups, g0, g1);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_awq_to_ct_mlx(PyObject *self, PyObject *args) {
+    Py_buffer src, out, masks;
+    Py_ssize_t k, c, c0, c1, g0, g1, groups;
+    int simd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*nny*ni:awq_to_ct_mlx", &src, &k, &c, &c0, &c1, &out, &g0, &g1, &masks, &groups,
+                          &simd))
+        return NULL;
+    PyObject *res = NULL;
+    if (k <= 0 || k % 8 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1) {
+        PyErr_Format(PyExc_ValueError, "awq_to_ct_mlx: K %zd, C %zd, words [%zd, %zd) disagree", k, c, c0, c1);
+    } else if (mlx_args("awq_to_ct_mlx", k / 8, groups, g0, g1) && need(&src, "src", 4 * k * c) &&
+               need(&out, "out", 4 * 8 * (c1 - c0) * (k / 8)) && need(&masks, "masks", 4 * 8 * (c1 - c0) * groups)) {
+        uint64_t counts[2] = {0, 0};
+        simd = simd < mlx_simd() ? (simd < 0 ? 0 : simd) : mlx_simd();
+        Py_BEGIN_ALLOW_THREADS
+        awq_to_ct_mlx((const uint32_t *)src.buf, k, c, c0, c1, (uint32_t *)out.buf, g0, g1, (const uint32_t *)masks.buf,
+                      groups, k / 8 / groups, simd, counts);
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("KK", (unsigned long long)counts[0], (unsigned long long)counts[1]);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&masks);
+    return res;
+}
+
+static PyObject *py_mlx_count(PyObject *self, PyObject *args) {
+    Py_buffer ct, masks;
+    Py_ssize_t n, kw, groups, r0, r1, g0, g1;
+    int simd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nny*nnnnni:mlx_count", &ct, &n, &kw, &masks, &groups, &r0, &r1, &g0, &g1, &simd))
+        return NULL;
+    PyObject *res = NULL;
+    if (n <= 0 || r0 < 0 || r1 > n || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "mlx_count: %zd rows, rows [%zd, %zd) disagree", n, r0, r1);
+    } else if (mlx_args("mlx_count", kw, groups, g0, g1) && need(&ct, "ct", 4 * n * kw) &&
+               need(&masks, "masks", 4 * n * groups)) {
+        uint64_t counts[2] = {0, 0};
+        simd = simd < mlx_simd() ? (simd < 0 ? 0 : simd) : mlx_simd();
+        Py_BEGIN_ALLOW_THREADS
+        mlx_count((const uint32_t *)ct.buf, kw, (const uint32_t *)masks.buf, groups, kw / groups, r0, r1, g0, g1, simd,
+                  counts);
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("KK", (unsigned long long)counts[0], (unsigned long long)counts[1]);
+    }
+    PyBuffer_Release(&ct);
+    PyBuffer_Release(&masks);
+    return res;
+}
+
+/* masks (N, G) of rows [n0, n1) from a table of masks by (scale's 16 bits, zero-point): out[n][g] = table[bits[g][n] * zn
+ * + z[g][n]], bits and z (G, N) as the source stores them (a gather and a transpose in one pass); returns 0 where a
+ * zero-point is not below zn (nothing read outside the table) */
+static int mlx_masks(const uint16_t *bits, const uint8_t *z, Py_ssize_t groups, Py_ssize_t n, const uint32_t *table,
+                     Py_ssize_t zn, uint32_t *out, Py_ssize_t n0, Py_ssize_t n1) {
+    int ok = 1;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const uint16_t *b = bits + g * n;
+        const uint8_t *zz = z + g * n;
+        for (Py_ssize_t j = n0; j < n1; j++) {
+            Py_ssize_t zj = zz[j];
+            ok &= zj < zn;
+            out[j * groups + g] = table[(Py_ssize_t)b[j] * zn + (zj < zn ? zj : 0)];
+        }
+    }
+    return ok;
+}
+
+static PyObject *py_mlx_masks(PyObject *self, PyObject *args) {
+    Py_buffer bits, z, table, out;
+    Py_ssize_t groups, n, zn, n0, n1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nny*nw*nn:mlx_masks", &bits, &z, &groups, &n, &table, &zn, &out, &n0, &n1))
+        return NULL;
+    PyObject *res = NULL;
+    if (groups <= 0 || n <= 0 || zn <= 0 || n0 < 0 || n1 > n || n0 > n1) {
+        PyErr_Format(PyExc_ValueError, "mlx_masks: %zd groups, %zd columns, %zd zero-points, [%zd, %zd) disagree", groups,
+                     n, zn, n0, n1);
+    } else if (need(&bits, "bits", 2 * groups * n) && need(&z, "z", groups * n) && need(&table, "table", 4 * 65536 * zn) &&
+               need(&out, "out", 4 * n * groups)) {
+        int ok;
+        Py_BEGIN_ALLOW_THREADS
+        ok = mlx_masks((const uint16_t *)bits.buf, (const uint8_t *)z.buf, groups, n, (const uint32_t *)table.buf, zn,
+                       (uint32_t *)out.buf, n0, n1);
+        Py_END_ALLOW_THREADS
+        if (ok)
+            res = Py_NewRef(Py_None);
+        else
+            PyErr_Format(PyExc_ValueError, "mlx_masks: a zero-point of %zd or more", zn);
+    }
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 /* The same values without the table where the CPU has AVX2 and F16C (x86-64 since 2013-2015), 8 columns a word at a
  * time: (q - z) exactly in float32 (|q - z| <= 15), times the scale (float16 scales widened exactly), rounded once
  * to the output by the hardware's round-to-nearest-even, as NumPy rounds float32 to float16 in the core. A float16
@@ -555,6 +845,90 @@ static PyObject *py_awq_dequant_direct(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* MLX's scales and biases from float16 scales s and zero-points z, both (G, N) as the source stores them: scales_out,
+ * biases_out (N, G), transposed, as float16 bits (f32 == 0) or float32 (f32 == 1); biases -(s * z) computed in float32
+ * and rounded once (RNE, F16C's conversion), scales converted exactly; columns [n0, n1). Exact against NumPy's
+ * astype for every scale but NaNs, which py_mlx_scales_biases leaves to NumPy (F16C quiets a signalling NaN). */
+#if MLX_SSSE3
+__attribute__((target("avx,f16c"))) static void mlx_scales_biases(const uint16_t *s, const int16_t *z, Py_ssize_t groups,
+                                                                  Py_ssize_t n, int f32, void *scales_out,
+                                                                  void *biases_out, Py_ssize_t n0, Py_ssize_t n1) {
+    float sv[8], bv[8];
+    uint16_t bh[8];
+    /* 8 columns at a time over every group: the output's 8 rows of G are written whole while in the cache (group by
+     * group over all columns, each store was to another line: 1.3 ms a 32 x 11008 module against 2.3 for NumPy) */
+    for (Py_ssize_t j = n0; j < n1; j += 8) {
+        int m = (int)(n1 - j < 8 ? n1 - j : 8);
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            uint16_t sh[8] = {0};
+            float zf[8] = {0};
+            memcpy(sh, s + g * n + j, 2 * (size_t)m);
+            const int16_t *zg = z + g * n + j;
+            for (int i = 0; i < m; i++)
+                zf[i] = (float)zg[i];
+            __m256 sf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sh));
+            /* -(s * z) as NumPy's negative: the sign bit flipped (0 - x would give +0 for x = +0) */
+            __m256 b = _mm256_xor_ps(_mm256_mul_ps(sf, _mm256_loadu_ps(zf)), _mm256_set1_ps(-0.0f));
+            if (f32) {
+                _mm256_storeu_ps(sv, sf);
+                _mm256_storeu_ps(bv, b);
+                for (int i = 0; i < m; i++) {
+                    ((float *)scales_out)[(j + i) * groups + g] = sv[i];
+                    ((float *)biases_out)[(j + i) * groups + g] = bv[i];
+                }
+            } else {
+                _mm_storeu_si128((__m128i *)bh, _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                for (int i = 0; i < m; i++) {
+                    ((uint16_t *)scales_out)[(j + i) * groups + g] = sh[i];
+                    ((uint16_t *)biases_out)[(j + i) * groups + g] = bh[i];
+                }
+            }
+        }
+    }
+}
+
+static int mlx_f16c(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+}
+#else
+static int mlx_f16c(void) { return 0; }
+#endif
+
+static PyObject *py_mlx_scales_biases(PyObject *self, PyObject *args) {
+    Py_buffer s, z, so, bo;
+    Py_ssize_t groups, n, n0, n1;
+    int f32;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nniw*w*nn:mlx_scales_biases", &s, &z, &groups, &n, &f32, &so, &bo, &n0, &n1))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t size = f32 ? 4 : 2;
+    int nan = 0;
+    if (s.len >= 2 * groups * n && groups > 0 && n > 0) /* a NaN scale (exponent all ones, a fraction): NumPy's */
+        for (Py_ssize_t i = 0; i < groups * n; i++)
+            nan |= (((const uint16_t *)s.buf)[i] & 0x7FFFu) > 0x7C00u;
+    if (!mlx_f16c() || nan) {
+        res = Py_NewRef(Py_False); /* no F16C, or a NaN: the caller computes them in NumPy */
+    } else if (groups <= 0 || n <= 0 || n0 < 0 || n1 > n || n0 > n1 || (f32 != 0 && f32 != 1)) {
+        PyErr_Format(PyExc_ValueError, "mlx_scales_biases: %zd groups, %zd columns, [%zd, %zd), f32 %d disagree", groups, n,
+                     n0, n1, f32);
+    } else if (need(&s, "s", 2 * groups * n) && need(&z, "z", 2 * groups * n) && need(&so, "scales_out", size * groups * n) &&
+               need(&bo, "biases_out", size * groups * n)) {
+#if MLX_SSSE3
+        Py_BEGIN_ALLOW_THREADS
+        mlx_scales_biases((const uint16_t *)s.buf, (const int16_t *)z.buf, groups, n, f32, so.buf, bo.buf, n0, n1);
+        Py_END_ALLOW_THREADS
+#endif
+        res = Py_NewRef(Py_True);
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&so);
+    PyBuffer_Release(&bo);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"awq_to_ct", py_awq_to_ct, METH_VARARGS,
      "awq_to_ct(src, K, C, c0, c1, out, g0, g1): AWQ words (K, C) -> weight_packed rows of word columns [c0, c1), "
@@ -583,6 +957,22 @@ static PyMethodDef methods[] = {
      "awq_dequant_direct(src, off, stride, K, C, zeros, scales, G, gs, kind, out, r0, r1): as awq_dequant without a "
      "table: zeros (G, 8 C) uint8, scales (G, 8 C) float16 (kind 0: out float16, 2: out float32) or float32 (kind 1); "
      "rows [r0, r1); little-endian buffers; releases the GIL."},
+    {"awq_to_ct_mlx", py_awq_to_ct_mlx, METH_VARARGS,
+     "awq_to_ct_mlx(src, K, C, c0, c1, out, g0, g1, masks, G, simd) -> (cpu, metal): awq_to_ct, and the written words "
+     "[g0, g1) (multiples of 4) of its rows counted against masks (8 (c1 - c0), G) uint32 (bit c: code c differs in "
+     "MLX's cpu arithmetic, bit 16 + c: in metal); simd: the most to use of 2 AVX2, 1 SSSE3, 0 word by word (what "
+     "the CPU has, at most); releases the GIL."},
+    {"mlx_count", py_mlx_count, METH_VARARGS,
+     "mlx_count(ct, N, KW, masks, G, r0, r1, g0, g1, simd) -> (cpu, metal): the codes of rows [r0, r1), words [g0, "
+     "g1) of 4-bit weight_packed words (N, KW) whose bits are set in masks (N, G) uint32 (as awq_to_ct_mlx; simd "
+     "too); releases the GIL."},
+    {"mlx_masks", py_mlx_masks, METH_VARARGS,
+     "mlx_masks(bits, z, G, N, table, ZN, out, n0, n1): out (N, G) uint32 rows [n0, n1) = table[bits * ZN + z] of "
+     "bits (G, N) uint16 and z (G, N) uint8 (every z below ZN, else ValueError); releases the GIL."},
+    {"mlx_scales_biases", py_mlx_scales_biases, METH_VARARGS,
+     "mlx_scales_biases(s, z, G, N, f32, scales_out, biases_out, n0, n1) -> bool: MLX's scales and biases (N, G) "
+     "(float16 bits, or float32 with f32) of float16 scale bits s and int16 zero-points z (G, N), columns [n0, n1); "
+     "False (nothing written) where the CPU has no F16C or a scale is NaN (NumPy's then); releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1077,3 +1077,80 @@ def _native(a: Any) -> Any:
 
 
 BACKEND = NumpyBackend(xp)
+
+
+# ------------------------------------------------------------------ MLX's differing-weight counts (C kernels)
+def _chunk_bounds(words: int, n: int) -> list[int]:
+    """n shares of ``words`` (a multiple of 4) whose bounds are multiples of 4: the C count reads 4 words at a time."""
+    return [words // 4 * i // n * 4 for i in range(n + 1)]
+
+
+def weight_to_ct_piece_mlx(qweight: np.ndarray, c0: int, c1: int, out: np.ndarray,
+                           masks: np.ndarray) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """:func:`weight_to_ct_piece` of a 2-D AWQ qweight by the C kernel, each tile of the written rows then counted while
+    in the cache: the weights whose code's bit is set in its (row, group)'s mask (``masks`` (8 (c1 - c0), G) uint32:
+    bit c for MLX's "cpu" arithmetic, bit 16 + c for "metal"); (rows, (cpu, metal)), or None without the C kernels
+    (the caller counts otherwise). The same rows as :func:`weight_to_ct_piece`."""
+    ck = c_kernels()
+    if ck is None:
+        return None
+    src = _words(qweight)
+    k, c = src.shape
+    kw, rows = k // 8, 8 * (c1 - c0)
+    if masks.dtype != np.uint32 or masks.ndim != 2 or masks.shape[0] != rows:
+        raise ValueError(f"masks: expected uint32 ({rows}, G), got {masks.dtype} {masks.shape}")
+    masks = np.ascontiguousarray(masks)
+    res = out.view(_U).reshape(rows, kw)
+    n = max(1, min(threads(), kw // 4, kw * 4 * rows // (1 << 20)))  # a thread per MiB, as _split
+    bounds = _chunk_bounds(kw, n)
+
+    def work(i: int) -> tuple[int, int]:
+        return ck.awq_to_ct_mlx(src, k, c, c0, c1, res, bounds[i], bounds[i + 1], masks, masks.shape[1], 2)
+
+    parts = [work(0)] if n == 1 else list(_executor().map(work, range(n)))
+    return res.view(np.int32), (sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+
+def mlx_counts(ct: np.ndarray, masks: np.ndarray, simd: int = 2) -> tuple[int, int] | None:
+    """The 4-bit codes of weight_packed-layout words ``ct`` (N, K/8) whose bit is set in their (row, group)'s mask
+    (``masks`` (N, G) uint32, as :func:`weight_to_ct_piece_mlx`): ("cpu", "metal") counts by the C kernel, or None
+    without it. ``simd``: the most to use of 2 (AVX2), 1 (SSSE3), 0 (word by word), as far as the CPU has them; every
+    level counts alike (tests/test_mlx_fast.py)."""
+    ck = c_kernels()
+    if ck is None:
+        return None
+    words = _words(ct)
+    if words.ndim != 2 or masks.dtype != np.uint32 or masks.shape[:1] != words.shape[:1]:
+        raise ValueError(f"masks: expected uint32 ({words.shape[0]}, G), got {masks.dtype} {masks.shape}")
+    n, kw = words.shape
+    masks = np.ascontiguousarray(masks)
+    shares = max(1, min(threads(), kw // 4, n * kw * 4 // (1 << 20)))
+    bounds = _chunk_bounds(kw, shares)
+
+    def work(i: int) -> tuple[int, int]:
+        return ck.mlx_count(words, n, kw, masks, masks.shape[1], 0, n, bounds[i], bounds[i + 1], simd)
+
+    parts = [work(0)] if shares == 1 else list(_executor().map(work, range(shares)))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def mlx_scales_biases(s: np.ndarray, z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """MLX's scales and biases (N, G) in ``dtype`` (float16 or float32) of float16 scales ``s`` and zero-points ``z``
+    (G, N) by the C kernel, transposed in the same pass: the bytes of ``packq.checkpoint.formats.mlx.MLX.scales_biases``
+    (biases -(s * z) in float32, rounded once). None where it does not apply (no C kernels or no F16C, another dtype,
+    zero-points wider than 16 bits,
+    a NaN scale, which the kernel finds): the caller's NumPy path then, whose bytes these are."""
+    ck = c_kernels()
+    if (ck is None or dtype not in ("float16", "float32") or s.dtype != np.float16 or s.ndim != 2 or z.shape != s.shape
+            or 0 in s.shape or z.dtype.kind not in "iu" or z.dtype.itemsize > 2):
+        return None
+    groups, n = s.shape
+    out = np.float16 if dtype == "float16" else np.float32
+    scales, biases = np.empty((n, groups), out), np.empty((n, groups), out)
+    if z.dtype != np.int16 and (z.dtype.itemsize < 2 or int(z.max(initial=0)) < 1 << 15):
+        z = z.astype(np.int16)  # (uint16 zero-points of 2**15 or more stay NumPy's)
+    if z.dtype != np.int16:
+        return None
+    done = ck.mlx_scales_biases(np.ascontiguousarray(s).view(np.uint16), np.ascontiguousarray(z), groups, n,
+                                int(dtype == "float32"), scales, biases, 0, n)
+    return (scales, biases) if done else None

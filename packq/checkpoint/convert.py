@@ -229,6 +229,7 @@ def _convert(src: Any, dst: Any, *, to: str, checkpoint_format: str | None, back
         try:
             with Destination(dst, force, single_file=container.single_file) as out, deferred_kernels(large, dequant):
                 container.write(job, plan, out.tmp, bar)
+                output.after_write(job)  # (MLX: the counts made while writing, completed)
                 job.overflow.check(where, to, allow_overflow)  # a float target of infinities is no conversion
                 bar.close()
                 verified: bool | None = None

@@ -100,6 +100,10 @@ class CheckpointFormat:
         """Decide, before anything is written, what only this target decides (into ``job.state``); raise
         CheckpointError to refuse. Most targets decide nothing here."""
 
+    def after_write(self, job: Job) -> None:
+        """Once every output tensor is written, before verification and before DST is put in place: finish what the
+        writing pass worked out (MLX: the counts it made from the words it converted). Most targets have nothing."""
+
     def summary(self, job: Job) -> dict[str, Any]:
         """What this target adds to the conversion's summary."""
         return {}

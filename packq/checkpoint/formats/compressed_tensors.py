@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -231,11 +232,13 @@ class CompressedTensors(CheckpointFormat):
 FORMAT = CompressedTensors()
 
 
-def awq_weight_pieces(job: Job, f: Reader, m: Module) -> list[Piece] | None:
+def awq_weight_pieces(job: Job, f: Reader, m: Module,
+                      make: Callable[[np.ndarray, int, int, np.ndarray], np.ndarray] | None = None) -> list[Piece] | None:
     """GPTQ's words transposed (compressed-tensors' weight_packed, MLX's weight: the same bytes) from a 2-D AWQ
     qweight on the NumPy backend, in pieces of whole rows (a block of AWQ's word columns each): the qweight is read
     once, on the first piece, into a reused buffer, and each piece converts into one while the one before it is
-    written; None where that path does not apply (the caller makes the tensor whole)."""
+    written; None where that path does not apply (the caller makes the tensor whole). ``make(qweight, c0, c1, out)``
+    converts a piece (default :func:`packq.backends.numpy.weight_to_ct_piece`; MLX's also counts its words)."""
     if job.ckpt.format.method != "awq" or m.lead or job.convert.be.name != "numpy":
         return None
     from packq.backends.numpy import weight_to_ct_piece
@@ -253,7 +256,7 @@ def awq_weight_pieces(job: Job, f: Reader, m: Module) -> list[Piece] | None:
         c0, c1 = blocks[i]
         if not held:
             held.append(f.array(m.names["qweight"], job.buffers))
-        out = weight_to_ct_piece(held[0], c0, c1, job.buffers.take(32 * (c1 - c0) * groups))
+        out = (make or weight_to_ct_piece)(held[0], c0, c1, job.buffers.take(32 * (c1 - c0) * groups))
         if i == len(blocks) - 1:
             job.buffers.give(held.pop())
         return out
