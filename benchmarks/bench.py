@@ -214,9 +214,13 @@ def cpu(quick: bool) -> list[dict]:
         repeat = 5 if quick else 15
 
         def routes(r: str) -> None:  # the NumPy backend's kernels, fastest first: C, then numba, then the ufuncs
-            numpy_backend.numba_kernels.cache_clear()
             os.environ["PACKQ_CEXT"] = "1" if r == "C" else "0"
             os.environ["PACKQ_NUMBA"] = "1" if r == "numba" else "0"
+            numpy_backend.c_kernels.cache_clear()  # both are read once a process (functools.cache)
+            numpy_backend.numba_kernels.cache_clear()
+            # the row is named for the route it times: a cached choice once timed the C kernels in all three rows
+            assert (numpy_backend.c_kernels() is not None) == (r == "C"), r
+            assert (numpy_backend.numba_kernels() is not None) == (r == "numba"), r
 
         def numpy_path(r: str) -> tuple[float, float]:
             routes(r)
@@ -239,6 +243,7 @@ def cpu(quick: bool) -> list[dict]:
         }
         os.environ.pop("PACKQ_CEXT")
         os.environ.pop("PACKQ_NUMBA")
+        numpy_backend.c_kernels.cache_clear()
         numpy_backend.numba_kernels.cache_clear()
         report(rows, label, k, n, mb, {i: v[0] for i, v in m.items()}, "copy (numpy)", f"threads={numpy_backend.threads()}",
                {i: v[1] for i, v in m.items()})
@@ -467,9 +472,13 @@ def plot(rows: list[dict], path: Path, title: str, xlabel: str = "packed weight 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4.6))
+    # a colour for every row (the default cycle's 10 repeat beyond 10 rows), the copies (the floors) dashed
+    colours = iter(plt.get_cmap("tab20").colors)
     for impl in dict.fromkeys(r["impl"] for r in rows):
         pts = sorted((float(r["MB"]), float(r["GB_s"])) for r in rows if r["impl"] == impl)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        colour = "black" if impl.startswith("seed") else next(colours)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=colour,
+                linestyle="--" if impl.startswith("copy") else "-")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
