@@ -382,21 +382,37 @@ def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -
     diffs = (np.arange(levels)[None, :] - np.arange(levels)[:, None]).astype(np.float32)  # row z: q - z for every q
     with np.errstate(over="ignore", invalid="ignore"):
         w = np.take(diffs, np.asarray(z, np.intp), axis=0) * scales.astype(np.float32)[..., None]
-    present = hist > 0
+    # in place, in one buffer: every fresh array of (G, N, levels) costs page faults as large as its work
+    absent = hist <= 0
+    bits = w.view(np.uint32)
+    buf = np.empty_like(bits)
+    got = buf.view(np.float32)
+    changed = np.empty(bits.shape, bool)
     counts: dict[str, int] = {}
     errors: dict[str, float] = {}
-    for t in ("F16", "BF16"):
-        bits = w.view(np.uint32)
-        if t == "BF16":
-            changed = (bits & np.uint32(0xFFFF)) != 0
+    for t in ("BF16", "F16"):
+        if t == "BF16":  # ggml's fp32_to_bf16 (uint32 arithmetic; NaNs' weights are NaN whatever it gives them),
+            np.not_equal(np.bitwise_and(bits, np.uint32(0xFFFF), out=buf), 0, out=changed)  # widened back
+            np.right_shift(bits, np.uint32(16), out=buf)
+            buf &= np.uint32(1)
+            buf += np.uint32(0x7FFF)
+            buf += bits
+            buf &= np.uint32(0xFFFF0000)
         else:
             with np.errstate(over="ignore"):
-                changed = w.astype(np.float16).astype(np.float32).view(np.uint32) != bits
-        counts[t] = int((hist * changed).sum())
-        got = dequantize(encode_floats(w, t), t, w.shape)
+                np.copyto(got, w.astype(np.float16))
+            np.not_equal(buf, bits, out=changed)
+        counts[t] = int(np.sum(hist, where=changed))
+        # |got - w| in float32 is exact: a rounding to the nearest value lies within a factor of 2 of w, or is 0,
+        # or overflows to an infinity (Sterbenz), so float64 (which this once was) gives the same values. NaNs
+        # (NaN scales, inf - inf) are passed over; codes no weight has count for nothing (-1, below every error)
         with np.errstate(invalid="ignore"):
-            diff = np.abs(got.astype(np.float64) - w.astype(np.float64))[present]
-        errors[t] = float(np.nanmax(diff)) if diff.size and not np.isnan(diff).all() else 0.0
+            np.subtract(got, w, out=got)
+        np.abs(got, out=got)
+        got[absent] = -1
+        worst = float(np.fmax.reduce(got, axis=None))  # NaN only where every entry is
+        errors[t] = worst if worst > 0 else 0.0
+    counts, errors = ({t: d[t] for t in ("F16", "BF16")} for d in (counts, errors))
     return counts, errors
 
 
