@@ -412,8 +412,8 @@ def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -
         got[absent] = -1
         worst = float(np.fmax.reduce(got, axis=None))  # NaN only where every entry is
         errors[t] = worst if worst > 0 else 0.0
-    counts, errors = ({t: d[t] for t in ("F16", "BF16")} for d in (counts, errors))
-    return counts, errors
+    order = ("F16", "BF16")  # the census's order
+    return {t: counts[t] for t in order}, {t: errors[t] for t in order}
 
 
 def census_of_bounds(qmin: np.ndarray, qmax: np.ndarray, z: np.ndarray, scales: np.ndarray) -> Census:
