@@ -453,3 +453,26 @@ def test_sizes_whose_byte_counts_overflow_are_refused():
     if ck.mlx_scales_biases(np.ones(1, np.uint16), np.zeros(1, np.int16), 1, 1, 0, u16, u16, 0, 1):
         with pytest.raises(ValueError, match=big):
             ck.mlx_scales_biases(u16[:4], np.zeros(4, np.int16), 2**61 + 1, 2, 0, u16, u16, 0, 0)
+
+
+@given(shape=st.sampled_from(DEQUANT_SHAPES), seed=st.integers(0, 2**30), dtypes=st.sampled_from(DEQUANT_DTYPES[:3]),
+       swap=st.sampled_from(["scales", "output", "both"]), direct=st.booleans())
+def test_awq_dequant_rows_of_other_byte_orders_equal_plain_core(shape, seed, dtypes, swap, direct):
+    """Scales or an output dtype of the other byte order (the direct kernel's dtypes: float16, float32): the plain
+    core's values, each in the output's own byte order (the kernels write native bits, so those go through the
+    table, whose entries are already the output's bytes)."""
+    _ck()
+    scale_dtype, out = dtypes
+    qw, qz, s = _dequant_case(shape, seed, scale_dtype)
+    want = _dequant_want(qw, qz, s, out)
+    out_dt = want.dtype
+    if swap in ("scales", "both"):
+        s = s.astype(s.dtype.newbyteorder())
+    if swap in ("output", "both"):
+        out_dt = out_dt.newbyteorder()
+    z = numpy_backend.unpack_awq_u8(qz)
+    with np.errstate(all="ignore"):
+        got = numpy_backend.dequantize_awq_rows(qw, z, s, None if out is None and swap == "scales" else out_dt,
+                                                direct=direct)
+    assert got is not None and got.shape == want.shape
+    assert got.astype(want.dtype).tobytes() == want.tobytes()
