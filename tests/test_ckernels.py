@@ -420,3 +420,59 @@ def test_awq_dequant_bad_buffers_and_arguments_named():
         numpy_backend.dequantize_awq_rows(qw, z[:, :8], s.view(np.float16))
     with pytest.raises(ValueError, match=r"out must be C-contiguous float16 \(32, 16\), got float16 \(16, 32\)"):
         numpy_backend.dequantize_awq_rows(qw, z, s.view(np.float16), out=np.zeros((16, 32), np.float16))
+
+
+def test_sizes_whose_byte_counts_overflow_are_refused():
+    """Sizes whose products of bytes wrap past 2**63 (to 0, or to a few bytes) are refused as too large for any
+    buffer, not checked against the wrapped count (each of these calls read or wrote outside its buffers)."""
+    ck = _ck()
+    big = r"needs more bytes than a buffer holds"
+    u16, u32 = np.zeros(64, np.uint16), np.zeros(64, np.uint32)
+    with pytest.raises(ValueError, match=big):  # 4 K C = 2**68, 32 (c1 - c0) K/8 = 2**64
+        ck.awq_to_ct(b"", 2**40, 2**26, 0, 2**22, bytearray(), 0, 1)
+    with pytest.raises(ValueError, match=big):
+        ck.awq_to_gptq(b"", 2**40, 2**26, bytearray(), 0, 1)
+    with pytest.raises(ValueError, match=big):  # 4 n and 8 n: 2**64, 2**65
+        ck.awq_unpack_u8(b"", 2**62, bytearray(), 0, 1)
+    with pytest.raises(ValueError, match=big):  # every count a multiple of 2**64
+        ck.ct_to_gguf(b"", 2**40, 2**26, b"", b"", 2**24, 2**40, b"", 0, bytearray(), 0, 1)
+    with pytest.raises(ValueError, match=big):
+        ck.awq_to_gguf(b"", 2**40, 2**26, 0, 2**26, b"", b"", b"", 32, 1, bytearray())
+    with pytest.raises(ValueError, match=big):  # rows 2**61 + 1 words apart: 4 (2 stride + 1) = 2**64 + 12
+        ck.awq_dequant(u32, 0, 2**61 + 1, 3, 1, u16, 1, 3, 2, u16, 0, 3)
+    if ck.has_direct():
+        with pytest.raises(ValueError, match=big):
+            ck.awq_dequant_direct(u32, 0, 2**61 + 1, 3, 1, np.zeros(8, np.uint8), u16, 1, 3, 0, u16, 0, 3)
+    with pytest.raises(ValueError, match=big):
+        ck.awq_to_ct_mlx(b"", 2**40, 2**27, 0, 2**27, bytearray(), 0, 4, b"", 2**32, 2)
+    with pytest.raises(ValueError, match=big):
+        ck.mlx_count(b"", 2**40, 2**24, b"", 2**22, 0, 1, 0, 4, 2)
+    with pytest.raises(ValueError, match=big):  # 4 * 65536 zn = 2**64: the table indexed by bits * zn
+        ck.mlx_masks(np.ones(1, np.uint16), np.zeros(1, np.uint8), 1, 1, b"", 2**46, u32, 0, 1)
+    # 2 G N = 2**63 + 4 (negative): the NaN scan read G N = 2**62 + 2 scales of a buffer of 4
+    if ck.mlx_scales_biases(np.ones(1, np.uint16), np.zeros(1, np.int16), 1, 1, 0, u16, u16, 0, 1):
+        with pytest.raises(ValueError, match=big):
+            ck.mlx_scales_biases(u16[:4], np.zeros(4, np.int16), 2**61 + 1, 2, 0, u16, u16, 0, 0)
+
+
+@given(shape=st.sampled_from(DEQUANT_SHAPES), seed=st.integers(0, 2**30), dtypes=st.sampled_from(DEQUANT_DTYPES[:3]),
+       swap=st.sampled_from(["scales", "output", "both"]), direct=st.booleans())
+def test_awq_dequant_rows_of_other_byte_orders_equal_plain_core(shape, seed, dtypes, swap, direct):
+    """Scales or an output dtype of the other byte order (the direct kernel's dtypes: float16, float32): the plain
+    core's values, each in the output's own byte order (the kernels write native bits, so those go through the
+    table, whose entries are already the output's bytes)."""
+    _ck()
+    scale_dtype, out = dtypes
+    qw, qz, s = _dequant_case(shape, seed, scale_dtype)
+    want = _dequant_want(qw, qz, s, out)
+    out_dt = want.dtype
+    if swap in ("scales", "both"):
+        s = s.astype(s.dtype.newbyteorder())
+    if swap in ("output", "both"):
+        out_dt = out_dt.newbyteorder()
+    z = numpy_backend.unpack_awq_u8(qz)
+    with np.errstate(all="ignore"):
+        got = numpy_backend.dequantize_awq_rows(qw, z, s, None if out is None and swap == "scales" else out_dt,
+                                                direct=direct)
+    assert got is not None and got.shape == want.shape
+    assert got.astype(want.dtype).tobytes() == want.tobytes()

@@ -250,9 +250,22 @@ static void awq_unpack_u8(const uint32_t *src, uint64_t *out, Py_ssize_t i0, Py_
     }
 }
 
-/* a contiguous buffer of at least `need` bytes, or an error naming it */
+/* a * b and a + b of sizes: -1 where either is negative or the result would pass PY_SSIZE_T_MAX (no buffer is that
+ * large: need() refuses it), so that a size computed from the arguments never wraps to a small count */
+static Py_ssize_t mul(Py_ssize_t a, Py_ssize_t b) {
+    return a < 0 || b < 0 || (a > 0 && b > PY_SSIZE_T_MAX / a) ? -1 : a * b;
+}
+static Py_ssize_t add(Py_ssize_t a, Py_ssize_t b) { return a < 0 || b < 0 || a > PY_SSIZE_T_MAX - b ? -1 : a + b; }
+#define MUL3(a, b, c) mul(mul(a, b), c)
+#define MUL4(a, b, c, d) mul(mul(mul(a, b), c), d)
+
+/* a contiguous buffer of at least `need` bytes (-1: more than any buffer holds), or an error naming it */
 static int need(Py_buffer *b, const char *name, Py_ssize_t bytes) {
-    if (bytes < 0 || b->len < bytes) {
+    if (bytes < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, needs more bytes than a buffer holds", name, b->len);
+        return 0;
+    }
+    if (b->len < bytes) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, needs %zd", name, b->len, bytes);
         return 0;
     }
@@ -269,7 +282,7 @@ static PyObject *py_awq_to_ct(PyObject *self, PyObject *args) {
     if (k <= 0 || k % 8 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1 || g0 < 0 || g1 > k / 8 || g0 > g1) {
         PyErr_Format(PyExc_ValueError, "awq_to_ct: K %zd, C %zd, words [%zd, %zd), groups [%zd, %zd) disagree", k, c, c0,
                      c1, g0, g1);
-    } else if (need(&src, "src", 4 * k * c) && need(&out, "out", 4 * 8 * (c1 - c0) * (k / 8))) {
+    } else if (need(&src, "src", MUL3(4, k, c)) && need(&out, "out", MUL3(4 * 8, c1 - c0, k / 8))) {
         Py_BEGIN_ALLOW_THREADS
         awq_to_ct((const uint32_t *)src.buf, k, c, c0, c1, (uint32_t *)out.buf, g0, g1);
         Py_END_ALLOW_THREADS
@@ -289,7 +302,7 @@ static PyObject *py_awq_to_gptq(PyObject *self, PyObject *args) {
     PyObject *res = NULL;
     if (k <= 0 || k % 8 || c <= 0 || g0 < 0 || g1 > k / 8 || g0 > g1) {
         PyErr_Format(PyExc_ValueError, "awq_to_gptq: K %zd, C %zd, groups [%zd, %zd) disagree", k, c, g0, g1);
-    } else if (need(&src, "src", 4 * k * c) && need(&out, "out", 4 * k * c)) {
+    } else if (need(&src, "src", MUL3(4, k, c)) && need(&out, "out", MUL3(4, k, c))) {
         uint32_t *tmp = PyMem_RawMalloc(4 * (size_t)(8 * c));
         if (tmp == NULL) {
             PyErr_NoMemory();
@@ -315,7 +328,7 @@ static PyObject *py_awq_unpack_u8(PyObject *self, PyObject *args) {
     PyObject *res = NULL;
     if (n < 0 || i0 < 0 || i1 > n || i0 > i1) {
         PyErr_Format(PyExc_ValueError, "awq_unpack_u8: %zd words, [%zd, %zd) disagree", n, i0, i1);
-    } else if (need(&src, "src", 4 * n) && need(&out, "out", 8 * n)) {
+    } else if (need(&src, "src", mul(4, n)) && need(&out, "out", mul(8, n))) {
         Py_BEGIN_ALLOW_THREADS
         awq_unpack_u8((const uint32_t *)src.buf, (uint64_t *)out.buf, i0, i1);
         Py_END_ALLOW_THREADS
@@ -341,8 +354,9 @@ static PyObject *py_ct_to_gguf(PyObject *self, PyObject *args) {
         r1 > n || r0 > r1 || (!permuted && m != n)) {
         PyErr_Format(PyExc_ValueError, "ct_to_gguf: rows %zd of %zd words, %zd out, %zd groups, kind %d, [%zd, %zd) "
                      "disagree", m, kw, n, groups, kind, r0, r1);
-    } else if (need(&ct, "ct", 4 * m * kw) && (!permuted || need(&rows, "rows", 8 * n)) &&
-               need(&z, "z", n * groups) && need(&d, "d", 2 * n * nb) && need(&out, "out", n * nb * BLOCK_BYTES[kind])) {
+    } else if (need(&ct, "ct", MUL3(4, m, kw)) && (!permuted || need(&rows, "rows", mul(8, n))) &&
+               need(&z, "z", mul(n, groups)) && need(&d, "d", MUL3(2, n, nb)) &&
+               need(&out, "out", MUL3(n, nb, BLOCK_BYTES[kind]))) {
         const int64_t *rp = permuted ? (const int64_t *)rows.buf : NULL;
         int bad = 0;
         for (Py_ssize_t r = r0; permuted && r < r1; r++)
@@ -380,9 +394,9 @@ static PyObject *py_awq_to_gguf(PyObject *self, PyObject *args) {
         k % per) {
         PyErr_Format(PyExc_ValueError, "awq_to_gguf: K %zd, C %zd, words [%zd, %zd), %zd rows a group, kind %d "
                      "disagree", k, c, c0, c1, per, kind);
-    } else if (need(&src, "src", 4 * k * c) && (!permuted || need(&rowof, "rowof", 8 * m)) &&
-               need(&z, "z", groups * m) && need(&sc, "s", 2 * groups * m) &&
-               need(&out, "out", m * (k / 32) * BLOCK_BYTES[kind])) {
+    } else if (need(&src, "src", MUL3(4, k, c)) && (!permuted || need(&rowof, "rowof", mul(8, m))) &&
+               need(&z, "z", mul(groups, m)) && need(&sc, "s", MUL3(2, groups, m)) &&
+               need(&out, "out", MUL3(m, k / 32, BLOCK_BYTES[kind]))) {
         const int64_t *rp = permuted ? (const int64_t *)rowof.buf : NULL;
         int bad = 0;
         for (Py_ssize_t r = 0; permuted && r < m; r++)
@@ -448,8 +462,8 @@ static PyObject *py_awq_dequant(PyObject *self, PyObject *args) {
         r0 < 0 || r1 > k || r0 > r1) {
         PyErr_Format(PyExc_ValueError, "awq_dequant: K %zd, C %zd, offset %zd, stride %zd, %zd groups of %zd, size %d, "
                      "rows [%zd, %zd) disagree", k, c, off, stride, groups, gs, size, r0, r1);
-    } else if (need(&src, "src", 4 * (off + (k - 1) * stride + c)) && need(&table, "table", size * groups * 8 * c * 16) &&
-               need(&out, "out", size * k * 8 * c)) {
+    } else if (need(&src, "src", mul(4, add(add(off, mul(k - 1, stride)), c))) &&
+               need(&table, "table", MUL4(size, groups, 8 * 16, c)) && need(&out, "out", MUL4(size, k, 8, c))) {
         const uint32_t *w = (const uint32_t *)src.buf + off;
         Py_BEGIN_ALLOW_THREADS
         if (size == 2)
@@ -667,8 +681,8 @@ static PyObject *py_awq_to_ct_mlx(PyObject *self, PyObject *args) {
     PyObject *res = NULL;
     if (k <= 0 || k % 8 || c <= 0 || c0 < 0 || c1 > c || c0 >= c1) {
         PyErr_Format(PyExc_ValueError, "awq_to_ct_mlx: K %zd, C %zd, words [%zd, %zd) disagree", k, c, c0, c1);
-    } else if (mlx_args("awq_to_ct_mlx", k / 8, groups, g0, g1) && need(&src, "src", 4 * k * c) &&
-               need(&out, "out", 4 * 8 * (c1 - c0) * (k / 8)) && need(&masks, "masks", 4 * 8 * (c1 - c0) * groups)) {
+    } else if (mlx_args("awq_to_ct_mlx", k / 8, groups, g0, g1) && need(&src, "src", MUL3(4, k, c)) &&
+               need(&out, "out", MUL3(4 * 8, c1 - c0, k / 8)) && need(&masks, "masks", MUL3(4 * 8, c1 - c0, groups))) {
         uint64_t counts[2] = {0, 0};
         simd = simd < mlx_simd() ? (simd < 0 ? 0 : simd) : mlx_simd();
         Py_BEGIN_ALLOW_THREADS
@@ -693,8 +707,8 @@ static PyObject *py_mlx_count(PyObject *self, PyObject *args) {
     PyObject *res = NULL;
     if (n <= 0 || r0 < 0 || r1 > n || r0 > r1) {
         PyErr_Format(PyExc_ValueError, "mlx_count: %zd rows, rows [%zd, %zd) disagree", n, r0, r1);
-    } else if (mlx_args("mlx_count", kw, groups, g0, g1) && need(&ct, "ct", 4 * n * kw) &&
-               need(&masks, "masks", 4 * n * groups)) {
+    } else if (mlx_args("mlx_count", kw, groups, g0, g1) && need(&ct, "ct", MUL3(4, n, kw)) &&
+               need(&masks, "masks", MUL3(4, n, groups))) {
         uint64_t counts[2] = {0, 0};
         simd = simd < mlx_simd() ? (simd < 0 ? 0 : simd) : mlx_simd();
         Py_BEGIN_ALLOW_THREADS
@@ -736,8 +750,8 @@ static PyObject *py_mlx_masks(PyObject *self, PyObject *args) {
     if (groups <= 0 || n <= 0 || zn <= 0 || n0 < 0 || n1 > n || n0 > n1) {
         PyErr_Format(PyExc_ValueError, "mlx_masks: %zd groups, %zd columns, %zd zero-points, [%zd, %zd) disagree", groups,
                      n, zn, n0, n1);
-    } else if (need(&bits, "bits", 2 * groups * n) && need(&z, "z", groups * n) && need(&table, "table", 4 * 65536 * zn) &&
-               need(&out, "out", 4 * n * groups)) {
+    } else if (need(&bits, "bits", MUL3(2, groups, n)) && need(&z, "z", mul(groups, n)) &&
+               need(&table, "table", mul(4 * 65536, zn)) && need(&out, "out", MUL3(4, n, groups))) {
         int ok;
         Py_BEGIN_ALLOW_THREADS
         ok = mlx_masks((const uint16_t *)bits.buf, (const uint8_t *)z.buf, groups, n, (const uint32_t *)table.buf, zn,
@@ -828,8 +842,8 @@ static PyObject *py_awq_dequant_direct(PyObject *self, PyObject *args) {
                r0 < 0 || r1 > k || r0 > r1) {
         PyErr_Format(PyExc_ValueError, "awq_dequant_direct: K %zd, C %zd, offset %zd, stride %zd, %zd groups of %zd, kind %d, "
                      "rows [%zd, %zd) disagree", k, c, off, stride, groups, gs, kind, r0, r1);
-    } else if (need(&src, "src", 4 * (off + (k - 1) * stride + c)) && need(&zeros, "zeros", groups * 8 * c) &&
-               need(&scales, "scales", in * groups * 8 * c) && need(&out, "out", osz * k * 8 * c)) {
+    } else if (need(&src, "src", mul(4, add(add(off, mul(k - 1, stride)), c))) && need(&zeros, "zeros", MUL3(groups, 8, c)) &&
+               need(&scales, "scales", MUL4(in, groups, 8, c)) && need(&out, "out", MUL4(osz, k, 8, c))) {
 #if HAVE_DIRECT
         const uint32_t *w = (const uint32_t *)src.buf + off;
         Py_BEGIN_ALLOW_THREADS
@@ -905,16 +919,17 @@ static PyObject *py_mlx_scales_biases(PyObject *self, PyObject *args) {
     PyObject *res = NULL;
     Py_ssize_t size = f32 ? 4 : 2;
     int nan = 0;
-    if (s.len >= 2 * groups * n && groups > 0 && n > 0) /* a NaN scale (exponent all ones, a fraction): NumPy's */
-        for (Py_ssize_t i = 0; i < groups * n; i++)
+    Py_ssize_t cells = mul(groups, n);
+    if (cells > 0 && s.len / 2 >= cells) /* a NaN scale (exponent all ones, a fraction): NumPy's */
+        for (Py_ssize_t i = 0; i < cells; i++)
             nan |= (((const uint16_t *)s.buf)[i] & 0x7FFFu) > 0x7C00u;
     if (!mlx_f16c() || nan) {
         res = Py_NewRef(Py_False); /* no F16C, or a NaN: the caller computes them in NumPy */
     } else if (groups <= 0 || n <= 0 || n0 < 0 || n1 > n || n0 > n1 || (f32 != 0 && f32 != 1)) {
         PyErr_Format(PyExc_ValueError, "mlx_scales_biases: %zd groups, %zd columns, [%zd, %zd), f32 %d disagree", groups, n,
                      n0, n1, f32);
-    } else if (need(&s, "s", 2 * groups * n) && need(&z, "z", 2 * groups * n) && need(&so, "scales_out", size * groups * n) &&
-               need(&bo, "biases_out", size * groups * n)) {
+    } else if (need(&s, "s", mul(2, cells)) && need(&z, "z", mul(2, cells)) && need(&so, "scales_out", mul(size, cells)) &&
+               need(&bo, "biases_out", mul(size, cells))) {
 #if MLX_SSSE3
         Py_BEGIN_ALLOW_THREADS
         mlx_scales_biases((const uint16_t *)s.buf, (const int16_t *)z.buf, groups, n, f32, so.buf, bo.buf, n0, n1);

@@ -654,7 +654,7 @@ def dequantize_awq_rows(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, 
     words, off, stride = _rows_in_place(qweight)
     kind = {("float16", "float16"): 0, ("float32", "float32"): 1, ("float16", "float32"): 2}.get((scales.dtype.name, out_dt.name))
     o = _bits_view(out)
-    if direct and kind is not None and ck.has_direct():
+    if direct and kind is not None and out_dt.isnative and ck.has_direct():  # (it writes native bits; the table's are out's)
         zu8 = np.ascontiguousarray(z, np.uint8)
         sc = _bits_view(np.ascontiguousarray(_native(scales)))
 
