@@ -201,6 +201,8 @@ def test_awq_byte_unpack_is_unpack_awq(how, k, c, seed):
         assert np.array_equal(numpy_backend.unpack_awq_u8(words), want)
         out = np.empty((k, 8 * c), np.uint8)
         assert numpy_backend.unpack_awq_u8(words, out=out) is out and np.array_equal(out, want)
+        out[:] = 0  # on the calling thread alone (packq.jax.load's host path): the same values
+        assert numpy_backend.unpack_awq_u8(words, out=out, split=False) is out and np.array_equal(out, want)
 
 
 @given(modules())

@@ -673,11 +673,13 @@ def dequantize_awq_rows(qweight: np.ndarray, z: np.ndarray, scales: np.ndarray, 
         rows(0, k)
     return out
 
-def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None, split: bool = True) -> np.ndarray:
     """AWQ words (..., R, C) to their values (..., R, 8C) uint8 in logical column order: ``unpack_awq``'s values, one
     byte each; into ``out`` (C-contiguous, that shape) where given. By the C kernel where it is built, else by one
     strided mask or shift of the words' bytes per nibble slot, straight to its column (3.5-4x the four 256-entry
-    table look-ups per word this replaced, measured on 4096 x 1376 and 11008 x 512 words)."""
+    table look-ups per word this replaced, measured on 4096 x 1376 and 11008 x 512 words). ``split=False``: the C
+    kernel on the calling thread only, for a caller whose own threads already share the work (``packq.jax.load``'s
+    host path: its int4 load 0.74-0.77 s against 0.81-0.89 s handed to this backend's threads, measured)."""
     w = np.ascontiguousarray(_native(np.asarray(words))).view(np.uint32)
     shape = (*w.shape[:-1], 8 * w.shape[-1])
     if out is None:
@@ -686,7 +688,10 @@ def unpack_awq_u8(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
     ck = c_kernels()
     if ck is not None and w.size:  # one pass of shifts (3x the look-ups, measured), a thread per MiB of words
-        _split(w.size, 4, lambda i0, i1: ck.awq_unpack_u8(w, w.size, out, i0, i1))
+        if split:
+            _split(w.size, 4, lambda i0, i1: ck.awq_unpack_u8(w, w.size, out, i0, i1))
+        else:
+            ck.awq_unpack_u8(w, w.size, out, 0, w.size)
         return out
     b = w.astype("<u4", copy=False).view(np.uint8).reshape(*w.shape, 4)  # byte i: nibble slots 2i, 2i + 1
     values = out.reshape(*w.shape, 8)

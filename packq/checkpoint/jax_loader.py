@@ -674,16 +674,9 @@ def _awq_uint4(qweight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     for the same bytes (tests/multidevice/test_jax_loader.py compares them with the XLA path's)."""
     from packq.backends import numpy as numpy_backend
 
-    ck = numpy_backend.c_kernels()
-    if ck is not None and out is not None and qweight.size and qweight.dtype.isnative:
-        # into a conversion thread's buffer (the host path, whose pool already shares the blocks over the cores): on
-        # this thread, not handed to the backend's threads (int4 load 0.74-0.77 s against 0.81-0.89 s, measured)
-        w = np.ascontiguousarray(qweight).view(np.uint32)
-        if out.shape != (*w.shape[:-1], 8 * w.shape[-1]) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise AssertionError(f"packq: an unpack buffer {out.dtype} {out.shape} for words {w.shape}")
-        ck.awq_unpack_u8(w, w.size, out, 0, w.size)
-        return out.view(jnp.uint4)
-    return numpy_backend.unpack_awq_u8(qweight, out).view(jnp.uint4)
+    # into a conversion thread's buffer (``out``: the host path, whose pool already shares the blocks over the cores)
+    # on that thread, not handed to the backend's threads
+    return numpy_backend.unpack_awq_u8(qweight, out, split=out is None).view(jnp.uint4)
 
 
 def _signature(a: dict[str, jax.Array]) -> tuple[Any, ...]:
