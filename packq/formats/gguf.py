@@ -393,11 +393,7 @@ def rounding_by_histogram(z: np.ndarray, scales: np.ndarray, hist: np.ndarray) -
     for t in ("BF16", "F16"):
         if t == "BF16":  # ggml's fp32_to_bf16 (uint32 arithmetic; NaNs' weights are NaN whatever it gives them),
             np.not_equal(np.bitwise_and(bits, np.uint32(0xFFFF), out=buf), 0, out=changed)  # widened back
-            np.right_shift(bits, np.uint32(16), out=buf)
-            buf &= np.uint32(1)
-            buf += np.uint32(0x7FFF)
-            buf += bits
-            buf &= np.uint32(0xFFFF0000)
+            _bf16_rounded(bits, buf)
         else:
             with np.errstate(over="ignore"):
                 np.copyto(got, w.astype(np.float16))
@@ -468,8 +464,19 @@ def bf16_bits(w: np.ndarray) -> np.ndarray:
     """
     n = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
     nan = (n & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = ((n.astype(np.uint64) + (0x7FFF + ((n >> np.uint32(16)) & np.uint32(1)))) >> np.uint64(16)).astype(np.uint16)
+    rounded = (_bf16_rounded(n, np.empty_like(n)) >> np.uint32(16)).astype(np.uint16)
     return np.where(nan, ((n >> np.uint32(16)) | np.uint32(64)).astype(np.uint16), rounded)
+
+
+def _bf16_rounded(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 ``bits`` (uint32) rounded to bfloat16's (nearest even) as ggml's ``fp32_to_bf16`` adds, in uint32: the
+    kept high half, the low half 0, into ``out``. Only NaNs (whose sum can wrap) come out wrong: callers set them."""
+    np.right_shift(bits, np.uint32(16), out=out)
+    out &= np.uint32(1)
+    out += np.uint32(0x7FFF)
+    out += bits
+    out &= np.uint32(0xFFFF0000)
+    return out
 
 
 def encode_floats(w: np.ndarray, gguf_type: str) -> np.ndarray:
