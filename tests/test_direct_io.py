@@ -40,7 +40,7 @@ def test_buffers_ignore_arrays_that_are_not_theirs_and_keep_a_few():
     for t in taken:
         b.give(t)
     b.give(taken[0])  # twice: the second is ignored
-    assert sorted(f.nbytes for f in b._free) == [3000 + 4096, 4000 + 4096]  # the two largest kept
+    assert sorted(f.nbytes for f in b._free) == [3000 + 8192, 4000 + 8192]  # the two largest kept
 
 
 # ------------------------------------------------------------------ the writer, direct and buffered
@@ -52,18 +52,21 @@ def _source(tmp_path, nbytes: int) -> S.SafetensorsFile:
     return S.SafetensorsFile(tmp_path / "src.safetensors")
 
 
-#: a tensor written as parts: ("data", n bytes of values) or ("copy", offset, n) from the source file
+#: a tensor written as parts: ("data", n bytes of values), ("copy", offset, n) from the source file, or ("owned",
+#: phased, n): values in a buffer of the writer's, at the file's phase (written from it, uncopied) or not
 parts = st.lists(st.one_of(st.tuples(st.just("data"), st.integers(1, 20_000)),
-                           st.tuples(st.just("copy"), st.integers(0, 30_000), st.integers(1, 10_000))),
+                           st.tuples(st.just("copy"), st.integers(0, 30_000), st.integers(1, 10_000)),
+                           st.tuples(st.just("owned"), st.booleans(), st.integers(1, 40_000))),
                  min_size=1, max_size=6)
 
 
 def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=None) -> bool:
     """Write ``tensors`` (lists of parts) to ``path``, directly if ``direct`` (and the file holds a block at least);
-    whether it was still writing directly before close."""
+    whether it was still writing directly before close. Every buffer the writer was given is back once it is."""
     rng = np.random.default_rng(seed)
     entries = [(f"t{i}", "U8", (n,), n) for i, t in enumerate(tensors) for n in [sum(p[-1] for p in t)]]
-    w = S.SafetensorsWriter(path, entries, {"k": "v"})
+    buffers = S.Buffers(keep=64)
+    w = S.SafetensorsWriter(path, entries, {"k": "v"}, buffers)
     if wrap is not None:
         w._out.file = wrap(w._out.file)
     size = len(S.header_for(entries, {"k": "v"})) + sum(e[3] for e in entries)
@@ -74,11 +77,17 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
             for p in t:
                 if p[0] == "data":
                     w.append(rng.integers(0, 256, p[1], np.uint8))
+                elif p[0] == "owned":
+                    out = buffers.making(w.position + (0 if p[1] else 1), lambda: buffers.output(p[2]))
+                    assert (out.ctypes.data - w.position) % 4096 == (0 if p[1] else 1)
+                    out[:] = rng.integers(0, 256, p[2], np.uint8)
+                    w.append(out.view(np.int8), owned=True)  # (a view of the buffer: the writer finds its root)
                 else:
                     w.append_copy(f, "src", p[1], p[2])
             w.end()
     still = w._out.stage is not None
     w.close()
+    assert not buffers._out, "a buffer the writer was given is not back"
     return still
 
 
@@ -88,12 +97,13 @@ def _write(path, tensors, src: S.SafetensorsFile, seed: int, direct: bool, wrap=
 def test_direct_writes_equal_buffered_ones(tmp_path_factory, tensors, seed, chunk):
     tmp = tmp_path_factory.mktemp("w")
     src = _source(tmp, 40_000)
-    real = S.DIRECT_CHUNK
+    real, uncopied = S.DIRECT_CHUNK, S.UNCOPIED
     S.DIRECT_CHUNK = chunk  # several flushes and a partial last block on these small files
+    S.UNCOPIED = 1  # every phased part written from its own memory
     try:
         _write(tmp / "direct", tensors, src, seed, direct=True)
     finally:
-        S.DIRECT_CHUNK = real
+        S.DIRECT_CHUNK, S.UNCOPIED = real, uncopied
     o_direct = os.O_DIRECT
     try:
         del os.O_DIRECT  # the buffered path, as on a platform without direct I/O
@@ -131,10 +141,17 @@ class _Refusing:
 
 @needs_direct
 @pytest.mark.parametrize("how", ["einval", "short", "aligned short"])
-def test_a_refused_direct_write_goes_on_buffered_with_the_same_bytes(tmp_path, monkeypatch, how):
+@pytest.mark.parametrize("uncopied", [False, True])
+def test_a_refused_direct_write_goes_on_buffered_with_the_same_bytes(tmp_path, monkeypatch, how, uncopied):
+    """Refused in a staging buffer's write, or (``uncopied``) where pieces' own memory is queued to be written
+    behind it: the writes queued after a refused one write nothing, and go out buffered in order."""
     monkeypatch.setattr(S, "DIRECT_CHUNK", 3 * 4096)
     src = _source(tmp_path, 40_000)
     tensors = [[("data", 10_000), ("copy", 5, 20_000), ("data", 7)], [("copy", 0, 30_000)]]
+    if uncopied:
+        monkeypatch.setattr(S, "UNCOPIED", 1)
+        tensors = [[("owned", True, 10_000), ("owned", True, 20_000), ("owned", False, 9000), ("owned", True, 7)],
+                   [("owned", True, 30_000), ("copy", 0, 30_000), ("owned", True, 12_288)]]
     still = _write(tmp_path / "refused", tensors, src, 3, direct=True, wrap=lambda f: _Refusing(f, how))
     assert still == (how == "aligned short")  # an aligned short write just goes on directly
     assert _write(tmp_path / "plain", tensors, src, 3, direct=True)
@@ -221,7 +238,10 @@ def test_negative_control_a_lost_carry_is_caught(tmp_path, monkeypatch):
 def _gguf_tensors(sizes: list[list[int]], seed: int, buffers: S.Buffers | None = None):
     """I8 tensors (one byte per element, so any size) whose data come in pieces of the given sizes, some made by
     calls (as the worker threads make a module's pieces), some taken from ``buffers``; and each tensor's bytes."""
+    import functools
+
     from packq.checkpoint.containers.gguf import Tensor
+    from packq.checkpoint.formats.gguf import sized
 
     rng = np.random.default_rng(seed)
     tensors, datas = [], []
@@ -232,13 +252,18 @@ def _gguf_tensors(sizes: list[list[int]], seed: int, buffers: S.Buffers | None =
         def made(a, b, data=data, j=0):
             if buffers is None:
                 return data[a:b].copy()
-            out = buffers.take(b - a)
+            out = buffers.output(b - a)  # (at the phase of its place in the file where the call's size was known)
             out[:] = data[a:b]
             return out
 
         def parts(cuts=cuts, made=made):
             for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
-                yield made(a, b) if j % 2 else (lambda a=a, b=b: made(a, b))
+                if j % 2:
+                    yield made(a, b)
+                elif j % 4 == 0:  # a call that says its size (as the module pieces do): made at its file phase
+                    yield sized(functools.partial(made, a, b), b - a)
+                else:
+                    yield lambda a=a, b=b: made(a, b)
 
         tensors.append(Tensor(f"t{i}", 24, (int(cuts[-1]),), int(cuts[-1]), parts))  # 24: GGML_TYPE_I8
         datas.append(data)
@@ -301,6 +326,7 @@ def test_gguf_direct_writes_equal_gguf_pys_own_file(tmp_path_factory, sizes, see
     _gguf_reference(tmp / "ref.gguf", name, datas)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(S, "DIRECT_CHUNK", chunk)
+        mp.setattr(S, "UNCOPIED", 1)  # every phased piece written from its own memory
         spans: list[tuple[int, int]] = []
         seen = _gguf_write(tmp / "direct.gguf", sizes, seed, name, mp, buffers=S.Buffers(), spans=spans)
         (first, last), = spans
@@ -373,3 +399,72 @@ def test_gguf_written_pieces_go_back_to_the_buffers(tmp_path, monkeypatch):
     sizes = [[10_000, 20_000, 7, 9000], [30_000, 1]]
     _gguf_write(tmp_path / "m.gguf", sizes, 8, "n", monkeypatch, buffers=buffers)
     assert not buffers._out and len(buffers._free) >= 2
+
+
+# ------------------------------------------------------------------ converted pieces written from their own memory
+@needs_direct
+@pytest.mark.parametrize("kw", [{"for_engine": "transformers"}, {"to": "compressed-tensors"}, {"to": "mlx"}],
+                         ids=["gptq", "compressed-tensors", "mlx"])
+def test_pieces_written_uncopied_give_the_copied_bytes(tmp_path, monkeypatch, kw):
+    """Whole checkpoints: each converted piece made at its file offset's phase and written from its own memory
+    (every piece here, from one byte on) gives the files that copying every piece into the stage gives; and that path
+    did run (a negative control: the pieces' phases shifted by a byte, no buffer's piece goes uncopied; an array of
+    fresh memory may still happen to lie at its phase, and is then written uncopied too, rightly)."""
+    from pathlib import Path
+
+    from packq.checkpoint import convert_checkpoint
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
+    uncopied: list[int] = []
+    real = S.StagedWriter._write_uncopied
+
+    def counted(self, view, owner):
+        root = owner
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if self.buffers._out.get(id(root)) is root:  # a piece made in one of the conversion's buffers
+            uncopied.append(view.nbytes)
+        return real(self, view, owner)
+
+    monkeypatch.setattr(S.StagedWriter, "_write_uncopied", counted)
+
+    def files(out: Path) -> dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+    monkeypatch.setattr(S, "UNCOPIED", 1 << 62)
+    convert_checkpoint(example, tmp_path / "copied", **kw)
+    assert not uncopied
+    monkeypatch.setattr(S, "UNCOPIED", 1)
+    convert_checkpoint(example, tmp_path / "uncopied", **kw)
+    assert uncopied, "no piece was written from its own memory"
+    assert files(tmp_path / "uncopied") == files(tmp_path / "copied")
+    uncopied.clear()
+    making = S.Buffers.making
+    monkeypatch.setattr(S.Buffers, "making", lambda self, position, make: making(self, position + 1, make))
+    convert_checkpoint(example, tmp_path / "shifted", **kw)
+    assert not uncopied and files(tmp_path / "shifted") == files(tmp_path / "copied")
+
+
+@needs_direct
+def test_gguf_sized_pieces_are_written_uncopied_with_gguf_pys_bytes(tmp_path, monkeypatch):
+    """A GGUF piece whose call says its size is made at its place's phase, across tensor boundaries and their padding,
+    and written from its own memory; the file is still gguf-py's, and every buffer comes back."""
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(S, "UNCOPIED", 1)
+    uncopied: list[int] = []
+    real = S.StagedWriter._write_uncopied
+
+    def counted(self, view, owner):
+        uncopied.append(view.nbytes)
+        return real(self, view, owner)
+
+    monkeypatch.setattr(S.StagedWriter, "_write_uncopied", counted)
+    sizes, name = [[20_000, 5], [9_000, 3], [50_000], [7, 30_001, 11, 40_000]], "q" * 321
+    buffers = S.Buffers(keep=64)
+    _gguf_write(tmp_path / "u.gguf", sizes, 9, name, monkeypatch, buffers=buffers)
+    _, datas = _gguf_tensors(sizes, 9)
+    _gguf_reference(tmp_path / "ref.gguf", name, datas)
+    assert (tmp_path / "u.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+    # the sized calls (the first piece of each tensor), and none after the call that gave no size (of 11 bytes)
+    assert sorted(uncopied) == [7, 9_000, 20_000, 50_000]
+    assert not buffers._out

@@ -10,6 +10,7 @@ written piece by piece, the next converting on a worker thread while one is writ
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import stat
@@ -212,10 +213,12 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                 if piece.make is not None:
                     if pending and sum(units[j][1].nbytes for j in pending) + piece.nbytes > budget:
                         return
-                    pending[nxt] = pool.submit(piece.make)
+                    # made for its place in the file, so that its memory goes to the disk uncopied (Buffers.output)
+                    pending[nxt] = pool.submit(job.buffers.making, offsets[nxt], piece.make)
                 nxt += 1
 
         writer = SafetensorsWriter(path, entries, f.metadata, job.buffers)
+        offsets = list(itertools.accumulate((p.nbytes for _, p in units), initial=writer.position))
         try:
             fill()
             for k, (i, piece) in enumerate(units):
@@ -226,8 +229,7 @@ def _write_shard(job: Job, fname: str, items: list[Item], entries: list[Entry], 
                 else:
                     data = pending.pop(k).result()
                     fill()  # the next pieces convert while this one is written
-                    writer.append(data)
-                    job.buffers.give(data)  # (where it is a reused buffer: written, so free again)
+                    writer.append(data, owned=True)  # (where it is a reused buffer, given back once written)
                     del data
                 if k + 1 == len(units) or units[k + 1][0] != i:
                     writer.end()

@@ -202,19 +202,35 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
     while one is written, across tensor boundaries (a tensor's last pieces are made while the next one's first are:
     waiting for each tensor to drain left the workers idle between the 75 tensors of a 7B model)."""
     pending: deque[tuple[int, Future[Any]]] = deque()
+    # where the next piece queued goes in the file, while every piece's size is known before it is made (a call's
+    # ``nbytes``): each is then made at its offset's phase, and written from its own memory (Buffers.making)
+    planned: int | None = out.position
+    queued = -1  # the tensor of the last piece queued
 
     def fill() -> None:
+        nonlocal planned, queued
         while len(pending) < LOOKAHEAD:
             item = next(stream, None)
             if item is None:
                 return
             i, piece = item
+            if planned is not None and i != queued:
+                planned += sum(-(tensors[j].nbytes) % ALIGNMENT for j in range(max(queued, 0), i)) if queued >= 0 else 0
+                queued = i
             if callable(piece):
-                pending.append((i, pool.submit(piece)))
+                nbytes = getattr(piece, "nbytes", None)
+                if planned is None or buffers is None or nbytes is None:
+                    planned = None
+                    pending.append((i, pool.submit(piece)))
+                else:
+                    pending.append((i, pool.submit(buffers.making, planned, piece)))
+                    planned += nbytes
             else:
                 done: Future[Any] = Future()
                 done.set_result(piece)
                 pending.append((i, done))
+                if planned is not None:
+                    planned += np.asarray(piece).nbytes
 
     written = [0] * len(tensors)
     current = 0  # the tensor being written; those before it are complete and padded
@@ -237,13 +253,10 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             written[i] += data.nbytes
             if written[i] > tensors[i].nbytes:
                 raise CheckpointError(f"{path}: {tensors[i].name}: more data than planned ({tensors[i].nbytes} bytes)")
-            out.write(data)  # staged (copied) or written: the piece's memory is free again
+            out.write(data, piece if buffers is not None else None)  # (given back to the buffers once written)
             if progress is not None:
                 progress(data.nbytes)
-            del data
-            if buffers is not None:
-                buffers.give(piece)
-            del piece
+            del data, piece
         while current < len(tensors):
             finish(current)
             current += 1

@@ -380,7 +380,7 @@ class QweightFormat(CheckpointFormat):
 def _rows(convert: Callable[[np.ndarray], np.ndarray], f: Reader, name: str, r0: int, r1: int, buffers: Buffers) -> np.ndarray:
     """A block converted, read into a reused buffer: given back now unless the output is written over it, in which
     case the writer gives it back once written (``Buffers.give``)."""
-    words = f.rows(name, r0, r1, buffers)
+    words = f.rows(name, r0, r1, buffers, output=True)  # (converted over: the output's memory)
     out = convert(words)
     if not np.may_share_memory(out, words):
         buffers.give(words)

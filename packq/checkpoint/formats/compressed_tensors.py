@@ -256,7 +256,7 @@ def awq_weight_pieces(job: Job, f: Reader, m: Module,
         c0, c1 = blocks[i]
         if not held:
             held.append(f.array(m.names["qweight"], job.buffers))
-        out = (make or weight_to_ct_piece)(held[0], c0, c1, job.buffers.take(32 * (c1 - c0) * groups))
+        out = (make or weight_to_ct_piece)(held[0], c0, c1, job.buffers.output(32 * (c1 - c0) * groups))
         if i == len(blocks) - 1:
             job.buffers.give(held.pop())
         return out

@@ -392,16 +392,25 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
                 for n0, n1 in _columns(n, k):
-                    yield functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers)
+                    yield sized(functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers),
+                                (n1 - n0) * k // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes)
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
                 for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                    yield functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g)
+                    yield sized(functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g),
+                                (n1 - n0) * q.shape[-2] // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes)
             del q, z, s
         return
     for name in t.sources:
         yield _plain_bytes(ckpt, name, p, buffers)
+
+
+def sized(make: functools.partial[np.ndarray], nbytes: int) -> functools.partial[np.ndarray]:
+    """``make``, a piece's call, with the bytes it makes (``make.nbytes``): the writer then knows where in the file the
+    piece goes before it is made, and has it made there (:meth:`packq.checkpoint.safetensors.Buffers.making`)."""
+    make.nbytes = nbytes  # type: ignore[attr-defined]
+    return make
 
 
 def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
@@ -449,7 +458,7 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     whole = _whole_words(cols)
     c0, c1 = whole or (0, 0)
     if G.TYPES[gguf_type].quantized and whole:  # one C kernel on the words, zero-points and scales as stored
-        out = None if buffers is None else buffers.take(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+        out = None if buffers is None else buffers.output(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
         fast = numpy_kernels.gguf_blocks_awq_fused(words, c0 // 8, c1 // 8, cols, z, s, gguf_type, out)
         if fast is not None:
             return fast
@@ -458,7 +467,7 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     zc, sc = z[:, cols], s[:, cols]
     if G.TYPES[gguf_type].quantized:
         if whole:  # the whole-word bit operations (no numba to load), into a reused buffer
-            out = None if buffers is None else buffers.take(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+            out = None if buffers is None else buffers.output(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
             fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g),
                                                        gguf_type, out)
             if fast is not None:
