@@ -9,6 +9,7 @@ them; and whole conversions write the same files with and without them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -39,6 +40,21 @@ def _ck():
     return ck
 
 
+def _levels(ck) -> list[int]:
+    """Every level of the word transposes this CPU runs: 0 (plain), and 1 (AVX-512) where it has it."""
+    return list(range(ck.transposes(-1) + 1))
+
+
+@contextlib.contextmanager
+def _transposes(ck, level: int):
+    """Within: the word transposes at ``level``; after: at what the CPU has."""
+    assert ck.transposes(level) == level
+    try:
+        yield
+    finally:
+        ck.transposes(-1)
+
+
 def _words(shape, seed):
     rng = np.random.default_rng(seed)
     return rng.integers(-(2**31), 2**31, shape, dtype=np.int64).astype(np.int32)
@@ -66,11 +82,13 @@ def test_awq_to_gptq_equals_plain_core(shape, seed):
     ck = _ck()
     qw = _words(shape, seed)
     want = np.asarray(awq.weight_to_gptq(_core(), qw))
-    got = numpy_backend.weight_to_gptq_c(qw, ck)
-    assert got.dtype == np.int32 and got.shape == want.shape and got.tobytes() == want.tobytes()
-    mine = qw.copy()
-    over = numpy_backend.weight_to_gptq_c(mine, ck, over=True)
-    assert np.shares_memory(over, mine) and over.tobytes() == want.tobytes()
+    for level in _levels(ck):
+        with _transposes(ck, level):
+            got = numpy_backend.weight_to_gptq_c(qw, ck)
+            assert got.dtype == np.int32 and got.shape == want.shape and got.tobytes() == want.tobytes()
+            mine = qw.copy()
+            over = numpy_backend.weight_to_gptq_c(mine, ck, over=True)
+            assert np.shares_memory(over, mine) and over.tobytes() == want.tobytes()
     with route("C"):  # the public dispatch and the in-place route take it
         assert numpy_backend.weight_to_gptq(None, qw).tobytes() == want.tobytes()
         assert numpy_backend.BACKEND.run_over(awq.weight_to_gptq, qw.copy()).tobytes() == want.tobytes()
@@ -86,15 +104,16 @@ def test_awq_to_ct_rows_equal_plain_core(shape, seed, data):
     k, c = shape
     c0 = data.draw(st.integers(0, c - 1))
     c1 = data.draw(st.integers(c0 + 1, c))
-    buf = np.full(32 * (c1 - c0) * k // 8, 0xAB, np.uint8)
-    with route("C"):
-        got = numpy_backend.weight_to_ct_rows(qw, c0, c1, buf)
-    assert np.shares_memory(got, buf) and got.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
-    out = np.full((8 * (c1 - c0), k // 8), 0x5A5A5A5A, np.uint32)
     cut = data.draw(st.integers(0, k // 8))
-    ck.awq_to_ct(qw, k, c, c0, c1, out, 0, cut)
-    ck.awq_to_ct(qw, k, c, c0, c1, out, cut, k // 8)
-    assert out.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
+    for level in _levels(ck):
+        buf = np.full(32 * (c1 - c0) * k // 8, 0xAB, np.uint8)
+        with route("C"), _transposes(ck, level):
+            got = numpy_backend.weight_to_ct_rows(qw, c0, c1, buf)
+            assert np.shares_memory(got, buf) and got.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
+            out = np.full((8 * (c1 - c0), k // 8), 0x5A5A5A5A, np.uint32)
+            ck.awq_to_ct(qw, k, c, c0, c1, out, 0, cut)
+            ck.awq_to_ct(qw, k, c, c0, c1, out, cut, k // 8)
+            assert out.tobytes() == plain[8 * c0 : 8 * c1].tobytes()
 
 
 @st.composite
@@ -144,17 +163,34 @@ def test_fused_gguf_blocks_equal_the_encoders(p, into):
     """The one-pass kernel (AWQ words, zero-points and scales as stored, no weight_packed rows between) writes
     :func:`packq.formats.gguf.encode`'s bytes, rows permuted within the words, float16 or float32 scales (rounded to
     fp16 as :func:`packq.formats.gguf.block_scales` rounds them); Q4_0 only where every zero-point is 8."""
-    _ck()
+    ck = _ck()
     words, z, s, c0, c1, cols, gguf_type = p
     q = numpy_backend.unpack_awq_u8(words)[:, cols]
     want = G.encode(q, z[:, cols], s[:, cols], gguf_type).tobytes()
-    out = np.full(len(want), 0xCD, np.uint8) if into else None
-    with route("C"):
-        got = numpy_backend.gguf_blocks_awq_fused(words, c0, c1, cols, z, s, gguf_type, out)
-    assert got is not None and got.dtype == np.uint8 and got.tobytes() == want
-    assert out is None or np.shares_memory(got, out)
+    for level in _levels(ck):
+        out = np.full(len(want), 0xCD, np.uint8) if into else None
+        with route("C"), _transposes(ck, level):
+            got = numpy_backend.gguf_blocks_awq_fused(words, c0, c1, cols, z, s, gguf_type, out)
+        assert got is not None and got.dtype == np.uint8 and got.tobytes() == want
+        assert out is None or np.shares_memory(got, out)
     with route("no C"):
         assert numpy_backend.gguf_blocks_awq_fused(words, c0, c1, cols, z, s, gguf_type) is None
+
+
+def test_the_transposes_run_at_every_level_the_cpu_has():
+    """AVX-512 where the CPU has it (F, BW and VL, as /proc/cpuinfo names them), by default; a level the CPU lacks
+    is capped, one that does not exist refused."""
+    ck = _ck()
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo here")
+    wide = int(sys.maxsize > 2**32 and {"avx512f", "avx512bw", "avx512vl"} <= set(flags))
+    assert ck.transposes() == wide
+    assert ck.transposes(1) == wide and ck.transposes(0) == 0 and ck.transposes(-1) == wide
+    with pytest.raises(ValueError, match="transposes: level must be 0"):
+        ck.transposes(2)
+    assert ck.transposes() == wide
 
 
 def test_negative_controls():

@@ -172,12 +172,18 @@ def test_awq_to_ct_mlx_writes_weight_packed_and_counts_it(c, data):
     got, counts = numpy_kernels.weight_to_ct_piece_mlx(words, c0, c1, np.empty(32 * (c1 - c0) * k // 8, np.uint8), rows)
     assert np.array_equal(got, want_words) and counts == (want["cpu"], want["metal"])
     split = data.draw(st.integers(0, k // 32)) * 4  # two shares of whole 4-word chunks
-    for simd in (0, 1, 2):
-        out = np.zeros((8 * (c1 - c0), k // 8), np.uint32)
-        parts = [ck.awq_to_ct_mlx(words.view(np.uint32), k, n // 8, c0, c1, out, g0, g1, np.ascontiguousarray(rows),
-                                  masks.shape[1], simd) for g0, g1 in ((0, split), (split, k // 8))]
-        assert np.array_equal(out.view(np.int32), want_words)
-        assert tuple(map(sum, zip(*parts))) == (want["cpu"], want["metal"])
+    for level in range(ck.transposes(-1) + 1):  # the transposes plain and, where the CPU has it, by AVX-512
+        ck.transposes(level)
+        try:
+            for simd in (0, 1, 2):
+                out = np.zeros((8 * (c1 - c0), k // 8), np.uint32)
+                parts = [ck.awq_to_ct_mlx(words.view(np.uint32), k, n // 8, c0, c1, out, g0, g1,
+                                          np.ascontiguousarray(rows), masks.shape[1], simd)
+                         for g0, g1 in ((0, split), (split, k // 8))]
+                assert np.array_equal(out.view(np.int32), want_words)
+                assert tuple(map(sum, zip(*parts))) == (want["cpu"], want["metal"])
+        finally:
+            ck.transposes(-1)
 
 
 def test_negative_control_the_c_counts_see_one_bit_and_one_code():
