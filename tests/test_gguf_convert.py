@@ -322,3 +322,33 @@ def test_more_or_less_data_than_planned_is_refused(tmp_path, monkeypatch, capsys
     want = "more data than planned" if how == "more" else "planned"
     assert rc == 2 and err.count("\n") == 1 and "blk.0.ffn_down.weight" in err and want in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_modules_words_go_back_to_the_buffers_only_once_every_piece_is_made():
+    """The words every piece of a module reads are given back once, after the last piece is made, whatever the order
+    the two workers finish in (a piece made early must not free what the others still read)."""
+    import threading
+    import time
+
+    from packq.checkpoint.formats.gguf import _Held
+    from packq.checkpoint.safetensors import Buffers
+
+    buffers = Buffers()
+    words = buffers.take(4096)
+    held = _Held(words, 5, buffers)
+    seen: list[bool] = []
+
+    def piece(i: int) -> int:
+        time.sleep(0.01 * (5 - i))  # the later pieces finish first
+        seen.append(buffers.root(words) is not None)  # still handed out while any piece runs
+        return i
+
+    threads = [threading.Thread(target=held.run, args=(piece, i)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True] * 5 and buffers.root(words) is None and len(buffers._free) == 1
+    with pytest.raises(ZeroDivisionError):  # a piece that fails still counts: the buffer is not held forever
+        _Held(buffers.take(4096), 1, buffers).run(lambda: 1 // 0)
+    assert not buffers._out

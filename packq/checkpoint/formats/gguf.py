@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,11 +115,30 @@ def _awq_direct(ckpt: Checkpoint, prefix: str) -> bool:
     return bool(groups) and not k % groups and not (k // groups) % G.BLOCK
 
 
-def _awq_words(ckpt: Checkpoint, prefix: str) -> np.ndarray:
-    """An AWQ module's words (K, N/8) int32 as stored."""
+def _awq_words(ckpt: Checkpoint, prefix: str, buffers: Buffers | None = None) -> np.ndarray:
+    """An AWQ module's words (K, N/8) int32 as stored (read into a buffer of ``buffers`` where given)."""
     m = ckpt.modules[prefix]
     with ckpt.shards[m.files["qweight"]].open() as f:
-        return f.array(m.names["qweight"]).view(np.int32)
+        return f.array(m.names["qweight"], buffers).view(np.int32)
+
+
+class _Held:
+    """A buffer that ``count`` pieces read, made on any threads in any order: given back to ``buffers`` once the
+    last of them is made (not before: the pieces made on the other worker may still read it)."""
+
+    def __init__(self, buf: np.ndarray, count: int, buffers: Buffers | None) -> None:
+        self.buf, self.left, self.buffers = buf, count, buffers
+        self._lock = threading.Lock()
+
+    def run(self, make: Callable[..., np.ndarray], *args: Any, **kw: Any) -> np.ndarray:
+        try:
+            return make(*args, **kw)
+        finally:
+            with self._lock:
+                self.left -= 1
+                last = self.left == 0
+            if last and self.buffers is not None:
+                self.buffers.give(self.buf)
 
 
 class _Rows:
@@ -385,14 +405,17 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
             direct = _awq_arrays(ckpt, prefix)
             if direct is not None:  # AWQ words read in place by the kernels, whole rows moved by the permutation
                 z, s = direct
-                # (fresh memory, not a buffer of ``buffers``: NumPy maps large arrays on huge pages, so their faults
-                # cost little, and the buffers kept for reuse held 30 MB more at the peak for no gain, measured)
-                words = _awq_words(ckpt, prefix)
+                # into a reused buffer, given back once every piece of the module is made: fresh memory is zeroed by
+                # the kernel on first touch (a sixth of a Q5_0 conversion's CPU, by perf, 2026-12-02)
+                words = _awq_words(ckpt, prefix, buffers)
                 k, n = words.shape[0], s.shape[1]
                 order = np.arange(n) if t.row_perm is None else np.asarray(t.row_perm)
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
-                for n0, n1 in _columns(n, k):
-                    yield sized(functools.partial(_awq_piece, words, order[n0:n1], z, s, g, p.gguf_type, buffers=buffers),
+                blocks = _columns(n, k)
+                held = _Held(words, len(blocks), buffers)
+                for n0, n1 in blocks:
+                    yield sized(functools.partial(held.run, _awq_piece, words, order[n0:n1], z, s, g, p.gguf_type,
+                                                  buffers=buffers),
                                 (n1 - n0) * k // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes)
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
