@@ -468,3 +468,32 @@ def test_gguf_sized_pieces_are_written_uncopied_with_gguf_pys_bytes(tmp_path, mo
     # the sized calls (the first piece of each tensor), and none after the call that gave no size (of 11 bytes)
     assert sorted(uncopied) == [7, 9_000, 20_000, 50_000]
     assert not buffers._out
+
+
+@needs_direct
+@pytest.mark.parametrize("direct", [True, False])
+def test_gguf_stored_tensors_are_read_straight_into_the_stage(tmp_path, monkeypatch, direct):
+    """A plain tensor kept as stored (``Stored``) goes from its shard into the writer's stage (or, buffered, by the
+    kernel's copy), between made pieces and across the tensors' padding: gguf-py's file from the same bytes."""
+    pytest.importorskip("gguf")
+    import packq.checkpoint.containers.gguf as CG
+
+    src = _source(tmp_path, 40_000)
+    raw = np.fromfile(tmp_path / "src.safetensors", np.uint8)[-40_000:]
+    tensors, datas = _gguf_tensors([[10_000, 3], [5]], 4)
+    tensors.insert(1, CG.Tensor("s", 24, (40_000,), 40_000, lambda: iter([S.Stored(src, "src")])))
+    datas.insert(1, raw)
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT")
+    CG.write(tmp_path / "s.gguf", "llama", [("general.name", "s", None)], tensors, buffers=S.Buffers())
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "ref.gguf", "llama")
+    w.add_name("s")
+    for t, d in zip(tensors, datas):
+        w.add_tensor(t.name, d.view(np.int8), raw_dtype=gguf.GGMLQuantizationType.I8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert (tmp_path / "s.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()

@@ -131,6 +131,19 @@ def _is_usize(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _USIZE
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A stored tensor's bytes as they are, for a writer to read straight into its staging buffer (no buffer in
+    between): tensor ``name`` of ``file`` (:meth:`StagedWriter.copy`)."""
+
+    file: SafetensorsFile
+    name: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.tensors[self.name].nbytes
+
+
 class SafetensorsFile:
     """A safetensors file whose header is read and checked once, up front; tensors are read on demand."""
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
-from packq.checkpoint.safetensors import Buffers, StagedWriter
+from packq.checkpoint.safetensors import Buffers, StagedWriter, Stored
 from packq.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ ALIGNMENT = 32
 #: pieces made on worker threads at once (NumPy releases the GIL: 1.5x on 2 cores, measured), and how many wait
 WORKERS, LOOKAHEAD = 2, 3
 
-Piece = np.ndarray | Callable[[], np.ndarray]
+Piece = np.ndarray | Callable[[], np.ndarray] | Stored
 
 
 def gguf_package() -> Any:
@@ -217,7 +217,13 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             if planned is not None and i != queued:
                 planned += sum(-(tensors[j].nbytes) % ALIGNMENT for j in range(max(queued, 0), i)) if queued >= 0 else 0
                 queued = i
-            if callable(piece):
+            if isinstance(piece, Stored):  # read into the stage when its turn comes
+                done_: Future[Any] = Future()
+                done_.set_result(piece)
+                pending.append((i, done_))
+                if planned is not None:
+                    planned += piece.nbytes
+            elif callable(piece):
                 nbytes = getattr(piece, "nbytes", None)
                 if planned is None or buffers is None or nbytes is None:
                     planned = None
@@ -249,13 +255,19 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             while current < i:
                 finish(current)
                 current += 1
-            data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-            written[i] += data.nbytes
+            stored = isinstance(piece, Stored)
+            data = None if stored else memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            nbytes = piece.nbytes if data is None else data.nbytes
+            written[i] += nbytes
             if written[i] > tensors[i].nbytes:
                 raise CheckpointError(f"{path}: {tensors[i].name}: more data than planned ({tensors[i].nbytes} bytes)")
-            out.write(data, piece if buffers is not None else None)  # (given back to the buffers once written)
+            if data is None:  # a plain tensor's bytes as stored: read from its shard straight into the stage
+                with piece.file.open() as f:
+                    out.copy(f, piece.name, 0, nbytes)
+            else:
+                out.write(data, piece if buffers is not None else None)  # (given back to the buffers once written)
             if progress is not None:
-                progress(data.nbytes)
+                progress(nbytes)
             del data, piece
         while current < len(tensors):
             finish(current)

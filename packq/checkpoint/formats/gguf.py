@@ -27,6 +27,7 @@ from packq.backends import numpy as numpy_kernels
 from packq.backends.numpy import BACKEND as numpy_backend
 from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
 from packq.checkpoint.model import Checkpoint, module_array
+from packq.checkpoint.safetensors import Buffers, Stored
 from packq.core import bits as B
 from packq.errors import CheckpointError
 from packq.formats import awq
@@ -35,7 +36,6 @@ from packq.formats.engines import FIELD, WORD, read_v1
 
 if TYPE_CHECKING:
     from packq.checkpoint.gguf_model import GGUFModel, GGUFTensor
-    from packq.checkpoint.safetensors import Buffers
 
 NAME = "gguf"
 #: ``--gguf-type`` choices; auto: the smallest of Q4_0, Q5_0, Q8_0 that holds a tensor exactly
@@ -390,9 +390,10 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
 
 
 def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | None = None
-           ) -> Iterator[np.ndarray | Callable[[], np.ndarray]]:
-    """The tensor's data in file order, in pieces: uint8 arrays, or calls that make them (a module's column blocks,
-    expert by expert, which the writer runs on worker threads, a few ahead, in order).
+           ) -> Iterator[np.ndarray | Callable[[], np.ndarray] | Stored]:
+    """The tensor's data in file order, in pieces: uint8 arrays, calls that make them (a module's column blocks,
+    expert by expert, which the writer runs on worker threads, a few ahead, in order), or a plain tensor's stored
+    bytes as they are (:class:`~packq.checkpoint.safetensors.Stored`, which the writer reads into its stage).
 
     A piece may be (a view of) a buffer taken from ``buffers``, which the writer gives back once the piece is
     written: so no piece may view a buffer that a later piece still reads."""
@@ -426,7 +427,11 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
             del q, z, s
         return
     for name in t.sources:
-        yield _plain_bytes(ckpt, name, p, buffers)
+        shard = next(s for s in ckpt.shards.values() if name in s.tensors)
+        if t.row_perm is None and (p.gguf_type != "F32" or p.stored == "F32"):  # its stored bytes, as they are
+            yield Stored(shard, name)  # (read by the writer straight into its stage: no buffer of its own)
+        else:
+            yield _plain_bytes(ckpt, name, p, buffers)
 
 
 def sized(make: functools.partial[np.ndarray], nbytes: int) -> functools.partial[np.ndarray]:
