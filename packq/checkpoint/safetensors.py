@@ -433,8 +433,8 @@ DIRECT_CHUNK = 8 << 20
 #: a piece of converted bytes from this size on is written to the disk from its own memory where that lies at
 #: the file's phase (:meth:`Buffers.output`), not copied into the staging buffer first (the main thread's copy of
 #: every converted byte: 0.1-0.15 s of CPU a GB on this project's 2-core machine, 2026-12-02). Smaller pieces are
-#: copied: each would be a direct write of its own, smaller than a staging buffer's (GGUF's 2.4 MB pieces gained
-#: nothing measurable that way, in 431 writes against 125)
+#: copied: each would be a direct write of its own, smaller than a staging buffer's (GGUF's 2.4 MB pieces written
+#: so, 431 writes against 125: the same CPU, and Q4_0 1.58 s against 1.38 s, Q5_0 1.29 against 1.20 s, medians of 6)
 UNCOPIED = 4 << 20
 
 
