@@ -1039,8 +1039,7 @@ static PyObject *py_transposes(PyObject *self, PyObject *args) {
                      level);
         return NULL;
     }
-    if (level != -1 || transposes_set != -1)
-        transposes_set = level;
+    transposes_set = level;
     return PyLong_FromLong(transposes_level());
 }
 
