@@ -241,7 +241,7 @@ def _gguf_tensors(sizes: list[list[int]], seed: int, buffers: S.Buffers | None =
     import functools
 
     from packq.checkpoint.containers.gguf import Tensor
-    from packq.checkpoint.formats.gguf import sized
+    from packq.checkpoint.formats.base import Piece
 
     rng = np.random.default_rng(seed)
     tensors, datas = [], []
@@ -261,7 +261,7 @@ def _gguf_tensors(sizes: list[list[int]], seed: int, buffers: S.Buffers | None =
                 if j % 2:
                     yield made(a, b)
                 elif j % 4 == 0:  # a call that says its size (as the module pieces do): made at its file phase
-                    yield sized(functools.partial(made, a, b), b - a)
+                    yield Piece(b - a, make=functools.partial(made, a, b))
                 else:
                     yield lambda a=a, b=b: made(a, b)
 

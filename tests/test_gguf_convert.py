@@ -157,13 +157,14 @@ def test_file_guarantees(tmp_path, capsys):
 def test_verify_catches_a_wrong_block(tmp_path, monkeypatch):
     """A negative control: a writer that flips one bit of one block is caught by --verify, and DST never appears."""
     from packq.checkpoint.formats import gguf as fmt
+    from packq.checkpoint.formats.base import Piece
 
     C.make_gptq(tmp_path / "src", sym=True)
     real = fmt.chunks
 
     def corrupt(ckpt, p, read_word, buffers=None):
         for i, piece in enumerate(real(ckpt, p, read_word, buffers)):
-            piece = piece() if callable(piece) else piece  # a piece made on the writer's threads, made here
+            piece = piece.make() if isinstance(piece, Piece) else piece  # made on the writer's threads: made here
             if p.name == "blk.0.ffn_down.weight" and i == 0:
                 piece = piece.copy()
                 piece.reshape(-1)[7] ^= 1

@@ -25,6 +25,7 @@ import numpy as np
 
 from packq.checkpoint.containers.base import Container, Plan
 from packq.checkpoint.files import io_errors
+from packq.checkpoint.formats.base import Piece
 from packq.checkpoint.safetensors import Buffers, StagedWriter, Stored
 from packq.errors import CheckpointError
 
@@ -37,7 +38,9 @@ ALIGNMENT = 32
 #: pieces made on worker threads at once (NumPy releases the GIL: 1.5x on 2 cores, measured), and how many wait
 WORKERS, LOOKAHEAD = 2, 3
 
-Piece = np.ndarray | Callable[[], np.ndarray] | Stored
+#: a tensor's piece: its bytes (made already), a call that makes them (a Piece when it says their size), or a stored
+#: tensor's bytes as they are
+Part = np.ndarray | Callable[[], np.ndarray] | Piece | Stored
 
 
 def gguf_package() -> Any:
@@ -57,7 +60,7 @@ class Tensor:
     shape: tuple[int, ...]
     nbytes: int
     #: uint8 arrays whose bytes follow each other, or calls that make them (run on worker threads, in order)
-    pieces: Callable[[], Iterable[Piece]]
+    pieces: Callable[[], Iterable[Part]]
 
 
 class GGUFFile(Container):
@@ -176,14 +179,14 @@ def write(path: Path, arch: str, metadata: list[tuple[str, Any, Any]], tensors: 
             data.close()
 
 
-def _begin(t: Tensor) -> Iterator[Piece]:
+def _begin(t: Tensor) -> Iterator[Part]:
     """The tensor's pieces, the first one already taken (which reads what the tensor is made from)."""
     it = iter(t.pieces())
     first = next(it, None)
     return it if first is None else itertools.chain((first,), it)
 
 
-def _stream(tensors: list[Tensor], ahead: ThreadPoolExecutor) -> Iterator[tuple[int, Piece]]:
+def _stream(tensors: list[Tensor], ahead: ThreadPoolExecutor) -> Iterator[tuple[int, Part]]:
     """Every tensor's pieces in file order, each with its tensor's index; the next tensor's first step (reading its
     module's arrays) on the thread ``ahead`` while this one's pieces are made and written (the reads and the writes
     were in turn on one thread, the workers idle meanwhile)."""
@@ -196,47 +199,40 @@ def _stream(tensors: list[Tensor], ahead: ThreadPoolExecutor) -> Iterator[tuple[
             yield i, piece
 
 
-def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream: Iterator[tuple[int, Piece]],
+def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream: Iterator[tuple[int, Part]],
                    pool: ThreadPoolExecutor, progress: Callable[[int], None] | None, buffers: Buffers | None) -> None:
     """The tensors' pieces in order, each tensor then padded to the alignment; the next few pieces made on the pool
     while one is written, across tensor boundaries (a tensor's last pieces are made while the next one's first are:
     waiting for each tensor to drain left the workers idle between the 75 tensors of a 7B model)."""
     pending: deque[tuple[int, Future[Any]]] = deque()
-    # where the next piece queued goes in the file, while every piece's size is known before it is made (a call's
-    # ``nbytes``): each is then made at its offset's phase, and written from its own memory (Buffers.making)
-    planned: int | None = out.position
-    queued = -1  # the tensor of the last piece queued
+    # every tensor's data starts where the plan put it (aligned), so a piece's file offset is known before it is made
+    # wherever the pieces before it in its tensor said their sizes: it is then made at that offset's phase, and
+    # written from its own memory (Buffers.making)
+    starts = list(itertools.accumulate((t.nbytes + -t.nbytes % ALIGNMENT for t in tensors), initial=out.position))
+    queued: list[int | None] = [0] * len(tensors)  # each tensor's bytes queued so far; None after a call of no size
 
     def fill() -> None:
-        nonlocal planned, queued
         while len(pending) < LOOKAHEAD:
             item = next(stream, None)
             if item is None:
                 return
             i, piece = item
-            if planned is not None and i != queued:
-                planned += sum(-(tensors[j].nbytes) % ALIGNMENT for j in range(max(queued, 0), i)) if queued >= 0 else 0
-                queued = i
-            if isinstance(piece, Stored):  # read into the stage when its turn comes
-                done_: Future[Any] = Future()
-                done_.set_result(piece)
-                pending.append((i, done_))
-                if planned is not None:
-                    planned += piece.nbytes
+            at = queued[i]
+            size: int | None = None
+            fut: Future[Any]
+            if isinstance(piece, Piece):  # a call that says its size
+                assert piece.make is not None
+                fut = (pool.submit(piece.make) if at is None or buffers is None
+                       else pool.submit(buffers.making, starts[i] + at, piece.make))
+                size = piece.nbytes
             elif callable(piece):
-                nbytes = getattr(piece, "nbytes", None)
-                if planned is None or buffers is None or nbytes is None:
-                    planned = None
-                    pending.append((i, pool.submit(piece)))
-                else:
-                    pending.append((i, pool.submit(buffers.making, planned, piece)))
-                    planned += nbytes
-            else:
-                done: Future[Any] = Future()
-                done.set_result(piece)
-                pending.append((i, done))
-                if planned is not None:
-                    planned += np.asarray(piece).nbytes
+                fut = pool.submit(piece)
+            else:  # made already, or a stored tensor's bytes, read into the stage when its turn comes
+                fut = Future()
+                fut.set_result(piece)
+                size = piece.nbytes
+            pending.append((i, fut))
+            queued[i] = None if at is None or size is None else at + size
 
     written = [0] * len(tensors)
     current = 0  # the tensor being written; those before it are complete and padded
@@ -255,8 +251,7 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
             while current < i:
                 finish(current)
                 current += 1
-            stored = isinstance(piece, Stored)
-            data = None if stored else memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            data = None if isinstance(piece, Stored) else memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             nbytes = piece.nbytes if data is None else data.nbytes
             written[i] += nbytes
             if written[i] > tensors[i].nbytes:

@@ -25,7 +25,7 @@ import numpy as np
 
 from packq.backends import numpy as numpy_kernels
 from packq.backends.numpy import BACKEND as numpy_backend
-from packq.checkpoint.formats.base import CheckpointFormat, fields, module_arrays
+from packq.checkpoint.formats.base import CheckpointFormat, Piece, fields, module_arrays
 from packq.checkpoint.model import Checkpoint, module_array
 from packq.checkpoint.safetensors import Buffers, Stored
 from packq.core import bits as B
@@ -390,10 +390,11 @@ def _module_rows(ckpt: Checkpoint, prefix: str, perm: tuple[int, ...] | None, re
 
 
 def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | None = None
-           ) -> Iterator[np.ndarray | Callable[[], np.ndarray] | Stored]:
-    """The tensor's data in file order, in pieces: uint8 arrays, calls that make them (a module's column blocks,
-    expert by expert, which the writer runs on worker threads, a few ahead, in order), or a plain tensor's stored
-    bytes as they are (:class:`~packq.checkpoint.safetensors.Stored`, which the writer reads into its stage).
+           ) -> Iterator[np.ndarray | Piece | Stored]:
+    """The tensor's data in file order, in pieces: uint8 arrays, :class:`~packq.checkpoint.formats.base.Piece`s whose
+    ``make`` makes them (a module's column blocks, expert by expert, which the writer runs on worker threads, a few
+    ahead, in order, each at the phase of its place in the file), or a plain tensor's stored bytes as they are
+    (:class:`~packq.checkpoint.safetensors.Stored`, which the writer reads into its stage).
 
     A piece may be (a view of) a buffer taken from ``buffers``, which the writer gives back once the piece is
     written: so no piece may view a buffer that a later piece still reads."""
@@ -414,16 +415,17 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
                 g = np.arange(k, dtype=np.int32) // (k // s.shape[0])
                 blocks = _columns(n, k)
                 held = _Held(words, len(blocks), buffers)
-                for n0, n1 in blocks:
-                    yield sized(functools.partial(held.run, _awq_piece, words, order[n0:n1], z, s, g, p.gguf_type,
-                                                  buffers=buffers),
-                                (n1 - n0) * k // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes)
+                for n0, n1 in blocks:  # (each says its size: the writer has it made for its place in the file)
+                    yield Piece((n1 - n0) * k // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes,
+                                make=functools.partial(held.run, _awq_piece, words, order[n0:n1], z, s, g, p.gguf_type,
+                                                       buffers=buffers))
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
                 for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                    yield sized(functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1], p.gguf_type, g),
-                                (n1 - n0) * q.shape[-2] // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes)
+                    yield Piece((n1 - n0) * q.shape[-2] // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes,
+                                make=functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1],
+                                                       p.gguf_type, g))
             del q, z, s
         return
     for name in t.sources:
@@ -432,13 +434,6 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
             yield Stored(shard, name)  # (read by the writer straight into its stage: no buffer of its own)
         else:
             yield _plain_bytes(ckpt, name, p, buffers)
-
-
-def sized(make: functools.partial[np.ndarray], nbytes: int) -> functools.partial[np.ndarray]:
-    """``make``, a piece's call, with the bytes it makes (``make.nbytes``): the writer then knows where in the file the
-    piece goes before it is made, and has it made there (:meth:`packq.checkpoint.safetensors.Buffers.making`)."""
-    make.nbytes = nbytes  # type: ignore[attr-defined]
-    return make
 
 
 def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
