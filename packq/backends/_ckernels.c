@@ -42,6 +42,7 @@ static const int AWQ_ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define WIDE_TRANSPOSES 1
 #define WIDE __attribute__((target("avx512f,avx512bw,avx512vl")))
+#include <immintrin.h>
 #else
 #define WIDE_TRANSPOSES 0
 #endif
@@ -278,40 +279,134 @@ static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, c
  * z[g][col - 8 c0] (uint8) and fp16 scale bits s[g][col - 8 c0] of its group g = 32 b / per (rows per group, a
  * multiple of 32): z and s (G, 8 (c1 - c0)), the checkpoint's columns of these words. Per tile of 16 word columns:
  * each block's 32 rows of 16 words read (one 64-byte line each), transposed in 4 groups of 8 rows, its 128 blocks
- * stored. */
-static inline ALWAYS_INLINE void awq_to_gguf_body(const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0,
-                                                 Py_ssize_t c1, const int64_t *rowof, const uint8_t *z,
-                                                 const uint16_t *s, Py_ssize_t per, int kind, uint8_t *out) {
-    Py_ssize_t nb = k / 32, bs = BLOCK_BYTES[kind], row = nb * bs, m = 8 * (c1 - c0);
-    uint32_t v[4][8][TILE]; /* [8-row group of the block][slot s][word in tile] */
-    for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {
-        int nw = (int)(wt + TILE < c1 ? TILE : c1 - wt);
-        for (Py_ssize_t b = 0; b < nb; b++) {
-            for (int h = 0; h < 4; h++) {
-                const uint32_t *rows = src + (32 * b + 8 * h) * c + wt;
-                for (int i = 0; i < 8; i++)
-                    load_lanes(v[h][i], rows + i * c, nw);
-                transpose_lanes(v[h]);
-            }
-            Py_ssize_t g = 32 * b / per;
-            const uint8_t *zg = z + g * m;
-            const uint16_t *sg = s + g * m;
-            for (int l = 0; l < nw; l++)
-                for (int sl = 0; sl < 8; sl++) {
-                    Py_ssize_t col = 8 * (wt + l) + AWQ_ORDER[sl], r = col - 8 * c0;
-                    uint32_t q[4] = {v[0][sl][l], v[1][sl][l], v[2][sl][l], v[3][sl][l]};
-                    gguf_block(out + (rowof ? rowof[r] : r) * row + b * bs, q, zg[r], sg[r], kind);
-                }
-        }
+ * made (by TILE_BLOCKS: scalar, or 16 columns a vector in the AVX-512 build) and stored. The kind is a constant of
+ * each inlined copy, so that no block tests it. */
+#define AWQ_TO_GGUF_BODY(TILE_BLOCKS)                                                                                 \
+    Py_ssize_t nb = k / 32, bs = BLOCK_BYTES[kind], row = nb * bs, m = 8 * (c1 - c0);                                  \
+    uint32_t v[4][8][TILE]; /* [8-row group of the block][slot s][word in tile] */                                    \
+    for (Py_ssize_t wt = c0; wt < c1; wt += TILE) {                                                                   \
+        int nw = (int)(wt + TILE < c1 ? TILE : c1 - wt);                                                              \
+        for (Py_ssize_t b = 0; b < nb; b++) {                                                                         \
+            for (int h = 0; h < 4; h++) {                                                                             \
+                const uint32_t *rows = src + (32 * b + 8 * h) * c + wt;                                               \
+                for (int i = 0; i < 8; i++)                                                                           \
+                    load_lanes(v[h][i], rows + i * c, nw);                                                            \
+                transpose_lanes(v[h]);                                                                                \
+            }                                                                                                         \
+            Py_ssize_t g = 32 * b / per;                                                                              \
+            TILE_BLOCKS(v, nw, 8 * (wt - c0), rowof, z + g * m, s + g * m, kind, out + b * bs, row);                  \
+        }                                                                                                             \
     }
+
+/* the tile's blocks, one column at a time: column 8 l + AWQ_ORDER[sl] of the tile (its first r0), block row o */
+static inline ALWAYS_INLINE void gguf_tile(uint32_t v[4][8][TILE], int nw, Py_ssize_t r0, const int64_t *rowof,
+                                           const uint8_t *zg, const uint16_t *sg, int kind, uint8_t *out,
+                                           Py_ssize_t row) {
+    for (int l = 0; l < nw; l++)
+        for (int sl = 0; sl < 8; sl++) {
+            Py_ssize_t r = r0 + 8 * l + AWQ_ORDER[sl];
+            uint32_t q[4] = {v[0][sl][l], v[1][sl][l], v[2][sl][l], v[3][sl][l]};
+            gguf_block(out + (rowof ? rowof[r] : r) * row, q, zg[r], sg[r], kind);
+        }
 }
 
 #define AWQ_TO_GGUF_ARGS const uint32_t *src, Py_ssize_t k, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1, \
     const int64_t *rowof, const uint8_t *z, const uint16_t *s, Py_ssize_t per, int kind, uint8_t *out
-static void awq_to_gguf_plain(AWQ_TO_GGUF_ARGS) { awq_to_gguf_body(src, k, c, c0, c1, rowof, z, s, per, kind, out); }
+static inline ALWAYS_INLINE void awq_to_gguf_plain_kind(AWQ_TO_GGUF_ARGS) { AWQ_TO_GGUF_BODY(gguf_tile) }
+static void awq_to_gguf_plain(AWQ_TO_GGUF_ARGS) {
+    switch (kind) {
+    case Q4_0: awq_to_gguf_plain_kind(src, k, c, c0, c1, rowof, z, s, per, Q4_0, out); break;
+    case Q5_0: awq_to_gguf_plain_kind(src, k, c, c0, c1, rowof, z, s, per, Q5_0, out); break;
+    default: awq_to_gguf_plain_kind(src, k, c, c0, c1, rowof, z, s, per, Q8_0, out); break;
+    }
+}
+
 #if WIDE_TRANSPOSES
-WIDE static void awq_to_gguf_wide(AWQ_TO_GGUF_ARGS) { awq_to_gguf_body(src, k, c, c0, c1, rowof, z, s, per, kind, out); }
+/* 16 lanes' words (one per column) to their 8 nibbles one a byte, nibble i at byte i of a uint64: lanes 0-7 in
+ * *lo, 8-15 in *hi */
+WIDE static inline ALWAYS_INLINE void spread16(__m512i x, __m512i *lo, __m512i *hi) {
+    const __m512i m = _mm512_set1_epi32(0x0F0F0F0F);
+    __m512i a = _mm512_and_si512(x, m), b = _mm512_and_si512(_mm512_srli_epi32(x, 4), m);
+    /* per 128 bits, a's and b's bytes alternately: lanes 0, 1, 4, 5, ... in e; 2, 3, 6, 7, ... in o */
+    __m512i e = _mm512_unpacklo_epi8(a, b), o = _mm512_unpackhi_epi8(a, b);
+    *lo = _mm512_permutex2var_epi64(e, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), o);
+    *hi = _mm512_permutex2var_epi64(e, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), o);
+}
+
+/* gguf_tile's blocks, 16 columns (the lanes l of slot sl) a vector: gguf_block's arithmetic in byte lanes, then each
+ * column's block stored from a uint64 a part */
+WIDE static inline ALWAYS_INLINE void gguf_tile_wide(uint32_t v[4][8][TILE], int nw, Py_ssize_t r0,
+                                                     const int64_t *rowof, const uint8_t *zg, const uint16_t *sg,
+                                                     int kind, uint8_t *out, Py_ssize_t row) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    uint64_t part[4][TILE];
+    uint32_t qh[TILE];
+    for (int sl = 0; sl < 8; sl++) {
+        __m512i q[4][2];
+        for (int h = 0; h < 4; h++)
+            spread16(_mm512_loadu_si512(v[h][sl]), &q[h][0], &q[h][1]);
+        if (kind != Q4_0) {
+            uint64_t zz[TILE];
+            for (int l = 0; l < TILE; l++)
+                zz[l] = 0x0101010101010101ull * (l < nw ? zg[r0 + 8 * l + AWQ_ORDER[sl]] : 0);
+            for (int j = 0; j < 2; j++) {
+                __m512i zj = _mm512_loadu_si512(zz + 8 * j);
+                if (kind == Q8_0) { /* q - z as int8: bytes subtract alone */
+                    for (int h = 0; h < 4; h++)
+                        _mm512_storeu_si512(part[h] + 8 * j, _mm512_sub_epi8(q[h][j], zj));
+                    continue;
+                }
+                /* Q5_0: q - z + 16 in [1, 31]; bit 4 of each byte to qh, the low nibbles to qs as Q4_0's */
+                __m512i add = _mm512_sub_epi8(_mm512_set1_epi8(16), zj);
+                uint64_t bit4[4];
+                for (int h = 0; h < 4; h++) {
+                    q[h][j] = _mm512_add_epi8(q[h][j], add);
+                    bit4[h] = _mm512_test_epi8_mask(q[h][j], _mm512_set1_epi8(0x10));
+                    q[h][j] = _mm512_and_si512(q[h][j], lo4);
+                }
+                /* qh of lane e: byte e of each mask (a 4 x 8 byte transpose) */
+                __m128i x = _mm_set_epi64x((long long)bit4[1], (long long)bit4[0]);
+                __m128i y = _mm_set_epi64x((long long)bit4[3], (long long)bit4[2]);
+                x = _mm_unpacklo_epi8(x, _mm_srli_si128(x, 8));
+                y = _mm_unpacklo_epi8(y, _mm_srli_si128(y, 8));
+                _mm_storeu_si128((__m128i *)(qh + 8 * j), _mm_unpacklo_epi16(x, y));
+                _mm_storeu_si128((__m128i *)(qh + 8 * j + 4), _mm_unpackhi_epi16(x, y));
+            }
+        }
+        if (kind != Q8_0)
+            for (int j = 0; j < 2; j++) {
+                _mm512_storeu_si512(part[0] + 8 * j, _mm512_or_si512(q[0][j], _mm512_slli_epi64(q[2][j], 4)));
+                _mm512_storeu_si512(part[1] + 8 * j, _mm512_or_si512(q[1][j], _mm512_slli_epi64(q[3][j], 4)));
+            }
+        for (int l = 0; l < nw; l++) {
+            Py_ssize_t r = r0 + 8 * l + AWQ_ORDER[sl];
+            uint8_t *o = out + (rowof ? rowof[r] : r) * row;
+            memcpy(o, sg + r, 2);
+            if (kind == Q4_0) {
+                put64(o + 2, part[0][l]);
+                put64(o + 10, part[1][l]);
+            } else if (kind == Q5_0) {
+                memcpy(o + 2, qh + l, 4);
+                put64(o + 6, part[0][l]);
+                put64(o + 14, part[1][l]);
+            } else {
+                for (int h = 0; h < 4; h++)
+                    put64(o + 2 + 8 * h, part[h][l]);
+            }
+        }
+    }
+}
+
+WIDE static inline ALWAYS_INLINE void awq_to_gguf_wide_kind(AWQ_TO_GGUF_ARGS) { AWQ_TO_GGUF_BODY(gguf_tile_wide) }
+WIDE static void awq_to_gguf_wide(AWQ_TO_GGUF_ARGS) {
+    switch (kind) {
+    case Q4_0: awq_to_gguf_wide_kind(src, k, c, c0, c1, rowof, z, s, per, Q4_0, out); break;
+    case Q5_0: awq_to_gguf_wide_kind(src, k, c, c0, c1, rowof, z, s, per, Q5_0, out); break;
+    default: awq_to_gguf_wide_kind(src, k, c, c0, c1, rowof, z, s, per, Q8_0, out); break;
+    }
+}
 #endif
+
 static void awq_to_gguf(AWQ_TO_GGUF_ARGS) {
 #if WIDE_TRANSPOSES
     if (transposes_level()) {
