@@ -472,16 +472,23 @@ def test_gguf_sized_pieces_are_written_uncopied_with_gguf_pys_bytes(tmp_path, mo
 
 @needs_direct
 @pytest.mark.parametrize("direct", [True, False])
-def test_gguf_stored_tensors_are_read_straight_into_the_stage(tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("part", [None, 4096, 7_001])
+def test_gguf_stored_tensors_are_read_straight_into_the_stage(tmp_path, monkeypatch, direct, part):
     """A plain tensor kept as stored (``Stored``) goes from its shard into the writer's stage (or, buffered, by the
-    kernel's copy), between made pieces and across the tensors' padding: gguf-py's file from the same bytes."""
+    kernel's copy), whole or in parts (``Stored.parts``), between made pieces and across the tensors' padding:
+    gguf-py's file from the same bytes."""
     pytest.importorskip("gguf")
     import packq.checkpoint.containers.gguf as CG
 
     src = _source(tmp_path, 40_000)
     raw = np.fromfile(tmp_path / "src.safetensors", np.uint8)[-40_000:]
     tensors, datas = _gguf_tensors([[10_000, 3], [5]], 4)
-    tensors.insert(1, CG.Tensor("s", 24, (40_000,), 40_000, lambda: iter([S.Stored(src, "src")])))
+    whole = S.Stored(src, "src")
+    parts = [whole] if part is None else whole.parts(part)
+    if part is not None:
+        assert len(parts) == -(-40_000 // part) and sum(p.nbytes for p in parts) == 40_000
+        assert [p.offset for p in parts] == list(range(0, 40_000, part))
+    tensors.insert(1, CG.Tensor("s", 24, (40_000,), 40_000, lambda: iter(parts)))
     datas.insert(1, raw)
     if not direct:
         monkeypatch.delattr(os, "O_DIRECT")

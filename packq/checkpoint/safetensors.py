@@ -134,14 +134,22 @@ def _is_usize(v: Any) -> bool:
 @dataclass(frozen=True)
 class Stored:
     """A stored tensor's bytes as they are, for a writer to read straight into its staging buffer (no buffer in
-    between): tensor ``name`` of ``file`` (:meth:`StagedWriter.copy`)."""
+    between): bytes [offset, offset + size) of tensor ``name`` of ``file`` (size None: to its end;
+    :meth:`StagedWriter.copy`)."""
 
     file: SafetensorsFile
     name: str
+    offset: int = 0
+    size: int | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.file.tensors[self.name].nbytes
+        return self.file.tensors[self.name].nbytes - self.offset if self.size is None else self.size
+
+    def parts(self, nbytes: int) -> list[Stored]:
+        """These bytes as consecutive pieces of at most ``nbytes`` each."""
+        n = self.nbytes
+        return [Stored(self.file, self.name, self.offset + a, min(nbytes, n - a)) for a in range(0, n, nbytes)] or [self]
 
 
 class SafetensorsFile:

@@ -258,7 +258,7 @@ def _write_tensors(path: Path, out: StagedWriter, tensors: list[Tensor], stream:
                 raise CheckpointError(f"{path}: {tensors[i].name}: more data than planned ({tensors[i].nbytes} bytes)")
             if data is None:  # a plain tensor's bytes as stored: read from its shard straight into the stage
                 with piece.file.open() as f:
-                    out.copy(f, piece.name, 0, nbytes)
+                    out.copy(f, piece.name, piece.offset, nbytes)
             else:
                 out.write(data, piece if buffers is not None else None)  # (given back to the buffers once written)
             if progress is not None:

@@ -46,6 +46,8 @@ COLUMN_WEIGHTS = 1 << 22
 CENSUS_BYTES = 1 << 20
 #: qweight is unpacked in blocks of rows of about this many words
 ROW_WORDS = 1 << 20
+#: a plain tensor kept as stored is read into the writer's stage in parts of this many bytes
+STORED_PART = 8 << 20
 #: how many tensors a refusal names before "and N more"
 SHOWN = 5
 #: safetensors dtype of a plain tensor -> the GGUF type that holds it as stored
@@ -431,7 +433,9 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
     for name in t.sources:
         shard = next(s for s in ckpt.shards.values() if name in s.tensors)
         if t.row_perm is None and (p.gguf_type != "F32" or p.stored == "F32"):  # its stored bytes, as they are
-            yield Stored(shard, name)  # (read by the writer straight into its stage: no buffer of its own)
+            # read by the writer straight into its stage (no buffer of its own), a part at a time: the writer makes
+            # the pieces after them meanwhile, so an embedding's 65 MB read no longer leaves the workers idle
+            yield from Stored(shard, name).parts(STORED_PART)
         else:
             yield _plain_bytes(ckpt, name, p, buffers)
 
