@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +42,53 @@ def test_buffers_ignore_arrays_that_are_not_theirs_and_keep_a_few():
         b.give(t)
     b.give(taken[0])  # twice: the second is ignored
     assert sorted(f.nbytes for f in b._free) == [3000 + 8192, 4000 + 8192]  # the two largest kept
+
+
+def _resident(a: np.ndarray) -> int:
+    """How many of ``a``'s pages are in memory (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = a.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+    n = -(-(a.ctypes.data + a.nbytes - start) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * mmap.PAGESIZE), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE are Linux's")
+def test_fresh_buffers_have_their_pages_before_any_write(monkeypatch):
+    """From PREFAULT_FROM bytes a fresh buffer's pages are present when it is handed out (one madvise call, not a
+    fault per page as it is written), where the C kernels are built; without them, a plain array all the same."""
+    from packq.backends import numpy as numpy_backend
+
+    if numpy_backend.c_kernels() is None:
+        pytest.skip("packq's C extension is not built here")
+    big = S.fresh(S.PREFAULT_FROM + 12_345)
+    assert big.dtype == np.uint8 and big.nbytes == S.PREFAULT_FROM + 12_345
+    pages = -(-big.nbytes // 4096)
+    assert _resident(big) >= pages - 1  # (the first, partial page may be shared with other memory)
+    small = np.empty(S.PREFAULT_FROM, np.uint8)  # negative control: NumPy's own array has no pages yet
+    assert _resident(small) < pages // 2
+    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
+    plain = S.fresh(S.PREFAULT_FROM)
+    assert plain.nbytes == S.PREFAULT_FROM and _resident(plain) < pages // 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_prefault_keeps_the_bytes_and_refuses_read_only_buffers():
+    from packq.backends import numpy as numpy_backend
+
+    ck = numpy_backend.c_kernels()
+    if ck is None:
+        pytest.skip("packq's C extension is not built here")
+    a = np.arange(3 * 4096 + 100, dtype=np.uint32).view(np.uint8)[7:]  # unaligned at both ends
+    before = a.copy()
+    assert ck.prefault(a) is True and np.array_equal(a, before)
+    assert ck.prefault(bytearray(10)) is True  # no whole page: nothing to do
+    with pytest.raises(TypeError):
+        ck.prefault(b"read only")
 
 
 # ------------------------------------------------------------------ the writer, direct and buffered

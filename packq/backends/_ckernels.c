@@ -15,6 +15,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -1138,7 +1142,40 @@ static PyObject *py_transposes(PyObject *self, PyObject *args) {
     return PyLong_FromLong(transposes_level());
 }
 
+/* madvise(MADV_POPULATE_WRITE) (Linux 5.14) over the whole pages of a writable buffer, without the GIL: its pages
+ * made present and writable in one call, as a write to each would, its bytes unchanged. False where the system
+ * cannot (another OS, an older kernel, no memory left): the pages then fault as they are first written. */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+static PyObject *py_prefault(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    int ok = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*:prefault", &b))
+        return NULL;
+#if defined(__linux__)
+    {
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)b.buf;
+        uintptr_t lo = (a + page - 1) & ~(page - 1), hi = (a + (uintptr_t)b.len) & ~(page - 1);
+        ok = 1; /* no whole page: nothing to do */
+        if (hi > lo) {
+            int r;
+            Py_BEGIN_ALLOW_THREADS
+            r = madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE);
+            Py_END_ALLOW_THREADS
+            ok = r == 0;
+        }
+    }
+#endif
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
+    {"prefault", py_prefault, METH_VARARGS,
+     "prefault(buf): the whole pages of the writable buffer buf made present (madvise MADV_POPULATE_WRITE), its bytes "
+     "unchanged; releases the GIL. Returns whether they are (False: the system could not, as before Linux 5.14)."},
     {"transposes", py_transposes, METH_VARARGS,
      "transposes(level=-1): the level the word transposes (awq_to_ct, awq_to_gptq, awq_to_gguf, awq_to_ct_mlx) run at "
      "from now on, and returns it: 1 AVX-512 (F, BW, VL), 0 plain, capped at what this CPU has; -1: what the CPU "
