@@ -383,8 +383,10 @@ class Buffers:
             raise ValueError(f"phase must be in [0, {_ALIGN}), got {phase}")
         with self._lock:  # (by position, not list.remove: arrays compare by value)
             fits = [i for i, b in enumerate(self._free) if b.nbytes - _skip(b) - phase >= nbytes]
-            buf = (self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits
-                   else fresh(nbytes + 2 * _ALIGN))
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+        if buf is None:  # (made outside the lock: its pages take a while, and the other threads give and take)
+            buf = fresh(nbytes + 2 * _ALIGN)
+        with self._lock:
             self._out[id(buf)] = buf
         start = _skip(buf) + phase
         return buf[start : start + nbytes]
