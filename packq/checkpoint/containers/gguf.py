@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 ALIGNMENT = 32
 #: pieces made on worker threads at once (NumPy releases the GIL: 1.5x on 2 cores, measured), and how many wait
 WORKERS, LOOKAHEAD = 2, 3
+#: tensors whose first step (reading their module's arrays) runs ahead of the one being written
+READ_AHEAD = 2
 
 #: a tensor's piece: its bytes (made already), a call that makes them (a Piece when it says their size), or a stored
 #: tensor's bytes as they are
@@ -187,14 +189,15 @@ def _begin(t: Tensor) -> Iterator[Part]:
 
 
 def _stream(tensors: list[Tensor], ahead: ThreadPoolExecutor) -> Iterator[tuple[int, Part]]:
-    """Every tensor's pieces in file order, each with its tensor's index; the next tensor's first step (reading its
-    module's arrays) on the thread ``ahead`` while this one's pieces are made and written (the reads and the writes
-    were in turn on one thread, the workers idle meanwhile)."""
-    following = ahead.submit(_begin, tensors[0]) if tensors else None
+    """Every tensor's pieces in file order, each with its tensor's index; the next :data:`READ_AHEAD` tensors' first
+    steps (reading their modules' arrays) on the thread ``ahead`` while this one's pieces are made and written (the
+    reads and the writes were in turn on one thread, the workers idle meanwhile; with one tensor read ahead, the
+    writer still waited at a tensor's start for its read, sampled on the main thread, while the workers idled)."""
+    following = deque(ahead.submit(_begin, t) for t in tensors[:READ_AHEAD])
     for i in range(len(tensors)):
-        assert following is not None
-        pieces = following.result()
-        following = ahead.submit(_begin, tensors[i + 1]) if i + 1 < len(tensors) else None
+        pieces = following.popleft().result()
+        if i + READ_AHEAD < len(tensors):
+            following.append(ahead.submit(_begin, tensors[i + READ_AHEAD]))
         for piece in pieces:
             yield i, piece
 
