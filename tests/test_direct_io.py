@@ -552,3 +552,34 @@ def test_gguf_stored_tensors_are_read_straight_into_the_stage(tmp_path, monkeypa
     w.write_tensors_to_file()
     w.close()
     assert (tmp_path / "s.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+def test_gguf_reads_two_tensors_ahead(tmp_path):
+    """While a tensor's first piece is made, the next two tensors' first steps (their modules' reads) have started:
+    the writer never waits at a tensor's start for a read it could have had done. Tensor 0's first piece waits (5 s
+    at most) for tensor 2's first step; tensor 0 has more pieces than the writer makes ahead, so with one tensor read
+    ahead, tensor 2's would start only once tensor 0's pieces are all taken, after that piece."""
+    pytest.importorskip("gguf")
+    import threading
+
+    import packq.checkpoint.containers.gguf as CG
+
+    assert CG.READ_AHEAD == 2
+    started = [threading.Event() for _ in range(4)]
+    seen: list[list[bool]] = []
+
+    def pieces(i):
+        def gen():
+            started[i].set()
+            if i == 0:
+                yield lambda: (seen.append([started[2].wait(5), started[3].is_set()]), np.zeros(8, np.uint8))[1]
+                for _ in range(CG.LOOKAHEAD + 1):
+                    yield np.zeros(8, np.uint8)
+            else:
+                yield np.full(8, i, np.uint8)
+        return gen
+
+    sizes = [8 * (CG.LOOKAHEAD + 2), 8, 8, 8]
+    tensors = [CG.Tensor(f"t{i}", 24, (n,), n, pieces(i)) for i, n in enumerate(sizes)]
+    CG.write(tmp_path / "r.gguf", "llama", [("general.name", "r", None)], tensors, buffers=S.Buffers())
+    assert seen == [[True, False]]  # tensor 2's read had started, tensor 3's not yet (two ahead, not all)
