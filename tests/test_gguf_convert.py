@@ -183,6 +183,7 @@ def test_streamed_in_column_blocks(tmp_path, monkeypatch):
     C.make_gptq(tmp_path / "src")
     convert_checkpoint(tmp_path / "src", tmp_path / "a.gguf", to="gguf")
     monkeypatch.setattr(fmt, "COLUMN_WEIGHTS", 32 * 64)
+    assert fmt._columns(C.FFN, C.HIDDEN) == [(0, 32), (32, 64), (64, 96), (96, 128)]  # (every module is split)
     convert_checkpoint(tmp_path / "src", tmp_path / "b.gguf", to="gguf", verify=True)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
