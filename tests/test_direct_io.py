@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -60,7 +61,10 @@ def _resident(a: np.ndarray) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE are Linux's")
 def test_fresh_buffers_have_their_pages_before_any_write(monkeypatch):
     """From PREFAULT_FROM bytes a fresh buffer's pages are present when it is handed out (one madvise call, not a
-    fault per page as it is written), where the C kernels are built; without them, a plain array all the same."""
+    fault per page as it is written), where the C kernels are built; smaller ones, and any without the kernels,
+    are plain arrays."""
+    import mmap
+
     from packq.backends import numpy as numpy_backend
 
     if numpy_backend.c_kernels() is None:
@@ -69,11 +73,14 @@ def test_fresh_buffers_have_their_pages_before_any_write(monkeypatch):
     assert big.dtype == np.uint8 and big.nbytes == S.PREFAULT_FROM + 12_345
     pages = -(-big.nbytes // 4096)
     assert _resident(big) >= pages - 1  # (the first, partial page may be shared with other memory)
-    small = np.empty(S.PREFAULT_FROM, np.uint8)  # negative control: NumPy's own array has no pages yet
-    assert _resident(small) < pages // 2
+    untouched = np.frombuffer(mmap.mmap(-1, big.nbytes), np.uint8)  # negative control: a new mapping has no pages
+    assert _resident(untouched) < pages // 2
+    calls: list[int] = []
+    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: types.SimpleNamespace(prefault=lambda a: calls.append(a.nbytes)))
+    assert S.fresh(S.PREFAULT_FROM - 1).nbytes == S.PREFAULT_FROM - 1 and S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM
+    assert calls == [S.PREFAULT_FROM]  # only from PREFAULT_FROM bytes
     monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
-    plain = S.fresh(S.PREFAULT_FROM)
-    assert plain.nbytes == S.PREFAULT_FROM and _resident(plain) < pages // 2
+    assert S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM  # without the kernels: a plain array
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")

@@ -302,7 +302,8 @@ static void ct_to_gguf(const uint32_t *ct, Py_ssize_t kw, const int64_t *rows, c
         }                                                                                                             \
     }
 
-/* the tile's blocks, one column at a time: column 8 l + AWQ_ORDER[sl] of the tile (its first r0), block row o */
+/* the tile's blocks, one column at a time: column r0 + 8 l + AWQ_ORDER[sl] (of these words' columns) to its output
+ * row (rowof, else itself), at out + that row * row (out: this block's place in output row 0) */
 static inline ALWAYS_INLINE void gguf_tile(uint32_t v[4][8][TILE], int nw, Py_ssize_t r0, const int64_t *rowof,
                                            const uint8_t *zg, const uint16_t *sg, int kind, uint8_t *out,
                                            Py_ssize_t row) {
