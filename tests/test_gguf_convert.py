@@ -354,3 +354,33 @@ def test_a_modules_words_go_back_to_the_buffers_only_once_every_piece_is_made():
     with pytest.raises(ZeroDivisionError):  # a piece that fails still counts: the buffer is not held forever
         _Held(buffers.take(4096), 1, buffers).run(lambda: 1 // 0)
     assert not buffers._out
+
+
+@pytest.mark.parametrize("source", ["example", "symmetric"])
+def test_the_plan_keeps_which_awq_modules_are_symmetric(tmp_path, monkeypatch, source):
+    """The census reads an AWQ module's zero-points once: the plan keeps whether they are all 8, and the writer's
+    choice of kernels (needs_kernels: Q4_0's whole-word path takes only those) reads none again, with the answer it
+    gets by reading them."""
+    from packq.checkpoint.folder import open_checkpoint
+    from packq.checkpoint.formats import gguf as fmt
+
+    if source == "symmetric":
+        root = tmp_path / "awq"
+        C.make_gptq(tmp_path / "g", bits=4, sym=True)
+        convert_checkpoint(tmp_path / "g", root, to="awq")
+    else:
+        root = EXAMPLE
+    ckpt = open_checkpoint(root)
+    parts = {name for m in ckpt.modules.values() for name in m.names.values()}
+    shapes = {t.name: t.shape for s in ckpt.shards.values() for t in s.tensors.values() if t.name not in parts}
+    model = C.describe(ckpt.root, ckpt.config, shapes, {p: (m.k, m.n) for p, m in ckpt.modules.items()})
+    gplan = fmt.plan(ckpt, model, "q4_0", True, False)
+    truth = {p: bool(np.all(fmt._awq_arrays(ckpt, p)[0] == 8)) for p in ckpt.modules}
+    assert gplan.symmetric == truth and set(truth.values()) == {source == "symmetric"}
+    reads: list[str] = []
+    real = fmt._awq_arrays
+    monkeypatch.setattr(fmt, "_awq_arrays", lambda c, p: (reads.append(p), real(c, p))[1])
+    kept = fmt.needs_kernels(ckpt, gplan)
+    assert reads == [] and kept == (source == "example")  # asymmetric Q4_0 takes numba's kernel
+    gplan.symmetric.clear()  # negative control: not kept, they are read, and the answer is the same
+    assert fmt.needs_kernels(ckpt, gplan) == kept and reads

@@ -192,7 +192,7 @@ def _columns(n: int, k: int) -> list[tuple[int, int]]:
 
 
 def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, rounding: bool = True,
-                  decide: str | None = None) -> G.Census:
+                  decide: str | None = None, symmetric: dict[str, bool] | None = None) -> G.Census:
     """:func:`packq.formats.gguf.census` of one module, in column blocks (memory: the packed module and one block);
     ``rounding``: count what F16/BF16 rounding changes too (without it those counts are 0).
 
@@ -200,14 +200,19 @@ def module_census(ckpt: Checkpoint, prefix: str, read_word: bool = False, roundi
     exact. A 4-bit AWQ code less a 4-bit zero-point is always in Q5_0's and Q8_0's ranges, so the census of codes
     spanning [0, 15] counts those two types exactly without reading the words; for "auto" the words are then read
     only until a block that Q4_0 does not hold (the first few rows of a random asymmetric module), and the census
-    returned counts Q4_0's exact blocks as at least those of that span (fewer than all: what decides)."""
+    returned counts Q4_0's exact blocks as at least those of that span (fewer than all: what decides).
+
+    ``symmetric``: where given, the module's entry says whether its zero-points are all 8 (AWQ read in place)."""
     total = G.Census()
     direct = _awq_arrays(ckpt, prefix)
     if direct is not None:  # AWQ: the codes unpacked a few groups of rows at a time, into one reused buffer
         z, s = direct
         k, n = ckpt.modules[prefix].infos["qweight"].shape[0], s.shape[1]
         size = k // s.shape[0]
-        if not rounding and (np.all(z == 8) or decide in ("Q5_0", "Q8_0")):  # symmetric: every q - 8 of a 4-bit
+        z8 = bool(np.all(z == 8))
+        if symmetric is not None:
+            symmetric[prefix] = z8
+        if not rounding and (z8 or decide in ("Q5_0", "Q8_0")):  # symmetric: every q - 8 of a 4-bit
             # code is in [-8, 7], Q4_0's (and the others') range, whatever the codes, so the block ranges need no
             # pass over the words (none are read): the census of codes spanning [0, 15] is the module's (only the
             # scales decide, as for any source); and Q5_0's and Q8_0's counts are exact for any zero-points
@@ -278,6 +283,9 @@ class Plan:
     tensors: list[Planned]
     requested: str
     inexact: list[Planned] = field(default_factory=list)
+    #: AWQ modules read in place: whether their zero-points are all 8 (as the census read them: the writer's
+    #: choice of kernels need not read them again)
+    symmetric: dict[str, bool] = field(default_factory=dict)
 
     @property
     def file_type(self) -> int:
@@ -309,6 +317,7 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
     where = {t.name: (f, t) for f, shard in ckpt.shards.items() for t in shard.tensors.values()}
     planned: list[Planned] = []
     refused: list[str] = []
+    symmetric: dict[str, bool] = {}
     for t in model.tensors:
         if t.values is not None:  # computed from config.json (Llama 3.1's rope_freqs)
             planned.append(Planned(t.name, "F32", (len(t.values),), t))
@@ -324,7 +333,8 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
         census = G.Census()
         for prefix in t.sources:  # the float roundings only where asked for: they cost more than the block ranges
             census += module_census(ckpt, prefix, read_word, rounding=forced in ("F16", "BF16"),
-                                    decide=forced if forced in ("Q5_0", "Q8_0") else "auto" if forced is None else None)
+                                    decide=forced if forced in ("Q5_0", "Q8_0") else "auto" if forced is None else None,
+                                    symmetric=symmetric)
         chosen = forced or census.smallest()
         if chosen is None:  # no block type holds it: F16, what AWQ/GPTQ engines compute, if the user accepts that
             p = Planned(t.name, "F16", shape, t, census, exact=False)
@@ -353,7 +363,7 @@ def plan(ckpt: Checkpoint, model: GGUFModel, gguf_type: str, allow_inexact: bool
         )
     for p in inexact:
         p.max_error = _max_error(ckpt, p, read_word)
-    return Plan(model, planned, gguf_type, inexact)
+    return Plan(model, planned, gguf_type, inexact, symmetric)
 
 
 def _best(c: G.Census) -> str:
@@ -440,13 +450,14 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
             yield _plain_bytes(ckpt, name, p, buffers)
 
 
-def _by_words(ckpt: Checkpoint, p: Planned, prefix: str) -> bool:
+def _by_words(ckpt: Checkpoint, p: Planned, prefix: str, symmetric: dict[str, bool] | None = None) -> bool:
     """Whether :func:`chunks` makes every piece of this module by the whole-word path (no numba kernel): a 2-D 4-bit
     AWQ module, pieces of whole words (the row permutation moving rows within them), Q5_0 or Q8_0, or Q4_0 of zero-points
     that are all 8 (:func:`packq.backends.numpy.gguf_blocks_awq_words`)."""
     if not _awq_direct(ckpt, prefix) or p.gguf_type not in numpy_kernels.GGUF_KINDS:
         return False
-    if p.gguf_type == "Q4_0" and not np.all(_awq_arrays(ckpt, prefix)[0] == 8):  # type: ignore[index]
+    if p.gguf_type == "Q4_0" and not (symmetric[prefix] if symmetric and prefix in symmetric
+                                      else np.all(_awq_arrays(ckpt, prefix)[0] == 8)):  # type: ignore[index]
         return False  # (only Q4_0 reads the zero-points: Q5_0 and Q8_0 take any)
     m = ckpt.modules[prefix]
     k, n = m.infos["qweight"].shape[0], m.n
@@ -463,7 +474,8 @@ def _whole_words(cols: np.ndarray) -> tuple[int, int] | None:
 def needs_kernels(ckpt: Checkpoint, gplan: Plan) -> bool:
     """Whether some quantized tensor of the plan is made by numba's block kernels (so that ``packq convert`` loads
     them on a thread while it writes; 0.5-1 s of CPU on 2 cores, wasted where the whole-word path makes every block)."""
-    return any(not _by_words(ckpt, p, prefix) for p in gplan.tensors if p.tensor.quantized for prefix in p.tensor.sources)
+    return any(not _by_words(ckpt, p, prefix, gplan.symmetric) for p in gplan.tensors if p.tensor.quantized
+               for prefix in p.tensor.sources)
 
 
 def encode(q: np.ndarray, z: np.ndarray, s: np.ndarray, gguf_type: str, g: np.ndarray | None) -> np.ndarray:
