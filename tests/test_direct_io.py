@@ -58,44 +58,50 @@ def _resident(a: np.ndarray) -> int:
     return sum(v & 1 for v in vec)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE are Linux's")
-def test_fresh_buffers_have_their_pages_before_any_write(monkeypatch):
-    """From PREFAULT_FROM bytes a fresh buffer's pages are present when it is handed out (one madvise call, not a
-    fault per page as it is written), where the C kernels are built; smaller ones, and any without the kernels,
-    are plain arrays."""
-    import mmap
-
-    from packq.backends import numpy as numpy_backend
-
-    if numpy_backend.c_kernels() is None:
-        pytest.skip("packq's C extension is not built here")
-    big = S.fresh(S.PREFAULT_FROM + 12_345)
-    assert big.dtype == np.uint8 and big.nbytes == S.PREFAULT_FROM + 12_345
-    pages = -(-big.nbytes // 4096)
-    assert _resident(big) >= pages - 1  # (the first, partial page may be shared with other memory)
-    untouched = np.frombuffer(mmap.mmap(-1, big.nbytes), np.uint8)  # negative control: a new mapping has no pages
-    assert _resident(untouched) < pages // 2
-    calls: list[int] = []
-    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: types.SimpleNamespace(prefault=lambda a: calls.append(a.nbytes)))
-    assert S.fresh(S.PREFAULT_FROM - 1).nbytes == S.PREFAULT_FROM - 1 and S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM
-    assert calls == [S.PREFAULT_FROM]  # only from PREFAULT_FROM bytes
-    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
-    assert S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM  # without the kernels: a plain array
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
-def test_prefault_keeps_the_bytes_and_refuses_read_only_buffers():
+def _prefaulting():
+    """The C kernels, where they are built and this system populates pages on request (Linux 5.14 and later)."""
     from packq.backends import numpy as numpy_backend
 
     ck = numpy_backend.c_kernels()
     if ck is None:
         pytest.skip("packq's C extension is not built here")
+    if not sys.platform.startswith("linux") or not ck.prefault(bytearray(3 * 4096)):
+        pytest.skip("no MADV_POPULATE_WRITE here (Linux 5.14 and later)")
+    return ck
+
+
+def test_prefault_makes_the_pages_present_and_keeps_the_bytes():
+    """On a new mapping (no page present yet, whatever the allocator holds): every whole page present after it,
+    none before; an array's bytes unchanged; a buffer of no whole page done; read-only buffers refused."""
+    import mmap
+
+    ck = _prefaulting()
+    m = np.frombuffer(mmap.mmap(-1, 64 * 4096), np.uint8)
+    assert _resident(m) == 0  # (the negative control: nothing has touched it)
+    assert ck.prefault(m) is True and _resident(m) == 64
     a = np.arange(3 * 4096 + 100, dtype=np.uint32).view(np.uint8)[7:]  # unaligned at both ends
     before = a.copy()
     assert ck.prefault(a) is True and np.array_equal(a, before)
     assert ck.prefault(bytearray(10)) is True  # no whole page: nothing to do
     with pytest.raises(TypeError):
         ck.prefault(b"read only")
+
+
+def test_fresh_buffers_are_prefaulted_from_prefault_from(monkeypatch):
+    """From PREFAULT_FROM bytes a fresh buffer's pages are made present when it is handed out (one madvise call,
+    not a fault per page as it is written); smaller ones, and any without the C kernels, are plain arrays."""
+    from packq.backends import numpy as numpy_backend
+
+    _prefaulting()
+    big = S.fresh(S.PREFAULT_FROM + 12_345)
+    assert big.dtype == np.uint8 and big.nbytes == S.PREFAULT_FROM + 12_345
+    assert _resident(big) >= -(-big.nbytes // 4096) - 1  # (the first, partial page may be shared with other memory)
+    calls: list[int] = []
+    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: types.SimpleNamespace(prefault=lambda a: calls.append(a.nbytes)))
+    assert S.fresh(S.PREFAULT_FROM - 1).nbytes == S.PREFAULT_FROM - 1 and S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM
+    assert calls == [S.PREFAULT_FROM]  # only from PREFAULT_FROM bytes
+    monkeypatch.setattr(numpy_backend, "c_kernels", lambda: None)
+    assert S.fresh(S.PREFAULT_FROM).nbytes == S.PREFAULT_FROM  # without the kernels: a plain array
 
 
 # ------------------------------------------------------------------ the writer, direct and buffered

@@ -968,7 +968,6 @@ __attribute__((target("avx2,f16c"))) static void awq_dequant_direct(const uint32
                                                                    Py_ssize_t gs, void *out, Py_ssize_t r0, Py_ssize_t r1) {
     const __m256i shifts = _mm256_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28); /* column j: nibble s, AWQ_ORDER[s] = j */
     const __m256i low = _mm256_set1_epi32(15);
-    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     Py_ssize_t n = 8 * c;
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(0x1F80);
@@ -986,7 +985,8 @@ __attribute__((target("avx2,f16c"))) static void awq_dequant_direct(const uint32
                 continue;
             }
             __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)scales + g * n + 8 * j)));
-            __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(d, sc), round);
+            /* (the rounding a literal: vcvtps2ph takes an immediate, which a const variable is not at -O0) */
+            __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(d, sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             if (kind == 0)
                 _mm_storeu_si128((__m128i *)((uint16_t *)out + r * n + 8 * j), h);
             else
