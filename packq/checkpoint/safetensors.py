@@ -407,17 +407,13 @@ class Buffers:
 
     def root(self, a: np.ndarray) -> np.ndarray | None:
         """The buffer handed out that ``a`` views, or None where it views none of these."""
-        root = a
-        while isinstance(root.base, np.ndarray):
-            root = root.base
+        root = _base(a)
         with self._lock:
             return root if self._out.get(id(root)) is root else None
 
     def give(self, a: np.ndarray) -> None:
         """Return the buffer ``a`` views (if it is one of these) for reuse."""
-        root = a
-        while isinstance(root.base, np.ndarray):
-            root = root.base
+        root = _base(a)
         with self._lock:
             if self._out.get(id(root)) is not root:
                 return
@@ -425,6 +421,13 @@ class Buffers:
             self._free.append(root)
             if len(self._free) > self.keep:
                 self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].nbytes))
+
+
+def _base(a: np.ndarray) -> np.ndarray:
+    """The array that owns ``a``'s memory (``a`` itself, or the last ndarray of its chain of bases)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
 
 
 def _skip(buf: np.ndarray) -> int:

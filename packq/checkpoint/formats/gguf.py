@@ -428,14 +428,14 @@ def chunks(ckpt: Checkpoint, p: Planned, read_word: bool, buffers: Buffers | Non
                 blocks = _columns(n, k)
                 held = _Held(words, len(blocks), buffers)
                 for n0, n1 in blocks:  # (each says its size: the writer has it made for its place in the file)
-                    yield Piece((n1 - n0) * k // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes,
+                    yield Piece((n1 - n0) * G.row_bytes(p.gguf_type, k),
                                 make=functools.partial(held.run, _awq_piece, words, order[n0:n1], z, s, g, p.gguf_type,
                                                        buffers=buffers))
                 continue
             q, z, s, g = _module_rows(ckpt, prefix, t.row_perm, read_word)
             for e in range(q.shape[0]):
                 for n0, n1 in _columns(q.shape[-1], q.shape[-2]):
-                    yield Piece((n1 - n0) * q.shape[-2] // G.TYPES[p.gguf_type].weights * G.TYPES[p.gguf_type].nbytes,
+                    yield Piece((n1 - n0) * G.row_bytes(p.gguf_type, q.shape[-2]),
                                 make=functools.partial(encode, q[e, :, n0:n1], z[e, :, n0:n1], s[e, :, n0:n1],
                                                        p.gguf_type, g))
             del q, z, s
@@ -497,7 +497,7 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     whole = _whole_words(cols)
     c0, c1 = whole or (0, 0)
     if G.TYPES[gguf_type].quantized and whole:  # one C kernel on the words, zero-points and scales as stored
-        out = None if buffers is None else buffers.output(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+        out = None if buffers is None else buffers.output(cols.size * G.row_bytes(gguf_type, words.shape[0]))
         fast = numpy_kernels.gguf_blocks_awq_fused(words, c0 // 8, c1 // 8, cols, z, s, gguf_type, out)
         if fast is not None:
             return fast
@@ -506,7 +506,7 @@ def _awq_piece(words: np.ndarray, cols: np.ndarray, z: np.ndarray, s: np.ndarray
     zc, sc = z[:, cols], s[:, cols]
     if G.TYPES[gguf_type].quantized:
         if whole:  # the whole-word bit operations (no numba to load), into a reused buffer
-            out = None if buffers is None else buffers.output(cols.size * (words.shape[0] // G.BLOCK) * G.TYPES[gguf_type].nbytes)
+            out = None if buffers is None else buffers.output(cols.size * G.row_bytes(gguf_type, words.shape[0]))
             fast = numpy_kernels.gguf_blocks_awq_words(words, c0 // 8, c1 // 8, cols, z, G.block_scales(sc, g),
                                                        gguf_type, out)
             if fast is not None:
