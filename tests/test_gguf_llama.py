@@ -71,6 +71,44 @@ def test_ggml_dequantizes_every_tensor_to_the_source(libs, model):
             assert got.tobytes() == want.reshape(-1).tobytes(), (name, t.name)
 
 
+def test_ggml_dequantizes_awq_sources_to_the_source(libs, model, tmp_path, monkeypatch):
+    """The same weights as AWQ (packq's GPTQ -> AWQ), whose GGUF blocks the one-pass C kernel makes from the words
+    as stored (at every level this CPU has: plain, and AVX-512 where it is there): ggml's dequantization of every
+    tensor equals the source's exact weights, Q4_0 and Q5_0 as planned and Q8_0 forced."""
+    from gguf import GGUFReader
+
+    from packq.backends import numpy as numpy_backend
+
+    ck = numpy_backend.c_kernels()
+    if ck is None:
+        pytest.skip("packq's C extension is not built here (the one-pass kernel is its)")
+    fused = []
+    real = numpy_backend.gguf_blocks_awq_fused
+    monkeypatch.setattr(numpy_backend, "gguf_blocks_awq_fused",
+                        lambda *a, **k: (lambda r: (fused.append(r is not None), r)[1])(real(*a, **k)))
+    ggml = GGML(libs)
+    try:
+        for level in range(ck.transposes(-1) + 1):
+            ck.transposes(level)
+            for name, gguf_type, want_type in (("sym", "auto", "Q4_0"), ("asym", "auto", "Q5_0"),
+                                               ("asym", "q8_0", "Q8_0")):
+                src, _, truth, _ = model[name]
+                awq = tmp_path / f"{name}-awq"
+                if not awq.exists():
+                    convert_checkpoint(src, awq, to="awq")
+                path = tmp_path / f"{name}-{gguf_type}-{level}.gguf"
+                fused.clear()
+                summary = convert_checkpoint(awq, path, to="gguf", gguf_type=gguf_type, verify=True)
+                assert summary["types"] == {want_type: 7} and fused and all(fused)  # (the one-pass kernel made them)
+                for t in GGUFReader(path).tensors:
+                    info = G.TYPES[t.tensor_type.name]
+                    count = int(np.prod([int(x) for x in t.shape]))
+                    got = ggml.to_float(np.asarray(t.data), info.ggml, info.name, info.weights, info.nbytes, count)
+                    assert got.tobytes() == _source_weight(src, truth, t.name).reshape(-1).tobytes(), (name, t.name)
+    finally:
+        ck.transposes(-1)
+
+
 def _source_weight(src: Path, truth, gguf_name: str) -> np.ndarray:
     """The source's exact weight behind a GGUF tensor, from the fixture's own integers (rows in llama.cpp's order)."""
     from safetensors import safe_open
