@@ -116,7 +116,7 @@ def llama(src: Path, root: Path) -> None:
 CHILD = """
 import resource, sys
 from packq.cli import main
-rc = main(sys.argv[1:])
+rc = main()  # the program as its users run it: arguments from sys.argv
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 sys.exit(rc)
 """

@@ -262,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # SIGTERM ends it as Ctrl-C does
             signal.signal(signal.SIGTERM, _interrupt)
             ours = True
+        if argv is None:
+            _one_blas_thread()
         return _run(argv)
     except KeyboardInterrupt as e:
         quiet = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # one line, once
@@ -280,6 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signal.signal(s, signal.SIG_IGN)
         elif ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+#: the variable OpenBLAS (NumPy's BLAS) reads its thread count from when it loads, with NumPy
+BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+
+
+def _one_blas_thread() -> None:
+    """The program itself (not a caller's process: ``main(argv)``) runs NumPy's BLAS on one thread unless told
+    otherwise (:data:`BLAS_THREADS` set already), so that NumPy's import does not start a pool of BLAS threads that
+    packq never uses: no packq command multiplies matrices. Set before NumPy is imported, or it does nothing.
+    The pool's start was 40-70 ms of every run's serial start on this project's 2-core VM (NumPy's import, by
+    ``-X importtime``, 2026-12-02: 123-146 ms, 59-68 ms with one thread)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault(BLAS_THREADS, "1")
 
 
 def _was_committed(dst: str) -> bool:

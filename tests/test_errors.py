@@ -203,6 +203,29 @@ def test_import_packq_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+_BLAS_CHILD = ("import os, sys; sys.argv = ['packq', 'convert', {src!r}, {dst!r}, '--for', 'tgi']; "
+               "from packq.cli import main; rc = main() if {program} else main(sys.argv[1:]); assert rc == 0, rc; "
+               "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts the process's threads in /proc; OpenBLAS starts none on one core")
+@pytest.mark.parametrize("program, given, expected", [(True, None, "1"), (True, "2", "2"), (False, None, "None")])
+def test_the_program_starts_no_blas_threads(tmp_path, program, given, expected):
+    """``packq`` itself (main() reading sys.argv) loads NumPy with OpenBLAS on one thread, so its import starts no
+    pool that no packq command uses; a count the user set is kept, and a caller's own process (``main(argv)``) keeps
+    its environment. After the conversion, the pools packq started are gone: threads left are OpenBLAS's."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama-awq"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    code = _BLAS_CHILD.format(src=str(example), dst=str(tmp_path / "out"), program=program)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    value, threads = out.split()[-2:]
+    assert value == expected
+    assert (int(threads) == 1) == (expected == "1"), f"{threads} threads with OPENBLAS_NUM_THREADS={value}"
+
+
 def test_every_package_is_installed():
     """pyproject's package list names every folder of packq, so a wheel (not only -e) holds all of it."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
