@@ -292,7 +292,7 @@ def _one_blas_thread() -> None:
     """The program itself (not a caller's process: ``main(argv)``) runs NumPy's BLAS on one thread unless told
     otherwise (:data:`BLAS_THREADS` set already), so that NumPy's import does not start a pool of BLAS threads that
     packq never uses: no packq command multiplies matrices. Set before NumPy is imported, or it does nothing.
-    The pool's start was 40-70 ms of every run's serial start on this project's 2-core VM (NumPy's import, by
+    The pool's start was 55-85 ms of every run's serial start on this project's 2-core VM (NumPy's import, by
     ``-X importtime``, 2026-12-02: 123-146 ms, 59-68 ms with one thread)."""
     if "numpy" not in sys.modules:
         os.environ.setdefault(BLAS_THREADS, "1")
